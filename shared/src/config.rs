@@ -1,0 +1,127 @@
+//! Configuration from environment variables. Variables name things; secret
+//! values come from Secrets Manager (or, locally, from variables too).
+//! Anything missing or malformed fails at start, naming the variable.
+
+use std::time::Duration;
+
+use crate::secrets::{SecretValues, Secrets};
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {var}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub reason: String,
+}
+
+fn var(name: &'static str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+fn required(name: &'static str) -> Result<String, ConfigError> {
+    var(name).ok_or_else(|| ConfigError {
+        var: name,
+        reason: "must be set".into(),
+    })
+}
+
+/// A numeric variable, or `default` when unset.
+pub fn number<T: std::str::FromStr>(name: &'static str, default: T) -> Result<T, ConfigError> {
+    match var(name) {
+        None => Ok(default),
+        Some(text) => text.trim().parse().map_err(|_| ConfigError {
+            var: name,
+            reason: format!("`{text}` is not a valid number"),
+        }),
+    }
+}
+
+/// What every function needs: where its state and secrets are.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    pub table_name: String,
+    pub dynamodb_endpoint: Option<String>,
+    pub secret_arn: Option<String>,
+    pub secretsmanager_endpoint: Option<String>,
+    pub secret_ttl: Duration,
+}
+
+impl CommonConfig {
+    pub fn from_env() -> Result<CommonConfig, ConfigError> {
+        Ok(CommonConfig {
+            table_name: required("TABLE_NAME")?,
+            dynamodb_endpoint: var("DYNAMODB_ENDPOINT"),
+            secret_arn: var("RELAY_SECRET_ARN"),
+            secretsmanager_endpoint: var("SECRETSMANAGER_ENDPOINT"),
+            secret_ttl: Duration::from_secs(number("SECRET_CACHE_TTL_SECONDS", 300)?),
+        })
+    }
+
+    /// Secrets Manager when `RELAY_SECRET_ARN` is set, otherwise the
+    /// variables `UPSTREAM_API_KEY`, `ADMIN_PASSWORD_HASH` (or
+    /// `ADMIN_PASSWORD`, hashed here) and `SECRET_KEY`.
+    pub async fn secrets(&self) -> Result<Secrets, ConfigError> {
+        if let Some(arn) = &self.secret_arn {
+            return Ok(Secrets::from_secrets_manager(
+                arn,
+                self.secretsmanager_endpoint.as_deref(),
+                self.secret_ttl,
+            )
+            .await);
+        }
+        let admin_password_hash = match (var("ADMIN_PASSWORD_HASH"), var("ADMIN_PASSWORD")) {
+            (Some(hash), _) => {
+                if hash.parse::<bcrypt::HashParts>().is_err() {
+                    return Err(ConfigError {
+                        var: "ADMIN_PASSWORD_HASH",
+                        reason: "is not a bcrypt hash ($2b$…)".into(),
+                    });
+                }
+                Some(hash)
+            }
+            (None, Some(password)) => {
+                let hashed = tokio::task::spawn_blocking(move || {
+                    bcrypt::hash(password, bcrypt::DEFAULT_COST)
+                })
+                .await;
+                match hashed {
+                    Ok(Ok(hash)) => Some(hash),
+                    _ => {
+                        return Err(ConfigError {
+                            var: "ADMIN_PASSWORD",
+                            reason: "could not be hashed".into(),
+                        });
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        Ok(Secrets::fixed(SecretValues {
+            upstream_api_key: var("UPSTREAM_API_KEY"),
+            admin_password_hash,
+            jwt_secret: var("SECRET_KEY"),
+        }))
+    }
+}
+
+/// What the admin function needs beyond the common part.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub admin_username: String,
+    pub jwt_ttl: Duration,
+}
+
+impl AdminConfig {
+    pub fn from_env() -> Result<AdminConfig, ConfigError> {
+        let jwt_ttl = number("JWT_TTL_SECONDS", 3600u64)?;
+        if !(60..=86_400).contains(&jwt_ttl) {
+            return Err(ConfigError {
+                var: "JWT_TTL_SECONDS",
+                reason: "must be between 60 and 86400".into(),
+            });
+        }
+        Ok(AdminConfig {
+            admin_username: var("ADMIN_USERNAME").unwrap_or_else(|| "admin".into()),
+            jwt_ttl: Duration::from_secs(jwt_ttl),
+        })
+    }
+}

@@ -1,0 +1,46 @@
+//! Pure business rules: key records and their validation, tiers, allowlists,
+//! usage arithmetic. No I/O and no transport types live here.
+
+pub mod key;
+pub mod tier;
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// Timestamps are stored and shown as RFC 3339 UTC with millisecond precision:
+/// a fixed width keeps them sortable as strings in DynamoDB sort keys.
+pub fn format_timestamp(at: OffsetDateTime) -> String {
+    let at = at.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second(),
+        at.millisecond()
+    )
+}
+
+pub fn parse_timestamp(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &Rfc3339).ok()
+}
+
+/// Wall-clock "now"; one place, so the store and the rules agree.
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_have_fixed_width_and_round_trip() {
+        let at = parse_timestamp("2026-03-04T05:06:07.5+02:00").unwrap();
+        let text = format_timestamp(at);
+        assert_eq!(text, "2026-03-04T03:06:07.500Z");
+        assert_eq!(parse_timestamp(&text).unwrap(), at);
+    }
+}

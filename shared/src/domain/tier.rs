@@ -1,0 +1,134 @@
+//! Rate-limit tiers: how many requests a key may make per period, and
+//! optionally how many tokens per minute.
+
+use serde::{Deserialize, Serialize};
+
+use super::key::FieldError;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tier {
+    pub name: String,
+    pub requests: u64,
+    /// Window length in seconds.
+    pub period: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// Tiers that exist without anyone creating them; a stored tier of the same
+/// name overrides the built-in one.
+pub fn builtin_tiers() -> Vec<Tier> {
+    vec![
+        Tier {
+            name: "basic".into(),
+            requests: 100,
+            period: 60,
+            tokens_per_minute: None,
+        },
+        Tier {
+            name: "premium".into(),
+            requests: 1000,
+            period: 60,
+            tokens_per_minute: None,
+        },
+    ]
+}
+
+pub const DEFAULT_TIER: &str = "basic";
+
+/// Body of `PUT /admin/tiers/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierInput {
+    pub requests: u64,
+    pub period: u64,
+    #[serde(default)]
+    pub tokens_per_minute: Option<u64>,
+}
+
+pub fn validate_tier_name(name: &str) -> Result<(), FieldError> {
+    let ok = (1..=32).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            "name",
+            "tier names are 1-32 characters of a-z, 0-9, '-' and '_'",
+        ))
+    }
+}
+
+impl TierInput {
+    pub fn into_tier(self, name: &str) -> Result<Tier, FieldError> {
+        validate_tier_name(name)?;
+        if !(1..=1_000_000_000).contains(&self.requests) {
+            return Err(FieldError::new(
+                "requests",
+                "must be between 1 and 1000000000",
+            ));
+        }
+        if !(1..=86_400).contains(&self.period) {
+            return Err(FieldError::new(
+                "period",
+                "must be between 1 and 86400 seconds",
+            ));
+        }
+        if let Some(tpm) = self.tokens_per_minute
+            && !(1..=1_000_000_000_000).contains(&tpm)
+        {
+            return Err(FieldError::new(
+                "tokens_per_minute",
+                "must be between 1 and 1000000000000",
+            ));
+        }
+        Ok(Tier {
+            name: name.to_owned(),
+            requests: self.requests,
+            period: self.period,
+            tokens_per_minute: self.tokens_per_minute,
+        })
+    }
+}
+
+/// The fixed rate window a moment falls in: its start (epoch seconds) and
+/// the seconds left until the next one.
+pub fn window_of(now_epoch: u64, period: u64) -> (u64, u64) {
+    let period = period.max(1);
+    let start = now_epoch - now_epoch % period;
+    (start, start + period - now_epoch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tier_input_rejects_out_of_range_values_naming_the_field() {
+        let err = TierInput {
+            requests: 0,
+            period: 60,
+            tokens_per_minute: None,
+        }
+        .into_tier("x")
+        .unwrap_err();
+        assert_eq!(err.field, "requests");
+        let err = TierInput {
+            requests: 5,
+            period: 0,
+            tokens_per_minute: None,
+        }
+        .into_tier("x")
+        .unwrap_err();
+        assert_eq!(err.field, "period");
+        assert_eq!(validate_tier_name("Bad Name").unwrap_err().field, "name");
+    }
+
+    #[test]
+    fn window_start_and_remaining_seconds() {
+        assert_eq!(window_of(125, 60), (120, 55));
+        assert_eq!(window_of(120, 60), (120, 60));
+    }
+}

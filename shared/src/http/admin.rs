@@ -1,0 +1,346 @@
+//! The admin function's routes: login, key management and tiers. Everything
+//! but login requires an admin JWT.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequestParts, Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use http::request::Parts;
+use http::{StatusCode, header};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{ClientIp, JsonBody, QueryParams, bearer_token, method_not_allowed, not_found};
+use crate::admin_auth::{self, Claims};
+use crate::config::AdminConfig;
+use crate::domain::key::{CreateKeyInput, FieldError, KeyChanges, PatchKeyInput};
+use crate::domain::tier::{TierInput, validate_tier_name};
+use crate::domain::{self};
+use crate::error::ApiError;
+use crate::keys::{KeyId, PresentedKey};
+use crate::secrets::{SecretValues, Secrets, SecretsError};
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: Store,
+    pub secrets: Secrets,
+    pub config: Arc<AdminConfig>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/admin/login", post(login))
+        .route("/admin/api-keys", post(create_key).get(list_keys))
+        .route(
+            "/admin/api-keys/{id}",
+            get(get_key).patch(patch_key).delete(delete_key),
+        )
+        .route("/admin/api-keys/{id}/disable", post(disable_key))
+        .route("/admin/api-keys/{id}/enable", post(enable_key))
+        .route("/admin/api-keys/{id}/rotate", post(rotate_key))
+        .route("/admin/tiers", get(list_tiers))
+        .route("/admin/tiers/{name}", put(put_tier))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+impl From<FieldError> for ApiError {
+    fn from(err: FieldError) -> Self {
+        ApiError::unprocessable(err.to_string())
+    }
+}
+
+impl From<SecretsError> for ApiError {
+    fn from(err: SecretsError) -> Self {
+        match err {
+            SecretsError::Unavailable(source) => ApiError::unavailable(
+                "the relay's secret store is unavailable; retry shortly",
+                source,
+            ),
+            other => ApiError::internal(other.into()),
+        }
+    }
+}
+
+fn epoch_now() -> u64 {
+    domain::now().unix_timestamp().max(0).unsigned_abs()
+}
+
+fn jwt_secret(secrets: &SecretValues) -> Result<&str, ApiError> {
+    secrets.jwt_secret.as_deref().ok_or_else(|| {
+        ApiError::internal(anyhow::anyhow!(
+            "no JWT secret configured (SECRET_KEY or jwt_secret in the secret)"
+        ))
+    })
+}
+
+/// Proof that the request carries a valid admin JWT.
+pub struct Admin(#[allow(dead_code)] Claims);
+
+impl FromRequestParts<AdminState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AdminState) -> Result<Self, ApiError> {
+        let token = bearer_token(parts).ok_or_else(|| {
+            ApiError::unauthorized(
+                "missing admin token: send `Authorization: Bearer <access_token>` from POST /admin/login",
+            )
+        })?;
+        let secrets = state.secrets.current().await?;
+        admin_auth::verify_token(jwt_secret(&secrets)?, token)
+            .map(Admin)
+            .ok_or_else(|| ApiError::unauthorized("invalid or expired admin token"))
+    }
+}
+
+fn basic_challenge(err: ApiError) -> Response {
+    let mut response = err.into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static("Basic realm=\"relay-admin\""),
+    );
+    response
+}
+
+async fn login(
+    State(state): State<AdminState>,
+    ClientIp(ip): ClientIp,
+    headers: http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let now = epoch_now();
+    if let Some(wait) = state.store.login_lockout(ip, now).await? {
+        return Err(ApiError::rate_limited(
+            format!("too many failed logins from this address; try again in {wait} seconds"),
+            wait,
+        ));
+    }
+    let credentials = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(admin_auth::parse_basic);
+    let Some((user, password)) = credentials else {
+        return Ok(basic_challenge(ApiError::unauthorized(
+            "send the admin username and password with HTTP Basic authentication",
+        )));
+    };
+    let secrets = state.secrets.current().await?;
+    let hash = secrets.admin_password_hash.clone().ok_or_else(|| {
+        ApiError::internal(anyhow::anyhow!(
+            "no admin password configured (ADMIN_PASSWORD_HASH or admin_password_hash in the secret)"
+        ))
+    })?;
+    let expected_user = state.config.admin_username.clone();
+    let check_user = user.clone();
+    let matched = tokio::task::spawn_blocking(move || {
+        admin_auth::credentials_match(&expected_user, &hash, &check_user, &password)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.into()))?;
+    if !matched {
+        state.store.record_login_failure(ip, now).await?;
+        tracing::warn!(%ip, "failed admin login");
+        return Ok(basic_challenge(ApiError::unauthorized(
+            "invalid username or password",
+        )));
+    }
+    state.store.clear_login_failures(ip).await?;
+    let ttl = state.config.jwt_ttl;
+    let token = admin_auth::issue_token(jwt_secret(&secrets)?, &user, now, ttl)
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({
+        "access_token": token,
+        "token_type": "bearer",
+        "expires_in": ttl.as_secs(),
+    }))
+    .into_response())
+}
+
+fn key_id(raw: &str) -> Result<KeyId, ApiError> {
+    KeyId::parse(raw).ok_or_else(|| no_such_key(raw))
+}
+
+fn no_such_key(raw: &str) -> ApiError {
+    let shown: String = raw.chars().take(64).filter(|c| !c.is_control()).collect();
+    ApiError::not_found(format!("no API key with id `{shown}`"))
+}
+
+/// An unknown tier is a 422 naming the field.
+async fn ensure_tier_exists(store: &Store, tier: &str) -> Result<(), ApiError> {
+    if store.get_tier(tier).await?.is_none() {
+        return Err(FieldError::new(
+            "rate_limit_tier",
+            format!("unknown tier `{tier}` (GET /admin/tiers lists them)"),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+async fn create_key(
+    _: Admin,
+    State(state): State<AdminState>,
+    JsonBody(input): JsonBody<CreateKeyInput>,
+) -> Result<Response, ApiError> {
+    let new = input.validate(crate::domain::tier::DEFAULT_TIER)?;
+    ensure_tier_exists(&state.store, &new.rate_limit_tier).await?;
+    let key = PresentedKey::generate();
+    let record = state.store.create_key(&key, &new, domain::now()).await?;
+    tracing::info!(key_id = %record.id, "API key created");
+    Ok((StatusCode::CREATED, Json(record.view(Some(key.expose())))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListKeysParams {
+    limit: Option<usize>,
+    cursor: Option<String>,
+    active: Option<bool>,
+}
+
+const MAX_PAGE: usize = 100;
+
+async fn list_keys(
+    _: Admin,
+    State(state): State<AdminState>,
+    QueryParams(params): QueryParams<ListKeysParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = params.limit.unwrap_or(20);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "query parameter `limit` must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let page = state
+        .store
+        .list_keys(params.active, limit, params.cursor.as_deref())
+        .await?
+        .map_err(|e| ApiError::bad_request(format!("query parameter `cursor`: {e}")))?;
+    let data: Vec<_> = page.keys.iter().map(|k| k.view(None)).collect();
+    Ok(Json(json!({
+        "data": data,
+        "has_more": page.next_cursor.is_some(),
+        "next_cursor": page.next_cursor,
+    })))
+}
+
+async fn get_key(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = key_id(&raw)?;
+    let record = state
+        .store
+        .get_key(&id)
+        .await?
+        .ok_or_else(|| no_such_key(&raw))?;
+    Ok(Json(record.view(None)).into_response())
+}
+
+async fn patch_key(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+    JsonBody(input): JsonBody<PatchKeyInput>,
+) -> Result<Response, ApiError> {
+    let id = key_id(&raw)?;
+    let changes = input.validate()?;
+    if let Some(tier) = &changes.rate_limit_tier {
+        ensure_tier_exists(&state.store, tier).await?;
+    }
+    apply_changes(&state, &id, &raw, &changes).await
+}
+
+async fn apply_changes(
+    state: &AdminState,
+    id: &KeyId,
+    raw: &str,
+    changes: &KeyChanges,
+) -> Result<Response, ApiError> {
+    let record = state
+        .store
+        .update_key(id, changes, domain::now())
+        .await?
+        .ok_or_else(|| no_such_key(raw))?;
+    tracing::info!(key_id = %id, "API key updated");
+    Ok(Json(record.view(None)).into_response())
+}
+
+async fn set_active(state: &AdminState, raw: &str, active: bool) -> Result<Response, ApiError> {
+    let id = key_id(raw)?;
+    let changes = KeyChanges {
+        is_active: Some(active),
+        ..KeyChanges::default()
+    };
+    apply_changes(state, &id, raw, &changes).await
+}
+
+async fn disable_key(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    set_active(&state, &raw, false).await
+}
+
+async fn enable_key(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    set_active(&state, &raw, true).await
+}
+
+async fn rotate_key(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = key_id(&raw)?;
+    let key = PresentedKey::rotate(&id);
+    let record = state
+        .store
+        .rotate_key(&id, &key.hash(), domain::now())
+        .await?
+        .ok_or_else(|| no_such_key(&raw))?;
+    tracing::info!(key_id = %id, "API key rotated");
+    Ok(Json(record.view(Some(key.expose()))).into_response())
+}
+
+async fn delete_key(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = key_id(&raw)?;
+    if !state.store.delete_key(&id).await? {
+        return Err(no_such_key(&raw));
+    }
+    tracing::info!(key_id = %id, "API key deleted");
+    Ok(Json(json!({"id": id.as_str(), "deleted": true})).into_response())
+}
+
+async fn list_tiers(
+    _: Admin,
+    State(state): State<AdminState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let tiers = state.store.list_tiers().await?;
+    Ok(Json(json!({"data": tiers})))
+}
+
+async fn put_tier(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    JsonBody(input): JsonBody<TierInput>,
+) -> Result<Response, ApiError> {
+    validate_tier_name(&name)?;
+    let tier = input.into_tier(&name)?;
+    state.store.put_tier(&tier).await?;
+    tracing::info!(tier = %tier.name, "tier stored");
+    Ok(Json(tier).into_response())
+}

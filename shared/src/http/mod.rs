@@ -1,0 +1,162 @@
+//! HTTP plumbing shared by the functions' routers: the client address,
+//! request ids, strict JSON and query extractors, and the fallbacks, all
+//! answering in Anthropic's error envelope.
+
+pub mod admin;
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, StatusCode, header};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// The caller's address as the platform saw it: API Gateway's
+/// `requestContext.identity.sourceIp` in Lambda, the socket peer locally.
+/// Never taken from a client-supplied header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        if let Some(ip) = parts.extensions.get::<ClientIp>() {
+            return Ok(*ip);
+        }
+        if let Some(ConnectInfo(addr)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() {
+            return Ok(ClientIp(addr.ip()));
+        }
+        Err(ApiError::internal(anyhow::anyhow!(
+            "no client address: the router was served without ConnectInfo or the Lambda adapter"
+        )))
+    }
+}
+
+pub const REQUEST_ID_HEADER: &str = "x-relay-request-id";
+
+/// This request's id, shown to the client and used as the settle key.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Gives every request an id and every response the `x-relay-request-id` header.
+pub async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = format!("relay_{}", uuid::Uuid::new_v4().simple());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// Admin and usage bodies are small; anything larger is a mistake.
+pub const MAX_JSON_BODY: usize = 64 * 1024;
+
+/// A JSON body parsed strictly: `application/json` only, size-capped, and
+/// errors that name the offending field.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                crate::error::ErrorKind::InvalidRequest,
+                "content-type must be application/json",
+            ));
+        }
+        let body = read_limited(request.into_body(), MAX_JSON_BODY).await?;
+        parse_json(&body).map(JsonBody)
+    }
+}
+
+/// Reads a whole body, refusing (413) one larger than `limit` bytes.
+pub async fn read_limited(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    match http_body_util::Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(
+            format!("request body must be at most {limit} bytes"),
+        )),
+        Err(err) => Err(ApiError::bad_request(format!(
+            "could not read the request body: {err}"
+        ))),
+    }
+}
+
+/// Parses JSON, naming the field path on error (`allowed_ips[1]: …`).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let deserializer = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            ApiError::bad_request(format!("request body is not valid JSON: {inner}"))
+        } else if path == "." {
+            ApiError::bad_request(format!("request body: {inner}"))
+        } else {
+            ApiError::bad_request(format!("`{path}`: {inner}"))
+        }
+    })
+}
+
+/// Query parameters parsed strictly, naming the bad parameter.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer)
+            .map(QueryParams)
+            .map_err(|err| {
+                let path = err.path().to_string();
+                let inner = err.into_inner();
+                if path == "." {
+                    ApiError::bad_request(format!("query string: {inner}"))
+                } else {
+                    ApiError::bad_request(format!("query parameter `{path}`: {inner}"))
+                }
+            })
+    }
+}
+
+/// Unknown paths on the admin and usage functions.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        crate::error::ErrorKind::InvalidRequest,
+        "method not allowed on this route",
+    )
+}
+
+/// The bearer token of an `Authorization` header, if that is its scheme.
+pub fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}

@@ -1,0 +1,15 @@
+//! Everything the relay's Lambda functions share: the domain rules, the
+//! DynamoDB store, secrets, and the axum routers each function serves.
+
+pub mod admin_auth;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod keys;
+pub mod lambda;
+pub mod secrets;
+pub mod store;
+pub mod telemetry;
+
+pub use error::{ApiError, ErrorKind};

@@ -1,0 +1,353 @@
+//! API key items (`KEY#<id>` / `META`), listed newest first through `gsi1`.
+
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use time::OffsetDateTime;
+
+use super::item::{Item, get_bool, get_list, get_n, get_s, list, n, opt_n, opt_s, s};
+use super::{GSI1, Store, StoreError, classify};
+use crate::domain::key::{ApiKeyRecord, KeyChanges, NewKey};
+use crate::domain::{format_timestamp, parse_timestamp};
+use crate::keys::{KeyId, PresentedKey, SecretHash, display_prefix};
+
+const META: &str = "META";
+const KEYS_PARTITION: &str = "KEYS";
+
+pub(crate) fn key_pk(id: &KeyId) -> String {
+    format!("KEY#{id}")
+}
+
+/// One page of a key listing and the opaque cursor of the next one.
+#[derive(Debug)]
+pub struct KeyPage {
+    pub keys: Vec<ApiKeyRecord>,
+    pub next_cursor: Option<String>,
+}
+
+/// A listing cursor that could not be decoded.
+#[derive(Debug, thiserror::Error)]
+#[error("cursor is not one this API returned")]
+pub struct BadCursor;
+
+impl TryFrom<&Item> for ApiKeyRecord {
+    type Error = StoreError;
+
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        let bad = |name: &str| StoreError::Unexpected(anyhow::anyhow!("stored key: bad `{name}`"));
+        let timestamp = |name: &str| -> Result<OffsetDateTime, StoreError> {
+            parse_timestamp(get_s(item, name)?).ok_or_else(|| bad(name))
+        };
+        Ok(ApiKeyRecord {
+            id: KeyId::parse(get_s(item, "id")?).ok_or_else(|| bad("id"))?,
+            name: get_s(item, "name")?.to_owned(),
+            description: opt_s(item, "description")?.map(str::to_owned),
+            prefix: get_s(item, "prefix")?.to_owned(),
+            secret_hash: SecretHash::from_hex(get_s(item, "secret_hash")?)
+                .ok_or_else(|| bad("secret_hash"))?,
+            is_active: get_bool(item, "is_active")?,
+            created_at: timestamp("created_at")?,
+            updated_at: timestamp("updated_at")?,
+            expires_at: opt_s(item, "expires_at")?
+                .map(|t| parse_timestamp(t).ok_or_else(|| bad("expires_at")))
+                .transpose()?,
+            token_limit: opt_n(item, "token_limit")?,
+            tokens_used: get_n(item, "tokens_used")?,
+            rate_limit_tier: get_s(item, "rate_limit_tier")?.to_owned(),
+            allowed_ips: get_list(item, "allowed_ips")?
+                .iter()
+                .map(|net| net.parse().map_err(|_| bad("allowed_ips")))
+                .collect::<Result<_, _>>()?,
+            allowed_origins: get_list(item, "allowed_origins")?,
+            allowed_models: get_list(item, "allowed_models")?,
+        })
+    }
+}
+
+fn encode_cursor(sort_key: &str) -> String {
+    URL_SAFE_NO_PAD.encode(sort_key)
+}
+
+fn decode_cursor(cursor: &str) -> Result<(String, KeyId), BadCursor> {
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| BadCursor)?;
+    let sort_key = String::from_utf8(bytes).map_err(|_| BadCursor)?;
+    let (created, id) = sort_key.rsplit_once('#').ok_or(BadCursor)?;
+    parse_timestamp(created).ok_or(BadCursor)?;
+    let id = KeyId::parse(id).ok_or(BadCursor)?;
+    Ok((sort_key, id))
+}
+
+impl Store {
+    /// Stores a new key; fails (never overwrites) if the id is taken.
+    pub async fn create_key(
+        &self,
+        key: &PresentedKey,
+        new: &NewKey,
+        now: OffsetDateTime,
+    ) -> Result<ApiKeyRecord, StoreError> {
+        let record = ApiKeyRecord {
+            id: key.id().clone(),
+            name: new.name.clone(),
+            description: new.description.clone(),
+            prefix: display_prefix(key.id()),
+            secret_hash: key.hash(),
+            is_active: true,
+            created_at: now,
+            updated_at: now,
+            expires_at: new.expires_at,
+            token_limit: new.token_limit,
+            tokens_used: 0,
+            rate_limit_tier: new.rate_limit_tier.clone(),
+            allowed_ips: new.allowed_ips.clone(),
+            allowed_origins: new.allowed_origins.clone(),
+            allowed_models: new.allowed_models.clone(),
+        };
+        let created = format_timestamp(now);
+        let mut item = Item::new();
+        item.insert("pk".into(), s(key_pk(key.id())));
+        item.insert("sk".into(), s(META));
+        item.insert("gsi1pk".into(), s(KEYS_PARTITION));
+        item.insert("gsi1sk".into(), s(format!("{created}#{}", key.id())));
+        item.insert("id".into(), s(key.id().as_str()));
+        item.insert("name".into(), s(&record.name));
+        if let Some(description) = &record.description {
+            item.insert("description".into(), s(description));
+        }
+        item.insert("prefix".into(), s(&record.prefix));
+        item.insert("secret_hash".into(), s(record.secret_hash.to_hex()));
+        item.insert("is_active".into(), AttributeValue::Bool(true));
+        item.insert("created_at".into(), s(&created));
+        item.insert("updated_at".into(), s(&created));
+        if let Some(expires_at) = record.expires_at {
+            item.insert("expires_at".into(), s(format_timestamp(expires_at)));
+        }
+        if let Some(limit) = record.token_limit {
+            item.insert("token_limit".into(), n(limit));
+        }
+        item.insert("tokens_used".into(), n(0));
+        item.insert("requests".into(), n(0));
+        item.insert("rate_limit_tier".into(), s(&record.rate_limit_tier));
+        let ips: Vec<String> = record.allowed_ips.iter().map(ToString::to_string).collect();
+        item.insert("allowed_ips".into(), list(&ips));
+        item.insert("allowed_origins".into(), list(&record.allowed_origins));
+        item.insert("allowed_models".into(), list(&record.allowed_models));
+        self.client
+            .put_item()
+            .table_name(self.table())
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(record)
+    }
+
+    /// The key with this id, if it exists. Strongly consistent, so a key
+    /// just disabled or rotated is seen as such.
+    pub async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(self.table())
+            .key("pk", s(key_pk(id)))
+            .key("sk", s(META))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(classify)?;
+        output.item.as_ref().map(ApiKeyRecord::try_from).transpose()
+    }
+
+    /// Keys newest first, `limit` at a time, optionally only active or only
+    /// inactive ones. The cursor is opaque to callers.
+    pub async fn list_keys(
+        &self,
+        active: Option<bool>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Result<KeyPage, BadCursor>, StoreError> {
+        let mut start_key = match cursor.map(decode_cursor).transpose() {
+            Ok(start) => start.map(|(sort_key, id)| {
+                Item::from([
+                    ("gsi1pk".to_owned(), s(KEYS_PARTITION)),
+                    ("gsi1sk".to_owned(), s(sort_key)),
+                    ("pk".to_owned(), s(key_pk(&id))),
+                    ("sk".to_owned(), s(META)),
+                ])
+            }),
+            Err(bad) => return Ok(Err(bad)),
+        };
+        let mut keys = Vec::with_capacity(limit + 1);
+        // With a filter DynamoDB may return short pages; keep reading until
+        // one more than a page is in hand (that extra proves a next page).
+        loop {
+            let mut query = self
+                .client
+                .query()
+                .table_name(self.table())
+                .index_name(GSI1)
+                .key_condition_expression("gsi1pk = :p")
+                .expression_attribute_values(":p", s(KEYS_PARTITION))
+                .scan_index_forward(false)
+                .limit(i32::try_from(limit + 1 - keys.len()).unwrap_or(i32::MAX))
+                .set_exclusive_start_key(start_key.take());
+            if let Some(active) = active {
+                query = query
+                    .filter_expression("is_active = :a")
+                    .expression_attribute_values(":a", AttributeValue::Bool(active));
+            }
+            let output = query.send().await.map_err(classify)?;
+            for item in output.items() {
+                keys.push(ApiKeyRecord::try_from(item)?);
+            }
+            start_key = output.last_evaluated_key;
+            if keys.len() > limit || start_key.is_none() {
+                break;
+            }
+        }
+        let next_cursor = if keys.len() > limit {
+            keys.truncate(limit);
+            keys.last()
+                .map(|k| encode_cursor(&format!("{}#{}", format_timestamp(k.created_at), k.id)))
+        } else {
+            None
+        };
+        Ok(Ok(KeyPage { keys, next_cursor }))
+    }
+
+    /// Applies validated changes; `None` if there is no such key.
+    pub async fn update_key(
+        &self,
+        id: &KeyId,
+        changes: &KeyChanges,
+        now: OffsetDateTime,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let mut sets = vec!["updated_at = :now".to_owned()];
+        let mut removes = Vec::new();
+        let mut values = Item::from([(":now".to_owned(), s(format_timestamp(now)))]);
+        let mut set = |name: &str, value: AttributeValue| {
+            sets.push(format!("{name} = :{name}"));
+            values.insert(format!(":{name}"), value);
+        };
+        if let Some(name) = &changes.name {
+            set("name", s(name));
+        }
+        if let Some(tier) = &changes.rate_limit_tier {
+            set("rate_limit_tier", s(tier));
+        }
+        if let Some(active) = changes.is_active {
+            set("is_active", AttributeValue::Bool(active));
+        }
+        if let Some(ips) = &changes.allowed_ips {
+            let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+            set("allowed_ips", list(&ips));
+        }
+        if let Some(origins) = &changes.allowed_origins {
+            set("allowed_origins", list(origins));
+        }
+        if let Some(models) = &changes.allowed_models {
+            set("allowed_models", list(models));
+        }
+        match &changes.description {
+            Some(Some(description)) => set("description", s(description)),
+            Some(None) => removes.push("description"),
+            None => {}
+        }
+        match changes.token_limit {
+            Some(Some(limit)) => set("token_limit", n(limit)),
+            Some(None) => removes.push("token_limit"),
+            None => {}
+        }
+        match changes.expires_at {
+            Some(Some(at)) => set("expires_at", s(format_timestamp(at))),
+            Some(None) => removes.push("expires_at"),
+            None => {}
+        }
+        let mut expression = format!("SET {}", sets.join(", "));
+        if !removes.is_empty() {
+            expression.push_str(&format!(" REMOVE {}", removes.join(", ")));
+        }
+        self.update_existing(id, expression, values).await
+    }
+
+    /// Replaces the secret's hash: the old key stops working at once.
+    pub async fn rotate_key(
+        &self,
+        id: &KeyId,
+        new_hash: &SecretHash,
+        now: OffsetDateTime,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let values = Item::from([
+            (":now".to_owned(), s(format_timestamp(now))),
+            (":h".to_owned(), s(new_hash.to_hex())),
+        ]);
+        self.update_existing(id, "SET secret_hash = :h, updated_at = :now".into(), values)
+            .await
+    }
+
+    async fn update_existing(
+        &self,
+        id: &KeyId,
+        expression: String,
+        values: Item,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(self.table())
+            .key("pk", s(key_pk(id)))
+            .key("sk", s(META))
+            .update_expression(expression)
+            .condition_expression("attribute_exists(pk)")
+            .set_expression_attribute_values(Some(values))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(output) => output
+                .attributes
+                .as_ref()
+                .map(ApiKeyRecord::try_from)
+                .transpose(),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(None)
+            }
+            Err(err) => Err(classify(err)),
+        }
+    }
+
+    /// Deletes the key; `false` if there was none. Its usage history stays.
+    pub async fn delete_key(&self, id: &KeyId) -> Result<bool, StoreError> {
+        let output = self
+            .client
+            .delete_item()
+            .table_name(self.table())
+            .key("pk", s(key_pk(id)))
+            .key("sk", s(META))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(output.attributes.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursor_round_trips_and_rejects_garbage() {
+        let cursor = encode_cursor("2026-01-01T00:00:00.000Z#abcdefABCDEF");
+        let (sort_key, id) = decode_cursor(&cursor).unwrap();
+        assert_eq!(sort_key, "2026-01-01T00:00:00.000Z#abcdefABCDEF");
+        assert_eq!(id.as_str(), "abcdefABCDEF");
+        assert!(decode_cursor("!!!").is_err());
+        assert!(decode_cursor(&encode_cursor("no-hash")).is_err());
+        assert!(decode_cursor(&encode_cursor("notatime#abcdefABCDEF")).is_err());
+    }
+}

@@ -1,0 +1,120 @@
+//! DynamoDB persistence: the only module that sees `AttributeValue`. One
+//! table holds keys, tiers, rate windows, usage logs and daily aggregates,
+//! told apart by their `pk`/`sk` prefixes.
+
+mod item;
+mod keys;
+mod logins;
+pub mod schema;
+mod tiers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::SdkError;
+
+pub use keys::KeyPage;
+
+/// Partition/sort attribute names and the listing index, as in template.yaml.
+pub const GSI1: &str = "gsi1";
+pub const TTL_ATTRIBUTE: &str = "ttl";
+
+/// Why a store call failed: the distinction decides between a 503 (retry
+/// later) and a 500.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// DynamoDB could not be reached, timed out or throttled us.
+    #[error("DynamoDB unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error(transparent)]
+    Unexpected(anyhow::Error),
+}
+
+/// Sorts an SDK failure into "try again later" and "something is wrong".
+pub(crate) fn classify<E, R>(err: SdkError<E, R>) -> StoreError
+where
+    E: std::error::Error + aws_sdk_dynamodb::error::ProvideErrorMetadata + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let transient = match &err {
+        SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(service) => matches!(
+            service.err().code(),
+            Some(
+                "ProvisionedThroughputExceededException"
+                    | "RequestLimitExceeded"
+                    | "ThrottlingException"
+                    | "InternalServerError"
+                    | "ServiceUnavailable"
+            )
+        ),
+        _ => false,
+    };
+    // DisplayErrorContext prints the whole chain (service code, message, cause).
+    let err = anyhow::Error::msg(aws_sdk_dynamodb::error::DisplayErrorContext(err).to_string());
+    if transient {
+        StoreError::Unavailable(err)
+    } else {
+        StoreError::Unexpected(err)
+    }
+}
+
+/// The relay's table, shared by all handlers. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    table: Arc<str>,
+}
+
+impl Store {
+    pub fn new(client: Client, table: impl Into<Arc<str>>) -> Store {
+        Store {
+            client,
+            table: table.into(),
+        }
+    }
+
+    /// A client from the ambient AWS configuration, pointed at `endpoint`
+    /// when one is given (DynamoDB Local). Timeouts are short: a request
+    /// waiting on a dead database should fail fast with a 503, not hang.
+    pub async fn connect(table: &str, endpoint: Option<&str>) -> Store {
+        let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .operation_attempt_timeout(Duration::from_secs(4))
+            .operation_timeout(Duration::from_secs(10))
+            .build();
+        let mut config = aws_sdk_dynamodb::config::Builder::from(&sdk).timeout_config(timeouts);
+        if let Some(endpoint) = endpoint {
+            config = config.endpoint_url(endpoint);
+        }
+        Store::new(Client::from_conf(config.build()), table)
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Creates the table from template.yaml's definition if it is missing.
+    pub async fn ensure_table(&self) -> Result<(), StoreError> {
+        schema::create_table(&self.client, &self.table).await
+    }
+
+    /// A cheap read that proves the table is reachable (health checks).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.client
+            .describe_table()
+            .table_name(self.table.as_ref())
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+}

@@ -1,0 +1,95 @@
+//! Rate-limit tier items (`TIER#<name>` / `META`); built-in tiers apply
+//! until an admin stores one of the same name.
+
+use super::item::{Item, get_n, get_s, n, opt_n, s};
+use super::{GSI1, Store, StoreError, classify};
+use crate::domain::tier::{Tier, builtin_tiers};
+
+const TIERS_PARTITION: &str = "TIERS";
+
+impl TryFrom<&Item> for Tier {
+    type Error = StoreError;
+
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        Ok(Tier {
+            name: get_s(item, "name")?.to_owned(),
+            requests: get_n(item, "requests")?,
+            period: get_n(item, "period")?,
+            tokens_per_minute: opt_n(item, "tokens_per_minute")?,
+        })
+    }
+}
+
+impl Store {
+    /// A stored tier, or the built-in one of that name.
+    pub async fn get_tier(&self, name: &str) -> Result<Option<Tier>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(self.table())
+            .key("pk", s(format!("TIER#{name}")))
+            .key("sk", s("META"))
+            .send()
+            .await
+            .map_err(classify)?;
+        match output.item.as_ref() {
+            Some(item) => Tier::try_from(item).map(Some),
+            None => Ok(builtin_tiers().into_iter().find(|t| t.name == name)),
+        }
+    }
+
+    /// Every tier, built-in ones included, sorted by name. Tiers are few (an
+    /// admin creates them by hand), so one page of the index holds them all.
+    pub async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
+        let mut tiers = builtin_tiers();
+        let mut start_key = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(self.table())
+                .index_name(GSI1)
+                .key_condition_expression("gsi1pk = :p")
+                .expression_attribute_values(":p", s(TIERS_PARTITION))
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(classify)?;
+            for item in output.items() {
+                let stored = Tier::try_from(item)?;
+                tiers.retain(|t| t.name != stored.name);
+                tiers.push(stored);
+            }
+            start_key = output.last_evaluated_key;
+            if start_key.is_none() {
+                break;
+            }
+        }
+        tiers.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(tiers)
+    }
+
+    /// Creates or replaces a tier.
+    pub async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
+        let mut item = Item::from([
+            ("pk".to_owned(), s(format!("TIER#{}", tier.name))),
+            ("sk".to_owned(), s("META")),
+            ("gsi1pk".to_owned(), s(TIERS_PARTITION)),
+            ("gsi1sk".to_owned(), s(&tier.name)),
+            ("name".to_owned(), s(&tier.name)),
+            ("requests".to_owned(), n(tier.requests)),
+            ("period".to_owned(), n(tier.period)),
+        ]);
+        if let Some(tpm) = tier.tokens_per_minute {
+            item.insert("tokens_per_minute".into(), n(tpm));
+        }
+        self.client
+            .put_item()
+            .table_name(self.table())
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+}
