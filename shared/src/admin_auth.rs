@@ -45,6 +45,11 @@ pub fn credentials_match(
     password_ok && user_ok
 }
 
+/// bcrypt at the default cost, off the async threads (it takes ~0.25 s).
+pub async fn hash_password(password: String) -> anyhow::Result<String> {
+    Ok(tokio::task::spawn_blocking(move || bcrypt::hash(password, bcrypt::DEFAULT_COST)).await??)
+}
+
 pub fn issue_token(secret: &str, subject: &str, now: u64, ttl: Duration) -> anyhow::Result<String> {
     let claims = Claims {
         sub: subject.to_owned(),

@@ -78,21 +78,14 @@ impl CommonConfig {
                 }
                 Some(hash)
             }
-            (None, Some(password)) => {
-                let hashed = tokio::task::spawn_blocking(move || {
-                    bcrypt::hash(password, bcrypt::DEFAULT_COST)
-                })
-                .await;
-                match hashed {
-                    Ok(Ok(hash)) => Some(hash),
-                    _ => {
-                        return Err(ConfigError {
-                            var: "ADMIN_PASSWORD",
-                            reason: "could not be hashed".into(),
-                        });
-                    }
-                }
-            }
+            (None, Some(password)) => Some(
+                crate::admin_auth::hash_password(password)
+                    .await
+                    .map_err(|e| ConfigError {
+                        var: "ADMIN_PASSWORD",
+                        reason: format!("could not be hashed: {e}"),
+                    })?,
+            ),
             (None, None) => None,
         };
         Ok(Secrets::fixed(SecretValues {

@@ -54,3 +54,5 @@ pub async fn run_streaming(router: Router) -> Result<(), lambda_http::Error> {
         .service(router);
     lambda_http::run_with_streaming_response(service).await
 }
+
+pub use lambda_http::Error;

@@ -2,14 +2,19 @@
 //! DynamoDB store, secrets, and the axum routers each function serves.
 
 pub mod admin_auth;
+pub mod bootstrap;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
 pub mod keys;
 pub mod lambda;
+pub mod proxy;
 pub mod secrets;
 pub mod store;
 pub mod telemetry;
+pub mod ttl_cache;
+pub mod upstream;
+pub mod usage;
 
 pub use error::{ApiError, ErrorKind};

@@ -1,1 +1,16 @@
-fn main() {}
+//! Lambda entry point of the proxy function: `/v1/*` and every unknown path,
+//! answers streamed through API Gateway as they arrive.
+
+use relay_shared::bootstrap::Services;
+use relay_shared::proxy::{self, ProxyConfig};
+use relay_shared::upstream::UpstreamConfig;
+use relay_shared::{http, lambda, telemetry};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda::Error> {
+    telemetry::init();
+    let services = Services::from_env().await?;
+    let state = services.proxy_state(UpstreamConfig::from_env()?, ProxyConfig::from_env()?)?;
+    let router = proxy::router(state).merge(http::health::routes(services.health_state()));
+    lambda::run_streaming(router).await
+}

@@ -1,1 +1,14 @@
-fn main() {}
+//! Lambda entry point of the usage function: `/api/usage*` and `/health`.
+
+use relay_shared::bootstrap::Services;
+use relay_shared::{http, lambda, telemetry};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda::Error> {
+    telemetry::init();
+    let services = Services::from_env().await?;
+    let router = http::health::routes(services.health_state())
+        .fallback(http::not_found)
+        .layer(axum::middleware::from_fn(http::request_id));
+    lambda::run_buffered(router).await
+}

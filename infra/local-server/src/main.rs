@@ -1,1 +1,101 @@
-fn main() {}
+//! `make local`: every function's router on one port, against DynamoDB
+//! Local, exactly as the Lambda binaries serve them.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::distr::{Alphanumeric, SampleString};
+use relay_shared::bootstrap::Services;
+use relay_shared::config::{AdminConfig, CommonConfig};
+use relay_shared::proxy::{self, ProxyConfig};
+use relay_shared::secrets::{SecretValues, Secrets};
+use relay_shared::upstream::UpstreamConfig;
+use relay_shared::{admin_auth, http, telemetry};
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init();
+    let port: u16 = env("PORT")
+        .map(|p| p.parse().context("PORT must be a port number"))
+        .transpose()?
+        .unwrap_or(8080);
+    if env("DYNAMODB_ENDPOINT").is_none() {
+        anyhow::bail!(
+            "DYNAMODB_ENDPOINT must be set (make local starts DynamoDB Local and sets it)"
+        );
+    }
+    let common = CommonConfig {
+        table_name: env("TABLE_NAME").unwrap_or_else(|| "relay-local".into()),
+        dynamodb_endpoint: env("DYNAMODB_ENDPOINT"),
+        secret_arn: None,
+        secretsmanager_endpoint: None,
+        secret_ttl: Duration::from_secs(300),
+    };
+    let admin = AdminConfig::from_env()?;
+
+    // Locally the secrets are variables; a missing admin password or JWT
+    // secret gets a random one so `make local` works with no setup.
+    let password =
+        env("ADMIN_PASSWORD").unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 20));
+    let secrets = Secrets::fixed(SecretValues {
+        upstream_api_key: env("UPSTREAM_API_KEY"),
+        admin_password_hash: Some(admin_auth::hash_password(password.clone()).await?),
+        jwt_secret: Some(
+            env("SECRET_KEY").unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 48)),
+        ),
+    });
+    let services = Services::new(common, secrets).await;
+    services
+        .store
+        .ensure_table()
+        .await
+        .context("creating the table in DynamoDB Local")?;
+
+    let proxy_state =
+        services.proxy_state(UpstreamConfig::from_env()?, ProxyConfig::from_env()?)?;
+    // The same routers the Lambda functions serve; the proxy's fallback
+    // takes every path the others do not claim, as API Gateway routes them.
+    let app = http::admin::routes(services.admin_state(admin.clone()))
+        .merge(http::health::routes(services.health_state()))
+        .merge(proxy::router(proxy_state));
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("binding 127.0.0.1:{port}"))?;
+    let base = format!("http://127.0.0.1:{port}");
+    if env("UPSTREAM_API_KEY").is_none() {
+        tracing::warn!("UPSTREAM_API_KEY is not set: proxied requests will get 503 until it is");
+    }
+    let banner = format!(
+        "\nClaude Relay Station is serving on {base}\n\
+         admin user:     {user}\n\
+         admin password: {password}\n\
+         \n\
+         Log in and create a key:\n\
+         TOKEN=$(curl -s -u '{user}:{password}' -X POST {base}/admin/login | jq -r .access_token)\n\
+         curl -s {base}/admin/api-keys -H \"Authorization: Bearer $TOKEN\" -H 'content-type: application/json' -d '{{\"name\":\"my laptop\"}}'\n\
+         \n\
+         Point Claude Code at it:\n\
+         export ANTHROPIC_BASE_URL={base} ANTHROPIC_API_KEY=sk-proxy-…\n",
+        user = admin.admin_username,
+    );
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(banner.as_bytes())?;
+    stdout.flush()?;
+    drop(stdout);
+
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}

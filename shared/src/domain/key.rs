@@ -51,6 +51,9 @@ pub struct ApiKeyRecord {
     pub allowed_ips: Vec<IpNet>,
     pub allowed_origins: Vec<String>,
     pub allowed_models: Vec<String>,
+    /// The proxy's fixed rate window: its start (epoch seconds) and how many
+    /// requests it has admitted.
+    pub rate_window: Option<(u64, u64)>,
 }
 
 /// What the admin API shows of a key: never the hash.
@@ -501,6 +504,7 @@ mod tests {
             allowed_ips: vec![],
             allowed_origins: vec![],
             allowed_models: vec![],
+            rate_window: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Pure business rules: key records and their validation, tiers, allowlists,
 //! usage arithmetic. No I/O and no transport types live here.
 
+pub mod access;
 pub mod key;
 pub mod tier;
 

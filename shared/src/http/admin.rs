@@ -30,7 +30,13 @@ pub struct AdminState {
     pub config: Arc<AdminConfig>,
 }
 
+/// The admin function's whole router, with its own fallbacks.
 pub fn router(state: AdminState) -> Router {
+    routes(state).fallback(not_found)
+}
+
+/// The admin routes alone, for merging into the local server.
+pub fn routes(state: AdminState) -> Router {
     Router::new()
         .route("/admin/login", post(login))
         .route("/admin/api-keys", post(create_key).get(list_keys))
@@ -43,8 +49,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/api-keys/{id}/rotate", post(rotate_key))
         .route("/admin/tiers", get(list_tiers))
         .route("/admin/tiers/{name}", put(put_tier))
-        .fallback(not_found)
+        // Unknown admin paths stay here (404), never reaching the proxy.
+        .route("/admin/{*rest}", axum::routing::any(not_found))
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(super::request_id))
         .with_state(state)
 }
 

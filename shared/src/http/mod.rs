@@ -3,6 +3,7 @@
 //! answering in Anthropic's error envelope.
 
 pub mod admin;
+pub mod health;
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -60,6 +60,9 @@ impl TryFrom<&Item> for ApiKeyRecord {
                 .collect::<Result<_, _>>()?,
             allowed_origins: get_list(item, "allowed_origins")?,
             allowed_models: get_list(item, "allowed_models")?,
+            rate_window: opt_n(item, "rl_window")?
+                .map(|start| Ok::<_, StoreError>((start, get_n(item, "rl_count")?)))
+                .transpose()?,
         })
     }
 }
@@ -101,6 +104,7 @@ impl Store {
             allowed_ips: new.allowed_ips.clone(),
             allowed_origins: new.allowed_origins.clone(),
             allowed_models: new.allowed_models.clone(),
+            rate_window: None,
         };
         let created = format_timestamp(now);
         let mut item = Item::new();

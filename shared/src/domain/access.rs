@@ -1,0 +1,76 @@
+//! The access decision for one request, from the key record alone (no I/O):
+//! status, expiry and the IP, origin and model allowlists.
+
+use std::net::IpAddr;
+
+use time::OffsetDateTime;
+
+use super::key::ApiKeyRecord;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Disabled,
+    Expired,
+    IpNotAllowed,
+    OriginNotAllowed,
+    ModelNotAllowed(String),
+    ModelMissing,
+}
+
+impl Refusal {
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::Disabled => "this API key is disabled".into(),
+            Refusal::Expired => "this API key has expired".into(),
+            Refusal::IpNotAllowed => "this API key may not be used from this IP address".into(),
+            Refusal::OriginNotAllowed => "this API key may not be used from this origin".into(),
+            Refusal::ModelNotAllowed(model) => {
+                let shown: String = model
+                    .chars()
+                    .take(100)
+                    .filter(|c| !c.is_control())
+                    .collect();
+                format!("this API key may not use model `{shown}`")
+            }
+            Refusal::ModelMissing => {
+                "this API key is limited to some models; the request must name one".into()
+            }
+        }
+    }
+}
+
+/// What the request says about itself that the rules look at.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub ip: IpAddr,
+    pub origin: Option<&'a str>,
+    /// `Some` for requests that carry a model (messages, count_tokens).
+    pub model: Option<&'a str>,
+    pub names_model: bool,
+}
+
+pub fn check_access(
+    key: &ApiKeyRecord,
+    facts: &RequestFacts<'_>,
+    now: OffsetDateTime,
+) -> Result<(), Refusal> {
+    if !key.is_active {
+        return Err(Refusal::Disabled);
+    }
+    if key.is_expired(now) {
+        return Err(Refusal::Expired);
+    }
+    if !key.ip_allowed(facts.ip) {
+        return Err(Refusal::IpNotAllowed);
+    }
+    if !key.origin_allowed(facts.origin) {
+        return Err(Refusal::OriginNotAllowed);
+    }
+    if facts.names_model && !key.model_allowed(facts.model) {
+        return Err(match facts.model {
+            Some(model) => Refusal::ModelNotAllowed(model.to_owned()),
+            None => Refusal::ModelMissing,
+        });
+    }
+    Ok(())
+}

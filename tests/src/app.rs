@@ -1,0 +1,296 @@
+//! `spawn_app()`: the relay's merged router (admin, health, proxy) served on
+//! a free loopback port against its own fresh DynamoDB Local table and its
+//! own fake upstream, so every test starts from nothing and tests run in
+//! parallel.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context;
+use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+use relay_shared::config::AdminConfig;
+use relay_shared::http;
+use relay_shared::keys::KeyId;
+use relay_shared::proxy::{self, ProxyConfig, ProxyState};
+use relay_shared::secrets::{SecretValues, Secrets};
+use relay_shared::store::Store;
+use relay_shared::upstream::{Upstream, UpstreamConfig};
+use serde_json::{Value, json};
+
+use crate::fake_upstream::FakeUpstream;
+
+pub const ADMIN_USER: &str = "admin";
+pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
+
+/// bcrypt at the lowest cost: the tests check the flow, not the cost.
+fn admin_password_hash() -> anyhow::Result<String> {
+    static HASH: OnceLock<String> = OnceLock::new();
+    if let Some(hash) = HASH.get() {
+        return Ok(hash.clone());
+    }
+    let hash = bcrypt::hash(ADMIN_PASSWORD, 4)?;
+    Ok(HASH.get_or_init(|| hash).clone())
+}
+
+/// DynamoDB Local's address, which `make test` exports.
+pub fn dynamodb_endpoint() -> anyhow::Result<String> {
+    std::env::var("DYNAMODB_ENDPOINT").context(
+        "DYNAMODB_ENDPOINT is not set: run the integration tests with `make test`, which starts DynamoDB Local",
+    )
+}
+
+/// A DynamoDB client for DynamoDB Local with fixed local credentials (the
+/// ambient credential chain would go looking for an instance profile).
+pub fn dynamodb_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
+    let config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .credentials_provider(Credentials::new("test", "test", None, None, "relay-tests"))
+        .endpoint_url(endpoint)
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(config)
+}
+
+/// Knobs a test may turn; the defaults are production's, except timings
+/// shortened so failure tests finish quickly.
+#[derive(Clone)]
+pub struct AppOptions {
+    pub upstream: UpstreamConfig,
+    pub proxy: ProxyConfig,
+    /// Secrets other than the fixed test ones (e.g. Secrets Manager on moto).
+    pub secrets: Option<Secrets>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        AppOptions {
+            upstream: UpstreamConfig {
+                base_url: String::new(),
+                max_attempts: 3,
+                retry_budget: Duration::from_secs(10),
+                backoff_base: Duration::from_millis(20),
+                backoff_max: Duration::from_millis(200),
+                connect_timeout: Duration::from_secs(2),
+                header_timeout: Duration::from_secs(20),
+                idle_timeout: Duration::from_secs(20),
+            },
+            proxy: ProxyConfig {
+                max_request_bytes: 6 * 1024 * 1024,
+                key_cache_ttl: Duration::from_secs(10),
+                keepalive_after: Duration::from_secs(10),
+                keepalive_interval: Duration::from_secs(10),
+                disconnect_drain: Duration::from_secs(30),
+                settle_inline: Duration::from_secs(3),
+                settle_background: Duration::from_secs(30),
+                log_retention: Duration::from_secs(30 * 86_400),
+            },
+            secrets: None,
+        }
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base_url: String,
+    pub store: Store,
+    pub upstream: FakeUpstream,
+    pub http: reqwest::Client,
+    pub jwt_secret: String,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub async fn spawn_app() -> anyhow::Result<TestApp> {
+    spawn_app_with(AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
+    let upstream = FakeUpstream::start().await?;
+    let endpoint = dynamodb_endpoint()?;
+    let table = format!("relay-test-{}", uuid::Uuid::new_v4().simple());
+    let store = Store::new(dynamodb_client(&endpoint), table);
+    store
+        .ensure_table()
+        .await
+        .context("creating the test table")?;
+
+    let jwt_secret = format!("jwt-{}", uuid::Uuid::new_v4().simple());
+    let secrets = options.secrets.clone().unwrap_or_else(|| {
+        Secrets::fixed(SecretValues {
+            upstream_api_key: Some(upstream.api_key().to_owned()),
+            admin_password_hash: admin_password_hash().ok(),
+            jwt_secret: Some(jwt_secret.clone()),
+        })
+    });
+    let mut upstream_config = options.upstream.clone();
+    upstream_config.base_url = upstream.base_url();
+    let proxy_state = ProxyState::new(
+        store.clone(),
+        Upstream::new(upstream_config, secrets.clone())?,
+        options.proxy.clone(),
+    );
+    let admin_state = http::admin::AdminState {
+        store: store.clone(),
+        secrets: secrets.clone(),
+        config: std::sync::Arc::new(AdminConfig {
+            admin_username: ADMIN_USER.into(),
+            jwt_ttl: Duration::from_secs(3600),
+        }),
+    };
+    let health_state = http::health::HealthState {
+        store: store.clone(),
+        secrets,
+    };
+    let app = http::admin::routes(admin_state)
+        .merge(http::health::routes(health_state))
+        .merge(proxy::router(proxy_state));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await;
+    });
+    Ok(TestApp {
+        addr,
+        base_url: format!("http://{addr}"),
+        store,
+        upstream,
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?,
+        jwt_secret,
+        server,
+    })
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub async fn admin_token(&self) -> anyhow::Result<String> {
+        let response = self
+            .http
+            .post(self.url("/admin/login"))
+            .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 200,
+            "login failed: {}",
+            response.status()
+        );
+        let body: Value = response.json().await?;
+        body["access_token"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no access_token")
+    }
+
+    /// Creates a key with these fields; returns its record (with `api_key`).
+    pub async fn create_key(&self, fields: Value) -> anyhow::Result<Value> {
+        let token = self.admin_token().await?;
+        let response = self
+            .http
+            .post(self.url("/admin/api-keys"))
+            .bearer_auth(token)
+            .json(&fields)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == 201,
+            "create failed: {}",
+            response.status()
+        );
+        Ok(response.json().await?)
+    }
+
+    /// A fresh key named "test"; returns (id, full key).
+    pub async fn new_key(&self) -> anyhow::Result<(String, String)> {
+        let key = self.create_key(json!({"name": "test"})).await?;
+        Ok((
+            key["id"].as_str().context("id")?.to_owned(),
+            key["api_key"].as_str().context("api_key")?.to_owned(),
+        ))
+    }
+
+    pub async fn key_record(
+        &self,
+        id: &str,
+    ) -> anyhow::Result<relay_shared::domain::key::ApiKeyRecord> {
+        let id = KeyId::parse(id).context("bad id")?;
+        self.store.get_key(&id).await?.context("no such key")
+    }
+
+    /// Raw items of a key's partition whose sort key starts with `prefix`.
+    pub async fn items(
+        &self,
+        id: &str,
+        prefix: &str,
+    ) -> anyhow::Result<
+        Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
+    > {
+        use aws_sdk_dynamodb::types::AttributeValue;
+        let output = self
+            .store
+            .client()
+            .query()
+            .table_name(self.store.table())
+            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+            .expression_attribute_values(":pk", AttributeValue::S(format!("KEY#{id}")))
+            .expression_attribute_values(":prefix", AttributeValue::S(prefix.to_owned()))
+            .consistent_read(true)
+            .send()
+            .await?;
+        Ok(output.items.unwrap_or_default())
+    }
+
+    /// Waits (up to 10 s) until `count` usage logs exist for the key.
+    pub async fn wait_for_logs(
+        &self,
+        id: &str,
+        count: usize,
+    ) -> anyhow::Result<
+        Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
+    > {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let logs = self.items(id, "LOG#").await?;
+            if logs.len() >= count || std::time::Instant::now() > deadline {
+                return Ok(logs);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A number attribute of a raw item (0 when absent).
+pub fn num(
+    item: &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
+    name: &str,
+) -> u64 {
+    item.get(name)
+        .and_then(|v| v.as_n().ok())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A string attribute of a raw item.
+pub fn text<'a>(
+    item: &'a std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
+    name: &str,
+) -> Option<&'a str> {
+    item.get(name)
+        .and_then(|v| v.as_s().ok())
+        .map(String::as_str)
+}

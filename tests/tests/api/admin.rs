@@ -1,0 +1,1 @@
+//! Admin routes: login, lockout, JWT checks, key lifecycle, tiers, bad input.
