@@ -65,6 +65,7 @@ impl CommonConfig {
                 arn,
                 self.secretsmanager_endpoint.as_deref(),
                 self.secret_ttl,
+                crate::secrets::MIN_REFRESH_INTERVAL,
             )
             .await);
         }

@@ -38,8 +38,9 @@ pub enum SecretsError {
     },
 }
 
-/// Never re-read more often than this, however many 401s arrive at once.
-const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// By default a forced re-read happens at most this often, however many
+/// 401s arrive at once.
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
 
 enum Source {
     Fixed(Arc<SecretValues>),
@@ -47,6 +48,7 @@ enum Source {
         client: aws_sdk_secretsmanager::Client,
         arn: String,
         ttl: Duration,
+        min_refresh: Duration,
         cache: Mutex<Option<(Instant, Arc<SecretValues>)>>,
     },
 }
@@ -61,8 +63,14 @@ impl Secrets {
     }
 
     /// Reads `arn` from Secrets Manager (at `endpoint` when given, e.g. a
-    /// local emulator) and keeps it for `ttl`.
-    pub async fn from_secrets_manager(arn: &str, endpoint: Option<&str>, ttl: Duration) -> Secrets {
+    /// local emulator), keeps it for `ttl`, and re-reads on demand at most
+    /// every `min_refresh`.
+    pub async fn from_secrets_manager(
+        arn: &str,
+        endpoint: Option<&str>,
+        ttl: Duration,
+        min_refresh: Duration,
+    ) -> Secrets {
         let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         let mut config = aws_sdk_secretsmanager::config::Builder::from(&sdk);
         if let Some(endpoint) = endpoint {
@@ -72,6 +80,7 @@ impl Secrets {
             client: aws_sdk_secretsmanager::Client::from_conf(config.build()),
             arn: arn.to_owned(),
             ttl,
+            min_refresh,
             cache: Mutex::new(None),
         }))
     }
@@ -88,21 +97,22 @@ impl Secrets {
     }
 
     async fn load(&self, force: bool) -> Result<Arc<SecretValues>, SecretsError> {
-        let (client, arn, ttl, cache) = match self.0.as_ref() {
+        let (client, arn, ttl, min_refresh, cache) = match self.0.as_ref() {
             Source::Fixed(values) => return Ok(values.clone()),
             Source::Manager {
                 client,
                 arn,
                 ttl,
+                min_refresh,
                 cache,
-            } => (client, arn, *ttl, cache),
+            } => (client, arn, *ttl, *min_refresh, cache),
         };
         // Holding the lock across the read makes concurrent callers wait for
         // one fetch instead of all fetching.
         let mut cached = cache.lock().await;
         if let Some((read_at, values)) = cached.as_ref() {
             let age = read_at.elapsed();
-            if age < ttl && (!force || age < MIN_REFRESH_INTERVAL) {
+            if age < ttl && (!force || age < min_refresh) {
                 return Ok(values.clone());
             }
         }

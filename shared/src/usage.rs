@@ -81,9 +81,9 @@ struct MessageStart {
     message: MessageWithUsage,
 }
 
+/// Required `usage`: an error envelope must not pass for an empty message.
 #[derive(Deserialize)]
 struct MessageWithUsage {
-    #[serde(default)]
     usage: WireUsage,
     #[serde(default)]
     model: Option<String>,

@@ -264,7 +264,8 @@ pub fn day_of(at: OffsetDateTime) -> String {
 
 impl Store {
     /// Records one request exactly once: the usage-log item (whose absence
-    /// is the transaction's condition, so a repeated settle counts nothing),
+    /// is the transaction's condition, so a repeated settle counts nothing
+    /// and answers `AlreadyRecorded`),
     /// the key's counters, the day's and the model's aggregates, in one
     /// transaction. Retries transaction conflicts itself.
     pub async fn settle(
@@ -275,14 +276,12 @@ impl Store {
         let mut with_key = true;
         for attempt in 0..8 {
             let items = self.settle_items(record, retention, with_key)?;
-            // The token makes a resent identical transaction a no-op for ten
-            // minutes; the log item's condition covers any time after.
-            let token = with_key.then(|| idempotency_token(&record.request_id));
+            // No ClientRequestToken: the log item's condition already makes a
+            // repeat a no-op, at any distance in time, and tells us so.
             let result = self
                 .client
                 .transact_write_items()
                 .set_transact_items(Some(items))
-                .set_client_request_token(token)
                 .send()
                 .await;
             let err = match result {
@@ -484,10 +483,4 @@ impl Store {
         );
         Ok(items)
     }
-}
-
-/// DynamoDB's ClientRequestToken holds at most 36 characters.
-fn idempotency_token(request_id: &str) -> String {
-    let tail_start = request_id.len().saturating_sub(36);
-    request_id[tail_start..].to_owned()
 }
