@@ -24,7 +24,7 @@ pub const ADMIN_USER: &str = "admin";
 pub const ADMIN_PASSWORD: &str = "correct horse battery staple";
 
 /// bcrypt at the lowest cost: the tests check the flow, not the cost.
-fn admin_password_hash() -> anyhow::Result<String> {
+pub fn admin_password_hash() -> anyhow::Result<String> {
     static HASH: OnceLock<String> = OnceLock::new();
     if let Some(hash) = HASH.get() {
         return Ok(hash.clone());

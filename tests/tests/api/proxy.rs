@@ -582,3 +582,483 @@ async fn upstream_rejecting_the_relay_key_is_a_502_that_blames_the_relay() {
             .contains("upstream key")
     );
 }
+
+async fn post_message(app: &relay_tests::app::TestApp, key: &str) -> reqwest::Response {
+    app.http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", key)
+        .json(&message_body(false))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn error_of(response: reqwest::Response) -> (u16, String, String) {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+    (
+        status,
+        body["error"]["type"].as_str().unwrap().to_owned(),
+        body["error"]["message"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn admin_request(
+    app: &relay_tests::app::TestApp,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let token = app.admin_token().await.unwrap();
+    let mut request = app.http.request(method, app.url(path)).bearer_auth(token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn missing_malformed_and_unknown_keys_are_401() {
+    let app = spawn_app().await.unwrap();
+    let unknown = relay_shared::keys::PresentedKey::generate().expose();
+    let cases = [
+        app.http
+            .post(app.url("/v1/messages"))
+            .json(&message_body(false)),
+        app.http
+            .post(app.url("/v1/messages"))
+            .header("x-api-key", "sk-ant-api03-real-looking")
+            .json(&message_body(false)),
+        app.http
+            .post(app.url("/v1/messages"))
+            .header("authorization", "Bearer sk-proxy-tooshort")
+            .json(&message_body(false)),
+        app.http
+            .post(app.url("/v1/messages"))
+            .header("x-api-key", &unknown)
+            .json(&message_body(false)),
+        app.http
+            .get(app.url("/v1/models"))
+            .header("x-api-key", &unknown),
+        app.http.get(app.url("/v1/files")),
+    ];
+    for request in cases {
+        let (status, kind, _) = error_of(request.send().await.unwrap()).await;
+        assert_eq!((status, kind.as_str()), (401, "authentication_error"));
+    }
+    assert!(
+        app.upstream.requests().is_empty(),
+        "nothing unauthenticated reaches upstream"
+    );
+}
+
+#[tokio::test]
+async fn disabled_expired_and_rotated_keys_stop_working_at_once() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app.new_key().await.unwrap();
+    assert_eq!(post_message(&app, &key).await.status(), 200);
+
+    let path = format!("/admin/api-keys/{id}");
+    admin_request(
+        &app,
+        reqwest::Method::POST,
+        &format!("{path}/disable"),
+        None,
+    )
+    .await;
+    let (status, kind, message) = error_of(post_message(&app, &key).await).await;
+    assert_eq!((status, kind.as_str()), (403, "permission_error"));
+    assert!(message.contains("disabled"));
+
+    admin_request(&app, reqwest::Method::POST, &format!("{path}/enable"), None).await;
+    assert_eq!(post_message(&app, &key).await.status(), 200);
+
+    let rotated = admin_request(&app, reqwest::Method::POST, &format!("{path}/rotate"), None).await;
+    let new_key = rotated["api_key"].as_str().unwrap();
+    let (status, _, _) = error_of(post_message(&app, &key).await).await;
+    assert_eq!(status, 401, "the old secret stops at once, cache or not");
+    assert_eq!(post_message(&app, new_key).await.status(), 200);
+
+    admin_request(
+        &app,
+        reqwest::Method::PATCH,
+        &path,
+        Some(json!({"expires_at": "2020-01-01T00:00:00Z"})),
+    )
+    .await;
+    let (status, _, message) = error_of(post_message(&app, new_key).await).await;
+    assert_eq!(status, 403);
+    assert!(message.contains("expired"));
+}
+
+#[tokio::test]
+async fn ip_origin_and_model_allowlists_are_enforced() {
+    let app = spawn_app().await.unwrap();
+    let elsewhere = app
+        .create_key(json!({"name": "office only", "allowed_ips": ["10.0.0.0/8"]}))
+        .await
+        .unwrap();
+    let (status, _, message) =
+        error_of(post_message(&app, elsewhere["api_key"].as_str().unwrap()).await).await;
+    assert_eq!(status, 403);
+    assert!(message.contains("IP"));
+    // A forged X-Forwarded-For changes nothing: the socket peer counts.
+    let forged = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", elsewhere["api_key"].as_str().unwrap())
+        .header("x-forwarded-for", "10.1.2.3")
+        .json(&message_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403);
+
+    let loopback = app
+        .create_key(json!({"name": "here", "allowed_ips": ["127.0.0.0/8"], "allowed_origins": ["*.example.com"], "allowed_models": ["claude-haiku-*"]}))
+        .await
+        .unwrap();
+    let key = loopback["api_key"].as_str().unwrap();
+    let send = |origin: Option<&str>, model: &str| {
+        let mut request = app
+            .http
+            .post(app.url("/v1/messages"))
+            .header("x-api-key", key)
+            .json(&json!({"model": model, "max_tokens": 5, "messages": []}));
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        request.send()
+    };
+    assert_eq!(
+        send(Some("https://app.example.com"), "claude-haiku-5-5")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(send(None, "claude-haiku-5-5").await.unwrap().status(), 403);
+    assert_eq!(
+        send(Some("https://evil.com"), "claude-haiku-5-5")
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    let (status, _, message) = error_of(
+        send(Some("https://app.example.com"), "claude-opus-5-5")
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert!(message.contains("claude-opus-5-5"));
+    assert_eq!(app.upstream.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn tier_rate_limit_answers_429_with_retry_after() {
+    let app = spawn_app().await.unwrap();
+    admin_request(
+        &app,
+        reqwest::Method::PUT,
+        "/admin/tiers/tiny",
+        Some(json!({"requests": 2, "period": 3600})),
+    )
+    .await;
+    let created = app
+        .create_key(json!({"name": "t", "rate_limit_tier": "tiny"}))
+        .await
+        .unwrap();
+    let key = created["api_key"].as_str().unwrap();
+    assert_eq!(post_message(&app, key).await.status(), 200);
+    assert_eq!(post_message(&app, key).await.status(), 200);
+    let response = post_message(&app, key).await;
+    let retry_after: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3600).contains(&retry_after));
+    let (status, kind, _) = error_of(response).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limit_error"));
+    assert_eq!(app.upstream.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn exhausted_token_quota_stops_client_retries() {
+    let app = spawn_app().await.unwrap();
+    let created = app
+        .create_key(json!({"name": "q", "token_limit": 30}))
+        .await
+        .unwrap();
+    let (id, key) = (
+        created["id"].as_str().unwrap(),
+        created["api_key"].as_str().unwrap(),
+    );
+    app.upstream.push(Behavior::Message(MessageSpec {
+        usage: usage(25, 12, 0, 0),
+        ..MessageSpec::default()
+    }));
+    assert_eq!(post_message(&app, key).await.status(), 200);
+    app.wait_for_logs(id, 1).await.unwrap();
+    let response = post_message(&app, key).await;
+    assert_eq!(response.headers()["x-should-retry"], "false");
+    assert!(!response.headers().contains_key("retry-after"));
+    let (status, kind, message) = error_of(response).await;
+    assert_eq!((status, kind.as_str()), (429, "rate_limit_error"));
+    assert!(message.contains("37 of 30"), "{message}");
+    assert_eq!(app.upstream.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn count_tokens_models_and_hello_are_answered_but_never_charged() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app.new_key().await.unwrap();
+    let count = app
+        .http
+        .post(app.url("/v1/messages/count_tokens"))
+        .header("x-api-key", &key)
+        .json(
+            &json!({"model": "claude-haiku-5-5", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(count.status(), 200);
+    assert!(count.json::<Value>().await.unwrap()["input_tokens"].is_u64());
+    let models = app
+        .http
+        .get(app.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(models.status(), 200);
+    let hello = app.http.head(app.url("/api/hello")).send().await.unwrap();
+    assert_eq!(hello.status(), 200);
+    assert_eq!(
+        app.upstream.requests().len(),
+        2,
+        "hello is answered by the relay"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(app.items(&id, "LOG#").await.unwrap().is_empty());
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!(record.tokens_used, 0);
+    assert_eq!(
+        record.rate_window, None,
+        "not counted against the rate window"
+    );
+}
+
+#[tokio::test]
+async fn body_over_the_lambda_limit_is_413_before_anything_goes_upstream() {
+    let app = spawn_app().await.unwrap();
+    let (_, key) = app.new_key().await.unwrap();
+    let huge = json!({"model": "m", "messages": [{"role": "user", "content": "x".repeat(6 * 1024 * 1024)}]});
+    let response = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
+    let (status, kind, _) = error_of(response).await;
+    assert_eq!((status, kind.as_str()), (413, "request_too_large"));
+    assert!(app.upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_message_body_is_400_from_the_relay() {
+    let app = spawn_app().await.unwrap();
+    let (_, key) = app.new_key().await.unwrap();
+    let response = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .header("content-type", "application/json")
+        .body("{\"model\": \"m\", \"messages\": [")
+        .send()
+        .await
+        .unwrap();
+    let (status, kind, _) = error_of(response).await;
+    assert_eq!((status, kind.as_str()), (400, "invalid_request_error"));
+    assert!(app.upstream.requests().is_empty());
+}
+
+/// Collects everything the relay logs on this test's thread.
+#[derive(Clone, Default)]
+struct LogCapture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn keys_and_bodies_never_appear_in_logs_or_responses() {
+    let capture = LogCapture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let app = spawn_app().await.unwrap();
+    let (_, key) = app.new_key().await.unwrap();
+    let secret_text = "TOP-SECRET-PROMPT-TEXT";
+    let body = json!({"model": "claude-haiku-5-5", "max_tokens": 5, "stream": true, "messages": [{"role": "user", "content": secret_text}]});
+    let mut seen = Vec::new();
+    for behavior in [
+        Behavior::Message(MessageSpec::default()),
+        Behavior::Error {
+            status: 529,
+            error_type: "overloaded_error".into(),
+            retry_after: None,
+        },
+        Behavior::Message(MessageSpec {
+            cut_after_events: Some(3),
+            ..MessageSpec::default()
+        }),
+    ] {
+        app.upstream.set_default(behavior);
+        let response = app
+            .http
+            .post(app.url("/v1/messages"))
+            .header("x-api-key", &key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        for (name, value) in response.headers() {
+            seen.push(format!("{name}: {}", value.to_str().unwrap_or("")));
+        }
+        seen.push(String::from_utf8_lossy(&response.bytes().await.unwrap()).into_owned());
+    }
+    // Failed logins and admin calls log too.
+    let _ = app
+        .http
+        .post(app.url("/admin/login"))
+        .basic_auth("admin", Some("wrong-password"))
+        .send()
+        .await;
+    let token = app.admin_token().await.unwrap();
+    let _ = app
+        .http
+        .get(app.url("/admin/api-keys"))
+        .bearer_auth(&token)
+        .send()
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    std::fs::write(std::env::temp_dir().join("relay-log-capture.txt"), &logs).unwrap();
+    assert!(
+        logs.contains("retrying upstream"),
+        "the capture works ({} bytes)",
+        logs.len()
+    );
+    let responses = seen.join("\n");
+    let secret_part = &key[key.len() - 32..];
+    for (what, needle) in [
+        ("upstream key", app.upstream.api_key()),
+        ("relay key secret", secret_part),
+        ("admin password", "wrong-password"),
+        ("admin JWT", token.as_str()),
+        ("JWT secret", app.jwt_secret.as_str()),
+        ("request body", secret_text),
+    ] {
+        assert!(!logs.contains(needle), "{what} appears in the logs");
+        if what != "request body" {
+            assert!(!responses.contains(needle), "{what} appears in a response");
+        }
+    }
+}
+
+#[tokio::test]
+async fn upstream_key_rotated_in_secrets_manager_is_reread_after_a_401() {
+    use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
+    let endpoint = std::env::var("SECRETSMANAGER_ENDPOINT")
+        .expect("SECRETSMANAGER_ENDPOINT: run with `make test`, which starts moto");
+    let client = aws_sdk_secretsmanager::Client::from_conf(
+        aws_sdk_secretsmanager::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("test", "test", None, None, "relay-tests"))
+            .endpoint_url(&endpoint)
+            .build(),
+    );
+    let secret = |upstream_key: &str| {
+        json!({
+            "upstream_api_key": upstream_key,
+            "admin_password_hash": relay_tests::app::admin_password_hash().unwrap(),
+            "jwt_secret": "jwt-secret-from-secrets-manager",
+        })
+        .to_string()
+    };
+    let created = client
+        .create_secret()
+        .name(format!("relay-test-{}", uuid::Uuid::new_v4().simple()))
+        .secret_string(secret(relay_tests::fake_upstream::DEFAULT_API_KEY))
+        .send()
+        .await
+        .unwrap();
+    let arn = created.arn().unwrap();
+    let secrets = relay_shared::secrets::Secrets::from_secrets_manager(
+        arn,
+        Some(&endpoint),
+        Duration::from_secs(300),
+        Duration::from_millis(200),
+    )
+    .await;
+    let app = spawn_app_with(AppOptions {
+        secrets: Some(secrets),
+        ..AppOptions::default()
+    })
+    .await
+    .unwrap();
+    let (_, key) = app.new_key().await.unwrap();
+    assert_eq!(post_message(&app, &key).await.status(), 200);
+
+    client
+        .put_secret_value()
+        .secret_id(arn)
+        .secret_string(secret("sk-ant-rotated-upstream-key"))
+        .send()
+        .await
+        .unwrap();
+    app.upstream.set_api_key("sk-ant-rotated-upstream-key");
+    tokio::time::sleep(Duration::from_millis(250)).await;
+
+    assert_eq!(post_message(&app, &key).await.status(), 200);
+    let keys: Vec<String> = app
+        .upstream
+        .requests()
+        .iter()
+        .map(|r| r.header("x-api-key").unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            relay_tests::fake_upstream::DEFAULT_API_KEY,
+            relay_tests::fake_upstream::DEFAULT_API_KEY,
+            "sk-ant-rotated-upstream-key"
+        ],
+        "cached key, its 401, then the re-read key"
+    );
+}

@@ -1,0 +1,114 @@
+"""Fixtures: the relay as `make local` runs it (relay-local) in front of the
+fake Anthropic upstream binary, both on free loopback ports, stopped by PID."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_PASSWORD = "python-sdk-test-password"
+UPSTREAM_KEY = "sk-ant-python-test-upstream"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(check, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not come up: {last}")
+
+
+def binary(name: str) -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
+    return target / "debug" / name
+
+
+@pytest.fixture(scope="session")
+def binaries():
+    subprocess.run(
+        ["cargo", "build", "-q", "-p", "relay-local", "-p", "relay-tests", "--bin", "relay-local", "--bin", "fake-upstream"],
+        cwd=REPO,
+        check=True,
+    )
+    return binary("relay-local"), binary("fake-upstream")
+
+
+@pytest.fixture(scope="session")
+def relay(binaries, tmp_path_factory):
+    dynamodb = os.environ.get("DYNAMODB_ENDPOINT")
+    if not dynamodb:
+        pytest.fail("DYNAMODB_ENDPOINT is not set: run these tests with `make test`")
+    relay_bin, upstream_bin = binaries
+    logs = tmp_path_factory.mktemp("logs")
+    upstream_port, relay_port = free_port(), free_port()
+    upstream = subprocess.Popen(
+        [str(upstream_bin), "--port", str(upstream_port), "--api-key", UPSTREAM_KEY, "--chunks", "7"],
+        stdout=open(logs / "upstream.out", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    table = f"relay-py-{uuid.uuid4().hex}"
+    env = dict(
+        os.environ,
+        PORT=str(relay_port),
+        TABLE_NAME=table,
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
+        UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}",
+        UPSTREAM_API_KEY=UPSTREAM_KEY,
+        AWS_REGION=os.environ.get("AWS_REGION", "us-east-1"),
+        AWS_ACCESS_KEY_ID=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
+        AWS_SECRET_ACCESS_KEY=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+    )
+    server = subprocess.Popen(
+        [str(relay_bin)], env=env, stdout=open(logs / "relay.out", "w"), stderr=subprocess.STDOUT
+    )
+    base = f"http://127.0.0.1:{relay_port}"
+    try:
+        wait_until(lambda: urllib.request.urlopen(f"{base}/health").status == 200, "relay-local")
+        yield {"base": base, "table": table, "dynamodb": dynamodb, "logs": logs}
+    finally:
+        for process in (server, upstream):
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def call(method: str, url: str, body=None, headers=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    if data is not None:
+        request.add_header("content-type", "application/json")
+    with urllib.request.urlopen(request) as response:
+        return json.loads(response.read() or b"null")
+
+
+@pytest.fixture
+def admin(relay):
+    import base64
+
+    basic = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
+    token = call("POST", f"{relay['base']}/admin/login", headers={"authorization": f"Basic {basic}"})["access_token"]
+
+    def admin_call(method, path, body=None):
+        return call(method, relay["base"] + path, body, {"authorization": f"Bearer {token}"})
+
+    return admin_call
