@@ -50,6 +50,8 @@ pub fn routes(state: AdminState) -> Router {
         .route("/admin/tiers", get(list_tiers))
         .route("/admin/tiers/{name}", put(put_tier))
         // Unknown admin paths stay here (404), never reaching the proxy.
+        .route("/admin", axum::routing::any(not_found))
+        .route("/admin/", axum::routing::any(not_found))
         .route("/admin/{*rest}", axum::routing::any(not_found))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(super::request_id))

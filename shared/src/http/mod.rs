@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod health;
+pub mod key_auth;
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -81,6 +82,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             ));
         }
         let body = read_limited(request.into_body(), MAX_JSON_BODY).await?;
+        // serde would read a struct from an array, field by field in order:
+        // our bodies are objects, and anything else is a mistake.
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request("request body must be a JSON object"));
+        }
         parse_json(&body).map(JsonBody)
     }
 }

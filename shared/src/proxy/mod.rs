@@ -12,7 +12,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use http::{HeaderMap, Method, StatusCode, header};
+use http::{Method, StatusCode, header};
 use serde::Deserialize;
 
 use crate::config::{ConfigError, number};
@@ -21,8 +21,9 @@ use crate::domain::key::ApiKeyRecord;
 use crate::domain::tier::{DEFAULT_TIER, Tier, builtin_tiers};
 use crate::domain::{self};
 use crate::error::ApiError;
+use crate::http::key_auth::{invalid_key, presented_key};
 use crate::http::{ClientIp, RequestId, read_limited, request_id};
-use crate::keys::{KeyId, PresentedKey};
+use crate::keys::KeyId;
 use crate::store::Store;
 use crate::store::proxy::AdmissionError;
 use crate::ttl_cache::TtlCache;
@@ -102,54 +103,6 @@ pub fn router(state: ProxyState) -> Router {
 /// Claude Code's connectivity check: answered here, never forwarded.
 async fn hello() -> StatusCode {
     StatusCode::OK
-}
-
-/// The key a client presented: `x-api-key` or `Authorization: Bearer`
-/// (Claude Code may send both; if both are relay keys they must agree).
-fn presented_key(headers: &HeaderMap) -> Result<PresentedKey, ApiError> {
-    let api_key = headers
-        .get("x-api-key")
-        .map(|v| v.to_str().map(str::trim).unwrap_or(""));
-    let bearer = headers.get(header::AUTHORIZATION).map(|v| {
-        let value = v.to_str().unwrap_or("").trim();
-        match value.split_once(' ') {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-            _ => "",
-        }
-    });
-    let candidates: Vec<&str> = [api_key, bearer].into_iter().flatten().collect();
-    if candidates.is_empty() {
-        return Err(ApiError::unauthorized(
-            "missing API key: send your sk-proxy- key as `x-api-key` or `Authorization: Bearer`",
-        ));
-    }
-    let parsed: Vec<PresentedKey> = candidates
-        .iter()
-        .filter_map(|c| PresentedKey::parse(c).ok())
-        .collect();
-    match parsed.as_slice() {
-        [] => {
-            let reason = PresentedKey::parse(candidates[0])
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
-            Err(ApiError::unauthorized(format!("invalid API key: {reason}")))
-        }
-        [one] => Ok(one.clone()),
-        [first, second, ..] => {
-            if first.id() == second.id() && first.hash().matches(&second.hash()) {
-                Ok(first.clone())
-            } else {
-                Err(ApiError::unauthorized(
-                    "x-api-key and Authorization carry different API keys; send one",
-                ))
-            }
-        }
-    }
-}
-
-fn invalid_key() -> ApiError {
-    ApiError::unauthorized("invalid API key")
 }
 
 impl From<Refusal> for ApiError {
@@ -377,55 +330,4 @@ async fn tier_of(state: &ProxyState, name: &str) -> Result<Tier, ApiError> {
     };
     state.0.tiers.insert(name.to_owned(), tier.clone());
     Ok(tier)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut map = HeaderMap::new();
-        for (name, value) in pairs {
-            map.append(
-                http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
-                value.parse().unwrap(),
-            );
-        }
-        map
-    }
-
-    #[test]
-    fn key_is_taken_from_either_header_or_both_when_equal() {
-        let key = PresentedKey::generate().expose();
-        let bearer = format!("Bearer {key}");
-        for pairs in [
-            vec![("x-api-key", key.as_str())],
-            vec![("authorization", bearer.as_str())],
-            vec![
-                ("x-api-key", key.as_str()),
-                ("authorization", bearer.as_str()),
-            ],
-            vec![
-                ("x-api-key", key.as_str()),
-                ("authorization", "Bearer sk-ant-old-oauth"),
-            ],
-        ] {
-            assert_eq!(presented_key(&headers(&pairs)).unwrap().expose(), key);
-        }
-    }
-
-    #[test]
-    fn missing_malformed_and_conflicting_keys_are_401() {
-        let a = PresentedKey::generate().expose();
-        let b = format!("Bearer {}", PresentedKey::generate().expose());
-        for pairs in [
-            vec![],
-            vec![("x-api-key", "sk-proxy-short")],
-            vec![("authorization", "Basic Zm9vOmJhcg==")],
-            vec![("x-api-key", a.as_str()), ("authorization", b.as_str())],
-        ] {
-            let err = presented_key(&headers(&pairs)).unwrap_err();
-            assert_eq!(err.status, StatusCode::UNAUTHORIZED, "{pairs:?}");
-        }
-    }
 }

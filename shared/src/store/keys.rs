@@ -1,5 +1,7 @@
 //! API key items (`KEY#<id>` / `META`), listed newest first through `gsi1`.
 
+use std::collections::HashMap;
+
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -226,11 +228,15 @@ impl Store {
         changes: &KeyChanges,
         now: OffsetDateTime,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let mut sets = vec!["updated_at = :now".to_owned()];
+        // Every attribute goes through a `#name` placeholder: some of ours
+        // (`name`) are DynamoDB reserved words.
+        let mut sets = vec!["#updated_at = :updated_at".to_owned()];
+        let mut names = HashMap::from([("#updated_at".to_owned(), "updated_at".to_owned())]);
         let mut removes = Vec::new();
-        let mut values = Item::from([(":now".to_owned(), s(format_timestamp(now)))]);
+        let mut values = Item::from([(":updated_at".to_owned(), s(format_timestamp(now)))]);
         let mut set = |name: &str, value: AttributeValue| {
-            sets.push(format!("{name} = :{name}"));
+            sets.push(format!("#{name} = :{name}"));
+            names.insert(format!("#{name}"), name.to_owned());
             values.insert(format!(":{name}"), value);
         };
         if let Some(name) = &changes.name {
@@ -269,9 +275,14 @@ impl Store {
         }
         let mut expression = format!("SET {}", sets.join(", "));
         if !removes.is_empty() {
-            expression.push_str(&format!(" REMOVE {}", removes.join(", ")));
+            for name in &removes {
+                names.insert(format!("#{name}"), (*name).to_owned());
+            }
+            let placeholders: Vec<String> = removes.iter().map(|n| format!("#{n}")).collect();
+            expression.push_str(&format!(" REMOVE {}", placeholders.join(", ")));
         }
-        self.update_existing(id, expression, values).await
+        self.update_existing(id, expression, Some(names), values)
+            .await
     }
 
     /// Replaces the secret's hash: the old key stops working at once.
@@ -285,14 +296,20 @@ impl Store {
             (":now".to_owned(), s(format_timestamp(now))),
             (":h".to_owned(), s(new_hash.to_hex())),
         ]);
-        self.update_existing(id, "SET secret_hash = :h, updated_at = :now".into(), values)
-            .await
+        self.update_existing(
+            id,
+            "SET secret_hash = :h, updated_at = :now".into(),
+            None,
+            values,
+        )
+        .await
     }
 
     async fn update_existing(
         &self,
         id: &KeyId,
         expression: String,
+        names: Option<HashMap<String, String>>,
         values: Item,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let result = self
@@ -303,6 +320,7 @@ impl Store {
             .key("sk", s(META))
             .update_expression(expression)
             .condition_expression("attribute_exists(pk)")
+            .set_expression_attribute_names(names)
             .set_expression_attribute_values(Some(values))
             .return_values(ReturnValue::AllNew)
             .send()

@@ -253,6 +253,10 @@ pub fn log_sort_key(at: OffsetDateTime, request_id: &str) -> String {
     format!("LOG#{}#{request_id}", format_timestamp(at))
 }
 
+pub fn log_model_partition(key_id: &KeyId, model: &str) -> String {
+    format!("LOG#{key_id}#{model}")
+}
+
 pub fn day_of(at: OffsetDateTime) -> String {
     format!(
         "{:04}-{:02}-{:02}",
@@ -395,6 +399,18 @@ impl Store {
         if let Some(ttfb) = record.ttfb_ms {
             log.insert("ttfb_ms".into(), n(ttfb));
         }
+        // Indexed by key and model, so a model-filtered log page reads only
+        // what it returns.
+        if let Some(model) = &record.model {
+            log.insert(
+                "gsi1pk".into(),
+                s(log_model_partition(&record.key_id, model)),
+            );
+            log.insert(
+                "gsi1sk".into(),
+                s(log_sort_key(record.at, &record.request_id)),
+            );
+        }
         let mut items = vec![
             TransactWriteItem::builder()
                 .put(
@@ -412,7 +428,7 @@ impl Store {
             let (expression, mut values) = counters_update(
                 record,
                 &[("tokens_used", usage.billed())],
-                "last_used_at = :at",
+                "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
             );
             values.insert(":at".into(), s(&at));
             items.push(

@@ -1,5 +1,9 @@
 //! Integration tests: the relay's real router against DynamoDB Local and a
 //! fake Anthropic upstream. Run with `make test` (it starts the emulators).
 
+// Test helpers outside #[test] functions unwrap too: a failed setup is a
+// failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod admin;
 mod proxy;
