@@ -35,6 +35,12 @@ impl Services {
         }
     }
 
+    pub fn usage_state(&self) -> crate::http::usage::UsageState {
+        crate::http::usage::UsageState {
+            store: self.store.clone(),
+        }
+    }
+
     pub fn health_state(&self) -> HealthState {
         HealthState {
             store: self.store.clone(),

@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod keys;
 pub mod lambda;
+pub mod metrics;
 pub mod proxy;
 pub mod secrets;
 pub mod store;

@@ -7,8 +7,7 @@ use relay_shared::{http, lambda, telemetry};
 async fn main() -> Result<(), lambda::Error> {
     telemetry::init();
     let services = Services::from_env().await?;
-    let router = http::health::routes(services.health_state())
-        .fallback(http::not_found)
-        .layer(axum::middleware::from_fn(http::request_id));
+    let router = http::usage::router(services.usage_state())
+        .merge(http::health::routes(services.health_state()));
     lambda::run_buffered(router).await
 }

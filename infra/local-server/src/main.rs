@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
     // The same routers the Lambda functions serve; the proxy's fallback
     // takes every path the others do not claim, as API Gateway routes them.
     let app = http::admin::routes(services.admin_state(admin.clone()))
+        .merge(http::usage::routes(services.usage_state()))
         .merge(http::health::routes(services.health_state()))
         .merge(proxy::router(proxy_state));
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))

@@ -47,6 +47,12 @@ pub fn routes(state: AdminState) -> Router {
         .route("/admin/api-keys/{id}/disable", post(disable_key))
         .route("/admin/api-keys/{id}/enable", post(enable_key))
         .route("/admin/api-keys/{id}/rotate", post(rotate_key))
+        .route("/admin/api-keys/{id}/usage", get(key_usage))
+        .route("/admin/api-keys/{id}/usage/daily", get(key_usage_daily))
+        .route("/admin/api-keys/{id}/usage/logs", get(key_usage_logs))
+        .route("/admin/api-keys/{id}/usage/quota", get(key_usage_quota))
+        .route("/admin/usage", get(all_usage))
+        .route("/admin/metrics", get(metrics))
         .route("/admin/tiers", get(list_tiers))
         .route("/admin/tiers/{name}", put(put_tier))
         // Unknown admin paths stay here (404), never reaching the proxy.
@@ -123,6 +129,7 @@ async fn login(
 ) -> Result<Response, ApiError> {
     let now = epoch_now();
     if let Some(wait) = state.store.login_lockout(ip, now).await? {
+        crate::metrics::emit_event("admin", "AdminLogins", "locked");
         return Err(ApiError::rate_limited(
             format!("too many failed logins from this address; try again in {wait} seconds"),
             wait,
@@ -152,12 +159,14 @@ async fn login(
     .map_err(|e| ApiError::internal(e.into()))?;
     if !matched {
         state.store.record_login_failure(ip, now).await?;
+        crate::metrics::emit_event("admin", "AdminLogins", "failure");
         tracing::warn!(%ip, "failed admin login");
         return Ok(basic_challenge(ApiError::unauthorized(
             "invalid username or password",
         )));
     }
     state.store.clear_login_failures(ip).await?;
+    crate::metrics::emit_event("admin", "AdminLogins", "success");
     let ttl = state.config.jwt_ttl;
     let token = admin_auth::issue_token(jwt_secret(&secrets)?, &user, now, ttl)
         .map_err(ApiError::internal)?;
@@ -353,4 +362,82 @@ async fn put_tier(
     state.store.put_tier(&tier).await?;
     tracing::info!(tier = %tier.name, "tier stored");
     Ok(Json(tier).into_response())
+}
+
+/// The key must exist for its usage to be shown (deleted keys' logs stay
+/// in the table, but the admin API addresses keys).
+async fn existing_key(state: &AdminState, raw: &str) -> Result<KeyId, ApiError> {
+    let id = key_id(raw)?;
+    state
+        .store
+        .get_key(&id)
+        .await?
+        .ok_or_else(|| no_such_key(raw))?;
+    Ok(id)
+}
+
+async fn key_usage(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = key_id(&raw)?;
+    super::usage::summary_view(&state.store, &id)
+        .await
+        .map(Json)
+}
+
+async fn key_usage_daily(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+    QueryParams(params): QueryParams<super::usage::DailyParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = existing_key(&state, &raw).await?;
+    super::usage::daily_view(&state.store, &id, &params)
+        .await
+        .map(Json)
+}
+
+async fn key_usage_logs(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+    QueryParams(params): QueryParams<super::usage::LogParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = existing_key(&state, &raw).await?;
+    super::usage::logs_view(&state.store, &id, params)
+        .await
+        .map(Json)
+}
+
+async fn key_usage_quota(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = key_id(&raw)?;
+    super::usage::quota_view(&state.store, &id).await.map(Json)
+}
+
+async fn all_usage(
+    _: Admin,
+    State(state): State<AdminState>,
+    QueryParams(params): QueryParams<super::usage::RangeParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    super::usage::all_keys_view(&state.store, &params)
+        .await
+        .map(Json)
+}
+
+async fn metrics(_: Admin, State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let keys = state.store.all_key_usage().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        super::prometheus::render(&keys),
+    )
+        .into_response())
 }

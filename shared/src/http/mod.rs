@@ -5,6 +5,8 @@
 pub mod admin;
 pub mod health;
 pub mod key_auth;
+pub mod prometheus;
+pub mod usage;
 
 use std::net::{IpAddr, SocketAddr};
 

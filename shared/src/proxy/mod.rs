@@ -168,7 +168,10 @@ async fn relay_request(
 ) -> Response {
     match relay_inner(state, ip, request).await {
         Ok(response) => response,
-        Err(err) => err.into_response(),
+        Err(err) => {
+            crate::metrics::emit_event("proxy", "Rejections", rejection_reason(&err));
+            err.into_response()
+        }
     }
 }
 
@@ -305,6 +308,19 @@ async fn relay_inner(
     });
     let streamed = fields.as_ref().and_then(|f| f.stream).unwrap_or(false);
     Ok(relay::start(state, forward, settle, streamed, started).await)
+}
+
+/// The dashboard's name for why the relay itself refused a request.
+fn rejection_reason(err: &ApiError) -> &'static str {
+    match (err.status.as_u16(), err.should_retry) {
+        (429, Some(false)) => "quota",
+        (429, _) => "rate_limit",
+        (401, _) => "authentication",
+        (403, _) => "permission",
+        (413, _) => "too_large",
+        (400..=499, _) => "invalid_request",
+        _ => "unavailable",
+    }
 }
 
 fn too_large(max: usize) -> ApiError {

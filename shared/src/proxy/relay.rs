@@ -281,6 +281,7 @@ async fn run(
             }
         }
         record.latency_ms = millis(started.elapsed());
+        crate::metrics::emit_request(&record);
         settle(
             &inner.store,
             record,
@@ -379,9 +380,11 @@ async fn settle(
     if settle_until(store, &record, retention, Instant::now() + inline).await {
         return;
     }
+    crate::metrics::emit_event("proxy", "SettleDelayed", "store_unavailable");
     let store = store.clone();
     tokio::spawn(async move {
         if !settle_until(&store, &record, retention, Instant::now() + background).await {
+            crate::metrics::emit_event("proxy", "SettleFailures", "gave_up");
             tracing::error!(
                 target: "unsettled_usage",
                 request_id = %record.request_id,

@@ -8,6 +8,7 @@ mod logins;
 pub mod proxy;
 pub mod schema;
 mod tiers;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;

