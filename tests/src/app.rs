@@ -147,7 +147,11 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
         store: store.clone(),
         secrets,
     };
+    let usage_state = http::usage::UsageState {
+        store: store.clone(),
+    };
     let app = http::admin::routes(admin_state)
+        .merge(http::usage::routes(usage_state))
         .merge(http::health::routes(health_state))
         .merge(proxy::router(proxy_state));
 
