@@ -72,7 +72,9 @@ local: ## Run the relay on PORT (8080) against a fresh DynamoDB Local (Ctrl-C st
 	export AWS_REGION="$${AWS_REGION:-us-east-1}"
 	export AWS_ACCESS_KEY_ID="$${AWS_ACCESS_KEY_ID:-local}"
 	export AWS_SECRET_ACCESS_KEY="$${AWS_SECRET_ACCESS_KEY:-local}"
-	DYNAMODB_ENDPOINT="$$endpoint" PORT="$(PORT)" cargo run --release -p relay-local
+	# The dev profile (dependencies optimised) shares make test's build; a
+	# release build with LTO would take minutes longer for no visible gain.
+	DYNAMODB_ENDPOINT="$$endpoint" PORT="$(PORT)" cargo run -p relay-local
 
 lint: ## cargo fmt --check and clippy -D warnings
 	cargo fmt --all -- --check
