@@ -10,6 +10,8 @@
 #   RELAY_STATE_DIR                  where pid/port/log files live (default .cache/run)
 #   DYNAMODB_LOCAL_START_TIMEOUT     seconds to wait for it to answer (default 30)
 #   DYNAMODB_LOCAL_JAVA_OPTS         extra JVM options (e.g. -Xmx512m)
+#   DYNAMODB_LOCAL_DB_PATH           keep the database in this directory instead
+#                                    of in memory (fault tests restart it)
 set -euo pipefail
 
 LOG_NAME=dynamodb-local
@@ -116,9 +118,14 @@ cmd_start() {
     # -disableTelemetry: no outbound calls (the network may be closed).
     # It binds all interfaces (no option to restrict it); we add no -cors.
     # It runs from the state dir so any stray file it writes lands there.
+    local storage=(-inMemory)
+    if [[ -n "${DYNAMODB_LOCAL_DB_PATH:-}" ]]; then
+        mkdir -p "$DYNAMODB_LOCAL_DB_PATH"
+        storage=(-dbPath "$DYNAMODB_LOCAL_DB_PATH")
+    fi
     start_service "$NAME" "$PATTERN" "$port" POST / "${DYNAMODB_LOCAL_START_TIMEOUT:-30}" "$STATE_DIR" \
         java "${java_opts[@]}" "-Djava.library.path=$INSTALL_DIR/DynamoDBLocal_lib" \
-        -jar "$INSTALL_DIR/DynamoDBLocal.jar" -inMemory -sharedDb -disableTelemetry -port '{PORT}'
+        -jar "$INSTALL_DIR/DynamoDBLocal.jar" "${storage[@]}" -sharedDb -disableTelemetry -port '{PORT}'
 }
 
 case "${1:-}" in

@@ -48,6 +48,7 @@ pub fn dynamodb_client(endpoint: &str) -> aws_sdk_dynamodb::Client {
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("test", "test", None, None, "relay-tests"))
         .endpoint_url(endpoint)
+        .timeout_config(relay_shared::store::timeouts())
         .build();
     aws_sdk_dynamodb::Client::from_conf(config)
 }
@@ -60,6 +61,8 @@ pub struct AppOptions {
     pub proxy: ProxyConfig,
     /// Secrets other than the fixed test ones (e.g. Secrets Manager on moto).
     pub secrets: Option<Secrets>,
+    /// A DynamoDB other than the shared one `make test` started.
+    pub dynamodb_endpoint: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -86,6 +89,7 @@ impl Default for AppOptions {
                 log_retention: Duration::from_secs(30 * 86_400),
             },
             secrets: None,
+            dynamodb_endpoint: None,
         }
     }
 }
@@ -112,7 +116,10 @@ pub async fn spawn_app() -> anyhow::Result<TestApp> {
 
 pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     let upstream = FakeUpstream::start().await?;
-    let endpoint = dynamodb_endpoint()?;
+    let endpoint = match &options.dynamodb_endpoint {
+        Some(endpoint) => endpoint.clone(),
+        None => dynamodb_endpoint()?,
+    };
     let table = format!("relay-test-{}", uuid::Uuid::new_v4().simple());
     let store = Store::new(dynamodb_client(&endpoint), table);
     store

@@ -5,3 +5,4 @@ pub mod fake_upstream;
 pub mod sse;
 
 pub mod app;
+pub mod dynamo;

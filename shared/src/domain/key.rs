@@ -347,7 +347,22 @@ fn validate_text(
             "must not contain control characters",
         ));
     }
+    if value.chars().any(is_bidi_control) {
+        return Err(FieldError::new(
+            field,
+            "must not contain bidirectional control characters",
+        ));
+    }
     Ok(value.to_owned())
+}
+
+/// Characters that reorder displayed text: a name holding them can pass
+/// for another in a listing.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 fn validate_name(name: &str) -> Result<String, FieldError> {
@@ -532,6 +547,7 @@ mod tests {
             (serde_json::json!({"name": ""}), "name"),
             (serde_json::json!({"name": "x".repeat(201)}), "name"),
             (serde_json::json!({"name": "a\u{0007}b"}), "name"),
+            (serde_json::json!({"name": "\u{202e}lave"}), "name"),
             (
                 serde_json::json!({"name": "a", "allowed_ips": ["10.0.0.0/33"]}),
                 "allowed_ips",

@@ -11,10 +11,13 @@ mod tiers;
 pub mod usage;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
+use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
+use aws_sdk_dynamodb::error::{BoxError, SdkError};
 
 pub use keys::KeyPage;
 
@@ -64,36 +67,77 @@ where
     }
 }
 
+/// Short timeouts: a request waiting on a dead database should fail fast
+/// with a 503, not hang.
+pub fn timeouts() -> aws_config::timeout::TimeoutConfig {
+    aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(2))
+        .operation_attempt_timeout(Duration::from_secs(4))
+        .operation_timeout(Duration::from_secs(10))
+        .build()
+}
+
+/// Counts HTTP requests sent to DynamoDB (each retry included), for the
+/// benchmarks' calls-per-request figure. One relaxed atomic add per call.
+#[derive(Debug)]
+struct RoundTripCounter(Arc<AtomicU64>);
+
+impl Intercept for RoundTripCounter {
+    fn name(&self) -> &'static str {
+        "RoundTripCounter"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &BeforeTransmitInterceptorContextRef<'_>,
+        _runtime_components: &RuntimeComponents,
+        _cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// The relay's table, shared by all handlers. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     client: Client,
     table: Arc<str>,
+    round_trips: Arc<AtomicU64>,
 }
 
 impl Store {
+    /// A store on a ready-made client; its round trips are not counted
+    /// (only [`Store::connect`] installs the counter).
     pub fn new(client: Client, table: impl Into<Arc<str>>) -> Store {
         Store {
             client,
             table: table.into(),
+            round_trips: Arc::default(),
         }
     }
 
+    /// DynamoDB requests sent so far by this store and its clones, retries
+    /// included (`GET /__relay/stats` of `relay-local` shows it).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
     /// A client from the ambient AWS configuration, pointed at `endpoint`
-    /// when one is given (DynamoDB Local). Timeouts are short: a request
-    /// waiting on a dead database should fail fast with a 503, not hang.
+    /// when one is given (DynamoDB Local), with [`timeouts`].
     pub async fn connect(table: &str, endpoint: Option<&str>) -> Store {
         let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .operation_attempt_timeout(Duration::from_secs(4))
-            .operation_timeout(Duration::from_secs(10))
-            .build();
-        let mut config = aws_sdk_dynamodb::config::Builder::from(&sdk).timeout_config(timeouts);
+        let mut config = aws_sdk_dynamodb::config::Builder::from(&sdk).timeout_config(timeouts());
         if let Some(endpoint) = endpoint {
             config = config.endpoint_url(endpoint);
         }
-        Store::new(Client::from_conf(config.build()), table)
+        let round_trips = Arc::new(AtomicU64::new(0));
+        config = config.interceptor(RoundTripCounter(Arc::clone(&round_trips)));
+        Store {
+            client: Client::from_conf(config.build()),
+            table: table.into(),
+            round_trips,
+        }
     }
 
     pub fn client(&self) -> &Client {
