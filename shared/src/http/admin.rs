@@ -380,6 +380,7 @@ async fn key_usage(
     _: Admin,
     State(state): State<AdminState>,
     Path(raw): Path<String>,
+    QueryParams(super::usage::NoParams {}): QueryParams<super::usage::NoParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = key_id(&raw)?;
     super::usage::summary_view(&state.store, &id)
@@ -415,6 +416,7 @@ async fn key_usage_quota(
     _: Admin,
     State(state): State<AdminState>,
     Path(raw): Path<String>,
+    QueryParams(super::usage::NoParams {}): QueryParams<super::usage::NoParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = key_id(&raw)?;
     super::usage::quota_view(&state.store, &id).await.map(Json)

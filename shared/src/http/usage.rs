@@ -60,9 +60,16 @@ impl FromRequestParts<UsageState> for KeyHolder {
     }
 }
 
+/// Routes that take no parameters still refuse unknown ones: a typo such as
+/// `/api/usage?days=7` should say so, not answer something else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
 async fn summary(
     State(state): State<UsageState>,
     KeyHolder(key): KeyHolder,
+    QueryParams(NoParams {}): QueryParams<NoParams>,
 ) -> Result<Json<Value>, ApiError> {
     summary_view(&state.store, &key.id).await.map(Json)
 }
@@ -86,6 +93,7 @@ async fn logs(
 async fn quota(
     State(state): State<UsageState>,
     KeyHolder(key): KeyHolder,
+    QueryParams(NoParams {}): QueryParams<NoParams>,
 ) -> Result<Json<Value>, ApiError> {
     quota_view(&state.store, &key.id).await.map(Json)
 }

@@ -142,28 +142,46 @@ pub struct LogQuery {
 #[error("cursor is not one this API returned for this key and query")]
 pub struct BadLogCursor;
 
-/// The cursor names the key and model it belongs to, so it cannot be
-/// replayed against another key (and reveals nothing beyond a timestamp).
-fn encode_log_cursor(key: &KeyId, model: Option<&str>, sort_key: &str) -> String {
-    let text = serde_json::json!({"k": key.as_str(), "m": model, "s": sort_key}).to_string();
+/// The cursor names the key, model and time range it belongs to, so it
+/// cannot be replayed against another key or query (and reveals nothing
+/// beyond a timestamp); its position must lie inside the range, or
+/// DynamoDB would refuse the start key.
+fn encode_log_cursor(key: &KeyId, query: &LogQuery, sort_key: &str) -> String {
+    let text = serde_json::json!({
+        "k": key.as_str(),
+        "m": query.model,
+        "f": query.from,
+        "t": query.to,
+        "s": sort_key,
+    })
+    .to_string();
     URL_SAFE_NO_PAD.encode(text)
 }
 
-fn decode_log_cursor(
-    cursor: &str,
-    key: &KeyId,
-    model: Option<&str>,
-) -> Result<String, BadLogCursor> {
+fn decode_log_cursor(cursor: &str, key: &KeyId, query: &LogQuery) -> Result<String, BadLogCursor> {
     let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| BadLogCursor)?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| BadLogCursor)?;
     let sort_key = value["s"].as_str().ok_or(BadLogCursor)?;
-    if value["k"].as_str() != Some(key.as_str())
-        || value["m"].as_str() != model
-        || !sort_key.starts_with("LOG#")
-    {
-        return Err(BadLogCursor);
+    let (low, high) = log_bounds(query);
+    let matches = value["k"].as_str() == Some(key.as_str())
+        && value["m"].as_str() == query.model.as_deref()
+        && value["f"].as_str() == Some(query.from.as_str())
+        && value["t"].as_str() == Some(query.to.as_str())
+        && sort_key.starts_with("LOG#")
+        && (low.as_str()..=high.as_str()).contains(&sort_key);
+    if matches {
+        Ok(sort_key.to_owned())
+    } else {
+        Err(BadLogCursor)
     }
-    Ok(sort_key.to_owned())
+}
+
+/// The sort-key range of a log query, both ends included.
+fn log_bounds(query: &LogQuery) -> (String, String) {
+    (
+        format!("LOG#{}", query.from),
+        format!("LOG#{}\u{10FFFF}", query.to),
+    )
 }
 
 impl Store {
@@ -274,7 +292,7 @@ impl Store {
         let start_key = match query
             .cursor
             .as_deref()
-            .map(|c| decode_log_cursor(c, id, model))
+            .map(|c| decode_log_cursor(c, id, query))
         {
             Some(Ok(after)) => {
                 let mut start = Item::from([
@@ -290,8 +308,7 @@ impl Store {
             Some(Err(bad)) => return Ok(Err(bad)),
             None => None,
         };
-        let low = format!("LOG#{}", query.from);
-        let high = format!("LOG#{}\u{10FFFF}", query.to);
+        let (low, high) = log_bounds(query);
         let limit = i32::try_from(query.limit + 1).unwrap_or(i32::MAX);
         let request = self.client.query().table_name(self.table());
         let request = match model {
@@ -319,7 +336,7 @@ impl Store {
         let next = if rows.len() > query.limit {
             rows.truncate(query.limit);
             rows.last()
-                .map(|(sort_key, _)| encode_log_cursor(id, model, sort_key))
+                .map(|(sort_key, _)| encode_log_cursor(id, query, sort_key))
         } else {
             None
         };
@@ -451,18 +468,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_cursor_is_bound_to_its_key_and_model() {
+    fn log_cursor_is_bound_to_its_key_model_and_range() {
         let key = KeyId::parse("abcdefABCDEF").unwrap();
         let other = KeyId::parse("zzzzzzZZZZZZ").unwrap();
-        let cursor = encode_log_cursor(&key, Some("m"), "LOG#2026#r");
-        assert_eq!(
-            decode_log_cursor(&cursor, &key, Some("m")).unwrap(),
-            "LOG#2026#r"
-        );
-        assert!(decode_log_cursor(&cursor, &other, Some("m")).is_err());
-        assert!(decode_log_cursor(&cursor, &key, None).is_err());
-        assert!(decode_log_cursor("garbage!", &key, None).is_err());
-        let forged = encode_log_cursor(&key, None, "KEY#zzzzzzZZZZZZ");
-        assert!(decode_log_cursor(&forged, &key, None).is_err());
+        let query = LogQuery {
+            from: "2026-01-01T00:00:00.000Z".into(),
+            to: "2026-12-31T23:59:59.999Z".into(),
+            model: Some("m".into()),
+            limit: 10,
+            cursor: None,
+        };
+        let inside = "LOG#2026-06-01T00:00:00.000Z#r";
+        let cursor = encode_log_cursor(&key, &query, inside);
+        assert_eq!(decode_log_cursor(&cursor, &key, &query).unwrap(), inside);
+        assert!(decode_log_cursor(&cursor, &other, &query).is_err());
+        let unfiltered = LogQuery {
+            model: None,
+            ..query.clone()
+        };
+        assert!(decode_log_cursor(&cursor, &key, &unfiltered).is_err());
+        let narrower = LogQuery {
+            to: "2026-02-01T00:00:00.000Z".into(),
+            ..query.clone()
+        };
+        assert!(decode_log_cursor(&cursor, &key, &narrower).is_err());
+        assert!(decode_log_cursor("garbage!", &key, &query).is_err());
+        let outside = encode_log_cursor(&key, &query, "LOG#2030-01-01T00:00:00.000Z#r");
+        assert!(decode_log_cursor(&outside, &key, &query).is_err());
+        let forged = encode_log_cursor(&key, &query, "KEY#zzzzzzZZZZZZ");
+        assert!(decode_log_cursor(&forged, &key, &query).is_err());
     }
 }

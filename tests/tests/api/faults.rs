@@ -123,8 +123,10 @@ async fn send(app: &TestApp, key: &str, stream: bool) -> reqwest::Response {
 #[tokio::test]
 async fn database_outage_mid_run_fails_cleanly_and_loses_nothing() {
     let dynamo = PrivateDynamo::start().unwrap();
-    let mut options = AppOptions::default();
-    options.dynamodb_endpoint = Some(dynamo.endpoint());
+    let mut options = AppOptions {
+        dynamodb_endpoint: Some(dynamo.endpoint()),
+        ..AppOptions::default()
+    };
     options.proxy.settle_inline = Duration::from_millis(300);
     options.proxy.settle_background = Duration::from_secs(120);
     let app = spawn_app_with(options).await.unwrap();

@@ -8,3 +8,4 @@
 mod admin;
 mod faults;
 mod proxy;
+mod usage;
