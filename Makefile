@@ -89,7 +89,7 @@ unit: ## Unit tests only (lib and bin targets; no emulators)
 # failing step's.
 test: lint venv ## lint, then all Rust tests and tests/python against DynamoDB Local + moto
 	if cargo nextest --version >/dev/null 2>&1; then
-	  build=(cargo nextest run --workspace --no-fail-fast --no-run)
+	  build=(cargo nextest run --workspace --no-run)
 	  run=(cargo nextest run --workspace --no-fail-fast)
 	else
 	  build=(cargo test --workspace --no-run)
