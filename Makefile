@@ -25,7 +25,7 @@ VENV_STAMP := $(VENV)/.installed
 LOCAL_STATE := $(abspath .cache/run-local)
 TEST_STATE := $(abspath .cache/run-test)
 
-.PHONY: help venv tools dynamodb local test unit build lint clean-cache
+.PHONY: help venv tools dynamodb local test unit build lint clean-cache validate deploy
 
 help: ## List targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z_-]+:.*## / { printf "  make %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -86,8 +86,11 @@ unit: ## Unit tests only (lib and bin targets; no emulators)
 # Tests are compiled before the emulators start, so a compile error fails
 # fast and the JVM does not start while rustc holds both cores. Both
 # emulators are stopped by PID on any exit, and the exit code is the first
-# failing step's.
-test: lint venv ## lint, then all Rust tests and tests/python against DynamoDB Local + moto
+# failing step's. `validate` and `build` come first: a template that does not
+# lint, or Lambda binaries that do not build for arm64, fail CI too (the
+# arm64 release build takes minutes after a change, seconds when nothing
+# changed).
+test: lint venv validate build ## lint, sam validate --lint, the arm64 Lambda build, then all Rust tests and tests/python against DynamoDB Local + moto
 	if cargo nextest --version >/dev/null 2>&1; then
 	  build=(cargo nextest run --workspace --no-run)
 	  run=(cargo nextest run --workspace --no-fail-fast)
@@ -120,6 +123,22 @@ build: tools ## Release Lambda builds into target/lambda-arm64/ (cargo lambda + 
 	# (`python3 -m ziglang`), through the venv's bin dir on PATH.
 	PATH="$(VENV_ABS)/bin:$$PATH" cargo lambda build --release --$(LAMBDA_ARCH) \
 	  --lambda-dir target/lambda-$(LAMBDA_ARCH) $(addprefix -p ,$(LAMBDA_PACKAGES))
+
+# SAM transforms template.yaml locally and cfn-lint checks the result: no
+# AWS credentials and no network, only a Region (kept if already set).
+validate: venv ## sam validate --lint template.yaml (no AWS credentials needed)
+	AWS_REGION="$${AWS_REGION:-us-east-1}" SAM_CLI_TELEMETRY=0 \
+	  $(VENV)/bin/sam validate --lint --template template.yaml
+
+# sam build runs `cargo lambda build --release --arm64 --bin relay-<fn>` per
+# function (BuildMethod rust-cargolambda, a SAM beta feature), finding
+# cargo-lambda and zig through the venv's bin dir on PATH, into .aws-sam/.
+# sam deploy --guided asks for the stack name, Region and parameters (the
+# first time; samconfig.toml keeps the answers) and needs AWS credentials.
+deploy: tools validate ## Build with SAM (cargo lambda, arm64) and deploy with `sam deploy --guided` (needs AWS credentials)
+	export PATH="$(VENV_ABS)/bin:$$PATH"
+	sam build --beta-features --template template.yaml
+	sam deploy --guided
 
 clean-cache: ## Stop emulators started from .cache and remove .cache (DynamoDB Local jar, run state)
 	shopt -s nullglob

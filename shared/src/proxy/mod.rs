@@ -238,7 +238,8 @@ async fn relay_inner(
     } else {
         None
     };
-    let record = match cached.filter(|r| r.secret_hash.matches(&key.hash())) {
+    let hash = key.hash();
+    let record = match cached.filter(|r| r.secret_hash.matches(&hash)) {
         Some(record) => record,
         None => {
             let record = state
@@ -246,7 +247,7 @@ async fn relay_inner(
                 .store
                 .get_key(key.id())
                 .await?
-                .filter(|r| r.secret_hash.matches(&key.hash()))
+                .filter(|r| r.secret_hash.matches(&hash))
                 .ok_or_else(invalid_key)?;
             Arc::new(record)
         }
@@ -260,7 +261,7 @@ async fn relay_inner(
             .store
             .admit(
                 key.id(),
-                &key.hash(),
+                &hash,
                 tier.requests,
                 tier.period,
                 at,

@@ -7,5 +7,7 @@
 
 mod admin;
 mod faults;
+mod lambda_events;
 mod proxy;
+mod template;
 mod usage;
