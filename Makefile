@@ -147,3 +147,20 @@ clean-cache: ## Stop emulators started from .cache and remove .cache (DynamoDB L
 	  RELAY_STATE_DIR="$$dir" infra/dynamodb-local.sh stop 2>/dev/null || true
 	done
 	rm -rf .cache
+
+# Short fuzzing runs: cargo-fuzz (crates.io) on the nightly toolchain, both
+# installed if missing. Each target starts from the seeds in fuzz/seeds/ and
+# runs FUZZ_SECONDS; a crash stops the run and lands in fuzz/artifacts/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := sse_usage key_parse usage_extract
+
+.PHONY: fuzz
+fuzz: ## Fuzz the SSE parser, key parser and usage extractor (FUZZ_SECONDS each)
+	rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+	command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	cd fuzz
+	for target in $(FUZZ_TARGETS); do
+	  mkdir -p corpus/$$target
+	  cargo +nightly fuzz run -O $$target corpus/$$target seeds/$$target -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+	done

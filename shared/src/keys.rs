@@ -55,7 +55,8 @@ impl SecretHash {
     }
 
     pub fn from_hex(hex: &str) -> Option<SecretHash> {
-        if hex.len() != 64 {
+        // `from_str_radix` alone would take "+e" as a byte (found by fuzzing).
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         let mut bytes = [0u8; 32];
@@ -215,6 +216,8 @@ mod tests {
         let hash = key.hash();
         assert!(SecretHash::from_hex(&hash.to_hex()).unwrap().matches(&hash));
         assert!(SecretHash::from_hex("zz").is_none());
+        let signed = format!("9eeeeeeeeeee+e{}", "e".repeat(50));
+        assert!(SecretHash::from_hex(&signed).is_none());
         let debug = format!("{key:?} {hash:?}");
         assert!(!debug.contains(&key.expose()[KEY_PREFIX.len() + ID_LEN..]));
     }
