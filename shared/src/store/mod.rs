@@ -67,6 +67,28 @@ where
     }
 }
 
+/// Every item a query matches, page after page. Only for result sets known
+/// to be small (tiers, one key's aggregates, one day's keys, all keys).
+pub(crate) async fn query_all(
+    query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+) -> Result<Vec<item::Item>, StoreError> {
+    let mut items = Vec::new();
+    let mut start_key = None;
+    loop {
+        let output = query
+            .clone()
+            .set_exclusive_start_key(start_key)
+            .send()
+            .await
+            .map_err(classify)?;
+        items.extend(output.items.unwrap_or_default());
+        start_key = output.last_evaluated_key;
+        if start_key.is_none() {
+            return Ok(items);
+        }
+    }
+}
+
 /// Short timeouts: a request waiting on a dead database should fail fast
 /// with a 503, not hang.
 pub fn timeouts() -> aws_config::timeout::TimeoutConfig {
@@ -151,6 +173,22 @@ impl Store {
     /// Creates the table from template.yaml's definition if it is missing.
     pub async fn ensure_table(&self) -> Result<(), StoreError> {
         schema::create_table(&self.client, &self.table).await
+    }
+
+    /// Every item of one `gsi1` partition (see [`query_all`]).
+    pub(crate) async fn index_partition(
+        &self,
+        partition: String,
+    ) -> Result<Vec<item::Item>, StoreError> {
+        query_all(
+            self.client
+                .query()
+                .table_name(self.table())
+                .index_name(GSI1)
+                .key_condition_expression("gsi1pk = :p")
+                .expression_attribute_values(":p", item::s(partition)),
+        )
+        .await
     }
 
     /// A cheap read that proves the table is reachable (health checks).

@@ -2,7 +2,7 @@
 //! until an admin stores one of the same name.
 
 use super::item::{Item, get_n, get_s, n, opt_n, s};
-use super::{GSI1, Store, StoreError, classify};
+use super::{Store, StoreError, classify};
 use crate::domain::tier::{Tier, builtin_tiers};
 
 const TIERS_PARTITION: &str = "TIERS";
@@ -39,31 +39,13 @@ impl Store {
     }
 
     /// Every tier, built-in ones included, sorted by name. Tiers are few (an
-    /// admin creates them by hand), so one page of the index holds them all.
+    /// admin creates them by hand).
     pub async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
         let mut tiers = builtin_tiers();
-        let mut start_key = None;
-        loop {
-            let output = self
-                .client
-                .query()
-                .table_name(self.table())
-                .index_name(GSI1)
-                .key_condition_expression("gsi1pk = :p")
-                .expression_attribute_values(":p", s(TIERS_PARTITION))
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(classify)?;
-            for item in output.items() {
-                let stored = Tier::try_from(item)?;
-                tiers.retain(|t| t.name != stored.name);
-                tiers.push(stored);
-            }
-            start_key = output.last_evaluated_key;
-            if start_key.is_none() {
-                break;
-            }
+        for item in self.index_partition(TIERS_PARTITION.to_owned()).await? {
+            let stored = Tier::try_from(&item)?;
+            tiers.retain(|t| t.name != stored.name);
+            tiers.push(stored);
         }
         tiers.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(tiers)

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::item::{Item, get_n, get_s, opt_n, opt_s, s};
 use super::keys::key_pk;
 use super::proxy::log_model_partition;
-use super::{GSI1, Store, StoreError, classify};
+use super::{GSI1, Store, StoreError, classify, query_all};
 use crate::domain::key::ApiKeyRecord;
 use crate::keys::KeyId;
 
@@ -66,6 +66,20 @@ pub struct KeyUsage {
     pub totals: UsageTotals,
     pub first_used_at: Option<String>,
     pub last_used_at: Option<String>,
+}
+
+impl TryFrom<&Item> for KeyUsage {
+    type Error = StoreError;
+
+    /// A key item carries its record and its counters together.
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        Ok(KeyUsage {
+            key: ApiKeyRecord::try_from(item)?,
+            totals: UsageTotals::from_item(item)?,
+            first_used_at: opt_s(item, "first_used_at")?.map(str::to_owned),
+            last_used_at: opt_s(item, "last_used_at")?.map(str::to_owned),
+        })
+    }
 }
 
 /// One usage-log row, as the proxy recorded it.
@@ -197,15 +211,7 @@ impl Store {
             .send()
             .await
             .map_err(classify)?;
-        let Some(item) = output.item else {
-            return Ok(None);
-        };
-        Ok(Some(KeyUsage {
-            key: ApiKeyRecord::try_from(&item)?,
-            totals: UsageTotals::from_item(&item)?,
-            first_used_at: opt_s(&item, "first_used_at")?.map(str::to_owned),
-            last_used_at: opt_s(&item, "last_used_at")?.map(str::to_owned),
-        }))
+        output.item.as_ref().map(KeyUsage::try_from).transpose()
     }
 
     /// Lifetime totals per model, by model name.
@@ -256,27 +262,16 @@ impl Store {
         low: &str,
         high: &str,
     ) -> Result<Vec<Item>, StoreError> {
-        let mut items = Vec::new();
-        let mut start_key = None;
-        loop {
-            let output = self
-                .client
+        query_all(
+            self.client
                 .query()
                 .table_name(self.table())
                 .key_condition_expression("pk = :pk AND sk BETWEEN :low AND :high")
                 .expression_attribute_values(":pk", s(key_pk(id)))
                 .expression_attribute_values(":low", s(low))
-                .expression_attribute_values(":high", s(high))
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(classify)?;
-            items.extend(output.items.unwrap_or_default());
-            start_key = output.last_evaluated_key;
-            if start_key.is_none() {
-                return Ok(items);
-            }
-        }
+                .expression_attribute_values(":high", s(high)),
+        )
+        .await
     }
 
     /// One page of logs, newest first, and the cursor of the next page.
@@ -349,31 +344,16 @@ impl Store {
         &self,
         day: &str,
     ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
-        let mut rows = Vec::new();
-        let mut start_key = None;
-        loop {
-            let output = self
-                .client
-                .query()
-                .table_name(self.table())
-                .index_name(GSI1)
-                .key_condition_expression("gsi1pk = :p")
-                .expression_attribute_values(":p", s(format!("DAY#{day}")))
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(classify)?;
-            for item in output.items() {
-                rows.push((
+        self.index_partition(format!("DAY#{day}"))
+            .await?
+            .iter()
+            .map(|item| {
+                Ok((
                     get_s(item, "key_id")?.to_owned(),
                     UsageTotals::from_item(item)?,
-                ));
-            }
-            start_key = output.last_evaluated_key;
-            if start_key.is_none() {
-                return Ok(rows);
-            }
-        }
+                ))
+            })
+            .collect()
     }
 
     /// Names of these keys (deleted ones are absent), in batches of 100.
@@ -433,33 +413,11 @@ impl Store {
     /// Every key with its lifetime totals, page by page through the key
     /// listing index (for metrics exposition).
     pub async fn all_key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
-        let mut keys = Vec::new();
-        let mut start_key = None;
-        loop {
-            let output = self
-                .client
-                .query()
-                .table_name(self.table())
-                .index_name(GSI1)
-                .key_condition_expression("gsi1pk = :p")
-                .expression_attribute_values(":p", s("KEYS"))
-                .set_exclusive_start_key(start_key)
-                .send()
-                .await
-                .map_err(classify)?;
-            for item in output.items() {
-                keys.push(KeyUsage {
-                    key: ApiKeyRecord::try_from(item)?,
-                    totals: UsageTotals::from_item(item)?,
-                    first_used_at: opt_s(item, "first_used_at")?.map(str::to_owned),
-                    last_used_at: opt_s(item, "last_used_at")?.map(str::to_owned),
-                });
-            }
-            start_key = output.last_evaluated_key;
-            if start_key.is_none() {
-                return Ok(keys);
-            }
-        }
+        self.index_partition("KEYS".to_owned())
+            .await?
+            .iter()
+            .map(KeyUsage::try_from)
+            .collect()
     }
 }
 
