@@ -164,3 +164,39 @@ fuzz: ## Fuzz the SSE parser, key parser and usage extractor (FUZZ_SECONDS each)
 	  cargo +nightly fuzz run -O $$target corpus/$$target seeds/$$target -- \
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 	done
+
+
+# --- Benchmarks -------------------------------------------------------------
+BENCH_STATE := $(abspath .cache/run-bench)
+
+.PHONY: bench bench-tools
+
+bench-tools: ## wrk (Debian's package) and DynamoDB Local, for make bench
+	if ! command -v wrk >/dev/null 2>&1; then
+	  sudo=()
+	  if (( EUID != 0 )); then sudo=(sudo); fi
+	  export DEBIAN_FRONTEND=noninteractive
+	  "$${sudo[@]}" apt-get install -y --no-install-recommends wrk \
+	    || { "$${sudo[@]}" apt-get update && "$${sudo[@]}" apt-get install -y --no-install-recommends wrk; } \
+	    || { echo "error: could not install wrk (apt-get install wrk)" >&2; exit 1; }
+	fi
+	infra/dynamodb-local.sh install
+
+# Release builds (LTO: the first build takes minutes), the criterion
+# micro-benchmarks (short), then relay-bench: it starts DynamoDB Local in
+# .cache/run-bench, the fake upstreams and relay-local on free 127.0.0.1
+# ports, runs every phase and prints the markdown table (also written to
+# .cache/run-bench/report.md). BENCH_ARGS passes options (--reps N, --quick).
+bench: bench-tools ## Benchmark the relay against the fake upstream on DynamoDB Local; prints a markdown table
+	# One package per build, so each binary gets exactly its own features.
+	cargo build --release -p relay-local
+	cargo build --release -p relay-tests --bin fake-upstream
+	cargo build --release -p relay-bench
+	cargo bench -p relay-shared --bench sse_usage --bench key_verify --bench admission \
+	  -- --warm-up-time 1 --measurement-time 3
+	# relay-bench stops DynamoDB Local itself; the trap covers a kill.
+	export RELAY_STATE_DIR="$(BENCH_STATE)"
+	trap 'rc=$$?; infra/dynamodb-local.sh stop >/dev/null 2>&1 || true; exit $$rc' EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+	target/release/relay-bench --state-dir "$(BENCH_STATE)" $(BENCH_ARGS)

@@ -61,10 +61,27 @@ async fn main() -> anyhow::Result<()> {
         services.proxy_state(UpstreamConfig::from_env()?, ProxyConfig::from_env()?)?;
     // The same routers the Lambda functions serve; the proxy's fallback
     // takes every path the others do not claim, as API Gateway routes them.
-    let app = http::admin::routes(services.admin_state(admin.clone()))
+    let mut app = http::admin::routes(services.admin_state(admin.clone()))
         .merge(http::usage::routes(services.usage_state()))
         .merge(http::health::routes(services.health_state()))
         .merge(proxy::router(proxy_state));
+    // `make bench` counts DynamoDB calls per request here; off unless asked
+    // for, and never part of the Lambda routers.
+    if env("RELAY_DEBUG_STATS").as_deref() == Some("1") {
+        let store = services.store.clone();
+        app = app.merge(axum::Router::new().route(
+            "/__relay/stats",
+            axum::routing::get(move || {
+                let round_trips = store.round_trips();
+                async move {
+                    (
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        format!("{{\"dynamodb_round_trips\":{round_trips}}}"),
+                    )
+                }
+            }),
+        ));
+    }
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("binding 127.0.0.1:{port}"))?;

@@ -1,0 +1,75 @@
+//! The admission decision without I/O: `check_access` on a key record with
+//! IP, origin and model allowlists, for a request that passes every rule
+//! (the common case, and the one that evaluates them all).
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use ipnet::IpNet;
+use relay_shared::domain::access::{RequestFacts, check_access};
+use relay_shared::domain::key::ApiKeyRecord;
+use relay_shared::keys::PresentedKey;
+use time::{Duration, OffsetDateTime};
+
+fn record() -> ApiKeyRecord {
+    let key = PresentedKey::generate();
+    let now = OffsetDateTime::now_utc();
+    let nets = [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "2001:db8::/32",
+        "203.0.113.0/24",
+        "198.51.100.7/32",
+        "127.0.0.0/8",
+    ];
+    ApiKeyRecord {
+        id: key.id().clone(),
+        name: "bench".into(),
+        description: None,
+        prefix: "sk-proxy-".into(),
+        secret_hash: key.hash(),
+        is_active: true,
+        created_at: now,
+        updated_at: now,
+        expires_at: Some(now + Duration::days(365)),
+        token_limit: Some(50_000_000),
+        tokens_used: 1_234_567,
+        rate_limit_tier: "premium".into(),
+        allowed_ips: nets
+            .iter()
+            .filter_map(|n| n.parse::<IpNet>().ok())
+            .collect(),
+        allowed_origins: vec![
+            "https://claude.ai".into(),
+            "internal.corp.example".into(),
+            "*.example.com".into(),
+        ],
+        allowed_models: vec![
+            "claude-opus-4-1".into(),
+            "claude-haiku-*".into(),
+            "claude-sonnet-*".into(),
+        ],
+        rate_window: Some((1_700_000_000, 17)),
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let record = record();
+    assert_eq!(record.allowed_ips.len(), 6, "every CIDR must parse");
+    let facts = RequestFacts {
+        // Matches the last CIDR, so every entry before it is tried.
+        ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        origin: Some("https://app.example.com"),
+        model: Some("claude-sonnet-4-5-20250929"),
+        names_model: true,
+    };
+    let now = OffsetDateTime::now_utc();
+    assert!(check_access(&record, &facts, now).is_ok());
+    c.bench_function("check_access/allowlists_pass", |b| {
+        b.iter(|| black_box(check_access(black_box(&record), black_box(&facts), now).is_ok()));
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
