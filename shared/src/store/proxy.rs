@@ -3,6 +3,7 @@
 //! window together) and settlement (one idempotent transaction recording
 //! the usage log, the key's counters and the aggregates).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
@@ -431,21 +432,16 @@ impl Store {
                 "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
             );
             values.insert(":at".into(), s(&at));
-            items.push(
-                TransactWriteItem::builder()
-                    .update(
-                        Update::builder()
-                            .table_name(self.table())
-                            .key("pk", s(&pk))
-                            .key("sk", s("META"))
-                            .update_expression(expression)
-                            .condition_expression("attribute_exists(pk)")
-                            .set_expression_attribute_values(Some(values))
-                            .build()
-                            .map_err(build)?,
-                    )
-                    .build(),
-            );
+            // The key may have been deleted meanwhile: then this item fails
+            // its condition and settle retries without it.
+            items.push(self.counters_item(
+                &pk,
+                "META".into(),
+                expression,
+                values,
+                None,
+                Some("attribute_exists(pk)"),
+            )?);
         }
 
         // The day item is also indexed by day, for the all-keys admin view.
@@ -459,21 +455,15 @@ impl Store {
         values.insert(":kid".into(), s(record.key_id.as_str()));
         values.insert(":day".into(), s(&day));
         values.insert(":at".into(), s(&at));
-        items.push(
-            TransactWriteItem::builder()
-                .update(
-                    Update::builder()
-                        .table_name(self.table())
-                        .key("pk", s(&pk))
-                        .key("sk", s(format!("DAY#{day}")))
-                        .update_expression(expression)
-                        .expression_attribute_names("#day", "day")
-                        .set_expression_attribute_values(Some(values))
-                        .build()
-                        .map_err(build)?,
-                )
-                .build(),
-        );
+        let day_name = Some(HashMap::from([("#day".to_owned(), "day".to_owned())]));
+        items.push(self.counters_item(
+            &pk,
+            format!("DAY#{day}"),
+            expression,
+            values,
+            day_name,
+            None,
+        )?);
 
         let model = record.model.as_deref().unwrap_or("unknown");
         let (expression, mut values) = counters_update(
@@ -483,20 +473,37 @@ impl Store {
         );
         values.insert(":model".into(), s(model));
         values.insert(":at".into(), s(&at));
-        items.push(
-            TransactWriteItem::builder()
-                .update(
-                    Update::builder()
-                        .table_name(self.table())
-                        .key("pk", s(&pk))
-                        .key("sk", s(format!("MODEL#{model}")))
-                        .update_expression(expression)
-                        .set_expression_attribute_values(Some(values))
-                        .build()
-                        .map_err(build)?,
-                )
-                .build(),
-        );
+        items.push(self.counters_item(
+            &pk,
+            format!("MODEL#{model}"),
+            expression,
+            values,
+            None,
+            None,
+        )?);
         Ok(items)
+    }
+
+    /// One counters update of the settle transaction (key, day or model item).
+    fn counters_item(
+        &self,
+        pk: &str,
+        sk: String,
+        expression: String,
+        values: Item,
+        names: Option<HashMap<String, String>>,
+        condition: Option<&str>,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let update = Update::builder()
+            .table_name(self.table())
+            .key("pk", s(pk))
+            .key("sk", s(sk))
+            .update_expression(expression)
+            .set_condition_expression(condition.map(str::to_owned))
+            .set_expression_attribute_names(names)
+            .set_expression_attribute_values(Some(values))
+            .build()
+            .map_err(|e| StoreError::Unexpected(e.into()))?;
+        Ok(TransactWriteItem::builder().update(update).build())
     }
 }
