@@ -40,11 +40,15 @@ pub fn number(v: f64) -> String {
     }
 }
 
-fn cell(spread: Option<Spread>) -> String {
+fn cell(spread: Option<Spread>, decimals: Option<usize>) -> String {
+    let show = |v: f64| match decimals {
+        Some(d) => format!("{v:.d$}"),
+        None => number(v),
+    };
     match spread {
         None => "—".into(),
-        Some(s) if s.min == s.max => number(s.median),
-        Some(s) => format!("{} ({}–{})", number(s.median), number(s.min), number(s.max)),
+        Some(s) if s.min == s.max => show(s.median),
+        Some(s) => format!("{} ({}–{})", show(s.median), show(s.min), show(s.max)),
     }
 }
 
@@ -78,13 +82,15 @@ pub struct Row {
 
 impl Row {
     /// A row from figures: `relay` and `direct` name series (either may be
-    /// absent); the target applies to the relay column's median.
+    /// absent); the target applies to the relay column's median. `decimals`
+    /// fixes the precision (default: about three significant digits).
     pub fn of(
         figures: &Figures,
         measure: &str,
         relay: Option<&str>,
         direct: Option<&str>,
         target: Option<Target>,
+        decimals: Option<usize>,
     ) -> Row {
         let relay_spread = relay.and_then(|n| figures.spread(n));
         let (target_text, met) = match (target, relay_spread) {
@@ -94,8 +100,8 @@ impl Row {
         };
         Row {
             measure: measure.to_owned(),
-            relay: cell(relay_spread),
-            direct: cell(direct.and_then(|n| figures.spread(n))),
+            relay: cell(relay_spread, decimals),
+            direct: cell(direct.and_then(|n| figures.spread(n)), decimals),
             target: target_text,
             met: met.to_owned(),
         }
@@ -193,12 +199,13 @@ mod tests {
         for v in [3.0, 1.0, 2.0] {
             f.push("x", v);
         }
-        let row = Row::of(&f, "x", Some("x"), None, Some(Target::AtMost(2.5)));
+        let row = Row::of(&f, "x", Some("x"), None, Some(Target::AtMost(2.5)), None);
         assert_eq!(row.relay, "2.00 (1.00–3.00)");
         assert_eq!(row.direct, "—");
         assert_eq!((row.target.as_str(), row.met.as_str()), ("≤ 2.50", "yes"));
-        let missed = Row::of(&f, "x", Some("x"), None, Some(Target::AtMost(1.0)));
+        let missed = Row::of(&f, "x", Some("x"), None, Some(Target::AtMost(1.0)), Some(3));
         assert_eq!(missed.met, "**no**");
+        assert_eq!(missed.relay, "2.000 (1.000–3.000)");
     }
 
     #[test]

@@ -88,7 +88,7 @@ fn words(rng: &mut Rng, count: u64) -> String {
     text
 }
 
-/// About 80 KB of SSE, shaped like a Claude Code turn with extended
+/// About 90 KB of SSE, shaped like a Claude Code turn with extended
 /// thinking and a tool call.
 fn claude_code_stream() -> Vec<u8> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);

@@ -164,6 +164,10 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    // As relay-local: no Nagle delay on small final writes.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = tokio::spawn(async move {
         let _ = axum::serve(
             listener,

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use rand::distr::{Alphanumeric, SampleString};
 use relay_shared::bootstrap::Services;
 use relay_shared::config::{AdminConfig, CommonConfig};
@@ -107,6 +108,12 @@ async fn main() -> anyhow::Result<()> {
     stdout.flush()?;
     drop(stdout);
 
+    // Without TCP_NODELAY the small last write of a response (the chunked
+    // body's terminator, an SSE event) waits for the client's delayed ACK:
+    // make bench measured +40 ms per request and 27 ms SSE p99 from it.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
