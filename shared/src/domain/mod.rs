@@ -28,6 +28,12 @@ pub fn parse_timestamp(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &Rfc3339).ok()
 }
 
+/// Seconds since the Unix epoch (0 for earlier moments): rate windows,
+/// lockouts and TTLs count in these.
+pub fn epoch_seconds(at: OffsetDateTime) -> u64 {
+    at.unix_timestamp().max(0).unsigned_abs()
+}
+
 /// Wall-clock "now"; one place, so the store and the rules agree.
 pub fn now() -> OffsetDateTime {
     OffsetDateTime::now_utc()

@@ -15,16 +15,23 @@ pub struct Tier {
     pub tokens_per_minute: Option<u64>,
 }
 
+pub const DEFAULT_TIER: &str = "basic";
+
+/// The tier of keys that name none, or one that no longer exists.
+pub fn default_tier() -> Tier {
+    Tier {
+        name: DEFAULT_TIER.into(),
+        requests: 100,
+        period: 60,
+        tokens_per_minute: None,
+    }
+}
+
 /// Tiers that exist without anyone creating them; a stored tier of the same
 /// name overrides the built-in one.
 pub fn builtin_tiers() -> Vec<Tier> {
     vec![
-        Tier {
-            name: "basic".into(),
-            requests: 100,
-            period: 60,
-            tokens_per_minute: None,
-        },
+        default_tier(),
         Tier {
             name: "premium".into(),
             requests: 1000,
@@ -33,8 +40,6 @@ pub fn builtin_tiers() -> Vec<Tier> {
         },
     ]
 }
-
-pub const DEFAULT_TIER: &str = "basic";
 
 /// Body of `PUT /admin/tiers/{name}`.
 #[derive(Debug, Deserialize)]

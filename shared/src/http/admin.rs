@@ -83,7 +83,7 @@ impl From<SecretsError> for ApiError {
 }
 
 fn epoch_now() -> u64 {
-    domain::now().unix_timestamp().max(0).unsigned_abs()
+    domain::epoch_seconds(domain::now())
 }
 
 fn jwt_secret(secrets: &SecretValues) -> Result<&str, ApiError> {

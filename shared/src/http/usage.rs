@@ -13,8 +13,8 @@ use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 use super::key_auth::authenticate;
 use super::{ClientIp, QueryParams, not_found};
 use crate::domain::key::ApiKeyRecord;
-use crate::domain::tier::{DEFAULT_TIER, builtin_tiers, window_of};
-use crate::domain::{format_timestamp, now, parse_timestamp};
+use crate::domain::tier::window_of;
+use crate::domain::{epoch_seconds, format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
 use crate::keys::KeyId;
 use crate::store::Store;
@@ -283,14 +283,8 @@ pub async fn logs_view(store: &Store, id: &KeyId, params: LogParams) -> Result<V
 /// its current window, expiry and status.
 pub async fn quota_view(store: &Store, id: &KeyId) -> Result<Value, ApiError> {
     let key = store.get_key(id).await?.ok_or_else(|| no_such_key(id))?;
-    let tier = match store.get_tier(&key.rate_limit_tier).await? {
-        Some(tier) => tier,
-        None => builtin_tiers()
-            .into_iter()
-            .find(|t| t.name == DEFAULT_TIER)
-            .ok_or_else(|| ApiError::internal(anyhow::anyhow!("no default tier")))?,
-    };
-    let epoch = now().unix_timestamp().max(0).unsigned_abs();
+    let tier = store.tier_in_force(&key.rate_limit_tier).await?;
+    let epoch = epoch_seconds(now());
     let (window, _) = window_of(epoch, tier.period);
     let used_in_window = match key.rate_window {
         Some((start, count)) if start == window => count,

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::config::{ConfigError, number};
 use crate::domain::access::{Refusal, RequestFacts, check_access};
 use crate::domain::key::ApiKeyRecord;
-use crate::domain::tier::{DEFAULT_TIER, Tier, builtin_tiers};
+use crate::domain::tier::Tier;
 use crate::domain::{self};
 use crate::error::ApiError;
 use crate::http::key_auth::{invalid_key, presented_key};
@@ -330,21 +330,12 @@ fn too_large(max: usize) -> ApiError {
     ))
 }
 
-/// The key's tier, from cache; an unknown tier name falls back to the default.
+/// The key's tier in force, from cache.
 async fn tier_of(state: &ProxyState, name: &str) -> Result<Tier, ApiError> {
     if let Some(tier) = state.0.tiers.get(&name.to_owned()) {
         return Ok(tier);
     }
-    let tier = match state.0.store.get_tier(name).await? {
-        Some(tier) => tier,
-        None => {
-            tracing::warn!(tier = name, "key names an unknown tier; using the default");
-            builtin_tiers()
-                .into_iter()
-                .find(|t| t.name == DEFAULT_TIER)
-                .ok_or_else(|| ApiError::internal(anyhow::anyhow!("no default tier")))?
-        }
-    };
+    let tier = state.0.store.tier_in_force(name).await?;
     state.0.tiers.insert(name.to_owned(), tier.clone());
     Ok(tier)
 }

@@ -68,7 +68,7 @@ impl Store {
         now: OffsetDateTime,
         last_seen_window: Option<u64>,
     ) -> Result<ApiKeyRecord, AdmissionError> {
-        let epoch = now.unix_timestamp().max(0).unsigned_abs();
+        let epoch = crate::domain::epoch_seconds(now);
         let (window, retry_after) = window_of(epoch, period);
         let mut step = if last_seen_window == Some(window) {
             WindowStep::Same(window)
@@ -344,7 +344,7 @@ impl Store {
         let at = format_timestamp(record.at);
         let day = day_of(record.at);
         let usage = &record.usage;
-        let expires = record.at.unix_timestamp().max(0).unsigned_abs() + retention.as_secs();
+        let expires = crate::domain::epoch_seconds(record.at) + retention.as_secs();
 
         let mut log = Item::from([
             ("pk".to_owned(), s(&pk)),

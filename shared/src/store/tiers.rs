@@ -3,7 +3,7 @@
 
 use super::item::{Item, get_n, get_s, n, opt_n, s};
 use super::{Store, StoreError, classify};
-use crate::domain::tier::{Tier, builtin_tiers};
+use crate::domain::tier::{Tier, builtin_tiers, default_tier};
 
 const TIERS_PARTITION: &str = "TIERS";
 
@@ -36,6 +36,19 @@ impl Store {
             Some(item) => Tier::try_from(item).map(Some),
             None => Ok(builtin_tiers().into_iter().find(|t| t.name == name)),
         }
+    }
+
+    /// The tier a key named `name` is held to: the stored or built-in one,
+    /// or the default if it no longer exists (tiers are never deleted, but
+    /// a key could have been written by hand).
+    pub async fn tier_in_force(&self, name: &str) -> Result<Tier, StoreError> {
+        Ok(match self.get_tier(name).await? {
+            Some(tier) => tier,
+            None => {
+                tracing::warn!(tier = name, "key names an unknown tier; using the default");
+                default_tier()
+            }
+        })
     }
 
     /// Every tier, built-in ones included, sorted by name. Tiers are few (an
