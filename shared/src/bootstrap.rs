@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::config::{AdminConfig, CommonConfig, ConfigError};
 use crate::http::admin::AdminState;
 use crate::http::health::HealthState;
-use crate::proxy::{ProxyConfig, ProxyState};
+use crate::proxy::{ProxyConfig, ProxyState, SettleTiming};
 use crate::secrets::Secrets;
 use crate::store::Store;
 use crate::upstream::{Upstream, UpstreamConfig};
@@ -52,9 +52,15 @@ impl Services {
         &self,
         upstream: UpstreamConfig,
         proxy: ProxyConfig,
+        settle_timing: SettleTiming,
     ) -> anyhow::Result<ProxyState> {
         let upstream = Upstream::new(upstream, self.secrets.clone())?;
-        Ok(ProxyState::new(self.store.clone(), upstream, proxy))
+        Ok(ProxyState::new(
+            self.store.clone(),
+            upstream,
+            proxy,
+            settle_timing,
+        ))
     }
 
     pub fn admin_state(&self, admin: AdminConfig) -> AdminState {

@@ -2,14 +2,22 @@
 //! turning API Gateway's request into the same request the local server
 //! hands the router, client address included.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use lambda_http::RequestExt;
 use lambda_http::request::RequestContext;
-use lambda_http::{RequestExt, tower::ServiceBuilder};
+use tower::{ServiceBuilder, ServiceExt};
 
 use crate::http::ClientIp;
+use crate::in_flight::{Busy, InFlight};
 
 /// The source address API Gateway saw (never a client header).
 fn source_ip(request: &lambda_http::Request) -> Option<IpAddr> {
@@ -39,20 +47,117 @@ pub fn into_router_request(request: lambda_http::Request) -> http::Request<Body>
 }
 
 /// Serves `router` with buffered responses (admin, usage).
-pub async fn run_buffered(router: Router) -> Result<(), lambda_http::Error> {
+pub async fn run_buffered(router: Router) -> Result<(), Error> {
     let service = ServiceBuilder::new()
         .map_request(into_router_request)
         .service(router);
     lambda_http::run(service).await
 }
 
+/// The settle extension's event loop, to run beside the runtime.
+pub type ExtensionLoop = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+/// How long after Lambda announces an invocation its handler must have
+/// begun before the extension stops waiting for it (one the runtime could
+/// not parse never begins). Handlers begin within milliseconds.
+const ANSWER_START_WITHIN: Duration = Duration::from_secs(2);
+
+/// Registers the internal "relay-settle" extension. Lambda freezes the
+/// environment only once the runtime *and* every extension ask for the next
+/// event; the extension asks only when the invocation's answer and the
+/// settlement it owes are done. So the client's answer ends first, and the
+/// settle transaction runs after it without being frozen mid-write.
+///
+/// Must run before the runtime's first poll. `None` (with a warning) where
+/// the Extensions API is missing: the proxy then settles before each answer
+/// ends instead.
+pub async fn register_settle_extension(in_flight: InFlight) -> Option<ExtensionLoop> {
+    let seen = Arc::new(AtomicU64::new(0));
+    let events = lambda_extension::service_fn(move |event: lambda_extension::LambdaEvent| {
+        let in_flight = in_flight.clone();
+        let seen = Arc::clone(&seen);
+        async move {
+            if let lambda_extension::NextEvent::Invoke(_) = event.next {
+                let done = in_flight
+                    .invocation_done(seen.load(Ordering::Relaxed), ANSWER_START_WITHIN)
+                    .await;
+                seen.store(done, Ordering::Relaxed);
+            }
+            Ok::<(), Error>(())
+        }
+    });
+    let registered = lambda_extension::Extension::new()
+        .with_extension_name("relay-settle")
+        .with_events(&["INVOKE"])
+        .with_events_processor(events)
+        .register()
+        .await;
+    match registered {
+        Ok(extension) => {
+            tracing::info!("settle extension registered: usage is settled after each answer ends");
+            Some(Box::pin(extension.run()))
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "no settle extension: usage is settled before each answer ends");
+            None
+        }
+    }
+}
+
+/// A response body that counts as an answer in flight until it is dropped
+/// (the runtime drops it once streamed, or when the stream fails).
+struct AnswerBody {
+    body: Body,
+    _answer: Busy,
+}
+
+impl http_body::Body for AnswerBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Serves `router` with streamed responses (proxy): bytes reach API Gateway
-/// as the upstream produces them.
-pub async fn run_streaming(router: Router) -> Result<(), lambda_http::Error> {
-    let service = ServiceBuilder::new()
-        .map_request(into_router_request)
-        .service(router);
-    lambda_http::run_with_streaming_response(service).await
+/// as the upstream produces them. With the settle extension, each answer
+/// is counted in `in_flight` from the moment its request arrives until its
+/// body is gone, which is what the extension waits for.
+pub async fn run_streaming(
+    router: Router,
+    settle_extension: Option<(ExtensionLoop, InFlight)>,
+) -> Result<(), Error> {
+    let Some((extension, in_flight)) = settle_extension else {
+        let service = ServiceBuilder::new()
+            .map_request(into_router_request)
+            .service(router);
+        return lambda_http::run_with_streaming_response(service).await;
+    };
+    let service = tower::service_fn(move |request: lambda_http::Request| {
+        let answer = in_flight.answer();
+        let call = router.clone().oneshot(into_router_request(request));
+        async move {
+            let response = call.await?;
+            Ok::<_, Infallible>(response.map(|body| AnswerBody {
+                body,
+                _answer: answer,
+            }))
+        }
+    });
+    let runtime = lambda_http::run_with_streaming_response(service);
+    tokio::try_join!(extension, runtime).map(|_| ())
 }
 
 pub use lambda_http::Error;

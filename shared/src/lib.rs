@@ -7,6 +7,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod in_flight;
 pub mod keys;
 pub mod lambda;
 pub mod metrics;

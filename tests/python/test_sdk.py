@@ -10,7 +10,10 @@ import boto3
 MODEL = "claude-haiku-5-5"
 
 
-def usage_logs(relay, key_id):
+def usage_logs(relay, key_id, expected):
+    """The key's usage log once `expected` items are there: the relay
+    settles each answer just after it ends, in one transaction with the
+    key's counters."""
     table = boto3.resource(
         "dynamodb", endpoint_url=relay["dynamodb"], region_name="us-east-1"
     ).Table(relay["table"])
@@ -22,7 +25,7 @@ def usage_logs(relay, key_id):
             KeyConditionExpression=Key("pk").eq(f"KEY#{key_id}") & Key("sk").begins_with("LOG#"),
             ConsistentRead=True,
         )["Items"]
-        if items or time.monotonic() > deadline:
+        if len(items) >= expected or time.monotonic() > deadline:
             return items
         time.sleep(0.1)
 
@@ -56,7 +59,7 @@ def test_sdk_streams_and_non_streams_with_bearer_and_usage_lands_exactly(relay, 
     counted = client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     assert counted.input_tokens >= 0
 
-    logs = usage_logs(relay, created["id"])
+    logs = usage_logs(relay, created["id"], 2)
     assert len(logs) == 2, "two messages billed; count_tokens is free"
     by_stream = {bool(log["stream"]): log for log in logs}
     for message, log in ((streamed, by_stream[True]), (plain, by_stream[False])):
@@ -73,6 +76,7 @@ def test_sdk_with_x_api_key_and_a_refused_key(relay, admin):
     client = anthropic.Anthropic(base_url=relay["base"], api_key=created["api_key"], max_retries=2)
     first = client.messages.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert first.usage.output_tokens == 3
+    assert len(usage_logs(relay, created["id"], 1)) == 1
 
     # The quota is now spent: the SDK surfaces a 429 and, told not to, does not retry.
     try:

@@ -3,16 +3,20 @@
 //! own fake upstream, so every test starts from nothing and tests run in
 //! parallel.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::OnceLock;
+use std::task::{self, Poll, ready};
 use std::time::Duration;
 
 use anyhow::Context;
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use relay_shared::config::AdminConfig;
 use relay_shared::http;
+use relay_shared::in_flight::InFlight;
 use relay_shared::keys::KeyId;
-use relay_shared::proxy::{self, ProxyConfig, ProxyState};
+use relay_shared::proxy::{self, ProxyConfig, ProxyState, SettleTiming};
 use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::store::Store;
 use relay_shared::upstream::{Upstream, UpstreamConfig};
@@ -63,6 +67,11 @@ pub struct AppOptions {
     pub secrets: Option<Secrets>,
     /// A DynamoDB other than the shared one `make test` started.
     pub dynamodb_endpoint: Option<String>,
+    /// Usage is settled after each answer ends (as relay-local does); most
+    /// tests read usage right after an answer, so by default each body's
+    /// end is held back until the settlements running then are done.
+    /// Tests of the ordering itself turn this off.
+    pub hold_answers_until_settled: bool,
 }
 
 impl Default for AppOptions {
@@ -90,6 +99,7 @@ impl Default for AppOptions {
             },
             secrets: None,
             dynamodb_endpoint: None,
+            hold_answers_until_settled: true,
         }
     }
 }
@@ -101,6 +111,8 @@ pub struct TestApp {
     pub upstream: FakeUpstream,
     pub http: reqwest::Client,
     pub jwt_secret: String,
+    /// The settlements still running after their answers ended.
+    pub in_flight: InFlight,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -137,10 +149,12 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     });
     let mut upstream_config = options.upstream.clone();
     upstream_config.base_url = upstream.base_url();
+    let in_flight = InFlight::new();
     let proxy_state = ProxyState::new(
         store.clone(),
         Upstream::new(upstream_config, secrets.clone())?,
         options.proxy.clone(),
+        SettleTiming::AfterAnswerEnds(in_flight.clone()),
     );
     let admin_state = http::admin::AdminState {
         store: store.clone(),
@@ -157,10 +171,16 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     let usage_state = http::usage::UsageState {
         store: store.clone(),
     };
-    let app = http::admin::routes(admin_state)
+    let mut app = http::admin::routes(admin_state)
         .merge(http::usage::routes(usage_state))
         .merge(http::health::routes(health_state))
         .merge(proxy::router(proxy_state));
+    if options.hold_answers_until_settled {
+        app = app.layer(axum::middleware::from_fn_with_state(
+            in_flight.clone(),
+            hold_until_settled,
+        ));
+    }
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -184,6 +204,7 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
             .timeout(Duration::from_secs(60))
             .build()?,
         jwt_secret,
+        in_flight,
         server,
     })
 }
@@ -308,4 +329,57 @@ pub fn text<'a>(
     item.get(name)
         .and_then(|v| v.as_s().ok())
         .map(String::as_str)
+}
+
+/// Ends each answer's body only once no settlement is running, so a test
+/// that has read an answer whole can read its usage at once.
+async fn hold_until_settled(
+    axum::extract::State(in_flight): axum::extract::State<InFlight>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    next.run(request).await.map(|body| {
+        axum::body::Body::new(HeldUntilSettled {
+            body,
+            in_flight,
+            body_ended: false,
+            settled: None,
+        })
+    })
+}
+
+/// A body whose end (never its bytes or length) waits for `InFlight::idle`.
+struct HeldUntilSettled {
+    body: axum::body::Body,
+    in_flight: InFlight,
+    body_ended: bool,
+    settled: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl http_body::Body for HeldUntilSettled {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        if !this.body_ended {
+            match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                Some(frame) => return Poll::Ready(Some(frame)),
+                None => this.body_ended = true,
+            }
+        }
+        let in_flight = this.in_flight.clone();
+        let settled = this
+            .settled
+            .get_or_insert_with(|| Box::pin(async move { in_flight.idle().await }));
+        ready!(settled.as_mut().poll(cx));
+        Poll::Ready(None)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }

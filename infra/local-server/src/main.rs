@@ -10,10 +10,14 @@ use axum::serve::ListenerExt;
 use rand::distr::{Alphanumeric, SampleString};
 use relay_shared::bootstrap::Services;
 use relay_shared::config::{AdminConfig, CommonConfig};
-use relay_shared::proxy::{self, ProxyConfig};
+use relay_shared::in_flight::InFlight;
+use relay_shared::proxy::{self, ProxyConfig, SettleTiming};
 use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::upstream::UpstreamConfig;
 use relay_shared::{admin_auth, http, telemetry};
+
+/// How long a stopping server waits for settlements still running.
+const SHUTDOWN_SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -58,8 +62,14 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("creating the table in DynamoDB Local")?;
 
-    let proxy_state =
-        services.proxy_state(UpstreamConfig::from_env()?, ProxyConfig::from_env()?)?;
+    // A long-lived process: usage is settled after each answer ends, and
+    // shutdown waits for the settlements still running.
+    let in_flight = InFlight::new();
+    let proxy_state = services.proxy_state(
+        UpstreamConfig::from_env()?,
+        ProxyConfig::from_env()?,
+        SettleTiming::AfterAnswerEnds(in_flight.clone()),
+    )?;
     // The same routers the Lambda functions serve; the proxy's fallback
     // takes every path the others do not claim, as API Gateway routes them.
     let mut app = http::admin::routes(services.admin_state(admin.clone()))
@@ -122,5 +132,11 @@ async fn main() -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
+    if tokio::time::timeout(SHUTDOWN_SETTLE_WAIT, in_flight.idle())
+        .await
+        .is_err()
+    {
+        tracing::error!("stopped with usage settlements still running");
+    }
     Ok(())
 }

@@ -23,6 +23,7 @@ use crate::domain::{self};
 use crate::error::ApiError;
 use crate::http::key_auth::{invalid_key, presented_key};
 use crate::http::{ClientIp, RequestId, read_limited, request_id};
+use crate::in_flight::InFlight;
 use crate::keys::KeyId;
 use crate::store::Store;
 use crate::store::proxy::AdmissionError;
@@ -41,7 +42,8 @@ pub struct ProxyConfig {
     pub keepalive_interval: Duration,
     /// How long to keep reading upstream for usage after the client left.
     pub disconnect_drain: Duration,
-    /// Settle retries before the client's stream is closed…
+    /// Settle retries while the host waits for them (the client's answer
+    /// held open, or the Lambda invocation kept alive by the extension)…
     pub settle_inline: Duration,
     /// …and after, in the background, before giving up to the log.
     pub settle_background: Duration,
@@ -65,10 +67,23 @@ impl ProxyConfig {
     }
 }
 
+/// When an answer's usage is recorded relative to the answer's end.
+#[derive(Debug, Clone)]
+pub enum SettleTiming {
+    /// Before the client's answer ends: for a host that may be frozen as
+    /// soon as it ends (Lambda when the settle extension is not registered).
+    BeforeAnswerEnds,
+    /// After the client has every byte, so the DynamoDB transaction is not
+    /// part of its latency; counted in `InFlight`, which the host waits for
+    /// (the Lambda settle extension, relay-local's shutdown).
+    AfterAnswerEnds(InFlight),
+}
+
 struct Inner {
     store: Store,
     upstream: Upstream,
     config: ProxyConfig,
+    settle_timing: SettleTiming,
     /// The last record each key's admission returned: its tier and allowlists
     /// (status, secret, quota and window are re-checked by the write itself).
     keys: TtlCache<KeyId, Arc<ApiKeyRecord>>,
@@ -79,12 +94,18 @@ struct Inner {
 pub struct ProxyState(Arc<Inner>);
 
 impl ProxyState {
-    pub fn new(store: Store, upstream: Upstream, config: ProxyConfig) -> ProxyState {
+    pub fn new(
+        store: Store,
+        upstream: Upstream,
+        config: ProxyConfig,
+        settle_timing: SettleTiming,
+    ) -> ProxyState {
         let keys = TtlCache::new(config.key_cache_ttl, 10_000);
         ProxyState(Arc::new(Inner {
             store,
             upstream,
             config,
+            settle_timing,
             keys,
             tiers: TtlCache::new(Duration::from_secs(60), 1_000),
         }))

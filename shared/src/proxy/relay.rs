@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::sync::{mpsc, oneshot};
 
-use super::ProxyState;
 use super::tap::{UsageTap, error_type};
+use super::{ProxyState, SettleTiming};
 use crate::error::{ApiError, ErrorKind};
 use crate::store::proxy::UsageRecord;
 use crate::store::{Store, StoreError};
@@ -261,16 +261,19 @@ async fn run(
             let (mut usage, error) = usage_tap.finish();
             if status.is_success() {
                 // Anthropic bills a successful answer even when it was cut:
-                // what it did not report is estimated, and marked so.
-                let request_body = forward.body.clone();
-                let (usage_done, estimated) = tokio::task::spawn_blocking(move || {
-                    let estimated = complete_with_estimate(&mut usage, &request_body);
-                    (usage, estimated)
-                })
-                .await
-                .unwrap_or_default();
-                usage = usage_done;
-                record.estimated = estimated;
+                // what it did not report is estimated (tokenizing is CPU
+                // work, off the async threads), and marked so.
+                if !usage.is_complete() {
+                    let request_body = forward.body.clone();
+                    let (usage_done, estimated) = tokio::task::spawn_blocking(move || {
+                        let estimated = complete_with_estimate(&mut usage, &request_body);
+                        (usage, estimated)
+                    })
+                    .await
+                    .unwrap_or_default();
+                    usage = usage_done;
+                    record.estimated = estimated;
+                }
                 record.usage = usage.usage;
                 record.error_type = usage.stream_error.clone();
                 if usage.model.is_some() {
@@ -282,6 +285,18 @@ async fn run(
         }
         record.latency_ms = millis(started.elapsed());
         crate::metrics::emit_request(&record);
+        // Dropping the sink ends the client's answer. Where the host waits
+        // for after-work the answer ends first, so the settle transaction
+        // adds nothing to the client's latency; otherwise it must land
+        // before the answer ends, because in Lambda nothing runs after that.
+        let _after_work = match &inner.settle_timing {
+            SettleTiming::AfterAnswerEnds(in_flight) => {
+                let busy = in_flight.after_work();
+                drop(client);
+                Some(busy)
+            }
+            SettleTiming::BeforeAnswerEnds => None,
+        };
         settle(
             &inner.store,
             record,
@@ -291,9 +306,6 @@ async fn run(
         )
         .await;
     }
-    // Dropping the sink ends the client's body, after settlement: in Lambda
-    // the invocation lasts until then, so nothing runs after it is frozen.
-    drop(client);
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -368,7 +380,7 @@ async fn collect_bounded(mut body: crate::upstream::BodyStream, limit: usize) ->
 }
 
 /// Records usage, retrying while DynamoDB is unavailable: first while the
-/// client waits (bounded), then in the background; as a last resort the
+/// host waits (bounded), then in the background; as a last resort the
 /// whole record goes to the error log for reconciliation.
 async fn settle(
     store: &Store,

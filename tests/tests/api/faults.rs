@@ -208,6 +208,59 @@ async fn database_outage_mid_run_fails_cleanly_and_loses_nothing() {
     );
 }
 
+#[tokio::test]
+async fn the_answer_ends_before_its_settlement_which_the_host_then_waits_for() {
+    let dynamo = PrivateDynamo::start().unwrap();
+    let mut options = AppOptions {
+        dynamodb_endpoint: Some(dynamo.endpoint()),
+        // What the client sees, not what the other tests see.
+        hold_answers_until_settled: false,
+        ..AppOptions::default()
+    };
+    // Long enough that the settlement is still owed while the database is
+    // down: were it settled before the answer ends, the answer would wait.
+    options.proxy.settle_inline = Duration::from_secs(60);
+    let app = spawn_app_with(options).await.unwrap();
+    let (id, key) = app.new_key().await.unwrap();
+    app.upstream.push(Behavior::Message(MessageSpec {
+        usage: Usage {
+            input_tokens: 100,
+            output_tokens: 50,
+            ..Usage::default()
+        },
+        text_chunks: (0..5).map(|i| format!("w{i} ")).collect(),
+        event_delay: Duration::from_millis(100),
+        ..MessageSpec::default()
+    }));
+    let answer = send(&app, &key, true).await;
+    assert_eq!(answer.status(), 200);
+    dynamo.stop().unwrap();
+    let started = Instant::now();
+    let text = answer.bytes().await.unwrap();
+    assert_eq!(
+        parse_sse(&text).last().unwrap().event.as_deref(),
+        Some("message_stop")
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the answer ended without waiting for DynamoDB"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), app.in_flight.idle())
+            .await
+            .is_err(),
+        "its settlement is still owed, and counted for the host to wait on"
+    );
+
+    dynamo.restart().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), app.in_flight.idle())
+        .await
+        .expect("the settlement lands once the database is back");
+    let logs = app.items(&id, "LOG#").await.unwrap();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(app.key_record(&id).await.unwrap().tokens_used, 150);
+}
+
 /// One raw HTTP/1.1 exchange, for requests no well-behaved client would send.
 fn raw_request(app: &TestApp, request: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(app.addr).unwrap();

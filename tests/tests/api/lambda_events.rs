@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use relay_shared::config::AdminConfig;
 use relay_shared::http::{self, ClientIp};
 use relay_shared::keys::KeyId;
-use relay_shared::proxy::{self, ProxyState};
+use relay_shared::proxy::{self, ProxyState, SettleTiming};
 use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::store::Store;
 use relay_shared::upstream::Upstream;
@@ -145,6 +145,8 @@ impl Functions {
             store.clone(),
             Upstream::new(upstream_config, secrets).unwrap(),
             options.proxy.clone(),
+            // As a Lambda without the settle extension: before the answer ends.
+            SettleTiming::BeforeAnswerEnds,
         );
         let proxy = proxy::router(proxy_state).merge(http::health::routes(health));
         Functions {
