@@ -45,10 +45,18 @@ pub fn credentials_match(
     password_ok && user_ok
 }
 
-/// bcrypt at the default cost, off the async threads (it takes ~0.25 s).
-pub async fn hash_password(password: String) -> anyhow::Result<String> {
-    Ok(tokio::task::spawn_blocking(move || bcrypt::hash(password, bcrypt::DEFAULT_COST)).await??)
+/// Hashes a plaintext password given to this process (`ADMIN_PASSWORD`,
+/// relay-local's own) for the login check. bcrypt's cost only slows the
+/// guessing of a hash that leaks from storage; this one lives in memory and
+/// is never stored or shown, so it takes the lowest cost. At the default
+/// cost (12) it was most of relay-local's start-up (~0.3 s). Online
+/// guessing is bounded by the login lockout, whatever the cost.
+pub fn hash_in_memory_password(password: &str) -> anyhow::Result<String> {
+    Ok(bcrypt::hash(password, IN_MEMORY_COST)?)
 }
+
+/// bcrypt's lowest cost.
+const IN_MEMORY_COST: u32 = 4;
 
 pub fn issue_token(secret: &str, subject: &str, now: u64, ttl: Duration) -> anyhow::Result<String> {
     let claims = Claims {

@@ -80,12 +80,10 @@ impl CommonConfig {
                 Some(hash)
             }
             (None, Some(password)) => Some(
-                crate::admin_auth::hash_password(password)
-                    .await
-                    .map_err(|e| ConfigError {
-                        var: "ADMIN_PASSWORD",
-                        reason: format!("could not be hashed: {e}"),
-                    })?,
+                crate::admin_auth::hash_in_memory_password(&password).map_err(|e| ConfigError {
+                    var: "ADMIN_PASSWORD",
+                    reason: format!("could not be hashed: {e}"),
+                })?,
             ),
             (None, None) => None,
         };

@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
         env("ADMIN_PASSWORD").unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 20));
     let secrets = Secrets::fixed(SecretValues {
         upstream_api_key: env("UPSTREAM_API_KEY"),
-        admin_password_hash: Some(admin_auth::hash_password(password.clone()).await?),
+        admin_password_hash: Some(admin_auth::hash_in_memory_password(&password)?),
         jwt_secret: Some(
             env("SECRET_KEY").unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 48)),
         ),
