@@ -168,26 +168,48 @@ impl Client {
 
     /// One streamed request: when each SSE event arrived, in milliseconds
     /// after the response headers.
-    pub async fn event_arrivals(&self, to: &Endpoint) -> anyhow::Result<Vec<f64>> {
+    /// Each SSE event's arrival (ms after the response headers) and, for
+    /// the fake's `sent_at_us` stamps, each stamp's delay from the fake's
+    /// write to this client (ms, same machine, same clock).
+    pub async fn event_arrivals(&self, to: &Endpoint) -> anyhow::Result<EventTimes> {
         let response = self.post(to, true).await?;
         let headers_at = Instant::now();
         let mut body = response.bytes_stream();
         let mut pending: Vec<u8> = Vec::new();
-        let mut arrivals = Vec::new();
+        let mut times = EventTimes::default();
         while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.next())
             .await
             .with_context(|| format!("{}'s stream stalled", to.label))?
         {
             let chunk = chunk.with_context(|| format!("reading {}'s stream", to.label))?;
             let at = ms(headers_at.elapsed());
+            let now_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros();
             pending.extend_from_slice(&chunk);
             while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-                arrivals.push(at);
+                let block = &pending[..end];
+                match block.strip_prefix(b": sent_at_us ") {
+                    Some(stamp) => {
+                        let sent_us: u128 = std::str::from_utf8(stamp)?.trim().parse()?;
+                        times
+                            .stamp_delays
+                            .push(now_us.saturating_sub(sent_us) as f64 / 1000.0);
+                    }
+                    None => times.arrivals.push(at),
+                }
                 pending.drain(..end + 2);
             }
         }
-        Ok(arrivals)
+        Ok(times)
     }
+}
+
+#[derive(Debug, Default)]
+pub struct EventTimes {
+    pub arrivals: Vec<f64>,
+    pub stamp_delays: Vec<f64>,
 }
 
 pub fn ms(duration: Duration) -> f64 {

@@ -100,7 +100,7 @@ fn tail(path: &Path) -> String {
 }
 
 /// Starts `fake-upstream` on a free port; `event_delay_ms` spaces its SSE
-/// events.
+/// events, each then stamped with its send time.
 pub async fn start_fake(
     bin: &Path,
     event_delay_ms: u64,
@@ -108,13 +108,17 @@ pub async fn start_fake(
     name: &str,
 ) -> anyhow::Result<Service> {
     let (_, stderr) = log_files(log)?;
-    let mut child = Command::new(bin)
-        .args([
-            "--port",
-            "0",
-            "--event-delay-ms",
-            &event_delay_ms.to_string(),
-        ])
+    let mut command = Command::new(bin);
+    command.args([
+        "--port",
+        "0",
+        "--event-delay-ms",
+        &event_delay_ms.to_string(),
+    ]);
+    if event_delay_ms > 0 {
+        command.arg("--stamp-events");
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr)

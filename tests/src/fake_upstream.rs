@@ -77,6 +77,10 @@ pub struct MessageSpec {
     pub chunk_split: Option<usize>,
     /// Pause before each SSE event after the first.
     pub event_delay: Duration,
+    /// Before each event after a pause, an SSE comment with the wall-clock
+    /// time it was written (`: sent_at_us <µs since the epoch>`), so a
+    /// client on the same machine can measure each event's delay to it.
+    pub stamp_events: bool,
     /// Pause before sending the response headers.
     pub first_byte_delay: Duration,
     /// Abort the connection after this many events (no clean end of the chunked body).
@@ -109,6 +113,7 @@ impl Default for MessageSpec {
             usage_steps: 1,
             chunk_split: None,
             event_delay: Duration::ZERO,
+            stamp_events: false,
             first_byte_delay: Duration::ZERO,
             cut_after_events: None,
             error_event_after: None,
@@ -775,6 +780,8 @@ enum Piece {
     /// Return Pending once so hyper flushes what it has before the next piece.
     Yield,
     Data(Bytes),
+    /// The `sent_at_us` comment, rendered when it is written.
+    Stamp,
     /// Make the body fail, which makes hyper abort the connection mid-body.
     Abort,
 }
@@ -847,6 +854,9 @@ fn stream_response(m: &MessageParts<'_>) -> io::Result<Response> {
         _ => {
             for (bytes, starts_event) in segments {
                 delay_due(starts_event, &mut pieces);
+                if spec.stamp_events && matches!(pieces.last(), Some(Piece::Delay(_))) {
+                    pieces.push(Piece::Stamp);
+                }
                 pieces.push(Piece::Data(Bytes::from(bytes)));
             }
         }
@@ -863,6 +873,13 @@ fn stream_response(m: &MessageParts<'_>) -> io::Result<Response> {
                 Piece::Delay(d) => tokio::time::sleep(d).await,
                 Piece::Yield => tokio::task::yield_now().await,
                 Piece::Data(bytes) => return Some((Ok(bytes), pieces)),
+                Piece::Stamp => {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let stamp = format!(": sent_at_us {}\n\n", now.as_micros());
+                    return Some((Ok(Bytes::from(stamp)), pieces));
+                }
                 Piece::Abort => {
                     let err = io::Error::new(io::ErrorKind::ConnectionAborted, "fake cut");
                     return Some((Err(err), pieces));
@@ -1365,6 +1382,40 @@ mod tests {
         // 10 events, 9 gaps.
         assert!(started.elapsed() >= Duration::from_millis(150 + 9 * 20));
         check_stream(&parse_sse(&body));
+    }
+
+    #[tokio::test]
+    async fn stamped_events_carry_their_send_time() {
+        let fake = FakeUpstream::start().await.unwrap();
+        fake.push(Behavior::Message(MessageSpec {
+            event_delay: Duration::from_millis(5),
+            stamp_events: true,
+            ..MessageSpec::default()
+        }));
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros();
+        let body = post(&fake, &stream_body())
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let stamps: Vec<u128> = text
+            .lines()
+            .filter_map(|line| line.strip_prefix(": sent_at_us "))
+            .map(|us| us.parse().unwrap())
+            .collect();
+        // A stamp before every event after a pause, in order; comments are
+        // invisible to an SSE reader.
+        let events = parse_sse(&body);
+        check_stream(&events);
+        assert_eq!(stamps.len(), events.len() - 1);
+        assert!(stamps.windows(2).all(|w| w[1] >= w[0] + 4_000));
+        assert!(stamps[0] > before);
     }
 
     #[tokio::test]

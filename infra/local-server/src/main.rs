@@ -16,8 +16,9 @@ use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::upstream::UpstreamConfig;
 use relay_shared::{admin_auth, http, telemetry};
 
-/// How long a stopping server waits for settlements still running.
-const SHUTDOWN_SETTLE_WAIT: Duration = Duration::from_secs(10);
+/// How long to wait for settlements still running (at shutdown, and before
+/// reading the bench stats).
+const SETTLEMENTS_WAIT: Duration = Duration::from_secs(10);
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -77,14 +78,19 @@ async fn main() -> anyhow::Result<()> {
         .merge(http::health::routes(services.health_state()))
         .merge(proxy::router(proxy_state));
     // `make bench` counts DynamoDB calls per request here; off unless asked
-    // for, and never part of the Lambda routers.
+    // for, and never part of the Lambda routers. Settlements run after the
+    // answer, so the count is read once they are done.
     if env("RELAY_DEBUG_STATS").as_deref() == Some("1") {
         let store = services.store.clone();
+        let in_flight = in_flight.clone();
         app = app.merge(axum::Router::new().route(
             "/__relay/stats",
             axum::routing::get(move || {
-                let round_trips = store.round_trips();
+                let store = store.clone();
+                let in_flight = in_flight.clone();
                 async move {
+                    let _ = tokio::time::timeout(SETTLEMENTS_WAIT, in_flight.idle()).await;
+                    let round_trips = store.round_trips();
                     (
                         [(axum::http::header::CONTENT_TYPE, "application/json")],
                         format!("{{\"dynamodb_round_trips\":{round_trips}}}"),
@@ -132,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     })
     .await?;
-    if tokio::time::timeout(SHUTDOWN_SETTLE_WAIT, in_flight.idle())
+    if tokio::time::timeout(SETTLEMENTS_WAIT, in_flight.idle())
         .await
         .is_err()
     {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use relay_tests::fake_upstream::{Behavior, FakeConfig, FakeUpstream, MessageSpec};
 
-const USAGE: &str = "usage: fake-upstream [--port N] [--api-key K] [--event-delay-ms N] [--chunks N] [--allow-authorization]";
+const USAGE: &str = "usage: fake-upstream [--port N] [--api-key K] [--event-delay-ms N] [--stamp-events] [--chunks N] [--allow-authorization]";
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<FakeConfig>> {
     let mut config = FakeConfig::default();
@@ -38,6 +38,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<F
                 let n: usize = value()?.parse().context("--chunks")?;
                 spec.chunk_split = (n > 0).then_some(n);
             }
+            "--stamp-events" => spec.stamp_events = true,
             "--allow-authorization" => config.reject_authorization = false,
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other}\n{USAGE}"),
