@@ -284,19 +284,24 @@ async fn run(
             }
         }
         record.latency_ms = millis(started.elapsed());
-        crate::metrics::emit_request(&record);
         // Dropping the sink ends the client's answer. Where the host waits
         // for after-work the answer ends first, so the settle transaction
-        // adds nothing to the client's latency; otherwise it must land
-        // before the answer ends, because in Lambda nothing runs after that.
+        // (and the metrics line) add nothing to the client's latency;
+        // otherwise it must land before the answer ends, because in Lambda
+        // nothing runs after that.
         let _after_work = match &inner.settle_timing {
             SettleTiming::AfterAnswerEnds(in_flight) => {
                 let busy = in_flight.after_work();
                 drop(client);
+                // Let the connection write the answer's end before this
+                // task spends CPU on the metrics line and the transaction
+                // (on a one-thread runtime it would otherwise wait).
+                tokio::task::yield_now().await;
                 Some(busy)
             }
             SettleTiming::BeforeAnswerEnds => None,
         };
+        crate::metrics::emit_request(&record);
         settle(
             &inner.store,
             record,
