@@ -168,6 +168,8 @@ fuzz: ## Fuzz the SSE parser, key parser and usage extractor (FUZZ_SECONDS each)
 
 # --- Benchmarks -------------------------------------------------------------
 BENCH_STATE := $(abspath .cache/run-bench)
+# Where cargo puts the binaries (CARGO_TARGET_DIR when set).
+TARGET_DIR := $(abspath $(or $(CARGO_TARGET_DIR),target))
 
 .PHONY: bench bench-tools
 
@@ -199,4 +201,5 @@ bench: bench-tools ## Benchmark the relay against the fake upstream on DynamoDB 
 	trap 'rc=$$?; infra/dynamodb-local.sh stop >/dev/null 2>&1 || true; exit $$rc' EXIT
 	trap 'exit 130' INT
 	trap 'exit 143' TERM
-	target/release/relay-bench --state-dir "$(BENCH_STATE)" $(BENCH_ARGS)
+	"$(TARGET_DIR)/release/relay-bench" --state-dir "$(BENCH_STATE)" \
+	  --bin-dir "$(TARGET_DIR)/release" --criterion-dir "$(TARGET_DIR)/criterion" $(BENCH_ARGS)
