@@ -36,6 +36,14 @@ pub enum StoreError {
     Unexpected(anyhow::Error),
 }
 
+/// A request the relay built wrong (a missing required field): a bug, never
+/// a reason to retry.
+impl From<aws_sdk_dynamodb::error::BuildError> for StoreError {
+    fn from(err: aws_sdk_dynamodb::error::BuildError) -> Self {
+        StoreError::Unexpected(err.into())
+    }
+}
+
 /// Sorts an SDK failure into "try again later" and "something is wrong".
 pub(crate) fn classify<E, R>(err: SdkError<E, R>) -> StoreError
 where

@@ -3,10 +3,10 @@
 //! window together) and settlement (one idempotent transaction recording
 //! the usage log, the key's counters and the aggregates).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{
     AttributeValue, CancellationReason, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
     TransactWriteItem, Update,
@@ -339,7 +339,6 @@ impl Store {
         retention: Duration,
         with_key: bool,
     ) -> Result<Vec<TransactWriteItem>, StoreError> {
-        let build = |e: aws_sdk_dynamodb::error::BuildError| StoreError::Unexpected(e.into());
         let pk = key_pk(&record.key_id);
         let at = format_timestamp(record.at);
         let day = day_of(record.at);
@@ -419,8 +418,7 @@ impl Store {
                         .table_name(self.table())
                         .set_item(Some(log))
                         .condition_expression("attribute_not_exists(pk)")
-                        .build()
-                        .map_err(build)?,
+                        .build()?,
                 )
                 .build(),
         ];
@@ -434,13 +432,9 @@ impl Store {
             values.insert(":at".into(), s(&at));
             // The key may have been deleted meanwhile: then this item fails
             // its condition and settle retries without it.
-            items.push(self.counters_item(
-                &pk,
-                "META".into(),
-                expression,
-                values,
-                None,
-                Some("attribute_exists(pk)"),
+            items.push(transact_update(
+                self.counters_update(&pk, "META".into(), expression, values)
+                    .condition_expression("attribute_exists(pk)"),
             )?);
         }
 
@@ -455,14 +449,9 @@ impl Store {
         values.insert(":kid".into(), s(record.key_id.as_str()));
         values.insert(":day".into(), s(&day));
         values.insert(":at".into(), s(&at));
-        let day_name = Some(HashMap::from([("#day".to_owned(), "day".to_owned())]));
-        items.push(self.counters_item(
-            &pk,
-            format!("DAY#{day}"),
-            expression,
-            values,
-            day_name,
-            None,
+        items.push(transact_update(
+            self.counters_update(&pk, format!("DAY#{day}"), expression, values)
+                .expression_attribute_names("#day", "day"),
         )?);
 
         let model = record.model.as_deref().unwrap_or("unknown");
@@ -473,37 +462,33 @@ impl Store {
         );
         values.insert(":model".into(), s(model));
         values.insert(":at".into(), s(&at));
-        items.push(self.counters_item(
+        items.push(transact_update(self.counters_update(
             &pk,
             format!("MODEL#{model}"),
             expression,
             values,
-            None,
-            None,
-        )?);
+        ))?);
         Ok(items)
     }
 
-    /// One counters update of the settle transaction (key, day or model item).
-    fn counters_item(
+    /// One counters update of the settle transaction (key, day or model
+    /// item); the caller adds its condition or attribute names.
+    fn counters_update(
         &self,
         pk: &str,
         sk: String,
         expression: String,
         values: Item,
-        names: Option<HashMap<String, String>>,
-        condition: Option<&str>,
-    ) -> Result<TransactWriteItem, StoreError> {
-        let update = Update::builder()
+    ) -> UpdateBuilder {
+        Update::builder()
             .table_name(self.table())
             .key("pk", s(pk))
             .key("sk", s(sk))
             .update_expression(expression)
-            .set_condition_expression(condition.map(str::to_owned))
-            .set_expression_attribute_names(names)
             .set_expression_attribute_values(Some(values))
-            .build()
-            .map_err(|e| StoreError::Unexpected(e.into()))?;
-        Ok(TransactWriteItem::builder().update(update).build())
     }
+}
+
+fn transact_update(update: UpdateBuilder) -> Result<TransactWriteItem, StoreError> {
+    Ok(TransactWriteItem::builder().update(update.build()?).build())
 }

@@ -129,8 +129,7 @@ pub async fn create_table(client: &Client, table_name: &str) -> Result<(), Store
                 TimeToLiveSpecification::builder()
                     .attribute_name(ttl.attribute_name)
                     .enabled(true)
-                    .build()
-                    .map_err(|e| StoreError::Unexpected(e.into()))?,
+                    .build()?,
             )
             .send()
             .await

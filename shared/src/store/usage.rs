@@ -378,8 +378,7 @@ impl Store {
                     .set_keys(Some(keys))
                     .projection_expression("id, #n")
                     .expression_attribute_names("#n", "name")
-                    .build()
-                    .map_err(|e| StoreError::Unexpected(e.into()))?,
+                    .build()?,
             );
             // BatchGetItem may return part of the batch: ask again for the rest.
             while let Some(keys) = request.take() {
