@@ -1,6 +1,7 @@
 //! A small in-process cache whose entries expire: keeps hot DynamoDB reads
 //! (key records, tiers) off the request path for a few seconds.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
@@ -21,7 +22,13 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         }
     }
 
-    pub fn get(&self, key: &K) -> Option<V> {
+    /// By any borrowed form of the key (`&str` for `String` keys), so a
+    /// lookup allocates nothing.
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
             .get(key)
@@ -43,7 +50,11 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         entries.insert(key, (Instant::now(), value));
     }
 
-    pub fn remove(&self, key: &K) {
+    pub fn remove<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.remove(key);
     }

@@ -353,7 +353,7 @@ fn too_large(max: usize) -> ApiError {
 
 /// The key's tier in force, from cache.
 async fn tier_of(state: &ProxyState, name: &str) -> Result<Tier, ApiError> {
-    if let Some(tier) = state.0.tiers.get(&name.to_owned()) {
+    if let Some(tier) = state.0.tiers.get(name) {
         return Ok(tier);
     }
     let tier = state.0.store.tier_in_force(name).await?;
