@@ -14,6 +14,8 @@ struct Counts {
     answers_started: u64,
     /// Answers still being produced plus work still owed after them.
     busy: usize,
+    /// Answers the settle extension has already waited for.
+    answers_waited_for: u64,
 }
 
 /// A cheap handle; clones count into the same tally.
@@ -65,28 +67,28 @@ impl InFlight {
     }
 
     /// Waits, after the Lambda service announced an invocation, until its
-    /// answer and everything it owes are done. `seen` is the number of
-    /// answers already waited for; the new count is returned.
+    /// answer and everything it owes are done. Lambda announces one
+    /// invocation at a time, and the settle extension is the only caller.
     ///
     /// The invocation's answer normally begins within milliseconds of the
     /// announcement; if the runtime never calls the handler (an event it
     /// cannot parse) waiting ends after `start_within`, so the environment
     /// is not held until the function's timeout.
-    pub async fn invocation_done(&self, seen: u64, start_within: Duration) -> u64 {
+    pub async fn invocation_done(&self, start_within: Duration) {
         let mut counts = self.0.subscribe();
+        let waited_for = counts.borrow().answers_waited_for;
         let started = tokio::time::timeout(start_within, async {
             counts
-                .wait_for(|counts| counts.answers_started > seen)
+                .wait_for(|counts| counts.answers_started > waited_for)
                 .await
                 .map(|counts| counts.answers_started)
         })
         .await;
-        let seen = match started {
-            Ok(Ok(answers_started)) => answers_started,
-            _ => seen,
-        };
+        if let Ok(Ok(answers_started)) = started {
+            self.0
+                .send_modify(|counts| counts.answers_waited_for = answers_started);
+        }
         let _ = counts.wait_for(|counts| counts.busy == 0).await;
-        seen
     }
 }
 
@@ -121,7 +123,7 @@ mod tests {
         // The announcement comes first; the handler starts a moment later.
         let waiter = tokio::spawn({
             let in_flight = in_flight.clone();
-            async move { in_flight.invocation_done(0, Duration::from_secs(5)).await }
+            async move { in_flight.invocation_done(Duration::from_secs(5)).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "idle, but the answer has not begun");
@@ -131,30 +133,49 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished(), "the settlement is still running");
         drop(work);
-        let seen = tokio::time::timeout(Duration::from_secs(1), waiter)
+        tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .expect("done once the settlement ended")
             .expect("no panic");
-        assert_eq!(seen, 1);
     }
 
     #[tokio::test]
     async fn an_invocation_whose_handler_never_runs_is_not_held() {
         let in_flight = InFlight::new();
-        let seen = tokio::time::timeout(
+        tokio::time::timeout(
             Duration::from_secs(1),
-            in_flight.invocation_done(0, Duration::from_millis(30)),
+            in_flight.invocation_done(Duration::from_millis(30)),
         )
         .await
         .expect("gives up waiting for the handler");
-        assert_eq!(seen, 0, "the missed answer is not counted");
 
-        // The next invocation's handler still counts as its own.
+        // The next invocation waits for its own answer, not the missed one's.
         let answer = in_flight.answer();
+        let work = in_flight.after_work();
         drop(answer);
-        let seen = in_flight
-            .invocation_done(seen, Duration::from_millis(30))
-            .await;
-        assert_eq!(seen, 1);
+        let waiter = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.invocation_done(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "its settlement is still running");
+        drop(work);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("done once its settlement ended")
+            .expect("no panic");
+
+        // And a third begins afresh: waiting for an answer that has not begun.
+        let third = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.invocation_done(Duration::from_secs(5)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!third.is_finished(), "the third answer has not begun");
+        drop(in_flight.answer());
+        tokio::time::timeout(Duration::from_secs(1), third)
+            .await
+            .expect("done once the third answer ended")
+            .expect("no panic");
     }
 }

@@ -6,8 +6,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -18,6 +16,7 @@ use tower::{ServiceBuilder, ServiceExt};
 
 use crate::http::ClientIp;
 use crate::in_flight::{Busy, InFlight};
+use crate::proxy::SettleTiming;
 
 /// The source address API Gateway saw (never a client header).
 fn source_ip(request: &lambda_http::Request) -> Option<IpAddr> {
@@ -54,13 +53,25 @@ pub async fn run_buffered(router: Router) -> Result<(), Error> {
     lambda_http::run(service).await
 }
 
-/// The settle extension's event loop, to run beside the runtime.
-pub type ExtensionLoop = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
-
 /// How long after Lambda announces an invocation its handler must have
 /// begun before the extension stops waiting for it (one the runtime could
 /// not parse never begins). Handlers begin within milliseconds.
 const ANSWER_START_WITHIN: Duration = Duration::from_secs(2);
+
+/// The registered "relay-settle" extension: its event loop, to run beside
+/// the runtime, and the tally of answers and settlements it waits for.
+pub struct SettleExtension {
+    events: Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>,
+    in_flight: InFlight,
+}
+
+impl SettleExtension {
+    /// The proxy settles after each answer, counted where this extension
+    /// looks.
+    pub fn settle_timing(&self) -> SettleTiming {
+        SettleTiming::AfterAnswerEnds(self.in_flight.clone())
+    }
+}
 
 /// Registers the internal "relay-settle" extension. Lambda freezes the
 /// environment only once the runtime *and* every extension ask for the next
@@ -71,17 +82,14 @@ const ANSWER_START_WITHIN: Duration = Duration::from_secs(2);
 /// Must run before the runtime's first poll. `None` (with a warning) where
 /// the Extensions API is missing: the proxy then settles before each answer
 /// ends instead.
-pub async fn register_settle_extension(in_flight: InFlight) -> Option<ExtensionLoop> {
-    let seen = Arc::new(AtomicU64::new(0));
+pub async fn register_settle_extension() -> Option<SettleExtension> {
+    let in_flight = InFlight::new();
+    let waiter = in_flight.clone();
     let events = lambda_extension::service_fn(move |event: lambda_extension::LambdaEvent| {
-        let in_flight = in_flight.clone();
-        let seen = Arc::clone(&seen);
+        let in_flight = waiter.clone();
         async move {
             if let lambda_extension::NextEvent::Invoke(_) = event.next {
-                let done = in_flight
-                    .invocation_done(seen.load(Ordering::Relaxed), ANSWER_START_WITHIN)
-                    .await;
-                seen.store(done, Ordering::Relaxed);
+                in_flight.invocation_done(ANSWER_START_WITHIN).await;
             }
             Ok::<(), Error>(())
         }
@@ -95,7 +103,10 @@ pub async fn register_settle_extension(in_flight: InFlight) -> Option<ExtensionL
     match registered {
         Ok(extension) => {
             tracing::info!("settle extension registered: usage is settled after each answer ends");
-            Some(Box::pin(extension.run()))
+            Some(SettleExtension {
+                events: Box::pin(extension.run()),
+                in_flight,
+            })
         }
         Err(err) => {
             tracing::warn!(error = %err, "no settle extension: usage is settled before each answer ends");
@@ -137,9 +148,9 @@ impl http_body::Body for AnswerBody {
 /// body is gone, which is what the extension waits for.
 pub async fn run_streaming(
     router: Router,
-    settle_extension: Option<(ExtensionLoop, InFlight)>,
+    settle_extension: Option<SettleExtension>,
 ) -> Result<(), Error> {
-    let Some((extension, in_flight)) = settle_extension else {
+    let Some(SettleExtension { events, in_flight }) = settle_extension else {
         let service = ServiceBuilder::new()
             .map_request(into_router_request)
             .service(router);
@@ -157,7 +168,7 @@ pub async fn run_streaming(
         }
     });
     let runtime = lambda_http::run_with_streaming_response(service);
-    tokio::try_join!(extension, runtime).map(|_| ())
+    tokio::try_join!(events, runtime).map(|_| ())
 }
 
 pub use lambda_http::Error;

@@ -2,7 +2,7 @@
 //! answers streamed through API Gateway as they arrive.
 
 use relay_shared::bootstrap::Services;
-use relay_shared::in_flight::InFlight;
+use relay_shared::lambda::SettleExtension;
 use relay_shared::proxy::{self, ProxyConfig, SettleTiming};
 use relay_shared::upstream::UpstreamConfig;
 use relay_shared::{http, lambda, telemetry};
@@ -11,17 +11,16 @@ use relay_shared::{http, lambda, telemetry};
 async fn main() -> Result<(), lambda::Error> {
     telemetry::init();
     let services = Services::from_env().await?;
-    let in_flight = InFlight::new();
-    let extension = lambda::register_settle_extension(in_flight.clone()).await;
-    let settle_timing = match extension {
-        Some(_) => SettleTiming::AfterAnswerEnds(in_flight.clone()),
-        None => SettleTiming::BeforeAnswerEnds,
-    };
+    let extension = lambda::register_settle_extension().await;
+    let settle_timing = extension.as_ref().map_or(
+        SettleTiming::BeforeAnswerEnds,
+        SettleExtension::settle_timing,
+    );
     let state = services.proxy_state(
         UpstreamConfig::from_env()?,
         ProxyConfig::from_env()?,
         settle_timing,
     )?;
     let router = proxy::router(state).merge(http::health::routes(services.health_state()));
-    lambda::run_streaming(router, extension.map(|extension| (extension, in_flight))).await
+    lambda::run_streaming(router, extension).await
 }
