@@ -12,7 +12,9 @@ use http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ClientIp, JsonBody, QueryParams, bearer_token, method_not_allowed, not_found};
+use super::{
+    ClientIp, JsonBody, NoParams, QueryParams, bearer_token, method_not_allowed, not_found,
+};
 use crate::admin_auth::{self, Claims};
 use crate::config::AdminConfig;
 use crate::domain::key::{CreateKeyInput, FieldError, KeyChanges, PatchKeyInput};
@@ -380,7 +382,7 @@ async fn key_usage(
     _: Admin,
     State(state): State<AdminState>,
     Path(raw): Path<String>,
-    QueryParams(super::usage::NoParams {}): QueryParams<super::usage::NoParams>,
+    QueryParams(NoParams {}): QueryParams<NoParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = key_id(&raw)?;
     super::usage::summary_view(&state.store, &id)
@@ -416,7 +418,7 @@ async fn key_usage_quota(
     _: Admin,
     State(state): State<AdminState>,
     Path(raw): Path<String>,
-    QueryParams(super::usage::NoParams {}): QueryParams<super::usage::NoParams>,
+    QueryParams(NoParams {}): QueryParams<NoParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = key_id(&raw)?;
     super::usage::quota_view(&state.store, &id).await.map(Json)

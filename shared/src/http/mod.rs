@@ -126,6 +126,12 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 /// Query parameters parsed strictly, naming the bad parameter.
 pub struct QueryParams<T>(pub T);
 
+/// Routes that take no parameters still refuse unknown ones: a typo such as
+/// `/api/usage?days=7` should say so, not answer something else.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
 impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
     type Rejection = ApiError;
 

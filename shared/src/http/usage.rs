@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 
 use super::key_auth::authenticate;
-use super::{ClientIp, QueryParams, not_found};
+use super::{ClientIp, NoParams, QueryParams, not_found};
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::tier::window_of;
 use crate::domain::{epoch_seconds, format_timestamp, now, parse_timestamp};
@@ -59,12 +59,6 @@ impl FromRequestParts<UsageState> for KeyHolder {
             .map(KeyHolder)
     }
 }
-
-/// Routes that take no parameters still refuse unknown ones: a typo such as
-/// `/api/usage?days=7` should say so, not answer something else.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoParams {}
 
 async fn summary(
     State(state): State<UsageState>,
