@@ -12,14 +12,15 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
-use relay_shared::config::AdminConfig;
+use relay_shared::bootstrap::Services;
+use relay_shared::config::{AdminConfig, CommonConfig};
 use relay_shared::http;
 use relay_shared::in_flight::InFlight;
 use relay_shared::keys::KeyId;
-use relay_shared::proxy::{self, ProxyConfig, ProxyState, SettleTiming};
+use relay_shared::proxy::{self, ProxyConfig, SettleTiming};
 use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::store::Store;
-use relay_shared::upstream::{Upstream, UpstreamConfig};
+use relay_shared::upstream::UpstreamConfig;
 use serde_json::{Value, json};
 
 use crate::fake_upstream::FakeUpstream;
@@ -122,6 +123,22 @@ impl Drop for TestApp {
     }
 }
 
+/// What a function's `main` builds from the environment, here on the test's
+/// own table and secrets, so the tests compose routers as the mains do.
+pub fn services_on(store: Store, secrets: Secrets) -> Services {
+    Services {
+        config: CommonConfig {
+            table_name: store.table().to_owned(),
+            dynamodb_endpoint: None,
+            secret_arn: None,
+            secretsmanager_endpoint: None,
+            secret_ttl: Duration::from_secs(300),
+        },
+        store,
+        secrets,
+    }
+}
+
 pub async fn spawn_app() -> anyhow::Result<TestApp> {
     spawn_app_with(AppOptions::default()).await
 }
@@ -149,31 +166,20 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     });
     let mut upstream_config = options.upstream.clone();
     upstream_config.base_url = upstream.base_url();
+    let services = services_on(store.clone(), secrets);
     let in_flight = InFlight::new();
-    let proxy_state = ProxyState::new(
-        store.clone(),
-        Upstream::new(upstream_config, secrets.clone())?,
+    let proxy_state = services.proxy_state(
+        upstream_config,
         options.proxy.clone(),
         SettleTiming::AfterAnswerEnds(in_flight.clone()),
-    );
-    let admin_state = http::admin::AdminState {
-        store: store.clone(),
-        secrets: secrets.clone(),
-        config: std::sync::Arc::new(AdminConfig {
-            admin_username: ADMIN_USER.into(),
-            jwt_ttl: Duration::from_secs(3600),
-        }),
-    };
-    let health_state = http::health::HealthState {
-        store: store.clone(),
-        secrets,
-    };
-    let usage_state = http::usage::UsageState {
-        store: store.clone(),
-    };
+    )?;
+    let admin_state = services.admin_state(AdminConfig {
+        admin_username: ADMIN_USER.into(),
+        jwt_ttl: Duration::from_secs(3600),
+    });
     let mut app = http::admin::routes(admin_state)
-        .merge(http::usage::routes(usage_state))
-        .merge(http::health::routes(health_state))
+        .merge(http::usage::routes(services.usage_state()))
+        .merge(http::health::routes(services.health_state()))
         .merge(proxy::router(proxy_state));
     if options.hold_answers_until_settled {
         app = app.layer(axum::middleware::from_fn_with_state(
@@ -253,7 +259,12 @@ impl TestApp {
 
     /// A fresh key named "test"; returns (id, full key).
     pub async fn new_key(&self) -> anyhow::Result<(String, String)> {
-        let key = self.create_key(json!({"name": "test"})).await?;
+        self.new_key_with(json!({"name": "test"})).await
+    }
+
+    /// A fresh key with these creation fields; returns (id, full key).
+    pub async fn new_key_with(&self, fields: Value) -> anyhow::Result<(String, String)> {
+        let key = self.create_key(fields).await?;
         Ok((
             key["id"].as_str().context("id")?.to_owned(),
             key["api_key"].as_str().context("api_key")?.to_owned(),
@@ -269,36 +280,12 @@ impl TestApp {
     }
 
     /// Raw items of a key's partition whose sort key starts with `prefix`.
-    pub async fn items(
-        &self,
-        id: &str,
-        prefix: &str,
-    ) -> anyhow::Result<
-        Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
-    > {
-        use aws_sdk_dynamodb::types::AttributeValue;
-        let output = self
-            .store
-            .client()
-            .query()
-            .table_name(self.store.table())
-            .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
-            .expression_attribute_values(":pk", AttributeValue::S(format!("KEY#{id}")))
-            .expression_attribute_values(":prefix", AttributeValue::S(prefix.to_owned()))
-            .consistent_read(true)
-            .send()
-            .await?;
-        Ok(output.items.unwrap_or_default())
+    pub async fn items(&self, id: &str, prefix: &str) -> anyhow::Result<Vec<RawItem>> {
+        key_items(&self.store, id, prefix).await
     }
 
     /// Waits (up to 10 s) until `count` usage logs exist for the key.
-    pub async fn wait_for_logs(
-        &self,
-        id: &str,
-        count: usize,
-    ) -> anyhow::Result<
-        Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>>,
-    > {
+    pub async fn wait_for_logs(&self, id: &str, count: usize) -> anyhow::Result<Vec<RawItem>> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let logs = self.items(id, "LOG#").await?;
@@ -311,10 +298,7 @@ impl TestApp {
 }
 
 /// A number attribute of a raw item (0 when absent).
-pub fn num(
-    item: &std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
-    name: &str,
-) -> u64 {
+pub fn num(item: &RawItem, name: &str) -> u64 {
     item.get(name)
         .and_then(|v| v.as_n().ok())
         .and_then(|n| n.parse().ok())
@@ -322,13 +306,30 @@ pub fn num(
 }
 
 /// A string attribute of a raw item.
-pub fn text<'a>(
-    item: &'a std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>,
-    name: &str,
-) -> Option<&'a str> {
+pub fn text<'a>(item: &'a RawItem, name: &str) -> Option<&'a str> {
     item.get(name)
         .and_then(|v| v.as_s().ok())
         .map(String::as_str)
+}
+
+/// One stored item, as DynamoDB returns it.
+pub type RawItem = std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>;
+
+/// Raw items of a key's partition in `store` whose sort key starts with
+/// `prefix` (a consistent read).
+pub async fn key_items(store: &Store, id: &str, prefix: &str) -> anyhow::Result<Vec<RawItem>> {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let output = store
+        .client()
+        .query()
+        .table_name(store.table())
+        .key_condition_expression("pk = :pk AND begins_with(sk, :prefix)")
+        .expression_attribute_values(":pk", AttributeValue::S(format!("KEY#{id}")))
+        .expression_attribute_values(":prefix", AttributeValue::S(prefix.to_owned()))
+        .consistent_read(true)
+        .send()
+        .await?;
+    Ok(output.items.unwrap_or_default())
 }
 
 /// Ends each answer's body only once no settlement is running, so a test

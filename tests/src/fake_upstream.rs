@@ -60,6 +60,19 @@ pub struct Usage {
     pub cache_1h: u64,
 }
 
+impl Usage {
+    /// Input, output, cache-creation and cache-read counts; no 5m/1h split.
+    pub fn new(input: u64, output: u64, cache_creation: u64, cache_read: u64) -> Usage {
+        Usage {
+            input_tokens: input,
+            output_tokens: output,
+            cache_creation_input_tokens: cache_creation,
+            cache_read_input_tokens: cache_read,
+            ..Usage::default()
+        }
+    }
+}
+
 /// What a successful `POST /v1/messages` answers, and how badly it behaves while doing so.
 #[derive(Clone, Debug)]
 pub struct MessageSpec {

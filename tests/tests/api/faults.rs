@@ -68,11 +68,7 @@ async fn thirty_second_first_byte_is_kept_alive_and_then_answered() {
     let (id, key) = app.new_key().await.unwrap();
     let slow = || {
         Behavior::Message(MessageSpec {
-            usage: Usage {
-                input_tokens: 9,
-                output_tokens: 4,
-                ..Usage::default()
-            },
+            usage: Usage::new(9, 4, 0, 0),
             first_byte_delay: Duration::from_secs(30),
             ..MessageSpec::default()
         })
@@ -132,11 +128,7 @@ async fn database_outage_mid_run_fails_cleanly_and_loses_nothing() {
     let app = spawn_app_with(options).await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     app.upstream.set_default(Behavior::Message(MessageSpec {
-        usage: Usage {
-            input_tokens: 10,
-            output_tokens: 5,
-            ..Usage::default()
-        },
+        usage: Usage::new(10, 5, 0, 0),
         ..MessageSpec::default()
     }));
     for stream in [true, false] {
@@ -145,11 +137,7 @@ async fn database_outage_mid_run_fails_cleanly_and_loses_nothing() {
 
     // A slow answer is admitted, then the database goes away before it ends.
     app.upstream.push(Behavior::Message(MessageSpec {
-        usage: Usage {
-            input_tokens: 100,
-            output_tokens: 50,
-            ..Usage::default()
-        },
+        usage: Usage::new(100, 50, 0, 0),
         text_chunks: (0..20).map(|i| format!("w{i} ")).collect(),
         event_delay: Duration::from_millis(100),
         ..MessageSpec::default()
@@ -223,11 +211,7 @@ async fn the_answer_ends_before_its_settlement_which_the_host_then_waits_for() {
     let app = spawn_app_with(options).await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     app.upstream.push(Behavior::Message(MessageSpec {
-        usage: Usage {
-            input_tokens: 100,
-            output_tokens: 50,
-            ..Usage::default()
-        },
+        usage: Usage::new(100, 50, 0, 0),
         text_chunks: (0..5).map(|i| format!("w{i} ")).collect(),
         event_delay: Duration::from_millis(100),
         ..MessageSpec::default()

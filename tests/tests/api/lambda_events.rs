@@ -9,7 +9,6 @@
 
 use std::net::IpAddr;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -19,12 +18,12 @@ use http_body_util::BodyExt;
 use relay_shared::config::AdminConfig;
 use relay_shared::http::{self, ClientIp};
 use relay_shared::keys::KeyId;
-use relay_shared::proxy::{self, ProxyState, SettleTiming};
+use relay_shared::proxy::{self, SettleTiming};
 use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::store::Store;
-use relay_shared::upstream::Upstream;
 use relay_tests::app::{
-    ADMIN_PASSWORD, ADMIN_USER, AppOptions, admin_password_hash, dynamodb_client, dynamodb_endpoint,
+    ADMIN_PASSWORD, ADMIN_USER, AppOptions, admin_password_hash, dynamodb_client,
+    dynamodb_endpoint, key_items, services_on, text,
 };
 use relay_tests::fake_upstream::FakeUpstream;
 use relay_tests::sse::parse_sse;
@@ -125,30 +124,22 @@ impl Functions {
         let options = AppOptions::default();
         let mut upstream_config = options.upstream.clone();
         upstream_config.base_url = upstream.base_url();
-        let health = http::health::HealthState {
-            store: store.clone(),
-            secrets: secrets.clone(),
-        };
-        let admin = http::admin::router(http::admin::AdminState {
-            store: store.clone(),
-            secrets: secrets.clone(),
-            config: Arc::new(AdminConfig {
-                admin_username: ADMIN_USER.into(),
-                jwt_ttl: Duration::from_secs(3600),
-            }),
-        });
-        let usage = http::usage::router(http::usage::UsageState {
-            store: store.clone(),
-        })
-        .merge(http::health::routes(health.clone()));
-        let proxy_state = ProxyState::new(
-            store.clone(),
-            Upstream::new(upstream_config, secrets).unwrap(),
-            options.proxy.clone(),
-            // As a Lambda without the settle extension: before the answer ends.
-            SettleTiming::BeforeAnswerEnds,
-        );
-        let proxy = proxy::router(proxy_state).merge(http::health::routes(health));
+        let services = services_on(store.clone(), secrets);
+        let admin = http::admin::router(services.admin_state(AdminConfig {
+            admin_username: ADMIN_USER.into(),
+            jwt_ttl: Duration::from_secs(3600),
+        }));
+        let usage = http::usage::router(services.usage_state())
+            .merge(http::health::routes(services.health_state()));
+        let proxy_state = services
+            .proxy_state(
+                upstream_config,
+                options.proxy.clone(),
+                // As a Lambda without the settle extension: before the answer ends.
+                SettleTiming::BeforeAnswerEnds,
+            )
+            .unwrap();
+        let proxy = proxy::router(proxy_state).merge(http::health::routes(services.health_state()));
         Functions {
             admin,
             usage,
@@ -389,12 +380,9 @@ async fn proxy_events_stream_count_tokens_and_say_hello_for_the_event_address() 
     assert_eq!(forwarded[0].header("anthropic-version"), Some("2023-06-01"));
 
     // Settled with the event's address, not the spoofed one.
-    let logs = usage_logs(&functions.store, &id).await;
+    let logs = key_items(&functions.store, &id, "LOG#").await.unwrap();
     assert_eq!(logs.len(), 1);
-    assert_eq!(
-        logs[0].get("client_ip").and_then(|v| v.as_s().ok()),
-        Some(&EVENT_IP.to_owned())
-    );
+    assert_eq!(text(&logs[0], "client_ip"), Some(EVENT_IP));
 
     // Token counting: forwarded, not billed.
     let reply = call(&functions.proxy, event(PROXY_COUNT_TOKENS, with_key(&key))).await;
@@ -454,24 +442,4 @@ async fn usage_events_answer_quota_and_health() {
     // answer them.
     let reply = call(&functions.usage, event(ADMIN_LOGIN, |_| {})).await;
     assert_eq!(reply.status, 404);
-}
-
-async fn usage_logs(
-    store: &Store,
-    id: &str,
-) -> Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
-    use aws_sdk_dynamodb::types::AttributeValue;
-    store
-        .client()
-        .query()
-        .table_name(store.table())
-        .key_condition_expression("pk = :pk AND begins_with(sk, :log)")
-        .expression_attribute_values(":pk", AttributeValue::S(format!("KEY#{id}")))
-        .expression_attribute_values(":log", AttributeValue::S("LOG#".into()))
-        .consistent_read(true)
-        .send()
-        .await
-        .unwrap()
-        .items
-        .unwrap_or_default()
 }

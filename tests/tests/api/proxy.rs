@@ -8,16 +8,6 @@ use relay_tests::fake_upstream::{Behavior, MessageSpec, Usage};
 use relay_tests::sse::parse_sse;
 use serde_json::{Value, json};
 
-fn usage(input: u64, output: u64, cache_creation: u64, cache_read: u64) -> Usage {
-    Usage {
-        input_tokens: input,
-        output_tokens: output,
-        cache_creation_input_tokens: cache_creation,
-        cache_read_input_tokens: cache_read,
-        ..Usage::default()
-    }
-}
-
 fn message_body(stream: bool) -> Value {
     json!({
         "model": "claude-haiku-5-5",
@@ -32,7 +22,7 @@ async fn streamed_answer_split_at_odd_bytes_is_billed_exactly() {
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     app.upstream.push(Behavior::Message(MessageSpec {
-        usage: usage(472, 33, 100, 2048),
+        usage: Usage::new(472, 33, 100, 2048),
         chunk_split: Some(7),
         thinking: true,
         tool_use: true,
@@ -80,7 +70,7 @@ async fn non_streamed_answer_is_billed_from_its_usage_object() {
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     app.upstream.push(Behavior::Message(MessageSpec {
-        usage: usage(25, 12, 0, 3),
+        usage: Usage::new(25, 12, 0, 3),
         ..MessageSpec::default()
     }));
     let response = app
@@ -213,7 +203,7 @@ async fn gzip_compressed_answers_still_yield_exact_usage() {
     let (id, key) = app.new_key().await.unwrap();
     for stream in [false, true] {
         app.upstream.push(Behavior::Message(MessageSpec {
-            usage: usage(10, 20, 0, 0),
+            usage: Usage::new(10, 20, 0, 0),
             gzip: true,
             ..MessageSpec::default()
         }));
@@ -245,7 +235,7 @@ async fn client_that_disconnects_mid_stream_is_still_billed_exactly() {
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     app.upstream.push(Behavior::Message(MessageSpec {
-        usage: usage(300, 40, 0, 0),
+        usage: Usage::new(300, 40, 0, 0),
         text_chunks: (0..40).map(|i| format!("word{i} ")).collect(),
         event_delay: Duration::from_millis(25),
         ..MessageSpec::default()
@@ -325,7 +315,7 @@ async fn concurrent_requests_on_one_key_are_each_counted_once() {
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     app.upstream.set_default(Behavior::Message(MessageSpec {
-        usage: usage(7, 3, 0, 0),
+        usage: Usage::new(7, 3, 0, 0),
         ..MessageSpec::default()
     }));
     let requests = (0..24).map(|i| {
@@ -436,7 +426,7 @@ async fn stream_cut_before_usage_is_charged_an_estimate_and_ends_with_an_error_e
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     app.upstream.push(Behavior::Message(MessageSpec {
-        usage: usage(50, 500, 0, 0),
+        usage: Usage::new(50, 500, 0, 0),
         text_chunks: vec!["The quick brown fox jumps over the lazy dog. ".repeat(4)],
         cut_after_events: Some(5),
         ..MessageSpec::default()
@@ -506,7 +496,7 @@ async fn slow_first_byte_of_a_stream_is_kept_alive_then_relayed() {
     let app = spawn_app_with(options).await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     app.upstream.push(Behavior::Message(MessageSpec {
-        usage: usage(11, 22, 0, 0),
+        usage: Usage::new(11, 22, 0, 0),
         first_byte_delay: Duration::from_millis(450),
         ..MessageSpec::default()
     }));
@@ -795,16 +785,13 @@ async fn tier_rate_limit_answers_429_with_retry_after() {
 #[tokio::test]
 async fn exhausted_token_quota_stops_client_retries() {
     let app = spawn_app().await.unwrap();
-    let created = app
-        .create_key(json!({"name": "q", "token_limit": 30}))
+    let (id, key) = app
+        .new_key_with(json!({"name": "q", "token_limit": 30}))
         .await
         .unwrap();
-    let (id, key) = (
-        created["id"].as_str().unwrap(),
-        created["api_key"].as_str().unwrap(),
-    );
+    let (id, key) = (id.as_str(), key.as_str());
     app.upstream.push(Behavior::Message(MessageSpec {
-        usage: usage(25, 12, 0, 0),
+        usage: Usage::new(25, 12, 0, 0),
         ..MessageSpec::default()
     }));
     assert_eq!(post_message(&app, key).await.status(), 200);

@@ -781,14 +781,13 @@ fn dashboard_charts_the_metrics_the_code_emits() {
                             .nth(1)
                             .and_then(|s| s.split('"').next())
                             .expect("SEARCH names its metric");
-                        let dimensions: BTreeMap<String, String> =
+                        let mut dimensions: BTreeMap<String, String> =
                             schema.map(|d| (d.to_owned(), String::new())).collect();
                         let function = expression
                             .split("Function=\"")
                             .nth(1)
                             .and_then(|s| s.split('"').next())
                             .expect("SEARCH names its function");
-                        let mut dimensions = dimensions;
                         dimensions.insert("Function".into(), function.into());
                         check_relay_metric(name, &dimensions, &emitted);
                         charted.insert(name.to_owned());

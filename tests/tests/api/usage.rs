@@ -22,16 +22,6 @@ const HAIKU: &str = "claude-haiku-4-5-20251001";
 const USER_AGENT: &str = "relay-usage-tests/1.0";
 const LOG_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 
-fn usage(input: u64, output: u64, cache_creation: u64, cache_read: u64) -> Usage {
-    Usage {
-        input_tokens: input,
-        output_tokens: output,
-        cache_creation_input_tokens: cache_creation,
-        cache_read_input_tokens: cache_read,
-        ..Usage::default()
-    }
-}
-
 /// One proxied message: its model, whether streamed, what upstream bills.
 #[derive(Debug, Clone, Copy)]
 struct Call {
@@ -320,11 +310,11 @@ async fn usage_totals_equal_what_upstream_billed_split_by_model() {
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     let calls = [
-        call(SONNET, false, usage(100, 20, 0, 0)),
-        call(SONNET, true, usage(50, 30, 400, 0)),
-        call(HAIKU, false, usage(7, 3, 0, 900)),
-        call(SONNET, true, usage(11, 13, 17, 19)),
-        call(HAIKU, true, usage(1000, 1, 2, 3)),
+        call(SONNET, false, Usage::new(100, 20, 0, 0)),
+        call(SONNET, true, Usage::new(50, 30, 400, 0)),
+        call(HAIKU, false, Usage::new(7, 3, 0, 900)),
+        call(SONNET, true, Usage::new(11, 13, 17, 19)),
+        call(HAIKU, true, Usage::new(1000, 1, 2, 3)),
     ];
     let before = OffsetDateTime::now_utc();
     traffic(&app, &id, &key, &calls, calls.len()).await;
@@ -376,8 +366,8 @@ async fn daily_rows_are_zero_filled_oldest_first_and_end_today() {
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     let calls = [
-        call(SONNET, false, usage(10, 20, 30, 40)),
-        call(HAIKU, true, usage(1, 2, 3, 4)),
+        call(SONNET, false, Usage::new(10, 20, 30, 40)),
+        call(HAIKU, true, Usage::new(1, 2, 3, 4)),
     ];
     traffic(&app, &id, &key, &calls, calls.len()).await;
     let recent = Totals::of(&calls);
@@ -475,7 +465,7 @@ async fn logs_page_newest_first_by_cursor_and_filter_by_model_and_time() {
     let calls: Vec<Call> = (0..7u64)
         .map(|i| {
             let model = if i % 2 == 0 { SONNET } else { HAIKU };
-            call(model, i % 3 == 0, usage(100 + i, 10 + i, 5 * i, 7 * i))
+            call(model, i % 3 == 0, Usage::new(100 + i, 10 + i, 5 * i, 7 * i))
         })
         .collect();
     let sent = traffic(&app, &id, &key, &calls, calls.len()).await;
@@ -622,9 +612,9 @@ async fn another_key_sees_none_of_the_first_keys_usage_nor_can_use_its_cursors()
     let (id_a, key_a) = app.new_key().await.unwrap();
     let (id_b, key_b) = app.new_key().await.unwrap();
     let calls = [
-        call(SONNET, false, usage(10, 10, 0, 0)),
-        call(HAIKU, false, usage(20, 20, 0, 0)),
-        call(SONNET, true, usage(30, 30, 0, 0)),
+        call(SONNET, false, Usage::new(10, 10, 0, 0)),
+        call(HAIKU, false, Usage::new(20, 20, 0, 0)),
+        call(SONNET, true, Usage::new(30, 30, 0, 0)),
     ];
     traffic(&app, &id_a, &key_a, &calls, 3).await;
 
@@ -709,7 +699,7 @@ async fn another_key_sees_none_of_the_first_keys_usage_nor_can_use_its_cursors()
         &app,
         &id_b,
         &key_b,
-        &[call(HAIKU, false, usage(1, 1, 1, 1))],
+        &[call(HAIKU, false, Usage::new(1, 1, 1, 1))],
         1,
     )
     .await;
@@ -734,20 +724,17 @@ async fn with_window_headroom(period: u64, headroom: u64) {
 #[tokio::test]
 async fn quota_shows_budget_tier_and_the_current_rate_window() {
     let app = spawn_app().await.unwrap();
-    let created = app
-        .create_key(
+    let (id, key) = app
+        .new_key_with(
             json!({"name": "budget", "token_limit": 1000, "expires_at": "2099-01-01T00:00:00Z"}),
         )
         .await
         .unwrap();
-    let (id, key) = (
-        created["id"].as_str().unwrap(),
-        created["api_key"].as_str().unwrap(),
-    );
+    let (id, key) = (id.as_str(), key.as_str());
     let calls = [
-        call(SONNET, false, usage(100, 23, 0, 0)),
-        call(HAIKU, true, usage(50, 10, 5, 5)),
-        call(SONNET, false, usage(20, 20, 2, 2)),
+        call(SONNET, false, Usage::new(100, 23, 0, 0)),
+        call(HAIKU, true, Usage::new(50, 10, 5, 5)),
+        call(SONNET, false, Usage::new(20, 20, 2, 2)),
     ];
     with_window_headroom(60, 20).await;
     traffic(&app, id, key, &calls, 3).await;
@@ -814,19 +801,16 @@ async fn quota_shows_budget_tier_and_the_current_rate_window() {
     assert_eq!(quota["rate_window"]["requests_remaining"], 100);
 
     // percent_used keeps two decimals: 1000 of 3000.
-    let third = app
-        .create_key(json!({"name": "third", "token_limit": 3000}))
+    let (third_id, third_key) = app
+        .new_key_with(json!({"name": "third", "token_limit": 3000}))
         .await
         .unwrap();
-    let (third_id, third_key) = (
-        third["id"].as_str().unwrap(),
-        third["api_key"].as_str().unwrap(),
-    );
+    let (third_id, third_key) = (third_id.as_str(), third_key.as_str());
     traffic(
         &app,
         third_id,
         third_key,
-        &[call(SONNET, false, usage(600, 400, 0, 0))],
+        &[call(SONNET, false, Usage::new(600, 400, 0, 0))],
         1,
     )
     .await;
@@ -851,7 +835,7 @@ async fn usage_routes_need_a_valid_enabled_key_and_never_charge_it() {
         &app,
         &id,
         &key,
-        &[call(SONNET, false, usage(5, 5, 0, 0))],
+        &[call(SONNET, false, Usage::new(5, 5, 0, 0))],
         1,
     )
     .await;
@@ -1026,22 +1010,20 @@ async fn admin_sees_each_keys_usage_as_its_holder_does_and_all_keys_together() {
         (
             "alpha",
             vec![
-                call(SONNET, false, usage(10, 5, 0, 0)),
-                call(HAIKU, true, usage(20, 5, 1, 1)),
+                call(SONNET, false, Usage::new(10, 5, 0, 0)),
+                call(HAIKU, true, Usage::new(20, 5, 1, 1)),
             ],
         ),
         (
             "beta",
             vec![
-                call(SONNET, false, usage(300, 50, 0, 100)),
-                call(SONNET, true, usage(200, 20, 10, 0)),
-                call(HAIKU, false, usage(5, 5, 5, 5)),
+                call(SONNET, false, Usage::new(300, 50, 0, 100)),
+                call(SONNET, true, Usage::new(200, 20, 10, 0)),
+                call(HAIKU, false, Usage::new(5, 5, 5, 5)),
             ],
         ),
     ] {
-        let created = app.create_key(json!({"name": name})).await.unwrap();
-        let id = created["id"].as_str().unwrap().to_owned();
-        let key = created["api_key"].as_str().unwrap().to_owned();
+        let (id, key) = app.new_key_with(json!({"name": name})).await.unwrap();
         traffic(&app, &id, &key, &calls, calls.len()).await;
         keys.push((name, id, key, Totals::of(&calls)));
     }
@@ -1217,13 +1199,13 @@ async fn metrics_expose_each_keys_counters_in_prometheus_text() {
         (
             json!({"name": "limited", "token_limit": 5000}),
             vec![
-                call(SONNET, false, usage(100, 50, 25, 10)),
-                call(HAIKU, true, usage(1, 2, 3, 4)),
+                call(SONNET, false, Usage::new(100, 50, 25, 10)),
+                call(HAIKU, true, Usage::new(1, 2, 3, 4)),
             ],
         ),
         (
             json!({"name": odd_name}),
-            vec![call(HAIKU, false, usage(7, 7, 7, 7))],
+            vec![call(HAIKU, false, Usage::new(7, 7, 7, 7))],
         ),
         (json!({"name": "idle"}), vec![]),
     ] {
@@ -1357,9 +1339,9 @@ async fn log_cursor_outside_the_requested_time_range_is_400_not_500() {
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
     let calls = [
-        call(SONNET, false, usage(1, 1, 0, 0)),
-        call(SONNET, false, usage(2, 2, 0, 0)),
-        call(HAIKU, false, usage(3, 3, 0, 0)),
+        call(SONNET, false, Usage::new(1, 1, 0, 0)),
+        call(SONNET, false, Usage::new(2, 2, 0, 0)),
+        call(HAIKU, false, Usage::new(3, 3, 0, 0)),
     ];
     traffic(&app, &id, &key, &calls, 3).await;
     let page = key_get(&app, &key, "/api/usage/logs?limit=1").await.ok();
