@@ -41,13 +41,20 @@ def binary(name: str) -> Path:
     return target / "debug" / name
 
 
+# Every binary the Python tests run, in one `cargo build`: the functions ask
+# for no feature relay-local lacks, so all share the dependency artifacts.
+PACKAGES = ["relay-local", "relay-tests", "relay-proxy", "relay-admin", "relay-usage"]
+BINARIES = ["relay-local", "fake-upstream", "relay-proxy", "relay-admin", "relay-usage"]
+
+
 @pytest.fixture(scope="session")
 def binaries():
-    subprocess.run(
-        ["cargo", "build", "-q", "-p", "relay-local", "-p", "relay-tests", "--bin", "relay-local", "--bin", "fake-upstream"],
-        cwd=REPO,
-        check=True,
-    )
+    command = ["cargo", "build", "-q"]
+    for package in PACKAGES:
+        command += ["-p", package]
+    for name in BINARIES:
+        command += ["--bin", name]
+    subprocess.run(command, cwd=REPO, check=True)
     return binary("relay-local"), binary("fake-upstream")
 
 

@@ -42,7 +42,9 @@ import boto3
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from conftest import REPO, free_port, wait_until
+from conftest import binary as built_binary
+
 EVENTS = REPO / "events"
 VENV = Path(os.environ.get("RELAY_VENV", REPO / ".venv"))
 CARGO_LAMBDA = VENV / "bin" / "cargo-lambda"
@@ -52,12 +54,6 @@ UPSTREAM_KEY = "sk-ant-lambda-runtime-test-upstream"
 ADMIN_PASSWORD = "correct horse battery staple"
 ADMIN_PASSWORD_HASH = "$2b$04$A222l.XARKggvHUtCDrL1uOeX8ioEQITYlScY3BxzZdKfcnZi5XGG"
 EVENT_IP = "203.0.113.7"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, what: str, process: subprocess.Popen, log: Path, timeout: float = 60.0):
@@ -161,24 +157,8 @@ def functions_in_template() -> dict[str, dict[str, object]]:
     return functions
 
 
-def build_binaries():
-    # One `cargo build` with conftest.py's selection plus the functions: the
-    # functions ask for no feature conftest's binaries do not, so they share
-    # the same dependency artifacts (nothing is compiled twice).
-    packages = ["relay-local", "relay-tests", "relay-proxy", "relay-admin", "relay-usage"]
-    binaries = ["relay-local", "fake-upstream", "relay-proxy", "relay-admin", "relay-usage"]
-    command = ["cargo", "build", "-q"]
-    for package in packages:
-        command += ["-p", package]
-    for binary in binaries:
-        command += ["--bin", binary]
-    subprocess.run(command, cwd=REPO, check=True)
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
-    return target
-
-
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
+def runtime(binaries, tmp_path_factory):
     dynamodb = os.environ.get("DYNAMODB_ENDPOINT")
     secretsmanager = os.environ.get("SECRETSMANAGER_ENDPOINT")
     if not dynamodb or not secretsmanager:
@@ -186,7 +166,6 @@ def runtime(tmp_path_factory):
     if not CARGO_LAMBDA.exists():
         pytest.fail(f"{CARGO_LAMBDA} is missing: run `make venv`")
     logs = tmp_path_factory.mktemp("lambda-runtime")
-    target = build_binaries()
 
     region = os.environ.get("AWS_REGION", "us-east-1")
     credentials = {
@@ -218,7 +197,7 @@ def runtime(tmp_path_factory):
         upstream_port = free_port()
         upstream_log = logs / "fake-upstream.log"
         upstream = subprocess.Popen(
-            [str(target / "fake-upstream"), "--port", str(upstream_port), "--api-key", UPSTREAM_KEY],
+            [str(built_binary("fake-upstream")), "--port", str(upstream_port), "--api-key", UPSTREAM_KEY],
             stdout=open(upstream_log, "w"),
             stderr=subprocess.STDOUT,
         )
@@ -268,7 +247,7 @@ def runtime(tmp_path_factory):
             )
             stdout_log, stderr_log = logs / f"{binary}.stdout", logs / f"{binary}.stderr"
             function = subprocess.Popen(
-                [str(target / binary)], env=env, stdout=open(stdout_log, "w"), stderr=open(stderr_log, "w")
+                [str(built_binary(binary))], env=env, stdout=open(stdout_log, "w"), stderr=open(stderr_log, "w")
             )
             processes.append(function)
             functions[binary] = {
@@ -429,17 +408,16 @@ def test_proxy_says_hello_and_streams_a_message(runtime, key):
 
     # Settled (just after the stream closed, the settle extension holding
     # the invocation open until then), with the event's address.
-    deadline = time.monotonic() + 10
-    while True:
-        logs = runtime["dynamodb"].query(
+    def usage_logs():
+        return runtime["dynamodb"].query(
             TableName=runtime["table"],
             KeyConditionExpression="pk = :pk AND begins_with(sk, :log)",
             ExpressionAttributeValues={":pk": {"S": f"KEY#{key['id']}"}, ":log": {"S": "LOG#"}},
             ConsistentRead=True,
         )["Items"]
-        if logs or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+
+    wait_until(usage_logs, "the message's usage log", timeout=10)
+    logs = usage_logs()
     assert len(logs) == 1
     assert logs[0]["client_ip"]["S"] == EVENT_IP
     assert int(logs[0]["output_tokens"]["N"]) > 0
