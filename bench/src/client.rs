@@ -166,11 +166,10 @@ impl Client {
         Ok(ms(elapsed))
     }
 
-    /// One streamed request: when each SSE event arrived, in milliseconds
-    /// after the response headers.
-    /// Each SSE event's arrival (ms after the response headers) and, for
-    /// the fake's `sent_at_us` stamps, each stamp's delay from the fake's
-    /// write to this client (ms, same machine, same clock).
+    /// One streamed request: each SSE event's arrival (ms after the
+    /// response headers) and, for the fake's `sent_at_us` stamps, each
+    /// stamp's delay from the fake's write to this client (ms, same machine,
+    /// same clock).
     pub async fn event_arrivals(&self, to: &Endpoint) -> anyhow::Result<EventTimes> {
         let response = self.post(to, true).await?;
         let headers_at = Instant::now();

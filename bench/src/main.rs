@@ -139,7 +139,7 @@ async fn run(o: &Options) -> anyhow::Result<()> {
     for bin in [&relay_bin, &fake_bin] {
         if !bin.is_file() {
             bail!(
-                "{} is missing: build with `cargo build --release -p relay-local -p relay-tests --bin fake-upstream` (make bench does)",
+                "{} is missing: `make bench` builds it (or `cargo build --release -p relay-local` and `cargo build --release -p relay-tests --bin fake-upstream`)",
                 bin.display()
             );
         }
@@ -210,7 +210,7 @@ async fn run(o: &Options) -> anyhow::Result<()> {
     .await?;
     let admin_http = reqwest::Client::builder().no_proxy().build()?;
     let relay_key = create_key(&admin_http, &relay.base_url, &password).await?;
-    let store = bench_store(&dynamo.endpoint, &table).await;
+    let store = bench_store(&dynamo.endpoint, &table);
     let relay_ep = Endpoint {
         label: "relay",
         base_url: relay.base_url.clone(),
@@ -218,10 +218,7 @@ async fn run(o: &Options) -> anyhow::Result<()> {
     };
     let mut figures = Figures::default();
     figures.push("startup_hello", ms(first_startup));
-    figures.push(
-        "rss_idle",
-        procfs::status_kb(relay.pid, "VmRSS")? as f64 / 1024.0,
-    );
+    figures.push("rss_idle", procfs::status_mb(relay.pid, "VmRSS")?);
 
     let stack = Stack {
         relay,
@@ -241,7 +238,7 @@ async fn run(o: &Options) -> anyhow::Result<()> {
     warm_up(o, &stack, &client, &fake_bin, &state_dir, &scripts).await?;
     figures.push(
         "rss_idle_warm",
-        procfs::status_kb(stack.relay.pid, "VmRSS")? as f64 / 1024.0,
+        procfs::status_mb(stack.relay.pid, "VmRSS")?,
     );
 
     for rep in 0..o.reps {
@@ -263,14 +260,8 @@ async fn run(o: &Options) -> anyhow::Result<()> {
         )
         .await?;
     }
-    figures.push(
-        "rss_after",
-        procfs::status_kb(stack.relay.pid, "VmRSS")? as f64 / 1024.0,
-    );
-    figures.push(
-        "rss_peak",
-        procfs::status_kb(stack.relay.pid, "VmHWM")? as f64 / 1024.0,
-    );
+    figures.push("rss_after", procfs::status_mb(stack.relay.pid, "VmRSS")?);
+    figures.push("rss_peak", procfs::status_mb(stack.relay.pid, "VmHWM")?);
 
     let text = render(o, &figures, body_len, started.elapsed(), &load_before);
     std::fs::write(state_dir.join("report.md"), &text)?;
@@ -338,9 +329,20 @@ async fn create_key(http: &reqwest::Client, base: &str, password: &str) -> anyho
         .to_owned())
 }
 
+/// A fake served directly, the side the relay is compared with.
+async fn start_direct_fake(fake_bin: &Path, state_dir: &Path) -> anyhow::Result<Service> {
+    services::start_fake(
+        fake_bin,
+        0,
+        &state_dir.join("fake-direct.log"),
+        "fake direct",
+    )
+    .await
+}
+
 /// The relay's own store code, pointed at the same table, to time its two
 /// hot-path writes from outside the relay.
-async fn bench_store(endpoint: &str, table: &str) -> Store {
+fn bench_store(endpoint: &str, table: &str) -> Store {
     use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
     let config = aws_sdk_dynamodb::Config::builder()
         .behavior_version(BehaviorVersion::latest())
@@ -415,13 +417,7 @@ async fn warm_up(
     state_dir: &Path,
     scripts: &WrkScripts,
 ) -> anyhow::Result<()> {
-    let fake = services::start_fake(
-        fake_bin,
-        0,
-        &state_dir.join("fake-direct.log"),
-        "fake direct",
-    )
-    .await?;
+    let fake = start_direct_fake(fake_bin, state_dir).await?;
     let direct = direct_endpoint(&fake);
     for _ in 0..o.json_requests / 2 {
         client.json(&stack.relay_ep).await?;
@@ -436,14 +432,9 @@ async fn warm_up(
         (&scripts.relay, &stack.relay.base_url),
         (&scripts.direct, &fake.base_url),
     ] {
-        let result = wrk::run(script, url, 32, 2, seconds).await?;
-        if result.non_2xx > 0 || result.socket_errors > 0 {
-            bail!(
-                "warm-up wrk against {url}: {} non-2xx answers and {} socket errors",
-                result.non_2xx,
-                result.socket_errors
-            );
-        }
+        wrk::run(script, url, 32, 2, seconds)
+            .await?
+            .ensure_clean(&format!("warm-up wrk against {url}"))?;
     }
     fake.stop().await;
     Ok(())
@@ -490,13 +481,7 @@ async fn repetition(
 ) -> anyhow::Result<()> {
     // A fresh fake per repetition for the direct runs: it records every
     // request, and tens of thousands a second would pile up.
-    let fake = services::start_fake(
-        fake_bin,
-        0,
-        &state_dir.join("fake-direct.log"),
-        "fake direct",
-    )
-    .await?;
+    let fake = start_direct_fake(fake_bin, state_dir).await?;
     let direct = direct_endpoint(&fake);
     for _ in 0..50 {
         client.json(&direct).await?;
@@ -606,14 +591,7 @@ async fn repetition(
         let mark = CpuMark::take(&[relay_pid, stack.dynamo_pid, fake_pid])?;
         let children = procfs::children_cpu_ticks()?;
         let result = wrk::run(script, url, 32, 2, duration).await?;
-        if result.non_2xx > 0 || result.socket_errors > 0 {
-            bail!(
-                "wrk against the {side}: {} non-2xx answers and {} socket errors in {} requests",
-                result.non_2xx,
-                result.socket_errors,
-                result.requests
-            );
-        }
+        result.ensure_clean(&format!("wrk against the {side}"))?;
         let n = result.requests;
         f.push(&format!("rps_{side}"), result.requests_per_second);
         f.push(&format!("wrk_p50_{side}"), result.p50_ms);
@@ -632,10 +610,7 @@ async fn repetition(
             f.push("ddb_calls_c32", (after - before) as f64 / n.max(1) as f64);
             f.push("cpu_relay_c32", mark.per_request(relay_pid, n, ticks)?);
             f.push("cpu_ddb_c32", mark.per_request(stack.dynamo_pid, n, ticks)?);
-            f.push(
-                "rss_load",
-                procfs::status_kb(relay_pid, "VmRSS")? as f64 / 1024.0,
-            );
+            f.push("rss_load", procfs::status_mb(relay_pid, "VmRSS")?);
         }
     }
     fake.stop().await;
@@ -894,266 +869,201 @@ fn render(o: &Options, f: &Figures, body_len: usize, elapsed: Duration, load: &s
         elapsed.as_secs_f64(),
     );
     // (measure, relay series, direct series, target on the relay median)
-    let mut spec: Vec<(String, &str, &str, Option<Target>)> = vec![
+    let spec: Vec<(&str, &str, &str, Option<Target>)> = vec![
         (
-            "latency p50, non-streamed, c=1 (ms)".into(),
+            "latency p50, non-streamed, c=1 (ms)",
             "lat_p50_relay",
             "lat_p50_direct",
             None,
         ),
         (
-            "latency p99, non-streamed, c=1 (ms)".into(),
+            "latency p99, non-streamed, c=1 (ms)",
             "lat_p99_relay",
             "lat_p99_direct",
             None,
         ),
         (
-            "added latency p50, relay − direct (ms, incl. its DynamoDB round trips)".into(),
+            "added latency p50, relay − direct (ms, incl. its DynamoDB round trips)",
             "lat_p50_added",
             "",
             Some(Target::AtMost(3.0)),
         ),
         (
-            "added latency p99, relay − direct (ms)".into(),
+            "added latency p99, relay − direct (ms)",
             "lat_p99_added",
             "",
             None,
         ),
         (
-            "latency p50, c=1, each request sent once the previous one is settled (ms)".into(),
+            "latency p50, c=1, each request sent once the previous one is settled (ms)",
             "lat_settled_p50_relay",
             "lat_settled_p50_direct",
             None,
         ),
         (
-            "added latency p50, same (ms, as one Lambda environment serves a client)".into(),
+            "added latency p50, same (ms, as one Lambda environment serves a client)",
             "lat_settled_p50_added",
             "",
             None,
         ),
         (
-            "time to last byte p50, streamed, c=1 (ms)".into(),
+            "time to last byte p50, streamed, c=1 (ms)",
             "ttlb_p50_relay",
             "ttlb_p50_direct",
             None,
         ),
         (
-            "time to last byte p99, streamed, c=1 (ms)".into(),
+            "time to last byte p99, streamed, c=1 (ms)",
             "ttlb_p99_relay",
             "ttlb_p99_direct",
             None,
         ),
         (
-            "throughput, non-streamed, c=32, wrk (req/s)".into(),
+            "throughput, non-streamed, c=32, wrk (req/s)",
             "rps_relay",
             "rps_direct",
             None,
         ),
         (
-            "wrk latency p50 at c=32 (ms)".into(),
+            "wrk latency p50 at c=32 (ms)",
             "wrk_p50_relay",
             "wrk_p50_direct",
             None,
         ),
         (
-            "wrk latency p99 at c=32 (ms)".into(),
+            "wrk latency p99 at c=32 (ms)",
             "wrk_p99_relay",
             "wrk_p99_direct",
             None,
         ),
         (
-            "relay CPU per request, c=32 (ms, excl. DynamoDB Local)".into(),
+            "relay CPU per request, c=32 (ms, excl. DynamoDB Local)",
             "cpu_relay_c32",
             "",
             Some(Target::AtMost(0.25)),
         ),
         (
-            "relay CPU per request, c=1 (ms)".into(),
+            "relay CPU per request, c=1 (ms)",
             "cpu_relay_c1",
             "",
             Some(Target::AtMost(0.25)),
         ),
         (
-            "DynamoDB Local CPU per relayed request, c=32 (ms)".into(),
+            "DynamoDB Local CPU per relayed request, c=32 (ms)",
             "cpu_ddb_c32",
             "",
             None,
         ),
         (
-            "DynamoDB Local CPU per relayed request, c=1 (ms)".into(),
+            "DynamoDB Local CPU per relayed request, c=1 (ms)",
             "cpu_ddb_c1",
             "",
             None,
         ),
         (
-            "fake upstream CPU per request, c=32 (ms)".into(),
+            "fake upstream CPU per request, c=32 (ms)",
             "cpu_fake_c32_relay",
             "cpu_fake_c32_direct",
             None,
         ),
         (
-            "wrk's own CPU per request, c=32 (ms)".into(),
+            "wrk's own CPU per request, c=32 (ms)",
             "cpu_wrk_relay",
             "cpu_wrk_direct",
             None,
         ),
         (
-            "DynamoDB round trips of one non-streamed request, known key: median".into(),
+            "DynamoDB round trips of one non-streamed request, known key: median",
             "ddb_calls_json_median",
             "",
             Some(Target::AtMost(2.0)),
         ),
         (
-            "DynamoDB round trips of one streamed request, known key: median".into(),
+            "DynamoDB round trips of one streamed request, known key: median",
             "ddb_calls_stream_median",
             "",
             Some(Target::AtMost(2.0)),
         ),
         (
-            "DynamoDB round trips of one non-streamed request: most seen".into(),
+            "DynamoDB round trips of one non-streamed request: most seen",
             "ddb_calls_json_max",
             "",
             None,
         ),
         (
-            "DynamoDB round trips of one streamed request: most seen".into(),
+            "DynamoDB round trips of one streamed request: most seen",
             "ddb_calls_stream_max",
             "",
             None,
         ),
         (
-            "DynamoDB round trips per request, mean over the c=1 non-streamed phase".into(),
+            "DynamoDB round trips per request, mean over the c=1 non-streamed phase",
             "ddb_calls_json_mean",
             "",
             None,
         ),
         (
-            "DynamoDB round trips per request, mean over the c=1 streamed phase".into(),
+            "DynamoDB round trips per request, mean over the c=1 streamed phase",
             "ddb_calls_stream_mean",
             "",
             None,
         ),
         (
-            "DynamoDB round trips per request, mean at c=32 (incl. conflict retries)".into(),
+            "DynamoDB round trips per request, mean at c=32 (incl. conflict retries)",
             "ddb_calls_c32",
             "",
             None,
         ),
         (
-            "DynamoDB round trips, first request of a fresh process".into(),
+            "DynamoDB round trips, first request of a fresh process",
             "ddb_calls_cold",
             "",
             None,
         ),
         (
-            "admission UpdateItem on DynamoDB Local, p50 (ms, relay's code, c=1)".into(),
+            "admission UpdateItem on DynamoDB Local, p50 (ms, relay's code, c=1)",
             "store_admit_p50",
             "",
             None,
         ),
         (
-            "settlement TransactWriteItems on DynamoDB Local, p50 (ms, relay's code, c=1)".into(),
+            "settlement TransactWriteItems on DynamoDB Local, p50 (ms, relay's code, c=1)",
             "store_settle_p50",
             "",
             None,
         ),
+        ("relay RSS idle after start (MB)", "rss_idle", "", None),
         (
-            "relay RSS idle after start (MB)".into(),
-            "rss_idle",
-            "",
-            None,
-        ),
-        (
-            "relay RSS idle after warm-up (MB)".into(),
+            "relay RSS idle after warm-up (MB)",
             "rss_idle_warm",
             "",
             None,
         ),
         (
-            "relay RSS right after c=32 load (MB, VmRSS)".into(),
+            "relay RSS right after c=32 load (MB, VmRSS)",
             "rss_load",
             "",
             Some(Target::AtMost(30.0)),
         ),
         (
-            "relay RSS peak over the run (MB, VmHWM)".into(),
+            "relay RSS peak over the run (MB, VmHWM)",
             "rss_peak",
             "",
             Some(Target::AtMost(30.0)),
         ),
         (
-            "start-up: exec → first answered request (ms)".into(),
+            "start-up: exec → first answered request (ms)",
             "startup_hello",
             "",
             Some(Target::AtMost(100.0)),
         ),
         (
-            "start-up: exec → answering, + first proxied request (cold caches) (ms)".into(),
+            "start-up: exec → answering, + first proxied request (cold caches) (ms)",
             "startup_proxied",
             "",
             None,
         ),
     ];
-    // Per spacing: relay and direct series, then the two "added" ones.
-    let names: Vec<[String; 10]> = EVENT_SPACINGS_MS
-        .iter()
-        .map(|spacing| {
-            [
-                "p50_relay",
-                "p50_direct",
-                "p99_relay",
-                "p99_direct",
-                "delay_p50_relay",
-                "delay_p50_direct",
-                "delay_p99_relay",
-                "delay_p99_direct",
-                "delay_p50_added",
-                "delay_p99_added",
-            ]
-            .map(|what| format!("sse{spacing}_{what}"))
-        })
-        .collect();
-    for (spacing, n) in EVENT_SPACINGS_MS.iter().zip(&names) {
-        let label = |what: &str| format!("SSE events {spacing} ms apart: {what}");
-        spec.extend([
-            (
-                label("lateness vs the fake's schedule, p50 (ms)"),
-                n[0].as_str(),
-                n[1].as_str(),
-                None,
-            ),
-            (
-                label("lateness, p99 (ms)"),
-                n[2].as_str(),
-                n[3].as_str(),
-                None,
-            ),
-            (
-                label("each event's delay, fake's write → client, p50 (ms)"),
-                n[4].as_str(),
-                n[5].as_str(),
-                None,
-            ),
-            (
-                label("each event's delay, p99 (ms)"),
-                n[6].as_str(),
-                n[7].as_str(),
-                None,
-            ),
-            (
-                label("added per-event delay p50, relay − direct (ms)"),
-                n[8].as_str(),
-                "",
-                Some(Target::AtMost(1.0)),
-            ),
-            (
-                label("added per-event delay p99, relay − direct (ms)"),
-                n[9].as_str(),
-                "",
-                Some(Target::AtMost(1.0)),
-            ),
-        ]);
-    }
     let mut rows: Vec<Row> = spec
         .iter()
         .map(|(measure, relay, direct, target)| {
@@ -1176,6 +1086,48 @@ fn render(o: &Options, f: &Figures, body_len: usize, elapsed: Duration, load: &s
             )
         })
         .collect();
+    // Per spacing: relay against direct, then the two "added" figures.
+    for spacing in EVENT_SPACINGS_MS {
+        let label = |what: &str| format!("SSE events {spacing} ms apart: {what}");
+        let series = |what: &str| format!("sse{spacing}_{what}");
+        for (what, name) in [
+            ("lateness vs the fake's schedule, p50 (ms)", "p50"),
+            ("lateness, p99 (ms)", "p99"),
+            (
+                "each event's delay, fake's write → client, p50 (ms)",
+                "delay_p50",
+            ),
+            ("each event's delay, p99 (ms)", "delay_p99"),
+        ] {
+            rows.push(Row::of(
+                f,
+                &label(what),
+                Some(&series(&format!("{name}_relay"))),
+                Some(&series(&format!("{name}_direct"))),
+                None,
+                None,
+            ));
+        }
+        for (what, name) in [
+            (
+                "added per-event delay p50, relay − direct (ms)",
+                "delay_p50_added",
+            ),
+            (
+                "added per-event delay p99, relay − direct (ms)",
+                "delay_p99_added",
+            ),
+        ] {
+            rows.push(Row::of(
+                f,
+                &label(what),
+                Some(&series(name)),
+                None,
+                Some(Target::AtMost(1.0)),
+                None,
+            ));
+        }
+    }
     let micro = report::criterion_results(&o.criterion_dir);
     let micro_rows: [(&str, &str); 6] = [
         (

@@ -53,7 +53,12 @@ pub fn children_cpu_ticks() -> anyhow::Result<u64> {
     }
 }
 
-/// A `kB` field of /proc/<pid>/status (`VmRSS`, `VmHWM`), in kB.
+/// A `kB` field of /proc/<pid>/status (`VmRSS`, `VmHWM`), in MB.
+pub fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
+    Ok(status_kb(pid, field)? as f64 / 1024.0)
+}
+
+/// A `kB` field of /proc/<pid>/status, in kB.
 pub fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;

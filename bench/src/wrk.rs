@@ -18,6 +18,22 @@ pub struct WrkResult {
     pub p99_ms: f64,
 }
 
+impl WrkResult {
+    /// Fails unless every answer was 2xx/3xx and no socket failed: a figure
+    /// taken over errors would measure the errors.
+    pub fn ensure_clean(&self, what: &str) -> anyhow::Result<()> {
+        if self.non_2xx > 0 || self.socket_errors > 0 {
+            bail!(
+                "{what}: {} non-2xx answers and {} socket errors in {} requests",
+                self.non_2xx,
+                self.socket_errors,
+                self.requests
+            );
+        }
+        Ok(())
+    }
+}
+
 /// A lua long-bracket string that `text` cannot close early.
 fn lua_string(text: &str) -> String {
     let mut level = 1;
