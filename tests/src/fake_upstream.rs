@@ -1,6 +1,7 @@
 //! A fake Anthropic API server speaking the real wire format (JSON messages, SSE streams, error
-//! envelopes, rate-limit headers), recording every request and misbehaving on demand; used
-//! in-process by the integration tests and by the `fake-upstream` binary.
+//! envelopes, rate-limit headers, the Message Batches and Files APIs), recording every request
+//! and misbehaving on demand; used in-process by the integration tests and by the
+//! `fake-upstream` binary.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -21,6 +22,8 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use http::StatusCode;
 use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -229,6 +232,14 @@ struct Inner {
     queue: VecDeque<Behavior>,
     default: Behavior,
     requests: Vec<RecordedRequest>,
+    /// Message batches in creation order.
+    batches: Vec<Batch>,
+    /// How long a batch created from now on stays `in_progress`.
+    batch_duration: Duration,
+    /// Uploaded files in creation order.
+    files: Vec<StoredFile>,
+    /// Delay for the answer of the next successful batch or file creation.
+    hold_next_create: Option<Duration>,
 }
 
 struct Shared {
@@ -271,6 +282,10 @@ impl FakeUpstream {
                 queue: VecDeque::new(),
                 default: config.default_behavior,
                 requests: Vec::new(),
+                batches: Vec::new(),
+                batch_duration: Duration::ZERO,
+                files: Vec::new(),
+                hold_next_create: None,
             }),
             reject_authorization: config.reject_authorization,
         });
@@ -328,6 +343,57 @@ impl FakeUpstream {
     /// Forget the recorded requests.
     pub fn clear_requests(&self) {
         self.shared.lock().requests.clear();
+    }
+
+    /// How long batches created from now on stay `in_progress` before they end on their own;
+    /// batches already created keep their duration. The default, zero, ends a batch at once.
+    pub fn set_batch_duration(&self, duration: Duration) {
+        self.shared.lock().batch_duration = duration;
+    }
+
+    /// End a batch now, as if its duration had passed; no effect on an ended or unknown batch.
+    pub fn end_batch(&self, id: &str) {
+        let now = utc_now();
+        if let Some(batch) = self.shared.lock().batches.iter_mut().find(|b| b.id == id) {
+            batch.end(now);
+        }
+    }
+
+    /// The ids of every stored (not deleted) batch, in creation order.
+    pub fn batch_ids(&self) -> Vec<String> {
+        self.shared
+            .lock()
+            .batches
+            .iter()
+            .map(|b| b.id.clone())
+            .collect()
+    }
+
+    /// The summed usage of a batch's succeeded results, as its results file reports them; zero
+    /// for a canceled batch. `None` while the batch is in progress (no results yet) or unknown.
+    pub fn batch_results_usage(&self, id: &str) -> Option<Usage> {
+        let now = utc_now();
+        let inner = self.shared.lock();
+        let batch = inner.batches.iter().find(|b| b.id == id)?;
+        batch.ended_at(now)?;
+        Some(batch.succeeded_usage())
+    }
+
+    /// The ids of every stored (not deleted) file, in creation order.
+    pub fn file_ids(&self) -> Vec<String> {
+        self.shared
+            .lock()
+            .files
+            .iter()
+            .map(|f| f.id.clone())
+            .collect()
+    }
+
+    /// Make the next successful `POST /v1/messages/batches` or `POST /v1/files` wait `delay`
+    /// before answering. The request is recorded and the object created first, so it exists
+    /// upstream while the client still waits (time to break the relay's database).
+    pub fn hold_next_create(&self, delay: Duration) {
+        self.shared.lock().hold_next_create = Some(delay);
     }
 }
 
@@ -511,7 +577,19 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     }
 
     let path = parts.uri.path();
-    match (parts.method.as_str(), path) {
+    let method = parts.method.as_str();
+    let query = parts.uri.query();
+    if let Some(rest) = under(path, "/v1/messages/batches") {
+        return route_batches(&shared, method, rest, query, &body).await;
+    }
+    if let Some(rest) = under(path, "/v1/files") {
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        return route_files(&shared, method, rest, query, content_type, &body).await;
+    }
+    match (method, path) {
         ("POST", "/v1/messages") => {
             let behavior = {
                 let mut inner = shared.lock();
@@ -1046,6 +1124,702 @@ fn models_list() -> String {
         js(MODELS[0].0),
         js(MODELS[MODELS.len() - 1].0)
     )
+}
+
+/// The rest of `path` after `prefix` when `path` is `prefix` itself or lies below it.
+fn under<'a>(path: &'a str, prefix: &str) -> Option<&'a str> {
+    let rest = path.strip_prefix(prefix)?;
+    (rest.is_empty() || rest.starts_with('/')).then_some(rest)
+}
+
+/// The segments of a path remainder from [`under`]: `""` → `[]`, `"/a/b"` → `["a", "b"]`.
+fn segments(rest: &str) -> Vec<&str> {
+    rest.split('/').skip(1).collect()
+}
+
+/// The current UTC time, to the microsecond like Anthropic's timestamps.
+fn utc_now() -> OffsetDateTime {
+    let now = OffsetDateTime::now_utc();
+    now.replace_nanosecond(now.nanosecond() / 1_000 * 1_000)
+        .unwrap_or(now)
+}
+
+/// A JSON RFC 3339 string, or `null`.
+fn js_time(t: Option<OffsetDateTime>) -> String {
+    match t.and_then(|t| t.format(&Rfc3339).ok()) {
+        Some(t) => js(&t),
+        None => "null".to_owned(),
+    }
+}
+
+/// A 200 JSON answer with the headers every authenticated Anthropic answer carries.
+fn api_json(json: String) -> Response {
+    let headers = vec![
+        ("content-type", "application/json".to_owned()),
+        ("request-id", request_id()),
+        ("anthropic-organization-id", ORGANIZATION_ID.to_owned()),
+    ];
+    build(StatusCode::OK, headers, Body::from(json))
+}
+
+fn invalid(message: &str) -> Response {
+    error_response(400, "invalid_request_error", Some(message), None)
+}
+
+fn not_found(what: &str, id: &str) -> Response {
+    error_response(
+        404,
+        "not_found_error",
+        Some(&format!("{what} {id} not found")),
+        None,
+    )
+}
+
+/// The first value of a query parameter, undecoded (ids and numbers need no decoding).
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(value)
+    })
+}
+
+/// Anthropic's cursor page over `items`, (id, JSON object) newest first: `limit` (1..=1000,
+/// default 20) items from the start, right after `after_id` or right before `before_id`;
+/// `has_more` says whether items remain beyond the page in that direction. An unknown cursor
+/// or a bad limit is a 400.
+fn list_response(items: &[(String, String)], query: Option<&str>) -> Response {
+    let limit = match query_param(query, "limit").map(str::parse::<usize>) {
+        None => 20,
+        Some(Ok(limit @ 1..=1000)) => limit,
+        Some(_) => return invalid("limit: must be an integer between 1 and 1000"),
+    };
+    let position = |id: &str| items.iter().position(|(item, _)| item == id);
+    let (start, end, has_more) = match (
+        query_param(query, "before_id"),
+        query_param(query, "after_id"),
+    ) {
+        (Some(_), Some(_)) => return invalid("before_id and after_id are mutually exclusive"),
+        (Some(before), None) => {
+            let Some(end) = position(before) else {
+                return invalid(&format!("before_id: unknown id {before}"));
+            };
+            let start = end.saturating_sub(limit);
+            (start, end, start > 0)
+        }
+        (None, after) => {
+            let start = match after {
+                None => 0,
+                Some(after) => match position(after) {
+                    Some(at) => at + 1,
+                    None => return invalid(&format!("after_id: unknown id {after}")),
+                },
+            };
+            let end = (start + limit).min(items.len());
+            (start, end, end < items.len())
+        }
+    };
+    let page = items.get(start..end).unwrap_or_default();
+    let edge = |item: Option<&(String, String)>| item.map_or("null".to_owned(), |(id, _)| js(id));
+    let data: Vec<&str> = page.iter().map(|(_, json)| json.as_str()).collect();
+    api_json(format!(
+        r#"{{"data":[{}],"has_more":{has_more},"first_id":{},"last_id":{}}}"#,
+        data.join(","),
+        edge(page.first()),
+        edge(page.last())
+    ))
+}
+
+/// A created object's JSON and the delay held before answering it, or why the request is
+/// invalid (a 400).
+type Created = Result<(String, Option<Duration>), String>;
+
+/// Answer a create (batch or file): its 400, or its object once any held delay has passed.
+async fn answer_create(created: Created) -> Response {
+    match created {
+        Err(message) => invalid(&message),
+        Ok((json, hold)) => {
+            if let Some(delay) = hold {
+                tokio::time::sleep(delay).await;
+            }
+            api_json(json)
+        }
+    }
+}
+
+/// Bytes per piece of a streamed results file; deliberately not aligned to its lines.
+const RESULTS_CHUNK: usize = 97;
+
+/// A message batch as the fake stores it. Its outcome is fixed at creation: requests whose
+/// `params.model` starts with `invalid` error, the others succeed, unless it is canceled.
+struct Batch {
+    id: String,
+    created_at: OffsetDateTime,
+    /// When it ends on its own; `None` if the duration overflows the calendar (never).
+    ends_at: Option<OffsetDateTime>,
+    /// Set by `end_batch` or a cancel, which end it before `ends_at`.
+    ended_early_at: Option<OffsetDateTime>,
+    cancel_initiated_at: Option<OffsetDateTime>,
+    requests: Vec<BatchRequest>,
+}
+
+struct BatchRequest {
+    custom_id: String,
+    /// The answer to a succeeding request; `None` for an erroring one.
+    message: Option<BatchMessage>,
+}
+
+struct BatchMessage {
+    id: String,
+    model: String,
+    usage: Usage,
+}
+
+impl BatchRequest {
+    fn new(custom_id: &str, params: &Value) -> BatchRequest {
+        let model = params
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_MODEL);
+        let message = (!model.starts_with("invalid")).then(|| {
+            let len = serde_json::to_vec(params).map_or(0, |bytes| bytes.len());
+            BatchMessage {
+                id: format!("msg_01{}", random_id(22)),
+                model: model.to_owned(),
+                usage: usage_from_request(params, len),
+            }
+        });
+        BatchRequest {
+            custom_id: custom_id.to_owned(),
+            message,
+        }
+    }
+
+    /// This request's line of the results file, without its newline.
+    fn result_line(&self, canceled: bool) -> String {
+        let custom_id = js(&self.custom_id);
+        match (&self.message, canceled) {
+            (_, true) => format!(r#"{{"custom_id":{custom_id},"result":{{"type":"canceled"}}}}"#),
+            (Some(m), false) => format!(
+                concat!(
+                    r#"{{"custom_id":{},"result":{{"type":"succeeded","message":{{"id":{},"#,
+                    r#""type":"message","role":"assistant","model":{},"#,
+                    r#""content":[{{"type":"text","text":"Hello"}}],"stop_reason":"end_turn","#,
+                    r#""stop_sequence":null,"usage":{}}}}}}}"#
+                ),
+                custom_id,
+                js(&m.id),
+                js(&m.model),
+                usage_json(&m.usage, m.usage.output_tokens)
+            ),
+            (None, false) => format!(
+                concat!(
+                    r#"{{"custom_id":{},"result":{{"type":"errored","error":{{"type":"error","#,
+                    r#""error":{{"type":"invalid_request_error","message":"model not found"}}}}}}}}"#
+                ),
+                custom_id
+            ),
+        }
+    }
+}
+
+impl Batch {
+    fn ended_at(&self, now: OffsetDateTime) -> Option<OffsetDateTime> {
+        self.ended_early_at.or(self.ends_at.filter(|at| now >= *at))
+    }
+
+    fn end(&mut self, now: OffsetDateTime) {
+        if self.ended_at(now).is_none() {
+            self.ended_early_at = Some(now);
+        }
+    }
+
+    fn canceled(&self) -> bool {
+        self.cancel_initiated_at.is_some()
+    }
+
+    /// The batch object as of `now`, keys in Anthropic's order.
+    fn json(&self, now: OffsetDateTime) -> String {
+        let ended_at = self.ended_at(now);
+        let n = self.requests.len();
+        let succeeded = self.requests.iter().filter(|r| r.message.is_some()).count();
+        let (status, processing, succeeded, errored, canceled) = match ended_at {
+            None => ("in_progress", n, 0, 0, 0),
+            Some(_) if self.canceled() => ("ended", 0, 0, 0, n),
+            Some(_) => ("ended", 0, succeeded, n - succeeded, 0),
+        };
+        let results_url = match ended_at {
+            // Absolute and pointing at the real API, exactly as Anthropic sends it.
+            Some(_) => js(&format!(
+                "https://api.anthropic.com/v1/messages/batches/{}/results",
+                self.id
+            )),
+            None => "null".to_owned(),
+        };
+        format!(
+            concat!(
+                r#"{{"id":{},"type":"message_batch","processing_status":"{}","#,
+                r#""request_counts":{{"processing":{},"succeeded":{},"errored":{},"canceled":{},"expired":0}},"#,
+                r#""ended_at":{},"created_at":{},"expires_at":{},"archived_at":null,"#,
+                r#""cancel_initiated_at":{},"results_url":{}}}"#
+            ),
+            js(&self.id),
+            status,
+            processing,
+            succeeded,
+            errored,
+            canceled,
+            js_time(ended_at),
+            js_time(Some(self.created_at)),
+            js_time(self.created_at.checked_add(time::Duration::DAY)),
+            js_time(self.cancel_initiated_at),
+            results_url
+        )
+    }
+
+    /// The JSON Lines results file, one line per request in request order.
+    fn results(&self) -> String {
+        let canceled = self.canceled();
+        self.requests
+            .iter()
+            .map(|r| r.result_line(canceled) + "\n")
+            .collect()
+    }
+
+    fn succeeded_usage(&self) -> Usage {
+        if self.canceled() {
+            return Usage::default();
+        }
+        let mut total = Usage::default();
+        for usage in self.requests.iter().filter_map(|r| r.message.as_ref()) {
+            let u = &usage.usage;
+            total.input_tokens += u.input_tokens;
+            total.output_tokens += u.output_tokens;
+            total.cache_creation_input_tokens += u.cache_creation_input_tokens;
+            total.cache_read_input_tokens += u.cache_read_input_tokens;
+            total.cache_5m += u.cache_5m;
+            total.cache_1h += u.cache_1h;
+        }
+        total
+    }
+}
+
+/// `/v1/messages/batches[/…]`; `rest` is the path below that prefix.
+async fn route_batches(
+    shared: &Shared,
+    method: &str,
+    rest: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Response {
+    let now = utc_now();
+    match (method, segments(rest).as_slice()) {
+        ("POST", []) => answer_create(create_batch(shared, body, now)).await,
+        ("GET", []) => {
+            let items: Vec<(String, String)> = shared
+                .lock()
+                .batches
+                .iter()
+                .rev()
+                .map(|b| (b.id.clone(), b.json(now)))
+                .collect();
+            list_response(&items, query)
+        }
+        ("GET", [id]) => match shared.lock().batches.iter().find(|b| b.id == *id) {
+            Some(batch) => api_json(batch.json(now)),
+            None => not_found("message batch", id),
+        },
+        ("POST", [id, "cancel"]) => {
+            let mut inner = shared.lock();
+            let Some(batch) = inner.batches.iter_mut().find(|b| b.id == *id) else {
+                return not_found("message batch", id);
+            };
+            // Canceling an ended batch changes nothing; the real API also just answers it.
+            if batch.ended_at(now).is_none() {
+                batch.cancel_initiated_at = Some(now);
+                batch.end(now);
+            }
+            api_json(batch.json(now))
+        }
+        ("DELETE", [id]) => {
+            let mut inner = shared.lock();
+            let Some(at) = inner.batches.iter().position(|b| b.id == *id) else {
+                return not_found("message batch", id);
+            };
+            if inner.batches[at].ended_at(now).is_none() {
+                return invalid(&format!(
+                    "Message batch {id} is still in progress; it must end (or be canceled) \
+                     before it can be deleted"
+                ));
+            }
+            inner.batches.remove(at);
+            api_json(format!(
+                r#"{{"id":{},"type":"message_batch_deleted"}}"#,
+                js(id)
+            ))
+        }
+        ("GET", [id, "results"]) => {
+            let results = {
+                let inner = shared.lock();
+                let Some(batch) = inner.batches.iter().find(|b| b.id == *id) else {
+                    return not_found("message batch", id);
+                };
+                if batch.ended_at(now).is_none() {
+                    return invalid(&format!(
+                        "Message batch {id} is still in progress; results are available once it has ended"
+                    ));
+                }
+                batch.results()
+            };
+            let headers = success_headers("application/binary");
+            build(
+                StatusCode::OK,
+                headers,
+                chunked_body(Bytes::from(results), RESULTS_CHUNK),
+            )
+        }
+        _ => error_response(404, "not_found_error", None, None),
+    }
+}
+
+/// Validate a `POST /v1/messages/batches` body and store the batch.
+fn create_batch(shared: &Shared, body: &[u8], now: OffsetDateTime) -> Created {
+    let request: Value = serde_json::from_slice(body)
+        .map_err(|_| "The request body is not valid JSON".to_owned())?;
+    let entries = request
+        .get("requests")
+        .and_then(Value::as_array)
+        .filter(|entries| !entries.is_empty())
+        .ok_or_else(|| "requests: must be a non-empty array".to_owned())?;
+    let mut requests = Vec::with_capacity(entries.len());
+    for (i, entry) in entries.iter().enumerate() {
+        let custom_id = entry
+            .get("custom_id")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("requests.{i}.custom_id: must be a string"))?;
+        let params = entry
+            .get("params")
+            .filter(|params| params.is_object())
+            .ok_or_else(|| format!("requests.{i}.params: must be an object"))?;
+        requests.push(BatchRequest::new(custom_id, params));
+    }
+    let mut inner = shared.lock();
+    let batch = Batch {
+        id: format!("msgbatch_01{}", random_id(22)),
+        created_at: now,
+        ends_at: time::Duration::try_from(inner.batch_duration)
+            .ok()
+            .and_then(|d| now.checked_add(d)),
+        ended_early_at: None,
+        cancel_initiated_at: None,
+        requests,
+    };
+    let json = batch.json(now);
+    inner.batches.push(batch);
+    Ok((json, inner.hold_next_create.take()))
+}
+
+/// `bytes` as a streamed body of `chunk`-byte pieces, each handed to hyper on its own.
+fn chunked_body(bytes: Bytes, chunk: usize) -> Body {
+    let chunk = chunk.max(1);
+    let pieces: Vec<Bytes> = (0..bytes.len())
+        .step_by(chunk)
+        .map(|at| bytes.slice(at..(at + chunk).min(bytes.len())))
+        .collect();
+    let stream = futures_util::stream::unfold(pieces.into_iter(), |mut pieces| async move {
+        let piece = pieces.next()?;
+        // Return Pending once so hyper writes each piece rather than coalescing them.
+        tokio::task::yield_now().await;
+        Some((Ok::<_, io::Error>(piece), pieces))
+    });
+    Body::from_stream(stream)
+}
+
+/// An uploaded file.
+struct StoredFile {
+    id: String,
+    filename: String,
+    /// The `content-type` of the uploaded part, as sent.
+    mime_type: String,
+    created_at: OffsetDateTime,
+    content: Bytes,
+}
+
+impl StoredFile {
+    /// The file's metadata object, keys in Anthropic's order.
+    fn json(&self) -> String {
+        format!(
+            r#"{{"id":{},"type":"file","filename":{},"mime_type":{},"size_bytes":{},"created_at":{},"downloadable":true}}"#,
+            js(&self.id),
+            js(&self.filename),
+            js(&self.mime_type),
+            self.content.len(),
+            js_time(Some(self.created_at))
+        )
+    }
+}
+
+/// `/v1/files[/…]`; `rest` is the path below that prefix.
+async fn route_files(
+    shared: &Shared,
+    method: &str,
+    rest: &str,
+    query: Option<&str>,
+    content_type: Option<&str>,
+    body: &Bytes,
+) -> Response {
+    match (method, segments(rest).as_slice()) {
+        ("POST", []) => answer_create(create_file(shared, content_type, body)).await,
+        ("GET", []) => {
+            let items: Vec<(String, String)> = shared
+                .lock()
+                .files
+                .iter()
+                .rev()
+                .map(|f| (f.id.clone(), f.json()))
+                .collect();
+            list_response(&items, query)
+        }
+        ("GET", [id]) => match shared.lock().files.iter().find(|f| f.id == *id) {
+            Some(file) => api_json(file.json()),
+            None => not_found("file", id),
+        },
+        ("GET", [id, "content"]) => {
+            let (mime_type, content) = match shared.lock().files.iter().find(|f| f.id == *id) {
+                Some(file) => (file.mime_type.clone(), file.content.clone()),
+                None => return not_found("file", id),
+            };
+            let headers = vec![
+                ("content-type", mime_type),
+                ("request-id", request_id()),
+                ("anthropic-organization-id", ORGANIZATION_ID.to_owned()),
+            ];
+            build(StatusCode::OK, headers, Body::from(content))
+        }
+        ("DELETE", [id]) => {
+            let mut inner = shared.lock();
+            let Some(at) = inner.files.iter().position(|f| f.id == *id) else {
+                return not_found("file", id);
+            };
+            inner.files.remove(at);
+            api_json(format!(r#"{{"id":{},"type":"file_deleted"}}"#, js(id)))
+        }
+        _ => error_response(404, "not_found_error", None, None),
+    }
+}
+
+/// Parse a `POST /v1/files` upload and store its `file` part.
+fn create_file(shared: &Shared, content_type: Option<&str>, body: &Bytes) -> Created {
+    let parts = parse_multipart(content_type.unwrap_or_default(), body).map_err(str::to_owned)?;
+    let part = parts
+        .into_iter()
+        .find(|part| part.name.as_deref() == Some("file"))
+        .ok_or_else(|| "file: a multipart part named \"file\" is required".to_owned())?;
+    let filename = part
+        .filename
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| "file: the part has no filename".to_owned())?;
+    let file = StoredFile {
+        id: format!("file_011{}", random_id(22)),
+        filename,
+        mime_type: part
+            .content_type
+            .unwrap_or_else(|| "application/octet-stream".to_owned()),
+        created_at: utc_now(),
+        content: part.content,
+    };
+    let json = file.json();
+    let mut inner = shared.lock();
+    inner.files.push(file);
+    Ok((json, inner.hold_next_create.take()))
+}
+
+/// One part of a `multipart/form-data` body.
+#[derive(Debug)]
+struct FormPart {
+    /// `name` of its content-disposition.
+    name: Option<String>,
+    /// `filename*` (RFC 5987, decoded) or else `filename` of its content-disposition.
+    filename: Option<String>,
+    content_type: Option<String>,
+    /// The raw bytes between its headers and the next delimiter.
+    content: Bytes,
+}
+
+/// Split a `multipart/form-data` body (RFC 7578 / RFC 2046) into its parts. Binary-safe: a
+/// part ends only at CRLF `--boundary`; the preamble and epilogue are ignored.
+fn parse_multipart(content_type: &str, body: &Bytes) -> Result<Vec<FormPart>, &'static str> {
+    let (media_type, params) = split_header_params(content_type);
+    if !media_type.eq_ignore_ascii_case("multipart/form-data") {
+        return Err("The request body must be multipart/form-data");
+    }
+    let boundary = param(&params, "boundary")
+        .filter(|b| (1..=70).contains(&b.len()))
+        .ok_or("multipart/form-data content-type without a valid boundary")?;
+    let dash_boundary = [b"--", boundary.as_bytes()].concat();
+    let delimiter = [b"\r\n", dash_boundary.as_slice()].concat();
+    // The first delimiter either opens the body or follows a preamble's CRLF.
+    let mut pos = if body.starts_with(&dash_boundary) {
+        dash_boundary.len()
+    } else {
+        find(body, &delimiter, 0).ok_or("multipart body without its boundary")? + delimiter.len()
+    };
+    let mut parts = Vec::new();
+    loop {
+        let after = body.get(pos..).unwrap_or_default();
+        // `--` right after a delimiter closes the body.
+        if after.starts_with(b"--") {
+            return Ok(parts);
+        }
+        // Otherwise optional linear whitespace, then CRLF, then the part.
+        let blanks = after
+            .iter()
+            .take_while(|b| matches!(b, b' ' | b'\t'))
+            .count();
+        if !after[blanks..].starts_with(b"\r\n") {
+            return Err("malformed multipart boundary line");
+        }
+        pos += blanks + 2;
+        let end = find(body, &delimiter, pos).ok_or("multipart body without a closing boundary")?;
+        parts.push(parse_part(body.slice(pos..end))?);
+        pos = end + delimiter.len();
+    }
+}
+
+/// One part: header lines, a blank line, then the content.
+fn parse_part(part: Bytes) -> Result<FormPart, &'static str> {
+    let (head, content) = if part.starts_with(b"\r\n") {
+        (String::new(), part.slice(2..))
+    } else {
+        let blank = find(&part, b"\r\n\r\n", 0).ok_or("multipart part without a header end")?;
+        let head = std::str::from_utf8(&part[..blank])
+            .map_err(|_| "multipart part headers are not UTF-8")?
+            .to_owned();
+        (head, part.slice(blank + 4..))
+    };
+    // Unfold obsolete continuation lines into the header they continue.
+    let mut lines: Vec<String> = Vec::new();
+    for line in head.split("\r\n").filter(|line| !line.is_empty()) {
+        match lines.last_mut() {
+            Some(previous) if line.starts_with([' ', '\t']) => previous.push_str(line),
+            _ => lines.push(line.to_owned()),
+        }
+    }
+    let mut form = FormPart {
+        name: None,
+        filename: None,
+        content_type: None,
+        content,
+    };
+    for line in &lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or("malformed multipart part header")?;
+        let (name, value) = (name.trim(), value.trim());
+        if name.eq_ignore_ascii_case("content-disposition") {
+            let (disposition, params) = split_header_params(value);
+            if !disposition.eq_ignore_ascii_case("form-data") {
+                return Err("multipart part is not form-data");
+            }
+            form.name = param(&params, "name");
+            form.filename = match param(&params, "filename*") {
+                Some(extended) => Some(decode_ext_value(&extended)?),
+                None => param(&params, "filename"),
+            };
+        } else if name.eq_ignore_ascii_case("content-type") {
+            form.content_type = Some(value.to_owned());
+        }
+    }
+    Ok(form)
+}
+
+/// `value; name=token; name="quoted \"string\""` → the value and its parameters (names
+/// lowercased, quoted strings unescaped; a `;` inside quotes belongs to the string).
+fn split_header_params(header: &str) -> (String, Vec<(String, String)>) {
+    let mut chars = header.chars().peekable();
+    let mut value = String::new();
+    while let Some(c) = chars.next_if(|c| *c != ';') {
+        value.push(c);
+    }
+    let mut params = Vec::new();
+    // Each round starts on the `;` before a parameter.
+    while chars.next().is_some() {
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && *c != ';') {
+            name.push(c);
+        }
+        let mut param_value = String::new();
+        if chars.next_if_eq(&'=').is_some() {
+            while chars.next_if(|c| *c == ' ' || *c == '\t').is_some() {}
+            if chars.next_if_eq(&'"').is_some() {
+                while let Some(c) = chars.next() {
+                    match c {
+                        '"' => break,
+                        '\\' => param_value.extend(chars.next()),
+                        c => param_value.push(c),
+                    }
+                }
+                // Anything between the closing quote and the next `;` is junk.
+                while chars.next_if(|c| *c != ';').is_some() {}
+            } else {
+                while let Some(c) = chars.next_if(|c| *c != ';') {
+                    param_value.push(c);
+                }
+                param_value = param_value.trim().to_owned();
+            }
+        }
+        let name = name.trim().to_ascii_lowercase();
+        if !name.is_empty() {
+            params.push((name, param_value));
+        }
+    }
+    (value.trim().to_owned(), params)
+}
+
+fn param(params: &[(String, String)], name: &str) -> Option<String> {
+    params
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.clone())
+}
+
+/// An RFC 5987 `charset'language'percent-encoded` value; only UTF-8 is accepted.
+fn decode_ext_value(value: &str) -> Result<String, &'static str> {
+    let mut fields = value.splitn(3, '\'');
+    let (Some(charset), Some(_language), Some(encoded)) =
+        (fields.next(), fields.next(), fields.next())
+    else {
+        return Err("malformed filename* parameter");
+    };
+    if !charset.eq_ignore_ascii_case("utf-8") {
+        return Err("filename* must be UTF-8");
+    }
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut rest = encoded.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = tail
+                .get(..2)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or("malformed percent-encoding in filename*")?;
+            bytes.push(hex);
+            rest = tail.get(2..).unwrap_or_default();
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| "filename* is not UTF-8")
+}
+
+/// The first index at or after `from` where `needle` (non-empty) occurs in `haystack`.
+fn find(haystack: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    haystack
+        .get(from..)?
+        .windows(needle.len())
+        .position(|window| window == needle)
+        .map(|at| at + from)
 }
 
 fn request_id() -> String {
@@ -1644,6 +2418,681 @@ mod tests {
             assert_eq!(resp.status(), 404, "{method} {path}");
             let v: Value = resp.json().await.unwrap();
             assert_eq!(v["error"]["type"], "not_found_error");
+        }
+    }
+
+    fn api(fake: &FakeUpstream, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        client()
+            .request(method, format!("{}{path}", fake.base_url()))
+            .header("x-api-key", fake.api_key())
+            .header("anthropic-version", "2023-06-01")
+    }
+
+    async fn json_of(resp: reqwest::Response) -> (u16, Value) {
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap())
+    }
+
+    async fn post_batch(fake: &FakeUpstream, body: &Value) -> Value {
+        let (status, v) = json_of(
+            api(fake, reqwest::Method::POST, "/v1/messages/batches")
+                .json(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        v
+    }
+
+    async fn get_batch(fake: &FakeUpstream, id: &str) -> (u16, Value) {
+        json_of(
+            api(
+                fake,
+                reqwest::Method::GET,
+                &format!("/v1/messages/batches/{id}"),
+            )
+            .send()
+            .await
+            .unwrap(),
+        )
+        .await
+    }
+
+    fn batch_body() -> Value {
+        serde_json::json!({"requests": [
+            {"custom_id": "a", "params": {"model": "claude-test-1", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]}},
+            {"custom_id": "b", "params": {"model": "invalid-model", "max_tokens": 64,
+                "messages": [{"role": "user", "content": "hi"}]}},
+            {"custom_id": "c", "params": {"model": "claude-test-2",
+                "messages": [{"role": "user", "content": "a longer question"}]}},
+        ]})
+    }
+
+    fn counts(v: &Value) -> [u64; 5] {
+        let c = &v["request_counts"];
+        ["processing", "succeeded", "errored", "canceled", "expired"]
+            .map(|k| c[k].as_u64().unwrap())
+    }
+
+    fn time_of(v: &Value) -> OffsetDateTime {
+        OffsetDateTime::parse(v.as_str().unwrap(), &Rfc3339).unwrap()
+    }
+
+    async fn results(fake: &FakeUpstream, id: &str) -> reqwest::Response {
+        api(
+            fake,
+            reqwest::Method::GET,
+            &format!("/v1/messages/batches/{id}/results"),
+        )
+        .send()
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn batch_lifecycle_from_in_progress_to_results() {
+        let fake = FakeUpstream::start().await.unwrap();
+        fake.set_batch_duration(Duration::from_secs(3600));
+        let raw = api(&fake, reqwest::Method::POST, "/v1/messages/batches")
+            .json(&batch_body())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(raw.status(), 200);
+        assert_eq!(raw.headers()["content-type"], "application/json");
+        let raw = raw.text().await.unwrap();
+        assert!(raw.starts_with(r#"{"id":"msgbatch_01"#), "{raw}");
+        let created: Value = serde_json::from_str(&raw).unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        assert_eq!(id.len(), "msgbatch_01".len() + 22);
+        assert!(
+            id["msgbatch_01".len()..]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric())
+        );
+        assert_eq!(created["type"], "message_batch");
+        assert_eq!(created["processing_status"], "in_progress");
+        assert_eq!(counts(&created), [3, 0, 0, 0, 0]);
+        for key in [
+            "ended_at",
+            "archived_at",
+            "cancel_initiated_at",
+            "results_url",
+        ] {
+            assert!(created[key].is_null(), "{key}");
+        }
+        let created_at = time_of(&created["created_at"]);
+        assert_eq!(
+            time_of(&created["expires_at"]) - created_at,
+            time::Duration::DAY
+        );
+        assert_eq!(fake.batch_ids(), [id.as_str()]);
+        assert_eq!(fake.batch_results_usage(&id), None);
+
+        let resp = results(&fake, &id).await;
+        assert_eq!(resp.status(), 400, "no results while in progress");
+        let (status, still) = get_batch(&fake, &id).await;
+        assert_eq!((status, still), (200, created.clone()));
+
+        fake.end_batch(&id);
+        let (status, ended) = get_batch(&fake, &id).await;
+        assert_eq!(status, 200);
+        assert_eq!(ended["processing_status"], "ended");
+        assert_eq!(counts(&ended), [0, 2, 1, 0, 0]);
+        assert!(time_of(&ended["ended_at"]) >= created_at);
+        assert!(ended["cancel_initiated_at"].is_null());
+        assert_eq!(
+            ended["results_url"],
+            format!("https://api.anthropic.com/v1/messages/batches/{id}/results")
+        );
+
+        let resp = results(&fake, &id).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/binary");
+        let body = resp.text().await.unwrap();
+        assert!(body.ends_with('\n'));
+        let lines: Vec<Value> = body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let ids: Vec<&str> = lines
+            .iter()
+            .map(|l| l["custom_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+        assert!(body.starts_with(r#"{"custom_id":"a","result":{"type":"succeeded","#));
+        let message = &lines[0]["result"]["message"];
+        assert!(message["id"].as_str().unwrap().starts_with("msg_01"));
+        assert_eq!(message["type"], "message");
+        assert_eq!(message["model"], "claude-test-1");
+        assert_eq!(message["content"][0]["text"], "Hello");
+        assert_eq!(message["stop_reason"], "end_turn");
+        let mut expected = Usage::default();
+        let sent = batch_body();
+        for (line, request) in [(&lines[0], 0), (&lines[2], 2)] {
+            let params = &sent["requests"][request]["params"];
+            let usage = usage_from_request(params, serde_json::to_vec(params).unwrap().len());
+            let got = &line["result"]["message"]["usage"];
+            assert_eq!(got["input_tokens"], usage.input_tokens);
+            assert_eq!(got["output_tokens"], usage.output_tokens);
+            assert_eq!(got["cache_read_input_tokens"], 0);
+            expected.input_tokens += usage.input_tokens;
+            expected.output_tokens += usage.output_tokens;
+        }
+        assert_eq!(lines[0]["result"]["message"]["usage"]["output_tokens"], 5);
+        assert_eq!(lines[2]["result"]["message"]["usage"]["output_tokens"], 12);
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"custom_id": "b", "result": {"type": "errored", "error": {
+                "type": "error",
+                "error": {"type": "invalid_request_error", "message": "model not found"}}}})
+        );
+        assert_eq!(fake.batch_results_usage(&id), Some(expected));
+
+        // Results are stable across fetches.
+        let again = results(&fake, &id).await.text().await.unwrap();
+        assert_eq!(again, body);
+    }
+
+    #[tokio::test]
+    async fn zero_duration_batch_ends_at_once() {
+        let fake = FakeUpstream::start().await.unwrap();
+        let created = post_batch(&fake, &batch_body()).await;
+        assert_eq!(created["processing_status"], "ended");
+        assert_eq!(created["ended_at"], created["created_at"]);
+        assert_eq!(counts(&created), [0, 2, 1, 0, 0]);
+        let id = created["id"].as_str().unwrap();
+        assert_eq!(results(&fake, id).await.status(), 200);
+
+        fake.set_batch_duration(Duration::from_millis(150));
+        let created = post_batch(&fake, &batch_body()).await;
+        assert_eq!(created["processing_status"], "in_progress");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (_, ended) = get_batch(&fake, created["id"].as_str().unwrap()).await;
+        assert_eq!(ended["processing_status"], "ended");
+        assert_eq!(
+            time_of(&ended["ended_at"]) - time_of(&ended["created_at"]),
+            time::Duration::milliseconds(150)
+        );
+    }
+
+    #[tokio::test]
+    async fn canceled_batch_ends_with_every_request_canceled() {
+        let fake = FakeUpstream::start().await.unwrap();
+        fake.set_batch_duration(Duration::from_secs(3600));
+        let id = post_batch(&fake, &batch_body()).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let path = format!("/v1/messages/batches/{id}/cancel");
+        let (status, canceled) = json_of(
+            api(&fake, reqwest::Method::POST, &path)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(canceled["processing_status"], "ended");
+        assert_eq!(counts(&canceled), [0, 0, 0, 3, 0]);
+        assert!(!canceled["cancel_initiated_at"].is_null());
+        assert_eq!(canceled["ended_at"], canceled["cancel_initiated_at"]);
+
+        let body = results(&fake, &id).await.text().await.unwrap();
+        let expected: String = ["a", "b", "c"]
+            .map(|c| format!("{{\"custom_id\":\"{c}\",\"result\":{{\"type\":\"canceled\"}}}}\n"))
+            .concat();
+        assert_eq!(body, expected);
+        assert_eq!(fake.batch_results_usage(&id), Some(Usage::default()));
+
+        // A second cancel, or ending it, changes nothing.
+        let (_, again) = json_of(
+            api(&fake, reqwest::Method::POST, &path)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        fake.end_batch(&id);
+        assert_eq!(again, canceled);
+        assert_eq!(get_batch(&fake, &id).await.1, canceled);
+    }
+
+    #[tokio::test]
+    async fn batch_delete_is_refused_until_it_ends() {
+        let fake = FakeUpstream::start().await.unwrap();
+        fake.set_batch_duration(Duration::from_secs(3600));
+        let id = post_batch(&fake, &batch_body()).await["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let path = format!("/v1/messages/batches/{id}");
+        let (status, v) = json_of(
+            api(&fake, reqwest::Method::DELETE, &path)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("must end"));
+        assert_eq!(fake.batch_ids(), [id.as_str()]);
+
+        fake.end_batch(&id);
+        let resp = api(&fake, reqwest::Method::DELETE, &path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let raw = resp.text().await.unwrap();
+        assert_eq!(
+            raw,
+            format!(r#"{{"id":"{id}","type":"message_batch_deleted"}}"#)
+        );
+        assert!(fake.batch_ids().is_empty());
+        assert_eq!(fake.batch_results_usage(&id), None);
+
+        for (method, path) in [
+            (reqwest::Method::GET, path.clone()),
+            (reqwest::Method::DELETE, path.clone()),
+            (reqwest::Method::POST, format!("{path}/cancel")),
+            (reqwest::Method::GET, format!("{path}/results")),
+        ] {
+            let (status, v) =
+                json_of(api(&fake, method.clone(), &path).send().await.unwrap()).await;
+            assert_eq!(status, 404, "{method} {path}");
+            assert_eq!(v["error"]["type"], "not_found_error");
+        }
+    }
+
+    #[tokio::test]
+    async fn batch_list_is_newest_first_and_pages() {
+        let fake = FakeUpstream::start().await.unwrap();
+        let list = |query: &str| {
+            let request = api(
+                &fake,
+                reqwest::Method::GET,
+                &format!("/v1/messages/batches{query}"),
+            );
+            async move { json_of(request.send().await.unwrap()).await }
+        };
+        let (status, empty) = list("").await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            empty,
+            serde_json::json!({"data": [], "has_more": false, "first_id": null, "last_id": null})
+        );
+
+        for _ in 0..3 {
+            post_batch(&fake, &batch_body()).await;
+        }
+        let mut newest_first = fake.batch_ids();
+        newest_first.reverse();
+        let ids = |page: &Value| -> Vec<String> {
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (_, all) = list("").await;
+        assert_eq!(ids(&all), newest_first);
+        assert_eq!(all["has_more"], false);
+        assert_eq!(all["first_id"], newest_first[0]);
+        assert_eq!(all["last_id"], newest_first[2]);
+        assert_eq!(all["data"][0]["type"], "message_batch");
+
+        let (_, first) = list("?limit=2").await;
+        assert_eq!(ids(&first), newest_first[..2]);
+        assert_eq!(first["has_more"], true);
+        let (_, second) = list(&format!("?limit=2&after_id={}", newest_first[1])).await;
+        assert_eq!(ids(&second), newest_first[2..]);
+        assert_eq!(second["has_more"], false);
+        let (_, back) = list(&format!("?limit=1&before_id={}", newest_first[2])).await;
+        assert_eq!(ids(&back), newest_first[1..2]);
+        assert_eq!(back["has_more"], true);
+
+        for bad in ["?limit=0", "?limit=x", "?after_id=msgbatch_01nope"] {
+            assert_eq!(list(bad).await.0, 400, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_batch_bodies_are_rejected() {
+        let fake = FakeUpstream::start().await.unwrap();
+        let bodies = [
+            serde_json::json!({}),
+            serde_json::json!({"requests": []}),
+            serde_json::json!({"requests": {"custom_id": "a", "params": {}}}),
+            serde_json::json!({"requests": ["a"]}),
+            serde_json::json!({"requests": [{"custom_id": 1, "params": {}}]}),
+            serde_json::json!({"requests": [{"custom_id": "a"}]}),
+            serde_json::json!({"requests": [{"custom_id": "a", "params": []}]}),
+        ];
+        for body in &bodies {
+            let (status, v) = json_of(
+                api(&fake, reqwest::Method::POST, "/v1/messages/batches")
+                    .json(body)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(status, 400, "{body}");
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+        }
+        let resp = api(&fake, reqwest::Method::POST, "/v1/messages/batches")
+            .body("not json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        assert!(fake.batch_ids().is_empty());
+        assert_eq!(fake.requests().len(), bodies.len() + 1, "all recorded");
+    }
+
+    #[tokio::test]
+    async fn batch_and_file_routes_need_the_key_and_are_recorded() {
+        let fake = FakeUpstream::start().await.unwrap();
+        for path in ["/v1/messages/batches", "/v1/files"] {
+            let resp = client()
+                .post(format!("{}{path}", fake.base_url()))
+                .header("x-api-key", "sk-ant-wrong")
+                .json(&batch_body())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 401, "{path}");
+        }
+        assert!(fake.batch_ids().is_empty());
+        let paths: Vec<String> = fake.requests().into_iter().map(|r| r.path).collect();
+        assert_eq!(paths, ["/v1/messages/batches", "/v1/files"]);
+    }
+
+    const BOUNDARY: &str = "----fake-boundary-7MA4YWxk";
+
+    /// A multipart body with one `file` part (and a decoy field before it).
+    fn multipart(disposition: &str, content_type: &str, content: &[u8]) -> Vec<u8> {
+        let mut body = format!(
+            "preamble to ignore\r\n--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nuser_data\r\n--{BOUNDARY}  \r\n"
+        )
+        .into_bytes();
+        body.extend(format!("Content-Disposition: {disposition}\r\n").into_bytes());
+        body.extend(format!("Content-Type: {content_type}\r\n\r\n").into_bytes());
+        body.extend_from_slice(content);
+        body.extend(format!("\r\n--{BOUNDARY}--\r\nepilogue").into_bytes());
+        body
+    }
+
+    fn upload(fake: &FakeUpstream, content_type: &str, body: Vec<u8>) -> reqwest::RequestBuilder {
+        api(fake, reqwest::Method::POST, "/v1/files")
+            .header("anthropic-beta", "files-api-2025-04-14")
+            .header("content-type", content_type)
+            .body(body)
+    }
+
+    fn form_type() -> String {
+        format!("multipart/form-data; boundary=\"{BOUNDARY}\"")
+    }
+
+    /// Bytes that look like line ends, partial delimiters and headers.
+    fn tricky_bytes() -> Vec<u8> {
+        let mut bytes = b"\r\n\r\n--".to_vec();
+        bytes.extend(format!("\r\n--{}", &BOUNDARY[..10]).into_bytes());
+        bytes.extend([0, 0xff, b'\r', 0xfe, b'\n', b'\r']);
+        bytes.extend(b"Content-Type: nope\r\n\r\n\r\n");
+        bytes
+    }
+
+    #[tokio::test]
+    async fn file_upload_round_trips_binary_bytes() {
+        let fake = FakeUpstream::start().await.unwrap();
+        let content = tricky_bytes();
+        let body = multipart(
+            r#"form-data; name="file"; filename="we\"ird; name.bin""#,
+            "application/octet-stream",
+            &content,
+        );
+        let resp = upload(&fake, &form_type(), body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let raw = resp.text().await.unwrap();
+        assert!(raw.starts_with(r#"{"id":"file_011"#), "{raw}");
+        let meta: Value = serde_json::from_str(&raw).unwrap();
+        let id = meta["id"].as_str().unwrap().to_owned();
+        assert_eq!(id.len(), "file_011".len() + 22);
+        assert_eq!(meta["type"], "file");
+        assert_eq!(meta["filename"], "we\"ird; name.bin");
+        assert_eq!(meta["mime_type"], "application/octet-stream");
+        assert_eq!(meta["size_bytes"], content.len());
+        assert_eq!(meta["downloadable"], true);
+        assert!(time_of(&meta["created_at"]) <= OffsetDateTime::now_utc());
+        assert_eq!(fake.file_ids(), [id.as_str()]);
+
+        let (status, got) = json_of(
+            api(&fake, reqwest::Method::GET, &format!("/v1/files/{id}"))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!((status, &got), (200, &meta));
+        let resp = api(
+            &fake,
+            reqwest::Method::GET,
+            &format!("/v1/files/{id}/content"),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/octet-stream");
+        assert_eq!(resp.bytes().await.unwrap(), content);
+
+        // Empty content, a plain-text type and an RFC 5987 filename.
+        let body = multipart(
+            "form-data; name=file; filename*=UTF-8''h%C3%A9llo%20%E2%9C%93.txt",
+            "text/plain; charset=utf-8",
+            b"",
+        );
+        let (status, meta) = json_of(upload(&fake, &form_type(), body).send().await.unwrap()).await;
+        assert_eq!(status, 200, "{meta}");
+        assert_eq!(meta["filename"], "héllo ✓.txt");
+        assert_eq!(meta["size_bytes"], 0);
+        let resp = api(
+            &fake,
+            reqwest::Method::GET,
+            &format!("/v1/files/{}/content", meta["id"].as_str().unwrap()),
+        )
+        .send()
+        .await
+        .unwrap();
+        assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+        assert!(resp.bytes().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn file_list_delete_and_unknown_ids() {
+        let fake = FakeUpstream::start().await.unwrap();
+        for name in ["a.txt", "b.txt", "c.txt"] {
+            let body = multipart(
+                &format!(r#"form-data; name="file"; filename="{name}""#),
+                "text/plain",
+                name.as_bytes(),
+            );
+            assert_eq!(
+                upload(&fake, &form_type(), body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status(),
+                200
+            );
+        }
+        let ids = fake.file_ids();
+        let (status, list) = json_of(
+            api(&fake, reqwest::Method::GET, "/v1/files?limit=2")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let names: Vec<&str> = list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["filename"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["c.txt", "b.txt"]);
+        assert_eq!(list["has_more"], true);
+        assert_eq!(list["first_id"], ids[2]);
+        assert_eq!(list["last_id"], ids[1]);
+
+        let path = format!("/v1/files/{}", ids[1]);
+        let resp = api(&fake, reqwest::Method::DELETE, &path)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            resp.text().await.unwrap(),
+            format!(r#"{{"id":"{}","type":"file_deleted"}}"#, ids[1])
+        );
+        assert_eq!(fake.file_ids(), [ids[0].clone(), ids[2].clone()]);
+        for (method, path) in [
+            (reqwest::Method::GET, path.clone()),
+            (reqwest::Method::GET, format!("{path}/content")),
+            (reqwest::Method::DELETE, path.clone()),
+        ] {
+            let (status, v) =
+                json_of(api(&fake, method.clone(), &path).send().await.unwrap()).await;
+            assert_eq!(status, 404, "{method} {path}");
+            assert_eq!(v["error"]["type"], "not_found_error");
+        }
+    }
+
+    #[tokio::test]
+    async fn garbled_uploads_are_rejected() {
+        let fake = FakeUpstream::start().await.unwrap();
+        let good = || {
+            multipart(
+                r#"form-data; name="file"; filename="a""#,
+                "text/plain",
+                b"x",
+            )
+        };
+        let unclosed = {
+            let mut body = good();
+            body.truncate(body.len() - "--\r\nepilogue".len() - BOUNDARY.len() - 4);
+            body
+        };
+        let cases: Vec<(String, Vec<u8>)> = vec![
+            ("application/json".to_owned(), good()),
+            ("multipart/form-data".to_owned(), good()),
+            ("multipart/form-data; boundary=other".to_owned(), good()),
+            (form_type(), unclosed),
+            (form_type(), multipart(r#"form-data; name="nope"; filename="a""#, "text/plain", b"x")),
+            (form_type(), multipart(r#"form-data; name="file""#, "text/plain", b"x")),
+            (form_type(), multipart(r#"attachment; name="file"; filename="a""#, "text/plain", b"x")),
+            (
+                form_type(),
+                format!("--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\nx\r\n--{BOUNDARY}--")
+                    .into_bytes(),
+            ),
+        ];
+        for (content_type, body) in cases {
+            let (status, v) = json_of(
+                upload(&fake, &content_type, body.clone())
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(
+                status,
+                400,
+                "{content_type} {}",
+                String::from_utf8_lossy(&body)
+            );
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+        }
+        assert!(fake.file_ids().is_empty());
+    }
+
+    #[test]
+    fn header_params_keep_quoted_semicolons_and_escapes() {
+        let (value, params) =
+            split_header_params(r#"form-data; NAME="file";filename="a;\"b\\c" ; x=  tok "#);
+        assert_eq!(value, "form-data");
+        assert_eq!(
+            params,
+            [
+                ("name".to_owned(), "file".to_owned()),
+                ("filename".to_owned(), r#"a;"b\c"#.to_owned()),
+                ("x".to_owned(), "tok".to_owned()),
+            ]
+        );
+        assert_eq!(decode_ext_value("utf-8'en'%E2%9C%93").unwrap(), "✓");
+        assert!(decode_ext_value("utf-8''%E2%9").is_err());
+        assert!(decode_ext_value("iso-8859-1''a").is_err());
+    }
+
+    #[tokio::test]
+    async fn held_create_exists_upstream_before_it_answers() {
+        let fake = FakeUpstream::start().await.unwrap();
+        for path in ["/v1/messages/batches", "/v1/files"] {
+            fake.hold_next_create(Duration::from_millis(400));
+            let request = if path == "/v1/files" {
+                upload(
+                    &fake,
+                    &form_type(),
+                    multipart(
+                        r#"form-data; name="file"; filename="a""#,
+                        "text/plain",
+                        b"x",
+                    ),
+                )
+            } else {
+                api(&fake, reqwest::Method::POST, path).json(&batch_body())
+            };
+            let started = std::time::Instant::now();
+            let pending = tokio::spawn(request.send());
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert!(!pending.is_finished(), "{path}");
+            let created = if path == "/v1/files" {
+                fake.file_ids()
+            } else {
+                fake.batch_ids()
+            };
+            assert_eq!(created.len(), 1, "{path}: created before the answer");
+            let (status, v) = json_of(pending.await.unwrap().unwrap()).await;
+            assert_eq!(status, 200);
+            assert_eq!(v["id"], created[0]);
+            assert!(started.elapsed() >= Duration::from_millis(400));
+
+            // The hold is used up.
+            let started = std::time::Instant::now();
+            let resp = if path == "/v1/files" {
+                let body = multipart(
+                    r#"form-data; name="file"; filename="b""#,
+                    "text/plain",
+                    b"y",
+                );
+                upload(&fake, &form_type(), body).send().await.unwrap()
+            } else {
+                api(&fake, reqwest::Method::POST, path)
+                    .json(&batch_body())
+                    .send()
+                    .await
+                    .unwrap()
+            };
+            assert_eq!(resp.status(), 200);
+            assert!(started.elapsed() < Duration::from_millis(300));
         }
     }
 }
