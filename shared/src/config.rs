@@ -2,7 +2,10 @@
 //! values come from Secrets Manager (or, locally, from variables too).
 //! Anything missing or malformed fails at start, naming the variable.
 
+use std::net::IpAddr;
 use std::time::Duration;
+
+use ipnet::IpNet;
 
 use crate::secrets::{SecretValues, Secrets};
 
@@ -100,6 +103,9 @@ impl CommonConfig {
 pub struct AdminConfig {
     pub admin_username: String,
     pub jwt_ttl: Duration,
+    /// Where the admin API may be called from (`ADMIN_ALLOWED_CIDRS`);
+    /// empty: from every address.
+    pub allowed_networks: Vec<IpNet>,
 }
 
 impl AdminConfig {
@@ -114,6 +120,43 @@ impl AdminConfig {
         Ok(AdminConfig {
             admin_username: var("ADMIN_USERNAME").unwrap_or_else(|| "admin".into()),
             jwt_ttl: Duration::from_secs(jwt_ttl),
+            allowed_networks: Self::parse_allowed_networks(
+                var(ADMIN_ALLOWED_CIDRS).as_deref().unwrap_or(""),
+            )?,
         })
     }
+
+    /// `ADMIN_ALLOWED_CIDRS`' syntax: CIDR blocks or single addresses,
+    /// separated by commas (blank entries are skipped). Host bits are
+    /// dropped (`10.1.2.3/8` is `10.0.0.0/8`), as for a key's `allowed_ips`.
+    pub fn parse_allowed_networks(text: &str) -> Result<Vec<IpNet>, ConfigError> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(|entry| {
+                entry
+                    .parse::<IpNet>()
+                    .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| ConfigError {
+                        var: ADMIN_ALLOWED_CIDRS,
+                        reason: format!(
+                            "`{}` is not an IP address or CIDR block",
+                            entry.chars().take(64).collect::<String>()
+                        ),
+                    })
+            })
+            .collect()
+    }
+
+    /// Whether the admin API answers a caller at `ip`. An IPv4-mapped IPv6
+    /// address (`::ffff:10.1.2.3`, what a dual-stack socket reports for an
+    /// IPv4 peer) is its IPv4 address.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.allowed_networks.is_empty()
+            || self.allowed_networks.iter().any(|net| net.contains(&ip))
+    }
 }
+
+const ADMIN_ALLOWED_CIDRS: &str = "ADMIN_ALLOWED_CIDRS";

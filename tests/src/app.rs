@@ -73,6 +73,9 @@ pub struct AppOptions {
     /// end is held back until the settlements running then are done.
     /// Tests of the ordering itself turn this off.
     pub hold_answers_until_settled: bool,
+    /// The admin routes' `ADMIN_ALLOWED_CIDRS`, in that variable's syntax;
+    /// empty (the default): every address.
+    pub admin_allowed_cidrs: String,
 }
 
 impl Default for AppOptions {
@@ -101,6 +104,7 @@ impl Default for AppOptions {
             secrets: None,
             dynamodb_endpoint: None,
             hold_answers_until_settled: true,
+            admin_allowed_cidrs: String::new(),
         }
     }
 }
@@ -176,6 +180,7 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     let admin_state = services.admin_state(AdminConfig {
         admin_username: ADMIN_USER.into(),
         jwt_ttl: Duration::from_secs(3600),
+        allowed_networks: AdminConfig::parse_allowed_networks(&options.admin_allowed_cidrs)?,
     });
     let mut app = http::admin::routes(admin_state)
         .merge(http::usage::routes(services.usage_state()))

@@ -1,9 +1,11 @@
 //! The admin function's routes: login, key management and tiers. Everything
-//! but login requires an admin JWT.
+//! but login requires an admin JWT; every route, login included, answers only
+//! callers inside `ADMIN_ALLOWED_CIDRS` when that is set.
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -39,6 +41,7 @@ pub fn router(state: AdminState) -> Router {
 
 /// The admin routes alone, for merging into the local server.
 pub fn routes(state: AdminState) -> Router {
+    let guard = axum::middleware::from_fn_with_state(state.clone(), only_from_allowed_networks);
     Router::new()
         .route("/admin/login", post(login))
         .route("/admin/api-keys", post(create_key).get(list_keys))
@@ -62,8 +65,42 @@ pub fn routes(state: AdminState) -> Router {
         .route("/admin/", axum::routing::any(not_found))
         .route("/admin/{*rest}", axum::routing::any(not_found))
         .method_not_allowed_fallback(method_not_allowed)
+        // Layers run bottom-up: every response gets its request id, then
+        // the address check refuses callers outside ADMIN_ALLOWED_CIDRS
+        // before any route, extractor or store call sees the request.
+        .layer(guard)
         .layer(axum::middleware::from_fn(super::request_id))
         .with_state(state)
+}
+
+/// Refuses (403) every admin route, login included, to a caller outside
+/// `AdminConfig::allowed_networks`, judged by the address the platform saw
+/// (`ClientIp`).
+async fn only_from_allowed_networks(
+    State(state): State<AdminState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    // No list: every address may call, and a router served without a
+    // client address (a test's `oneshot`) still works.
+    if state.config.allowed_networks.is_empty() {
+        return next.run(request).await;
+    }
+    let (mut parts, body) = request.into_parts();
+    let ClientIp(ip) = match ClientIp::from_request_parts(&mut parts, &state).await {
+        Ok(ip) => ip,
+        Err(err) => return err.into_response(),
+    };
+    if !state.config.admits(ip) {
+        tracing::warn!(
+            %ip,
+            path = parts.uri.path(),
+            "admin call from an address outside ADMIN_ALLOWED_CIDRS"
+        );
+        return ApiError::forbidden("the admin API is not reachable from this address")
+            .into_response();
+    }
+    next.run(Request::from_parts(parts, body)).await
 }
 
 impl From<FieldError> for ApiError {
@@ -124,24 +161,30 @@ fn basic_challenge(err: ApiError) -> Response {
     response
 }
 
+fn locked_out(wait: u64) -> ApiError {
+    crate::metrics::emit_event("admin", "AdminLogins", "locked");
+    ApiError::rate_limited(
+        format!("too many failed logins from this address; try again in {wait} seconds"),
+        wait,
+    )
+}
+
 async fn login(
     State(state): State<AdminState>,
     ClientIp(ip): ClientIp,
     headers: http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let now = epoch_now();
-    if let Some(wait) = state.store.login_lockout(ip, now).await? {
-        crate::metrics::emit_event("admin", "AdminLogins", "locked");
-        return Err(ApiError::rate_limited(
-            format!("too many failed logins from this address; try again in {wait} seconds"),
-            wait,
-        ));
-    }
     let credentials = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(admin_auth::parse_basic);
     let Some((user, password)) = credentials else {
+        // No password to check, so no check slot is taken; a locked-out
+        // address still hears that it is locked out.
+        if let Some(wait) = state.store.login_lockout(ip, now).await? {
+            return Err(locked_out(wait));
+        }
         return Ok(basic_challenge(ApiError::unauthorized(
             "send the admin username and password with HTTP Basic authentication",
         )));
@@ -152,6 +195,12 @@ async fn login(
             "no admin password configured (ADMIN_PASSWORD_HASH or admin_password_hash in the secret)"
         ))
     })?;
+    // The slot is taken before bcrypt, in one conditional write: reading
+    // the lockout first and counting the failure after would let a burst
+    // of concurrent guesses all be checked.
+    if let Some(wait) = state.store.take_login_check(ip, now).await? {
+        return Err(locked_out(wait));
+    }
     let expected_user = state.config.admin_username.clone();
     let check_user = user.clone();
     let matched = tokio::task::spawn_blocking(move || {
@@ -160,7 +209,7 @@ async fn login(
     .await
     .map_err(|e| ApiError::internal(e.into()))?;
     if !matched {
-        state.store.record_login_failure(ip, now).await?;
+        // The slot stays taken: that is the failure counted.
         crate::metrics::emit_event("admin", "AdminLogins", "failure");
         tracing::warn!(%ip, "failed admin login");
         return Ok(basic_challenge(ApiError::unauthorized(

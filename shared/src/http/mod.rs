@@ -107,10 +107,11 @@ pub async fn read_limited(body: axum::body::Body, limit: usize) -> Result<Bytes,
     }
 }
 
-/// Parses JSON, naming the field path on error (`allowed_ips[1]: …`).
+/// Parses one JSON value filling the whole body (trailing whitespace
+/// aside), naming the field path on error (`allowed_ips[1]: …`).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let deserializer = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+    let value = serde_path_to_error::deserialize(&mut *deserializer).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -120,7 +121,14 @@ pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         } else {
             ApiError::bad_request(format!("`{path}`: {inner}"))
         }
-    })
+    })?;
+    // Deserializing stops after the first value: `{"name":"x"} trailing`
+    // would otherwise be accepted as `{"name":"x"}`. The proxy's
+    // `serde_json::from_slice` checks this too.
+    deserializer
+        .end()
+        .map_err(|err| ApiError::bad_request(format!("request body is not valid JSON: {err}")))?;
+    Ok(value)
 }
 
 /// Query parameters parsed strictly, naming the bad parameter.

@@ -1,4 +1,5 @@
-//! Admin routes: login, lockout, JWT checks, key lifecycle, tiers, bad input.
+//! Admin routes: login, lockout (concurrent bursts too), the address
+//! allowlist, JWT checks, key lifecycle, tiers, bad input.
 
 #![allow(
     clippy::unwrap_used,
@@ -11,7 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use relay_shared::admin_auth::issue_token;
-use relay_tests::app::{ADMIN_PASSWORD, ADMIN_USER, TestApp, spawn_app};
+use relay_shared::config::AdminConfig;
+use relay_tests::app::{
+    ADMIN_PASSWORD, ADMIN_USER, AppOptions, TestApp, spawn_app, spawn_app_with,
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -309,6 +313,111 @@ async fn sixth_login_after_five_wrong_passwords_is_locked_out_even_with_the_righ
         .expect("numeric retry-after");
     assert!((1..=900).contains(&wait), "retry-after {wait}");
     assert!(reply.header("www-authenticate").is_none());
+}
+
+/// Password checks one address gets per 15-minute window (the store's
+/// `MAX_LOGIN_FAILURES`; README: "five failed logins").
+const CHECKS_PER_WINDOW: usize = 5;
+
+/// Whether this is a 429 `rate_limit_error` with a whole-seconds
+/// `retry-after` within the 15-minute window; otherwise what is wrong.
+fn lockout_problem(reply: &Reply) -> Option<String> {
+    if let Some(problem) = reply.envelope_problem(429, "rate_limit_error") {
+        return Some(problem);
+    }
+    let wait = reply
+        .header("retry-after")
+        .and_then(|v| v.parse::<u64>().ok());
+    if !wait.is_some_and(|w| (1..=900).contains(&w)) {
+        return Some(format!(
+            "{}: retry-after {:?} is not 1..=900 seconds",
+            reply.what,
+            reply.header("retry-after")
+        ));
+    }
+    None
+}
+
+/// Sends `count` wrong-password logins from one address all at once and
+/// asserts that only the window's checks ran (a 401 means bcrypt ran) and
+/// every other login was refused before checking.
+async fn burst_of_wrong_logins_checks_only_the_window(count: usize) {
+    let app = spawn_app().await.unwrap();
+    let wrong = basic(ADMIN_USER, "wrong password");
+
+    let replies =
+        futures_util::future::join_all((0..count).map(|_| login_with(&app, Some(&wrong)))).await;
+
+    let checked = replies.iter().filter(|r| r.status == 401).count();
+    let problems: Vec<String> = replies
+        .iter()
+        .filter(|r| r.status != 401)
+        .filter_map(lockout_problem)
+        .collect();
+    assert!(
+        checked <= CHECKS_PER_WINDOW,
+        "{count} concurrent wrong logins: {checked} passwords were checked"
+    );
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Refusals never cost a slot, so the window's checks were all used.
+    assert_eq!(
+        checked, CHECKS_PER_WINDOW,
+        "{count} concurrent wrong logins"
+    );
+    let after = login_with(&app, Some(&basic(ADMIN_USER, ADMIN_PASSWORD))).await;
+    assert_eq!(
+        lockout_problem(&after),
+        None,
+        "the right password after the burst"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forty_concurrent_wrong_logins_check_at_most_five_passwords() {
+    burst_of_wrong_logins_checks_only_the_window(40).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_wrong_logins_check_at_most_five_passwords() {
+    burst_of_wrong_logins_checks_only_the_window(200).await;
+}
+
+#[tokio::test]
+async fn successful_login_forgives_earlier_failures() {
+    let app = spawn_app().await.unwrap();
+    let wrong = basic(ADMIN_USER, "nope");
+    for attempt in 1..CHECKS_PER_WINDOW {
+        let reply = login_with(&app, Some(&wrong)).await;
+        assert_eq!(reply.status, 401, "attempt {attempt}: {}", reply.text);
+    }
+
+    let reply = login_with(&app, Some(&basic(ADMIN_USER, ADMIN_PASSWORD))).await;
+
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    // A whole new window: five more checks, then the lockout.
+    for attempt in 1..=CHECKS_PER_WINDOW {
+        let reply = login_with(&app, Some(&wrong)).await;
+        assert_eq!(
+            reply.status, 401,
+            "attempt {attempt} after success: {}",
+            reply.text
+        );
+    }
+    let reply = login_with(&app, Some(&wrong)).await;
+    assert_eq!(lockout_problem(&reply), None);
+}
+
+#[tokio::test]
+async fn locked_out_address_hears_so_even_without_credentials() {
+    let app = spawn_app().await.unwrap();
+    for _ in 0..CHECKS_PER_WINDOW {
+        let reply = login_with(&app, Some(&basic(ADMIN_USER, "nope"))).await;
+        assert_eq!(reply.status, 401, "{}", reply.text);
+    }
+
+    let reply = login_with(&app, None).await;
+
+    assert_eq!(lockout_problem(&reply), None);
 }
 
 #[tokio::test]
@@ -1237,6 +1346,42 @@ async fn json_array_bodies_are_rejected_not_read_as_positional_fields() {
 }
 
 #[tokio::test]
+async fn json_bodies_with_trailing_content_are_rejected_and_create_nothing() {
+    let app = spawn_app().await.unwrap();
+    let token = app.admin_token().await.unwrap();
+    let cases = [
+        raw_create_case("trailing word", br#"{"name":"x"} trailing"#.to_vec(), 400),
+        raw_create_case(
+            "second object",
+            br#"{"name":"x"}{"name":"y"}"#.to_vec(),
+            400,
+        ),
+        raw_create_case("trailing number", br#"{"name":"x"} 1"#.to_vec(), 400),
+        raw_create_case("trailing brace", br#"{"name":"x"}}"#.to_vec(), 400),
+    ];
+
+    let failures = run_cases(&app, &token, &cases).await;
+
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let listed = call(&app, Method::GET, "/admin/api-keys", Some(&token), None).await;
+    assert_eq!(listed.json["data"], json!([]), "no key was created");
+    // Control: trailing whitespace is still part of a valid JSON text.
+    let reply = Reply::of(
+        &Method::POST,
+        app.http
+            .post(app.url("/admin/api-keys"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body("{\"name\":\"x\"} \r\n\t")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.text);
+}
+
+#[tokio::test]
 async fn method_not_allowed_names_the_allowed_methods() {
     let app = spawn_app().await.unwrap();
     let token = app.admin_token().await.unwrap();
@@ -1314,4 +1459,195 @@ async fn bare_admin_paths_stay_in_the_admin_router_and_never_reach_upstream() {
         "{}\nforwarded upstream: {forwarded:?}",
         failures.join("\n")
     );
+}
+
+/// A test app whose admin routes allow only these blocks
+/// (`ADMIN_ALLOWED_CIDRS` syntax); the tests' client is 127.0.0.1.
+async fn app_with_admin_cidrs(cidrs: &str) -> TestApp {
+    spawn_app_with(AppOptions {
+        admin_allowed_cidrs: cidrs.to_owned(),
+        ..AppOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn admin_routes_refuse_callers_outside_admin_allowed_cidrs_with_403() {
+    let app = app_with_admin_cidrs("10.0.0.0/8").await;
+    // A valid token, as if issued earlier from an allowed address.
+    let token = issue_token(
+        &app.jwt_secret,
+        ADMIN_USER,
+        epoch_now(),
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    let body = json!({"name": "from outside"});
+    let requests: Vec<(Method, &str, Option<&str>, Option<&Value>)> = vec![
+        (Method::POST, "/admin/api-keys", Some(&token), Some(&body)),
+        (Method::GET, "/admin/api-keys", Some(&token), None),
+        (Method::GET, "/admin/tiers", Some(&token), None),
+        (Method::GET, "/admin/nope", Some(&token), None),
+        (Method::GET, "/admin", None, None),
+        // 405 on an allowed address: the address is judged first.
+        (Method::GET, "/admin/login", None, None),
+    ];
+    let mut failures = Vec::new();
+
+    let login = login_with(&app, Some(&basic(ADMIN_USER, ADMIN_PASSWORD))).await;
+    for (method, path, token, body) in requests {
+        let reply = call(&app, method, path, token, body).await;
+        failures.extend(reply.envelope_problem(403, "permission_error"));
+    }
+
+    failures.extend(login.envelope_problem(403, "permission_error"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(
+        login.message().contains("not reachable from this address"),
+        "{}",
+        login.text
+    );
+    assert!(login.header("www-authenticate").is_none());
+    // Nothing was created, and other routes are not the admin API's to refuse.
+    let page = app.store.list_keys(None, 10, None).await.unwrap().unwrap();
+    assert!(page.keys.is_empty());
+    let health = app.http.get(app.url("/health")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn refused_logins_from_outside_take_no_check_slot() {
+    let app = app_with_admin_cidrs("10.0.0.0/8").await;
+
+    for _ in 0..=CHECKS_PER_WINDOW {
+        let reply = login_with(&app, Some(&basic(ADMIN_USER, "nope"))).await;
+        reply.assert_error(403, "permission_error");
+    }
+
+    // The lockout item (`LOGINFAIL#<ip>`) was never written.
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let item = app
+        .store
+        .client()
+        .get_item()
+        .table_name(app.store.table())
+        .key("pk", AttributeValue::S("LOGINFAIL#127.0.0.1".into()))
+        .key("sk", AttributeValue::S("META".into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item;
+    assert_eq!(item, None);
+}
+
+#[tokio::test]
+async fn admin_routes_answer_callers_inside_admin_allowed_cidrs() {
+    for cidrs in ["127.0.0.0/8", "192.0.2.0/24, 127.0.0.1"] {
+        let app = app_with_admin_cidrs(cidrs).await;
+
+        let token = app.admin_token().await.unwrap();
+        let created = create(&app, &token, json!({"name": "from inside"})).await;
+
+        assert_eq!(created["name"], "from inside", "{cidrs}");
+        let listed = call(&app, Method::GET, "/admin/api-keys", Some(&token), None).await;
+        assert_eq!(listed.status, 200, "{cidrs}: {}", listed.text);
+    }
+}
+
+#[test]
+fn admin_allowed_cidrs_parses_blocks_and_addresses_and_refuses_garbage() {
+    let parsed =
+        AdminConfig::parse_allowed_networks(" 10.1.2.3/8, 192.168.1.7 ,,2001:db8::/32,").unwrap();
+    let shown: Vec<String> = parsed.iter().map(ToString::to_string).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "192.168.1.7/32", "2001:db8::/32"]);
+    assert!(
+        AdminConfig::parse_allowed_networks("  ")
+            .unwrap()
+            .is_empty()
+    );
+    for garbage in [
+        "10.0.0.0/33",
+        "not-an-ip",
+        "10.0.0.0/8;192.168.0.0/16",
+        "10.0.0.0/8 192.168.0.0/16",
+        "300.1.1.1",
+        "10.0.0.0/8,*",
+        "10.0.0.0/",
+    ] {
+        let err = AdminConfig::parse_allowed_networks(garbage).unwrap_err();
+        assert_eq!(err.var, "ADMIN_ALLOWED_CIDRS", "{garbage}");
+        assert!(err.to_string().contains("ADMIN_ALLOWED_CIDRS"), "{err}");
+    }
+}
+
+#[test]
+fn admin_config_matches_ipv4_mapped_ipv6_callers_as_ipv4() {
+    let config = AdminConfig {
+        admin_username: ADMIN_USER.into(),
+        jwt_ttl: Duration::from_secs(3600),
+        allowed_networks: AdminConfig::parse_allowed_networks("10.0.0.0/8").unwrap(),
+    };
+    let open = AdminConfig {
+        allowed_networks: Vec::new(),
+        ..config.clone()
+    };
+
+    assert!(config.admits("10.1.2.3".parse().unwrap()));
+    assert!(config.admits("::ffff:10.1.2.3".parse().unwrap()));
+    assert!(!config.admits("::ffff:11.1.2.3".parse().unwrap()));
+    assert!(!config.admits("127.0.0.1".parse().unwrap()));
+    assert!(open.admits("203.0.113.9".parse().unwrap()));
+}
+
+const CIDRS_VAR: &str = "ADMIN_ALLOWED_CIDRS";
+/// Set in the child process: what `AdminConfig::from_env` must give there
+/// (`error`, or the networks joined by commas).
+const FROM_ENV_EXPECTED: &str = "RELAY_TEST_ADMIN_CIDRS_EXPECTED";
+
+/// `AdminConfig::from_env` reads the process environment, which a test may
+/// not set (`std::env::set_var` is `unsafe`, forbidden here, and races with
+/// other tests), so the test runs itself again in child processes that get
+/// the variable, as `make local` and the admin function would.
+#[test]
+fn admin_config_from_env_reads_admin_allowed_cidrs_and_fails_on_garbage() {
+    if let Ok(expected) = std::env::var(FROM_ENV_EXPECTED) {
+        let result = AdminConfig::from_env();
+        if expected == "error" {
+            let err = result.unwrap_err();
+            assert_eq!(err.var, CIDRS_VAR, "{err}");
+        } else {
+            let networks: Vec<String> = result
+                .unwrap()
+                .allowed_networks
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            assert_eq!(networks.join(","), expected);
+        }
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let test = "admin::admin_config_from_env_reads_admin_allowed_cidrs_and_fails_on_garbage";
+    for (value, expected) in [
+        ("garbage", "error"),
+        ("10.0.0.0/8,10.0.0.0/33", "error"),
+        ("10.0.0.0/8, 127.0.0.1", "10.0.0.0/8,127.0.0.1/32"),
+        ("", ""),
+    ] {
+        let output = std::process::Command::new(&exe)
+            .args([test, "--exact", "--test-threads=1"])
+            .env(CIDRS_VAR, value)
+            .env(FROM_ENV_EXPECTED, expected)
+            .env_remove("JWT_TTL_SECONDS")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("test result: ok. 1 passed"),
+            "{CIDRS_VAR}={value:?} should give {expected:?}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
 }

@@ -128,6 +128,7 @@ impl Functions {
         let admin = http::admin::router(services.admin_state(AdminConfig {
             admin_username: ADMIN_USER.into(),
             jwt_ttl: Duration::from_secs(3600),
+            allowed_networks: Vec::new(),
         }));
         let usage = http::usage::router(services.usage_state())
             .merge(http::health::routes(services.health_state()));

@@ -392,6 +392,139 @@ fn functions_get_their_configuration_and_the_stage_stays_out_of_paths() {
     }
 }
 
+/// The parts of a `!Tag [a, b, …]` list, checking the tag.
+fn tagged_list<'a>(value: &'a Value, tag: &str) -> &'a [Value] {
+    assert_eq!(
+        tag_of(value).as_deref(),
+        Some(tag),
+        "expected !{tag}: {value:?}"
+    );
+    untag(value)
+        .as_sequence()
+        .unwrap_or_else(|| panic!("!{tag} takes a list: {value:?}"))
+}
+
+/// Whether `value` is `!Ref <name>`.
+fn is_ref(value: &Value, name: &str) -> bool {
+    tag_of(value).as_deref() == Some("Ref") && text(value) == name
+}
+
+#[test]
+fn admin_api_is_limited_to_admin_allowed_cidrs_by_the_function_and_the_resource_policy() {
+    let template = template();
+    // The parameter: a string whose empty default means no restriction.
+    let parameter = at(&template, &["Parameters", "AdminAllowedCidrs"]);
+    assert_eq!(text(at(parameter, &["Type"])), "String");
+    assert_eq!(text(at(parameter, &["Default"])), "");
+    assert!(
+        text(at(parameter, &["AllowedPattern"])).starts_with("^$|"),
+        "the empty default must pass the pattern"
+    );
+    let Some(Value::Sequence(groups)) = get(
+        &template,
+        &[
+            "Metadata",
+            "AWS::CloudFormation::Interface",
+            "ParameterGroups",
+        ],
+    )
+    .map(untag) else {
+        panic!("no parameter groups");
+    };
+    assert!(
+        groups
+            .iter()
+            .any(|g| strings(at(g, &["Parameters"])).contains(&"AdminAllowedCidrs".to_owned())),
+        "AdminAllowedCidrs is in no parameter group"
+    );
+    // The admin function enforces it as ADMIN_ALLOWED_CIDRS.
+    let admin = environment(&template, "AdminFunction");
+    assert!(
+        admin
+            .get("ADMIN_ALLOWED_CIDRS")
+            .is_some_and(|v| is_ref(v, "AdminAllowedCidrs")),
+        "AdminFunction gets ADMIN_ALLOWED_CIDRS: !Ref AdminAllowedCidrs"
+    );
+    let condition = tagged_list(
+        at(&template, &["Conditions", "HasAdminAllowedCidrs"]),
+        "Not",
+    );
+    let equals = tagged_list(&condition[0], "Equals");
+    assert!(is_ref(&equals[0], "AdminAllowedCidrs") && text(&equals[1]).is_empty());
+
+    // API Gateway refuses outsiders on /admin and /admin/* before any
+    // Lambda runs, and allows everything else.
+    let statements = at(
+        &template,
+        &[
+            "Resources",
+            "RelayApi",
+            "Properties",
+            "Auth",
+            "ResourcePolicy",
+            "CustomStatements",
+        ],
+    );
+    let Value::Sequence(statements) = untag(statements) else {
+        panic!("CustomStatements is not a list");
+    };
+    let allow_all = statements.iter().any(|s| {
+        get(s, &["Effect"]).is_some_and(|e| text(e) == "Allow")
+            && text(at(s, &["Principal"])) == "*"
+            && strings(at(s, &["Action"])) == ["execute-api:Invoke"]
+            && strings(at(s, &["Resource"])) == ["execute-api:/*"]
+            && get(s, &["Condition"]).is_none()
+    });
+    assert!(allow_all, "the policy must allow every other call");
+    let conditional: Vec<&[Value]> = statements
+        .iter()
+        .filter(|s| tag_of(s).as_deref() == Some("If"))
+        .map(|s| tagged_list(s, "If"))
+        .collect();
+    assert_eq!(
+        conditional.len(),
+        1,
+        "one statement depends on the parameter"
+    );
+    let [condition, deny, otherwise] = conditional[0] else {
+        panic!("!If takes three parts");
+    };
+    assert_eq!(text(condition), "HasAdminAllowedCidrs");
+    assert!(
+        is_ref(otherwise, "AWS::NoValue"),
+        "no statement without a list"
+    );
+    assert_eq!(text(at(deny, &["Effect"])), "Deny");
+    assert_eq!(text(at(deny, &["Principal"])), "*");
+    assert_eq!(strings(at(deny, &["Action"])), ["execute-api:Invoke"]);
+    // execute-api:/<stage>/<method>/<path>: every stage and method, the
+    // admin paths only.
+    assert_eq!(
+        strings(at(deny, &["Resource"])),
+        ["execute-api:/*/*/admin", "execute-api:/*/*/admin/*"]
+    );
+    let source_ips = at(deny, &["Condition", "NotIpAddress", "aws:SourceIp"]);
+    let split = tagged_list(source_ips, "Split");
+    assert_eq!(text(&split[0]), ",");
+    assert!(is_ref(&split[1], "AdminAllowedCidrs"));
+    // SAM resolves the parameter in Auth (not in DefinitionBody), so a new
+    // list changes the deployment's hash and reaches the stage.
+    assert!(
+        get(
+            &template,
+            &[
+                "Resources",
+                "RelayApi",
+                "Properties",
+                "DefinitionBody",
+                "x-amazon-apigateway-policy"
+            ]
+        )
+        .is_none(),
+        "the policy belongs in Auth.ResourcePolicy"
+    );
+}
+
 #[test]
 fn table_is_on_demand_with_ttl_and_point_in_time_recovery() {
     let template = template();
