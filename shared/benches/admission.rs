@@ -35,6 +35,7 @@ fn record() -> ApiKeyRecord {
         expires_at: Some(now + Duration::days(365)),
         token_limit: Some(50_000_000),
         tokens_used: 1_234_567,
+        tokens_reserved: 0,
         rate_limit_tier: "premium".into(),
         allowed_ips: nets
             .iter()

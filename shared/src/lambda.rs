@@ -29,12 +29,34 @@ fn source_ip(request: &lambda_http::Request) -> Option<IpAddr> {
     }
 }
 
+/// The stage name template.yaml's batch-collector schedule puts in its
+/// event. API Gateway never produces it (stage names cannot hold `-`), and
+/// only API Gateway and that schedule may invoke the proxy, so a request
+/// carrying it was made by the schedule.
+pub const SCHEDULE_STAGE: &str = "relay-schedule";
+
+fn is_scheduled(request: &lambda_http::Request) -> bool {
+    match request.request_context_ref() {
+        Some(RequestContext::ApiGatewayV1(context)) => {
+            context.stage.as_deref() == Some(SCHEDULE_STAGE)
+        }
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
 /// Converts the Lambda request into a plain HTTP request for the router.
 pub fn into_router_request(request: lambda_http::Request) -> http::Request<Body> {
     let ip = source_ip(&request);
+    let scheduled = is_scheduled(&request);
     let (mut parts, body) = request.into_parts();
     if let Some(ip) = ip {
         parts.extensions.insert(ClientIp(ip));
+    }
+    if scheduled {
+        parts
+            .extensions
+            .insert(crate::proxy::batches::ScheduledInvocation);
     }
     let body = match body {
         lambda_http::Body::Empty => Body::empty(),

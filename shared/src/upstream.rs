@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use rand::Rng;
 
 use crate::config::{ConfigError, number};
+use crate::domain::route::CanonicalPath;
 use crate::secrets::{Secrets, SecretsError};
 
 #[derive(Debug, Clone)]
@@ -153,13 +154,25 @@ pub fn client_response_headers(upstream: &HeaderMap) -> HeaderMap {
     headers
 }
 
-/// One request to forward: method, path with query, filtered headers, body.
+/// One request to forward: method, the canonical path the route was decided
+/// on, the query as the client sent it, filtered headers, body.
 #[derive(Debug, Clone)]
 pub struct ForwardRequest {
     pub method: Method,
-    pub path_and_query: String,
+    pub path: CanonicalPath,
+    pub query: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// Which failures may be retried for a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// Connect failures and every retryable status (messages, reads).
+    Retryable,
+    /// Only what proves the upstream did not act: connect failures, 429 and
+    /// 529. For creations (a batch) whose repeat would make a second object.
+    UnlessProcessed,
 }
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamBodyError>> + Send>>;
@@ -198,6 +211,10 @@ pub enum UpstreamError {
     NoCredentials,
     #[error(transparent)]
     Secrets(#[from] SecretsError),
+    /// The URL the HTTP client would send differs from the path the route
+    /// was decided on: refused rather than sent.
+    #[error("the upstream URL would not carry the path `{0}` as decided")]
+    PathMismatch(String),
 }
 
 /// Statuses worth another attempt: rate limited, overloaded, or a server
@@ -234,6 +251,29 @@ pub struct Upstream {
     secrets: Secrets,
 }
 
+/// The URL for `path` (canonical) and `query` under `base_url`, checked to
+/// carry exactly that path once parsed the way the HTTP client parses it:
+/// what is forwarded is what the route was decided on.
+pub fn upstream_url(
+    base_url: &str,
+    path: &CanonicalPath,
+    query: Option<&str>,
+) -> Result<reqwest::Url, UpstreamError> {
+    let mismatch = || UpstreamError::PathMismatch(path.to_string());
+    let base = reqwest::Url::parse(base_url).map_err(|_| mismatch())?;
+    let prefix = base.path().trim_end_matches('/');
+    let text = match query {
+        Some(query) => format!("{}{path}?{query}", base_url.trim_end_matches('/')),
+        None => format!("{}{path}", base_url.trim_end_matches('/')),
+    };
+    let url = reqwest::Url::parse(&text).map_err(|_| mismatch())?;
+    let sent = url.path().strip_prefix(prefix).ok_or_else(mismatch)?;
+    if sent != path.as_str() || url.fragment().is_some() {
+        return Err(mismatch());
+    }
+    Ok(url)
+}
+
 impl Upstream {
     pub fn new(config: UpstreamConfig, secrets: Secrets) -> anyhow::Result<Upstream> {
         let client = reqwest::Client::builder()
@@ -262,9 +302,17 @@ impl Upstream {
     /// within the attempt and time budgets. A retryable status that cannot
     /// be retried any more is returned as it is, so the client sees the
     /// upstream's own answer (and its `retry-after`).
-    pub async fn send(&self, request: &ForwardRequest) -> Result<UpstreamResponse, UpstreamError> {
+    pub async fn send(
+        &self,
+        request: &ForwardRequest,
+        policy: RetryPolicy,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        let url = format!("{}{}", self.config.base_url, request.path_and_query);
+        let url = upstream_url(
+            &self.config.base_url,
+            &request.path,
+            request.query.as_deref(),
+        )?;
         let mut retries = 0u32;
         let mut refreshed_key = false;
         loop {
@@ -285,7 +333,7 @@ impl Upstream {
             );
             let attempt = self
                 .client
-                .request(request.method.clone(), &url)
+                .request(request.method.clone(), url.clone())
                 .headers(headers)
                 .body(request.body.clone())
                 .send();
@@ -322,7 +370,11 @@ impl Upstream {
                     }
                     let wait = retry_after(response.headers())
                         .unwrap_or_else(|| backoff(&self.config, retries));
-                    if !is_retryable(status) || !self.may_retry(retries, started, wait) {
+                    let retryable = match policy {
+                        RetryPolicy::Retryable => is_retryable(status),
+                        RetryPolicy::UnlessProcessed => matches!(status.as_u16(), 429 | 529),
+                    };
+                    if !retryable || !self.may_retry(retries, started, wait) {
                         return Ok(self.wrap_response(response, retries));
                     }
                     tracing::info!(
@@ -337,6 +389,52 @@ impl Upstream {
             tokio::time::sleep(wait).await;
             retries += 1;
         }
+    }
+
+    /// Sends a request whose body streams from the client (a file upload):
+    /// one attempt, since the body cannot be read twice. A 401 still makes
+    /// the next request re-read the upstream key.
+    pub async fn send_streamed(
+        &self,
+        method: Method,
+        path: &CanonicalPath,
+        query: Option<&str>,
+        mut headers: HeaderMap,
+        body: reqwest::Body,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let url = upstream_url(&self.config.base_url, path, query)?;
+        let secrets = self.secrets.current().await?;
+        let key = secrets
+            .upstream_api_key
+            .as_deref()
+            .filter(|k| !k.is_empty())
+            .ok_or(UpstreamError::NoCredentials)?;
+        headers.insert(
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_str(key).map_err(|_| UpstreamError::NoCredentials)?,
+        );
+        let attempt = self
+            .client
+            .request(method, url)
+            .headers(headers)
+            .body(body)
+            .send();
+        let response = match tokio::time::timeout(self.config.header_timeout, attempt).await {
+            Err(_) => return Err(UpstreamError::Timeout(self.config.header_timeout)),
+            Ok(Err(err)) => {
+                return Err(UpstreamError::Unreachable {
+                    attempts: 1,
+                    source: err,
+                });
+            }
+            Ok(Ok(response)) => response,
+        };
+        if response.status() == StatusCode::UNAUTHORIZED {
+            // The key may have been rotated: the next request reads it again.
+            let _ = self.secrets.refresh().await;
+            return Err(UpstreamError::CredentialsRejected);
+        }
+        Ok(self.wrap_response(response, 0))
     }
 
     fn may_retry(&self, retries: u32, started: Instant, wait: Duration) -> bool {
@@ -366,6 +464,110 @@ impl Upstream {
             headers,
             body,
             retries,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Request targets built from the pieces that make paths ambiguous:
+    /// dots, slashes, backslashes, percent-escapes in both cases, the
+    /// reserved characters, and the segments of the routes themselves.
+    fn target() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("/".to_owned()),
+            Just(".".to_owned()),
+            Just("..".to_owned()),
+            Just("\\".to_owned()),
+            Just("%".to_owned()),
+            Just("%2e".to_owned()),
+            Just("%2E".to_owned()),
+            Just("%2f".to_owned()),
+            Just("%2F".to_owned()),
+            Just("%5C".to_owned()),
+            Just("%00".to_owned()),
+            Just("%41".to_owned()),
+            Just("%C3%A9".to_owned()),
+            Just("v1".to_owned()),
+            Just("messages".to_owned()),
+            Just("batches".to_owned()),
+            Just("files".to_owned()),
+            Just("msgbatch_01x".to_owned()),
+            Just(";".to_owned()),
+            Just(":".to_owned()),
+            Just("@".to_owned()),
+            Just("~".to_owned()),
+            Just("?".to_owned()),
+            Just("#".to_owned()),
+            Just("=".to_owned()),
+            Just("&".to_owned()),
+            Just("'".to_owned()),
+            Just("\t".to_owned()),
+            Just(" ".to_owned()),
+            Just("é".to_owned()),
+            "[a-z0-9_-]{1,4}",
+        ];
+        prop::collection::vec(piece, 0..10).prop_map(|pieces| format!("/{}", pieces.concat()))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// The path the route is decided on is exactly the path the HTTP
+        /// client sends, for every target the relay accepts, behind a base
+        /// URL with or without a path prefix.
+        #[test]
+        fn the_decided_path_is_the_forwarded_path(target in target()) {
+            // What the server hands the router: the target as hyper parses it.
+            let Ok(uri) = target.parse::<http::Uri>() else { return Ok(()) };
+            let Ok(path) = CanonicalPath::parse(uri.path()) else { return Ok(()) };
+            for base in ["https://api.anthropic.com", "http://127.0.0.1:9", "https://gw.example/anthropic/"] {
+                let url = upstream_url(base, &path, uri.query())
+                    .map_err(|e| TestCaseError::fail(format!("{target}: {e}")))?;
+                let prefix = reqwest::Url::parse(base).unwrap().path().trim_end_matches('/').to_owned();
+                prop_assert_eq!(url.path(), format!("{prefix}{}", path.as_str()));
+                prop_assert!(url.fragment().is_none());
+            }
+            // And the route table reads the same path again the same way.
+            let decided = crate::domain::route::route(
+                &Method::POST,
+                path.as_str(),
+                &crate::domain::route::PassThrough::default(),
+            );
+            let again = crate::domain::route::route(
+                &Method::POST,
+                uri.path(),
+                &crate::domain::route::PassThrough::default(),
+            );
+            prop_assert_eq!(decided, again);
+        }
+
+        /// Canonical paths are fixed points of URL parsing: a URL parser
+        /// that would change a path finds no canonical path to change.
+        #[test]
+        fn url_parsing_never_rewrites_a_canonical_path(target in target()) {
+            if let Ok(path) = CanonicalPath::parse(&target) {
+                let url = reqwest::Url::parse(&format!("https://h{target}")).unwrap();
+                prop_assert_eq!(url.path(), path.as_str());
+            }
+        }
+    }
+
+    #[test]
+    fn dot_segment_and_encoded_variants_of_metered_paths_are_refused_before_forwarding() {
+        for target in [
+            "/v1/./messages",
+            "/v1/x/../messages",
+            "/v1/%2e/messages",
+            "/v1/x/%2e%2e/messages",
+            "/v1/messages/./batches",
+            "/v1//messages",
+            "/v1\\messages",
+        ] {
+            assert!(CanonicalPath::parse(target).is_err(), "{target}");
         }
     }
 }

@@ -94,3 +94,62 @@ def test_sdk_with_x_api_key_and_a_refused_key(relay, admin):
         assert error.status_code == 401
     else:
         raise AssertionError("a bad key was accepted")
+
+
+def test_sdk_batch_created_polled_and_read_through_the_relay_is_charged_once(relay, admin):
+    created = admin("POST", "/admin/api-keys", {"name": "batch sdk", "token_limit": 1_000_000})
+    client = anthropic.Anthropic(base_url=relay["base"], api_key=created["api_key"], max_retries=0)
+    batch = client.messages.batches.create(
+        requests=[
+            {"custom_id": f"q{i}", "params": {"model": MODEL, "max_tokens": 7, "messages": [{"role": "user", "content": f"question {i}"}]}}
+            for i in range(3)
+        ]
+    )
+    assert batch.id.startswith("msgbatch_")
+    deadline = time.monotonic() + 10
+    while batch.processing_status != "ended":
+        assert time.monotonic() < deadline, "the batch never ended"
+        time.sleep(0.1)
+        batch = client.messages.batches.retrieve(batch.id)
+    # results_url points at the relay, so the SDK reads the results through it.
+    assert batch.results_url == f"/v1/messages/batches/{batch.id}/results"
+    results = list(client.messages.batches.results(batch.id))
+    assert sorted(r.custom_id for r in results) == ["q0", "q1", "q2"]
+    usage = [r.result.message.usage for r in results]
+    assert all(r.result.type == "succeeded" for r in results)
+    # Read twice: charged once.
+    assert len(list(client.messages.batches.results(batch.id))) == 3
+    listed = client.messages.batches.list()
+    assert [b.id for b in listed.data] == [batch.id]
+
+    logs = usage_logs(relay, created["id"], 1)
+    assert len(logs) == 1 and logs[0]["kind"] == "batch"
+    key = admin("GET", f"/admin/api-keys/{created['id']}")
+    assert key["tokens_used"] == sum(billed(u) for u in usage)
+    assert key["tokens_reserved"] == 0
+
+
+def test_sdk_uploads_lists_and_reads_a_file_only_with_its_own_key(relay, admin):
+    owner = anthropic.Anthropic(
+        base_url=relay["base"], api_key=admin("POST", "/admin/api-keys", {"name": "files"})["api_key"], max_retries=0
+    )
+    other = anthropic.Anthropic(
+        base_url=relay["base"], api_key=admin("POST", "/admin/api-keys", {"name": "other"})["api_key"], max_retries=0
+    )
+    content = b"col1,col2\r\n1,2\r\n"
+    uploaded = owner.beta.files.upload(file=("data.csv", content, "text/csv"))
+    assert uploaded.filename == "data.csv" and uploaded.size_bytes == len(content)
+    assert owner.beta.files.retrieve_metadata(uploaded.id).id == uploaded.id
+    assert [f.id for f in owner.beta.files.list().data] == [uploaded.id]
+    assert owner.beta.files.download(uploaded.id).read() == content
+
+    assert other.beta.files.list().data == []
+    try:
+        other.beta.files.retrieve_metadata(uploaded.id)
+    except anthropic.NotFoundError:
+        pass
+    else:
+        raise AssertionError("another key read the file")
+
+    owner.beta.files.delete(uploaded.id)
+    assert owner.beta.files.list().data == []

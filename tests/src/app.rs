@@ -100,6 +100,7 @@ impl Default for AppOptions {
                 settle_inline: Duration::from_secs(3),
                 settle_background: Duration::from_secs(30),
                 log_retention: Duration::from_secs(30 * 86_400),
+                pass_through: Default::default(),
             },
             secrets: None,
             dynamodb_endpoint: None,
@@ -118,6 +119,8 @@ pub struct TestApp {
     pub jwt_secret: String,
     /// The settlements still running after their answers ended.
     pub in_flight: InFlight,
+    /// The proxy's state, to run the batch collector as its schedule would.
+    pub proxy: proxy::ProxyState,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -185,7 +188,7 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     let mut app = http::admin::routes(admin_state)
         .merge(http::usage::routes(services.usage_state()))
         .merge(http::health::routes(services.health_state()))
-        .merge(proxy::router(proxy_state));
+        .merge(proxy::router(proxy_state.clone()));
     if options.hold_answers_until_settled {
         app = app.layer(axum::middleware::from_fn_with_state(
             in_flight.clone(),
@@ -216,6 +219,7 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
             .build()?,
         jwt_secret,
         in_flight,
+        proxy: proxy_state,
         server,
     })
 }

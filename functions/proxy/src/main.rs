@@ -1,4 +1,5 @@
-//! Lambda entry point of the proxy function: `/v1/*` and every unknown path,
+//! Lambda entry point of the proxy function: `/v1/*` and every other path
+//! API Gateway routes to it (the route table decides what is served),
 //! answers streamed through API Gateway as they arrive.
 
 use relay_shared::bootstrap::Services;

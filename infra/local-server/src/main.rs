@@ -71,6 +71,22 @@ async fn main() -> anyhow::Result<()> {
         ProxyConfig::from_env()?,
         SettleTiming::AfterAnswerEnds(in_flight.clone()),
     )?;
+    // What an EventBridge schedule does in AWS: record the usage of ended
+    // batches whose results nobody read.
+    let collect_every = Duration::from_secs(
+        env("BATCH_COLLECT_INTERVAL_SECONDS")
+            .map(|s| {
+                s.parse()
+                    .context("BATCH_COLLECT_INTERVAL_SECONDS must be a number of seconds")
+            })
+            .transpose()?
+            .unwrap_or(300)
+            .max(1),
+    );
+    tokio::spawn(proxy::batches::collect_every(
+        proxy_state.clone(),
+        collect_every,
+    ));
     // The same routers the Lambda functions serve; the proxy's fallback
     // takes every path the others do not claim, as API Gateway routes them.
     let mut app = http::admin::routes(services.admin_state(admin.clone()))

@@ -15,6 +15,8 @@ pub enum Refusal {
     OriginNotAllowed,
     ModelNotAllowed(String),
     ModelMissing,
+    /// The request references a file another key uploaded (or none did).
+    FileNotOwned(String),
 }
 
 impl Refusal {
@@ -35,8 +37,32 @@ impl Refusal {
             Refusal::ModelMissing => {
                 "this API key is limited to some models; the request must name one".into()
             }
+            Refusal::FileNotOwned(id) => {
+                let shown: String = id.chars().take(100).filter(|c| !c.is_control()).collect();
+                format!("this API key may not use file `{shown}`: upload it with this key")
+            }
         }
     }
+}
+
+/// Longest model name the relay forwards: whatever is served must be
+/// recordable (model aggregates and log indexes use it in their keys,
+/// which DynamoDB caps at 1 KB for sort keys).
+pub const MAX_MODEL_NAME: usize = 256;
+
+/// Why a model name is refused before anything is forwarded, if it is.
+/// Model ids are ASCII: Anthropic's (`claude-opus-5-5`, with dates),
+/// Bedrock's (`us.anthropic.claude-…-v1:0`, ARNs with `/`), and suffixes
+/// such as `[1m]`.
+pub fn model_name_problem(model: &str) -> Option<String> {
+    if model.is_empty() || model.len() > MAX_MODEL_NAME {
+        return Some(format!(
+            "`model` must be 1 to {MAX_MODEL_NAME} characters long"
+        ));
+    }
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._:@/[]".contains(&b);
+    (!model.bytes().all(allowed))
+        .then(|| "`model` may contain only letters, digits and - . _ : @ / [ ]".to_owned())
 }
 
 /// What the request says about itself that the rules look at.

@@ -47,6 +47,9 @@ pub struct ApiKeyRecord {
     /// `None` means unlimited.
     pub token_limit: Option<u64>,
     pub tokens_used: u64,
+    /// Of `tokens_used`, what batches in progress reserved for their worst
+    /// case (replaced by their real usage once it is recorded).
+    pub tokens_reserved: u64,
     pub rate_limit_tier: String,
     pub allowed_ips: Vec<IpNet>,
     pub allowed_origins: Vec<String>,
@@ -68,6 +71,7 @@ pub struct KeyView {
     pub is_active: bool,
     pub token_limit: Option<u64>,
     pub tokens_used: u64,
+    pub tokens_reserved: u64,
     pub rate_limit_tier: String,
     pub expires_at: Option<String>,
     pub allowed_ips: Vec<String>,
@@ -89,6 +93,7 @@ impl ApiKeyRecord {
             is_active: self.is_active,
             token_limit: self.token_limit,
             tokens_used: self.tokens_used,
+            tokens_reserved: self.tokens_reserved,
             rate_limit_tier: self.rate_limit_tier.clone(),
             expires_at: self.expires_at.map(format_timestamp),
             allowed_ips: self.allowed_ips.iter().map(ToString::to_string).collect(),
@@ -515,6 +520,7 @@ mod tests {
             expires_at: None,
             token_limit: None,
             tokens_used: 0,
+            tokens_reserved: 0,
             rate_limit_tier: "basic".into(),
             allowed_ips: vec![],
             allowed_origins: vec![],

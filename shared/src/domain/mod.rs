@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod key;
+pub mod route;
 pub mod tier;
 
 use time::OffsetDateTime;

@@ -26,6 +26,7 @@ use crate::error::ApiError;
 use crate::keys::{KeyId, PresentedKey};
 use crate::secrets::{SecretValues, Secrets, SecretsError};
 use crate::store::Store;
+use crate::store::owned::PageFrom;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -56,6 +57,8 @@ pub fn routes(state: AdminState) -> Router {
         .route("/admin/api-keys/{id}/usage/daily", get(key_usage_daily))
         .route("/admin/api-keys/{id}/usage/logs", get(key_usage_logs))
         .route("/admin/api-keys/{id}/usage/quota", get(key_usage_quota))
+        .route("/admin/api-keys/{id}/batches", get(key_batches))
+        .route("/admin/api-keys/{id}/files", get(key_files))
         .route("/admin/usage", get(all_usage))
         .route("/admin/metrics", get(metrics))
         .route("/admin/tiers", get(list_tiers))
@@ -471,6 +474,116 @@ async fn key_usage_quota(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = key_id(&raw)?;
     super::usage::quota_view(&state.store, &id).await.map(Json)
+}
+
+/// Page parameters of the admin's views of a key's batches and files,
+/// Anthropic's way (newest first; `after_id` pages back).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnedListParams {
+    limit: Option<usize>,
+    after_id: Option<String>,
+    before_id: Option<String>,
+}
+
+impl OwnedListParams {
+    fn page(&self) -> Result<(usize, PageFrom<'_>), ApiError> {
+        let limit = self.limit.unwrap_or(20);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::bad_request(format!(
+                "query parameter `limit` must be between 1 and {MAX_PAGE}"
+            )));
+        }
+        let from = match (&self.before_id, &self.after_id) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "give `before_id` or `after_id`, not both",
+                ));
+            }
+            (Some(id), None) => PageFrom::Before(id),
+            (None, Some(id)) => PageFrom::After(id),
+            (None, None) => PageFrom::Newest,
+        };
+        Ok((limit, from))
+    }
+}
+
+fn owned_page(
+    data: Vec<serde_json::Value>,
+    ids: &[&str],
+    has_more: bool,
+) -> Json<serde_json::Value> {
+    Json(json!({
+        "data": data,
+        "has_more": has_more,
+        "first_id": ids.first(),
+        "last_id": ids.last(),
+    }))
+}
+
+fn bad_anchor() -> ApiError {
+    ApiError::bad_request("`before_id`/`after_id` is not one of this key's")
+}
+
+/// `GET /admin/api-keys/{id}/batches`: the batches the key created through
+/// the relay, as recorded (reservation, whether its usage is recorded).
+async fn key_batches(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+    QueryParams(params): QueryParams<OwnedListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = existing_key(&state, &raw).await?;
+    let (limit, from) = params.page()?;
+    let page = state
+        .store
+        .list_batches(&id, from, limit)
+        .await?
+        .ok_or_else(bad_anchor)?;
+    let ids: Vec<&str> = page.items.iter().map(|b| b.batch_id.as_str()).collect();
+    let data = page
+        .items
+        .iter()
+        .map(|b| {
+            json!({
+                "id": b.batch_id,
+                "recorded_at": b.recorded_at,
+                "request_count": b.request_count,
+                "reserved_tokens": b.reserved_tokens,
+                "usage_recorded": b.settled_at.is_some(),
+                "settled_at": b.settled_at,
+            })
+        })
+        .collect();
+    Ok(owned_page(data, &ids, page.has_more))
+}
+
+/// `GET /admin/api-keys/{id}/files`: the files the key uploaded through the
+/// relay, as the upstream described them at upload.
+async fn key_files(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+    QueryParams(params): QueryParams<OwnedListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = existing_key(&state, &raw).await?;
+    let (limit, from) = params.page()?;
+    let page = state
+        .store
+        .list_files(&id, from, limit)
+        .await?
+        .ok_or_else(bad_anchor)?;
+    let ids: Vec<&str> = page.items.iter().map(|f| f.file_id.as_str()).collect();
+    let data = page
+        .items
+        .iter()
+        .map(|f| {
+            let mut object = f.object.clone();
+            object["recorded_at"] = json!(f.recorded_at);
+            object
+        })
+        .collect();
+    Ok(owned_page(data, &ids, page.has_more))
 }
 
 async fn all_usage(

@@ -302,6 +302,7 @@ pub async fn quota_view(store: &Store, id: &KeyId) -> Result<Value, ApiError> {
         "expires_at": key.expires_at.map(format_timestamp),
         "token_limit": key.token_limit,
         "tokens_used": key.tokens_used,
+        "tokens_reserved": key.tokens_reserved,
         "remaining": remaining,
         "percent_used": percent_used,
         "rate_limit_tier": {

@@ -1,30 +1,39 @@
-//! The proxy function: authenticates `sk-proxy-…` keys, admits the request
+//! The proxy function: routes the request by the route table
+//! (`domain::route`), authenticates `sk-proxy-…` keys, admits the request
 //! (status, allowlists, quota, rate window), forwards it upstream with the
-//! real key, streams the answer back and settles its usage.
+//! real key, streams the answer back and settles its usage. Batches and
+//! files live in their own modules.
 
+pub mod batches;
+mod body;
+mod files;
 mod relay;
 pub mod tap;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::IpAddr;
+
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::post;
+use bytes::Bytes;
 use http::{Method, StatusCode, header};
-use serde::Deserialize;
 
+use self::body::MessagesFields;
 use crate::config::{ConfigError, number};
-use crate::domain::access::{Refusal, RequestFacts, check_access};
+use crate::domain::access::{Refusal, RequestFacts, check_access, model_name_problem};
 use crate::domain::key::ApiKeyRecord;
+use crate::domain::route::{CanonicalPath, PassThrough, Route, RouteRefusal, Treatment, route};
 use crate::domain::tier::Tier;
 use crate::domain::{self};
 use crate::error::ApiError;
 use crate::http::key_auth::{invalid_key, presented_key};
 use crate::http::{ClientIp, RequestId, read_limited, request_id};
 use crate::in_flight::InFlight;
-use crate::keys::KeyId;
+use crate::keys::{KeyId, PresentedKey};
 use crate::store::Store;
 use crate::store::proxy::AdmissionError;
 use crate::ttl_cache::TtlCache;
@@ -48,6 +57,8 @@ pub struct ProxyConfig {
     /// …and after, in the background, before giving up to the log.
     pub settle_background: Duration,
     pub log_retention: Duration,
+    /// Path prefixes an admin opened for unmetered pass-through.
+    pub pass_through: PassThrough,
 }
 
 impl ProxyConfig {
@@ -63,6 +74,13 @@ impl ProxyConfig {
             settle_inline: millis("SETTLE_INLINE_MS", 3_000)?,
             settle_background: secs("SETTLE_BACKGROUND_SECONDS", 300)?,
             log_retention: Duration::from_secs(number("LOG_RETENTION_DAYS", 30u64)? * 86_400),
+            pass_through: PassThrough::parse(
+                &std::env::var("PASSTHROUGH_PATH_PREFIXES").unwrap_or_default(),
+            )
+            .map_err(|reason| ConfigError {
+                var: "PASSTHROUGH_PATH_PREFIXES",
+                reason,
+            })?,
         })
     }
 }
@@ -112,18 +130,14 @@ impl ProxyState {
     }
 }
 
-/// The proxy's routes without a fallback (for merging).
+/// The proxy's routes: every request goes through the route table
+/// (`relay_request`), except the batch collector's scheduled call.
 pub fn router(state: ProxyState) -> Router {
     Router::new()
-        .route("/api/hello", get(hello).head(hello))
+        .route(batches::COLLECT_PATH, post(batches::scheduled_collect))
         .fallback(relay_request)
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
-}
-
-/// Claude Code's connectivity check: answered here, never forwarded.
-async fn hello() -> StatusCode {
-    StatusCode::OK
 }
 
 impl From<Refusal> for ApiError {
@@ -158,28 +172,29 @@ impl From<AdmissionError> for ApiError {
                 ),
                 retry_after,
             ),
+            AdmissionError::WorstCaseExceedsQuota { worst, left } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                crate::ErrorKind::RateLimit,
+                format!(
+                    "token quota too small for this batch: its worst case is {worst} tokens (input estimate plus max_tokens of every request) and {left} are left; lower max_tokens, split the batch, or ask your relay admin to raise its token_limit"
+                ),
+            )
+            .with_should_retry(false),
+            AdmissionError::OverTier {
+                requests,
+                limit,
+                period,
+            } => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                crate::ErrorKind::RateLimit,
+                format!(
+                    "this batch holds {requests} requests, more than the {limit} per {period} seconds this API key's tier allows; split it"
+                ),
+            )
+            .with_should_retry(false),
             AdmissionError::Store(store) => store.into(),
         }
     }
-}
-
-/// The few request fields the relay reads; everything else passes untouched.
-#[derive(Deserialize)]
-struct MessagesFields {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    stream: Option<bool>,
-}
-
-/// Requests that are billed: creating a message. Everything else (token
-/// counting, models, batches, unknown paths) is forwarded uncharged.
-fn is_charged(method: &Method, path: &str) -> bool {
-    method == Method::POST && path == "/v1/messages"
-}
-
-fn names_model(method: &Method, path: &str) -> bool {
-    method == Method::POST && (path == "/v1/messages" || path == "/v1/messages/count_tokens")
 }
 
 async fn relay_request(
@@ -196,6 +211,138 @@ async fn relay_request(
     }
 }
 
+/// The answer when no route serves a request.
+fn route_refusal(refusal: RouteRefusal) -> ApiError {
+    match refusal {
+        RouteRefusal::BadPath(problem) => {
+            ApiError::bad_request(format!("{problem}; send the path in its canonical form"))
+        }
+        RouteRefusal::UnknownPath => {
+            ApiError::not_found("this relay does not serve that path (see its route table)")
+        }
+        RouteRefusal::MethodNotAllowed(allowed) if allowed.is_empty() => ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            crate::ErrorKind::InvalidRequest,
+            "this relay does not serve that method",
+        ),
+        RouteRefusal::MethodNotAllowed(allowed) => {
+            let allowed: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                crate::ErrorKind::InvalidRequest,
+                format!(
+                    "method not allowed on this path; use {}",
+                    allowed.join(" or ")
+                ),
+            )
+        }
+    }
+}
+
+/// One request on its way through the proxy, once its route is known.
+pub(crate) struct Call {
+    state: ProxyState,
+    parts: http::request::Parts,
+    path: CanonicalPath,
+    key: PresentedKey,
+    ip: IpAddr,
+    at: time::OffsetDateTime,
+    started: std::time::Instant,
+    request_id: String,
+}
+
+impl Call {
+    /// This request as it goes upstream (same method, path and query).
+    fn forward(&self, body: Bytes) -> ForwardRequest {
+        ForwardRequest {
+            method: self.parts.method.clone(),
+            path: self.path.clone(),
+            query: self.parts.uri.query().map(str::to_owned),
+            headers: upstream_request_headers(&self.parts.headers),
+            body,
+        }
+    }
+
+    /// The key's record, read afresh, if it admits this caller and each of
+    /// `models` (for requests that name models).
+    async fn authenticate(
+        &self,
+        models: Option<&[Option<&str>]>,
+    ) -> Result<ApiKeyRecord, ApiError> {
+        let hash = self.key.hash();
+        let record = self
+            .state
+            .0
+            .store
+            .get_key(self.key.id())
+            .await?
+            .filter(|r| r.secret_hash.matches(&hash))
+            .ok_or_else(invalid_key)?;
+        self.check(&record, models)?;
+        Ok(record)
+    }
+
+    fn check(
+        &self,
+        record: &ApiKeyRecord,
+        models: Option<&[Option<&str>]>,
+    ) -> Result<(), ApiError> {
+        let origin = self
+            .parts
+            .headers
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok());
+        let mut facts = RequestFacts {
+            ip: self.ip,
+            origin,
+            model: None,
+            names_model: false,
+        };
+        check_access(record, &facts, self.at)?;
+        for model in models.unwrap_or_default() {
+            facts.model = *model;
+            facts.names_model = true;
+            check_access(record, &facts, self.at)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a body that references a file this key does not own.
+    async fn check_file_references(&self, body: &[u8]) -> Result<(), ApiError> {
+        if !body::may_reference_files(body) {
+            return Ok(());
+        }
+        let ids = body::file_ids(body)
+            .map_err(|e| ApiError::bad_request(format!("request body is not valid JSON: {e}")))?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        if ids.len() > 1000 {
+            return Err(ApiError::bad_request(
+                "the request references more than 1000 files",
+            ));
+        }
+        let unowned = self
+            .state
+            .0
+            .store
+            .unowned_files(self.key.id(), &ids)
+            .await?;
+        match unowned.into_iter().next() {
+            Some(id) => Err(Refusal::FileNotOwned(id).into()),
+            None => Ok(()),
+        }
+    }
+
+    fn header_text(&self, name: &str) -> Option<String> {
+        self.parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(256).collect::<String>())
+    }
+}
+
 async fn relay_inner(
     state: ProxyState,
     ip: std::net::IpAddr,
@@ -204,13 +351,27 @@ async fn relay_inner(
     let started = std::time::Instant::now();
     let at = domain::now();
     let (parts, body) = request.into_parts();
+    let (route, path) = route(
+        &parts.method,
+        parts.uri.path(),
+        &state.0.config.pass_through,
+    )
+    .map_err(route_refusal)?;
+    match route {
+        Route::Hello => return Ok(StatusCode::OK.into_response()),
+        Route::Complete => {
+            return Err(ApiError::not_found(
+                "this relay does not serve the legacy Text Completions API (/v1/complete): its answers carry no usage to meter; use /v1/messages",
+            ));
+        }
+        _ => {}
+    }
     let request_id = parts
         .extensions
         .get::<RequestId>()
         .map(|r| r.0.clone())
         .unwrap_or_else(|| format!("relay_{}", uuid::Uuid::new_v4().simple()));
     let key = presented_key(&parts.headers)?;
-
     let max = state.0.config.max_request_bytes;
     let declared = parts
         .headers
@@ -220,6 +381,19 @@ async fn relay_inner(
     if declared.is_some_and(|len| len > max as u64) {
         return Err(too_large(max));
     }
+    let call = Call {
+        state,
+        parts,
+        path,
+        key,
+        ip,
+        at,
+        started,
+        request_id,
+    };
+    if route == Route::UploadFile {
+        return files::upload(call, body).await;
+    }
     let body = read_limited(body, max).await.map_err(|e| {
         if e.status == StatusCode::PAYLOAD_TOO_LARGE {
             too_large(max)
@@ -227,53 +401,59 @@ async fn relay_inner(
             e
         }
     })?;
+    match route {
+        Route::Messages | Route::CountTokens => messages(call, &route, body).await,
+        Route::ListModels | Route::GetModel(_) | Route::PassThrough => {
+            call.authenticate(None).await?;
+            let forward = call.forward(body);
+            Ok(relay::start(call.state, forward, None, false, call.started).await)
+        }
+        Route::CreateBatch => batches::create(call, body).await,
+        Route::ListBatches => batches::list(call).await,
+        Route::GetBatch(id) | Route::CancelBatch(id) => batches::object(call, &id, body).await,
+        Route::DeleteBatch(id) => batches::delete(call, &id).await,
+        Route::BatchResults(id) => batches::results(call, &id).await,
+        Route::ListFiles => files::list(call).await,
+        Route::GetFile(id) | Route::FileContent(id) => files::forward(call, &id, body).await,
+        Route::DeleteFile(id) => files::delete(call, &id).await,
+        Route::Hello | Route::Complete | Route::UploadFile => Err(ApiError::internal(
+            anyhow::anyhow!("route {route:?} reached the forwarding step"),
+        )),
+    }
+}
 
-    let path = parts.uri.path().to_owned();
-    let charged = is_charged(&parts.method, &path);
-    let with_model = names_model(&parts.method, &path);
-    let fields = if with_model {
-        Some(
-            serde_json::from_slice::<MessagesFields>(&body).map_err(|e| {
-                ApiError::bad_request(format!("request body is not a valid JSON object: {e}"))
-            })?,
-        )
-    } else {
-        None
-    };
-    let model = fields.as_ref().and_then(|f| f.model.clone());
-    let facts = RequestFacts {
-        ip,
-        origin: parts
-            .headers
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok()),
-        model: model.as_deref(),
-        names_model: with_model,
-    };
+/// `POST /v1/messages` (metered) and `count_tokens` (free): the model is
+/// read, bounded and checked against the allowlist, file references
+/// against ownership; a message is admitted in one write and settled after.
+async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, ApiError> {
+    let state = call.state.clone();
+    let charged = route.treatment() == Treatment::Metered;
+    let fields = serde_json::from_slice::<MessagesFields>(&body).map_err(|e| {
+        ApiError::bad_request(format!("request body is not a valid JSON object: {e}"))
+    })?;
+    if let Some(problem) = fields.model.as_deref().and_then(model_name_problem) {
+        return Err(ApiError::bad_request(problem));
+    }
+    let model = fields.model.clone();
+    let models = [model.as_deref()];
 
     // Charged requests use the cached record for the rules and let the
     // admission write re-check what must be current; uncharged ones read
     // the key afresh (they are rare and write nothing).
+    let hash = call.key.hash();
     let cached = if charged {
-        state.0.keys.get(key.id())
+        state.0.keys.get(call.key.id())
     } else {
         None
     };
-    let hash = key.hash();
     let record = match cached.filter(|r| r.secret_hash.matches(&hash)) {
-        Some(record) => record,
-        None => {
-            let record = state
-                .0
-                .store
-                .get_key(key.id())
-                .await?
-                .filter(|r| r.secret_hash.matches(&hash))
-                .ok_or_else(invalid_key)?;
-            Arc::new(record)
+        Some(record) => {
+            call.check(&record, Some(&models))?;
+            record
         }
+        None => Arc::new(call.authenticate(Some(&models)).await?),
     };
-    check_access(&record, &facts, at)?;
+    call.check_file_references(&body).await?;
 
     if charged {
         let tier = tier_of(&state, &record.rate_limit_tier).await?;
@@ -281,55 +461,42 @@ async fn relay_inner(
             .0
             .store
             .admit(
-                key.id(),
+                call.key.id(),
                 &hash,
                 tier.requests,
                 tier.period,
-                at,
+                call.at,
                 record.rate_window.map(|(start, _)| start),
             )
             .await?;
-        state.0.keys.insert(key.id().clone(), Arc::new(admitted));
+        state
+            .0
+            .keys
+            .insert(call.key.id().clone(), Arc::new(admitted));
     }
 
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or_else(|| path.clone(), |pq| pq.as_str().to_owned());
-    let forward = ForwardRequest {
-        method: parts.method.clone(),
-        path_and_query,
-        headers: upstream_request_headers(&parts.headers),
-        body,
-    };
-    let header_text = |name: &str| {
-        parts
-            .headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.chars().take(256).collect::<String>())
-    };
+    let streamed = fields.stream.unwrap_or(false);
     let settle = charged.then(|| crate::store::proxy::UsageRecord {
-        request_id: request_id.clone(),
-        key_id: key.id().clone(),
-        at,
+        request_id: call.request_id.clone(),
+        key_id: call.key.id().clone(),
+        at: call.at,
         model: model.clone(),
-        method: parts.method.to_string(),
-        path: path.clone(),
+        method: call.parts.method.to_string(),
+        path: call.path.to_string(),
         status: 0,
-        stream: fields.as_ref().and_then(|f| f.stream).unwrap_or(false),
+        stream: streamed,
         usage: Default::default(),
         estimated: false,
         latency_ms: 0,
         ttfb_ms: None,
         retries: 0,
-        client_ip: ip.to_string(),
-        user_agent: header_text("user-agent"),
-        session_id: header_text("x-claude-code-session-id"),
+        client_ip: call.ip.to_string(),
+        user_agent: call.header_text("user-agent"),
+        session_id: call.header_text("x-claude-code-session-id"),
         error_type: None,
     });
-    let streamed = fields.as_ref().and_then(|f| f.stream).unwrap_or(false);
-    Ok(relay::start(state, forward, settle, streamed, started).await)
+    let forward = call.forward(body);
+    Ok(relay::start(state, forward, settle, streamed, call.started).await)
 }
 
 /// The dashboard's name for why the relay itself refused a request.

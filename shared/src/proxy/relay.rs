@@ -17,7 +17,7 @@ use super::{ProxyState, SettleTiming};
 use crate::error::{ApiError, ErrorKind};
 use crate::store::proxy::UsageRecord;
 use crate::store::{Store, StoreError};
-use crate::upstream::{ForwardRequest, UpstreamError, client_response_headers};
+use crate::upstream::{ForwardRequest, RetryPolicy, UpstreamError, client_response_headers};
 use crate::usage::complete_with_estimate;
 
 /// What the handler answers with, decided by the task.
@@ -108,7 +108,7 @@ fn sse_error(err: &ApiError) -> Bytes {
 }
 
 /// The relay's answer when the upstream gave none.
-fn upstream_failure(err: &UpstreamError) -> ApiError {
+pub(super) fn upstream_failure(err: &UpstreamError) -> ApiError {
     match err {
         UpstreamError::Unreachable { .. } => ApiError::new(
             StatusCode::BAD_GATEWAY,
@@ -137,6 +137,9 @@ fn upstream_failure(err: &UpstreamError) -> ApiError {
             ErrorKind::Overloaded,
             "the relay's secret store is unavailable; retry shortly",
         ),
+        UpstreamError::PathMismatch(_) => ApiError::bad_request(
+            "the request path would not reach the upstream as written; send it in canonical form",
+        ),
     }
 }
 
@@ -162,7 +165,7 @@ async fn run(
         stall_limit: upstream_config.idle_timeout,
     };
 
-    let send = inner.upstream.send(&forward);
+    let send = inner.upstream.send(&forward, RetryPolicy::Retryable);
     tokio::pin!(send);
     let outcome = if streamed {
         let mut tick = tokio::time::Instant::now() + config.keepalive_after;

@@ -55,6 +55,7 @@ impl TryFrom<&Item> for ApiKeyRecord {
                 .transpose()?,
             token_limit: opt_n(item, "token_limit")?,
             tokens_used: get_n(item, "tokens_used")?,
+            tokens_reserved: get_n(item, "tokens_reserved")?,
             rate_limit_tier: get_s(item, "rate_limit_tier")?.to_owned(),
             allowed_ips: get_list(item, "allowed_ips")?
                 .iter()
@@ -102,6 +103,7 @@ impl Store {
             expires_at: new.expires_at,
             token_limit: new.token_limit,
             tokens_used: 0,
+            tokens_reserved: 0,
             rate_limit_tier: new.rate_limit_tier.clone(),
             allowed_ips: new.allowed_ips.clone(),
             allowed_origins: new.allowed_origins.clone(),

@@ -5,6 +5,7 @@
 mod item;
 mod keys;
 mod logins;
+pub mod owned;
 pub mod proxy;
 pub mod schema;
 mod tiers;

@@ -85,6 +85,13 @@ impl TryFrom<&Item> for KeyUsage {
 /// One usage-log row, as the proxy recorded it.
 #[derive(Debug, Clone, Serialize)]
 pub struct LogRow {
+    /// `message` (one request) or `batch` (a message batch's whole usage).
+    pub kind: String,
+    /// The batch, for rows of kind `batch`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    /// Requests the row counts: 1 for a message, the billed requests of a batch.
+    pub requests: u64,
     pub request_id: String,
     pub at: String,
     pub model: Option<String>,
@@ -115,6 +122,9 @@ impl TryFrom<&Item> for LogRow {
         let flag = |name: &str| matches!(item.get(name), Some(AttributeValue::Bool(true)));
         let owned = |v: Option<&str>| v.map(str::to_owned);
         Ok(LogRow {
+            kind: opt_s(item, "kind")?.unwrap_or("message").to_owned(),
+            batch_id: owned(opt_s(item, "batch_id")?),
+            requests: opt_n(item, "requests")?.unwrap_or(1),
             request_id: get_s(item, "request_id")?.to_owned(),
             at: get_s(item, "at")?.to_owned(),
             model: owned(opt_s(item, "model")?),

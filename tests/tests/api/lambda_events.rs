@@ -44,6 +44,7 @@ const PROXY_COUNT_TOKENS: &str = include_str!("../../../events/proxy-count-token
 const PROXY_HELLO_HEAD: &str = include_str!("../../../events/proxy-hello-head.json");
 const USAGE_QUOTA: &str = include_str!("../../../events/usage-quota.json");
 const USAGE_HEALTH: &str = include_str!("../../../events/usage-health.json");
+const PROXY_COLLECT_BATCHES: &str = include_str!("../../../events/proxy-collect-batches.json");
 
 const ALL_EVENTS: [(&str, &str); 7] = [
     ("admin-login", ADMIN_LOGIN),
@@ -443,4 +444,59 @@ async fn usage_events_answer_quota_and_health() {
     // answer them.
     let reply = call(&functions.usage, event(ADMIN_LOGIN, |_| {})).await;
     assert_eq!(reply.status, 404);
+}
+
+#[tokio::test]
+async fn the_scheduled_event_runs_the_batch_collector_and_no_client_can() {
+    if !in_lambda_environment(
+        "lambda_events::the_scheduled_event_runs_the_batch_collector_and_no_client_can",
+    ) {
+        return;
+    }
+    let functions = Functions::start().await;
+    let (id, key) = functions.create_key(&[]).await;
+    // A batch created through the proxy, as API Gateway delivers it.
+    let created = call(
+        &functions.proxy,
+        event(PROXY_COUNT_TOKENS, |event| {
+            with_key(&key)(event);
+            event["path"] = json!("/v1/messages/batches");
+            event["requestContext"]["path"] = json!("/prod/v1/messages/batches");
+            event["queryStringParameters"] = Value::Null;
+            event["multiValueQueryStringParameters"] = Value::Null;
+            event["body"] = json!(
+                json!({"requests": [{"custom_id": "a", "params": {
+                "model": "claude-haiku-5-5", "max_tokens": 9,
+                "messages": [{"role": "user", "content": "hi"}]}}]})
+                .to_string()
+            );
+        }),
+    )
+    .await;
+    assert_eq!(created.status, 200, "{}", created.text);
+
+    // The same path through API Gateway (a real stage) is not the schedule.
+    let refused = call(
+        &functions.proxy,
+        event(PROXY_COUNT_TOKENS, |event| {
+            with_key(&key)(event);
+            event["path"] = json!("/__relay/collect-batches");
+        }),
+    )
+    .await;
+    assert_eq!(refused.status, 404, "{}", refused.text);
+    assert!(
+        key_items(&functions.store, &id, "LOG#")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // The schedule's own event (template.yaml sends this file) settles it.
+    let reply = call(&functions.proxy, event(PROXY_COLLECT_BATCHES, |_| {})).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(reply.json["settled"], 1, "{}", reply.text);
+    let logs = key_items(&functions.store, &id, "LOG#").await.unwrap();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(text(&logs[0], "kind"), Some("batch"));
 }

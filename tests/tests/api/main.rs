@@ -7,6 +7,7 @@
 
 mod admin;
 mod faults;
+mod isolation;
 mod lambda_events;
 mod proxy;
 mod template;

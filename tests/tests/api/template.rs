@@ -616,25 +616,33 @@ fn each_function_has_least_privilege() {
     let proxy = dynamodb("ProxyFunction");
     for needed in [
         "dynamodb:GetItem",
+        "dynamodb:BatchGetItem",
+        "dynamodb:Query",
         "dynamodb:UpdateItem",
         "dynamodb:PutItem",
+        "dynamodb:DeleteItem",
         "dynamodb:DescribeTable",
     ] {
         assert!(proxy.contains(needed), "proxy needs {needed}");
     }
-    for refused in [
-        "dynamodb:DeleteItem",
-        "dynamodb:BatchWriteItem",
-        "dynamodb:Scan",
-        "dynamodb:Query",
-    ] {
+    for refused in ["dynamodb:BatchWriteItem", "dynamodb:Scan"] {
         assert!(!proxy.contains(refused), "proxy must not have {refused}");
     }
-    // The proxy writes whole items only as the settle transaction's Put.
+    // The proxy puts and deletes items only inside its transactions
+    // (settlement, batch admission, ownership records).
     for statement in statements(&template, "ProxyFunction") {
-        if statement.actions.iter().any(|a| a == "dynamodb:PutItem") {
-            assert_eq!(statement.actions, ["dynamodb:PutItem"]);
-            let condition = statement.condition.expect("PutItem has a condition");
+        if statement
+            .actions
+            .iter()
+            .any(|a| a == "dynamodb:PutItem" || a == "dynamodb:DeleteItem")
+        {
+            assert_eq!(
+                statement.actions,
+                ["dynamodb:PutItem", "dynamodb:DeleteItem"]
+            );
+            let condition = statement
+                .condition
+                .expect("PutItem and DeleteItem have a condition");
             assert_eq!(
                 text(at(
                     &condition,
@@ -1047,4 +1055,40 @@ fn alarms_watch_errors_throttles_upstream_and_dynamodb() {
         Some("RelayTable")
     ));
     assert!(watches("AWS/DynamoDB", "UserErrors", None));
+}
+
+#[test]
+fn the_batch_collector_runs_on_a_schedule_with_the_event_the_proxy_trusts() {
+    let template = template();
+    let events = at(
+        &template,
+        &["Resources", "ProxyFunction", "Properties", "Events"],
+    );
+    let schedule = at(events, &["CollectBatches"]);
+    assert_eq!(text(at(schedule, &["Type"])), "Schedule");
+    assert_eq!(
+        text(at(schedule, &["Properties", "Schedule"])),
+        "rate(5 minutes)"
+    );
+    let input: serde_json::Value =
+        serde_json::from_str(text(at(schedule, &["Properties", "Input"]))).unwrap();
+    let file: serde_json::Value =
+        serde_json::from_str(include_str!("../../../events/proxy-collect-batches.json")).unwrap();
+    assert_eq!(
+        input, file,
+        "the schedule sends events/proxy-collect-batches.json"
+    );
+    assert_eq!(
+        input["requestContext"]["stage"],
+        relay_shared::lambda::SCHEDULE_STAGE
+    );
+    assert_eq!(input["path"], relay_shared::proxy::batches::COLLECT_PATH);
+    // API Gateway could never send that stage: stage names have no `-`.
+    let stage_pattern = text(at(
+        &template,
+        &["Parameters", "StageName", "AllowedPattern"],
+    ));
+    assert_eq!(stage_pattern, "^[A-Za-z0-9_]+$");
+    assert!(relay_shared::lambda::SCHEDULE_STAGE.contains('-'));
+    assert!(environment(&template, "ProxyFunction").contains_key("PASSTHROUGH_PATH_PREFIXES"));
 }

@@ -1,0 +1,203 @@
+//! What the relay reads from request bodies it otherwise forwards untouched:
+//! a message request's model, `stream` and `max_tokens`, and every
+//! `file_id` a body references.
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// The few fields of a Messages (or count_tokens) body the relay reads.
+/// Duplicate `model` keys are refused by serde: the relay and the upstream
+/// must not read different ones.
+#[derive(Debug, Deserialize)]
+pub struct MessagesFields {
+    #[serde(default)]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub stream: Option<bool>,
+    #[serde(default)]
+    pub max_tokens: Option<serde_json::Value>,
+}
+
+/// Whether `body` can name a `file_id` at all: the key must be spelt out, or
+/// hidden behind a `\u` escape. Most bodies have neither, and skip the walk.
+pub fn may_reference_files(body: &[u8]) -> bool {
+    memchr::memmem::find(body, b"file_id").is_some() || memchr::memmem::find(body, b"\\u").is_some()
+}
+
+/// Every string value of a `file_id` key anywhere in the JSON `body`,
+/// duplicates of one object's key included (whichever copy the upstream
+/// reads, the relay has checked it).
+pub fn file_ids(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+    let mut ids = Vec::new();
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    FileIdWalk { ids: &mut ids }.deserialize(&mut deserializer)?;
+    deserializer.end()?;
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Walks one JSON value, collecting `file_id` strings.
+struct FileIdWalk<'a> {
+    ids: &'a mut Vec<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for FileIdWalk<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+/// A map key: only whether it is `file_id` matters (escapes decoded).
+struct IsFileId(bool);
+
+impl<'de> Deserialize<'de> for IsFileId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = IsFileId;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_str<E: de::Error>(self, key: &str) -> Result<IsFileId, E> {
+                Ok(IsFileId(key == "file_id"))
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+/// A `file_id` value: a string is collected, anything else walked on.
+struct FileIdValue<'a> {
+    ids: &'a mut Vec<String>,
+}
+
+impl<'de> DeserializeSeed<'de> for FileIdValue<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FileIdValue<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<(), E> {
+        self.ids.push(value.to_owned());
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        FileIdWalk { ids: self.ids }.visit_map(map)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+        FileIdWalk { ids: self.ids }.visit_seq(seq)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for FileIdWalk<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(IsFileId(is_file_id)) = map.next_key()? {
+            if is_file_id {
+                map.next_value_seed(FileIdValue { ids: self.ids })?;
+            } else {
+                map.next_value_seed(FileIdWalk { ids: self.ids })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(FileIdWalk { ids: self.ids })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_ids_are_found_at_any_depth_however_the_key_is_spelt() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"document","source":{"type":"file","file_id":"file_a"}},
+            {"type":"image","source":{"type":"file","file\u005fid":"file_b"}},
+            {"type":"container_upload","file_id":"file_c","file_id":"file_d"},
+            {"type":"text","text":"file_id is just text here"}]}],
+            "metadata":{"file_id":{"nested":{"file_id":"file_e"}}}}"#;
+        assert!(may_reference_files(body));
+        assert_eq!(
+            file_ids(body).unwrap(),
+            ["file_a", "file_b", "file_c", "file_d", "file_e"]
+        );
+    }
+
+    #[test]
+    fn bodies_without_the_key_skip_the_walk() {
+        assert!(!may_reference_files(
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#
+        ));
+        assert!(file_ids(br#"{"a":[1,2,{"b":null}]}"#).unwrap().is_empty());
+        assert!(file_ids(br#"{"a":1} trailing"#).is_err());
+    }
+
+    #[test]
+    fn duplicate_model_keys_are_refused() {
+        let parsed = serde_json::from_slice::<MessagesFields>(
+            br#"{"model":"claude-haiku-5-5","model":"claude-opus-5-5"}"#,
+        );
+        assert!(parsed.is_err());
+    }
+}

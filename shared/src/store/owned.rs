@@ -1,0 +1,897 @@
+//! What keys own upstream: message batches (`KEY#<key>` / `BATCH#<id>`) and
+//! files (`KEY#<key>` / `FILE#<id>`), each listed per key through `gsi1`
+//! (`BATCHES#<key>`, `FILES#<key>`, newest first); and the batch queue
+//! (`BATCHQUEUE`) the collector works through: one `OPEN#<batch id>` per
+//! batch whose usage is not recorded yet, one `PENDING#<request id>` per
+//! batch creation whose reservation is not yet tied to a batch.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem, Update};
+use time::OffsetDateTime;
+
+use super::item::{Item, get_n, get_s, n, opt_s, s};
+use super::keys::key_pk;
+use super::proxy::{
+    Charge, Counters, SettleOutcome, conflict_pause, counters_update, day_of, log_model_partition,
+    log_sort_key, transact_update,
+};
+use super::{GSI1, Store, StoreError, TTL_ATTRIBUTE, classify, query_all};
+use crate::domain::{epoch_seconds, format_timestamp};
+use crate::keys::{KeyId, SecretHash};
+use crate::store::proxy::AdmissionError;
+use crate::usage::TokenUsage;
+
+const QUEUE: &str = "BATCHQUEUE";
+/// Batch records outlive the upstream's 29 days of results by a day.
+const BATCH_RETENTION_SECS: u64 = 30 * 86_400;
+/// A pending reservation outlives any request that could still claim it
+/// (Lambda stops at 15 minutes); past this, the collector gives it back.
+pub const PENDING_STALE: Duration = Duration::from_secs(20 * 60);
+
+fn batch_sk(batch_id: &str) -> String {
+    format!("BATCH#{batch_id}")
+}
+
+fn file_sk(file_id: &str) -> String {
+    format!("FILE#{file_id}")
+}
+
+/// A batch as the relay recorded it when it was created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchRecord {
+    pub batch_id: String,
+    pub key_id: KeyId,
+    /// When the relay recorded it (RFC 3339, the listing order).
+    pub recorded_at: String,
+    pub request_count: u64,
+    /// Tokens reserved against the key's quota at admission.
+    pub reserved_tokens: u64,
+    pub client_ip: String,
+    /// Set once its usage is recorded.
+    pub settled_at: Option<String>,
+}
+
+/// A file as the relay recorded it at upload: the upstream's file object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRecord {
+    pub file_id: String,
+    pub key_id: KeyId,
+    pub recorded_at: String,
+    pub object: serde_json::Value,
+}
+
+/// A batch whose usage the collector still has to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBatch {
+    pub batch_id: String,
+    pub key_id: KeyId,
+}
+
+/// A reservation taken for a batch creation not (yet) tied to a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingReservation {
+    pub request_id: String,
+    pub key_id: KeyId,
+    pub reserved_tokens: u64,
+    /// Epoch seconds of the admission.
+    pub at: u64,
+}
+
+/// What a batch's results add up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchTally {
+    /// Usage and succeeded requests per model.
+    pub by_model: BTreeMap<String, (TokenUsage, u64)>,
+    pub succeeded: u64,
+    pub errored: u64,
+    pub canceled: u64,
+    pub expired: u64,
+}
+
+impl BatchTally {
+    pub fn total(&self) -> TokenUsage {
+        let mut total = TokenUsage::default();
+        for (usage, _) in self.by_model.values() {
+            total.input_tokens += usage.input_tokens;
+            total.output_tokens += usage.output_tokens;
+            total.cache_creation_input_tokens += usage.cache_creation_input_tokens;
+            total.cache_read_input_tokens += usage.cache_read_input_tokens;
+            total.cache_creation_5m += usage.cache_creation_5m;
+            total.cache_creation_1h += usage.cache_creation_1h;
+        }
+        total
+    }
+}
+
+/// One page of a key's batches or files, newest first.
+#[derive(Debug)]
+pub struct OwnedPage<T> {
+    pub items: Vec<T>,
+    pub has_more: bool,
+}
+
+/// Where a page starts: Anthropic's `before_id` / `after_id`.
+#[derive(Debug, Clone, Copy)]
+pub enum PageFrom<'a> {
+    Newest,
+    /// Older than this id.
+    After(&'a str),
+    /// Newer than this id.
+    Before(&'a str),
+}
+
+impl TryFrom<&Item> for BatchRecord {
+    type Error = StoreError;
+
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        Ok(BatchRecord {
+            batch_id: get_s(item, "batch_id")?.to_owned(),
+            key_id: KeyId::parse(get_s(item, "key_id")?).ok_or_else(|| {
+                StoreError::Unexpected(anyhow::anyhow!("stored batch: bad `key_id`"))
+            })?,
+            recorded_at: get_s(item, "recorded_at")?.to_owned(),
+            request_count: get_n(item, "request_count")?,
+            reserved_tokens: get_n(item, "reserved_tokens")?,
+            client_ip: get_s(item, "client_ip")?.to_owned(),
+            settled_at: opt_s(item, "settled_at")?.map(str::to_owned),
+        })
+    }
+}
+
+impl TryFrom<&Item> for FileRecord {
+    type Error = StoreError;
+
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        Ok(FileRecord {
+            file_id: get_s(item, "file_id")?.to_owned(),
+            key_id: KeyId::parse(get_s(item, "key_id")?).ok_or_else(|| {
+                StoreError::Unexpected(anyhow::anyhow!("stored file: bad `key_id`"))
+            })?,
+            recorded_at: get_s(item, "recorded_at")?.to_owned(),
+            object: serde_json::from_str(get_s(item, "object")?).map_err(|e| {
+                StoreError::Unexpected(anyhow::anyhow!("stored file: bad `object`: {e}"))
+            })?,
+        })
+    }
+}
+
+fn put(table: &str, item: Item, condition: Option<&str>) -> Result<TransactWriteItem, StoreError> {
+    Ok(TransactWriteItem::builder()
+        .put(
+            Put::builder()
+                .table_name(table)
+                .set_item(Some(item))
+                .set_condition_expression(condition.map(str::to_owned))
+                .build()?,
+        )
+        .build())
+}
+
+fn delete(
+    table: &str,
+    pk: &str,
+    sk: &str,
+    condition: Option<&str>,
+) -> Result<TransactWriteItem, StoreError> {
+    Ok(TransactWriteItem::builder()
+        .delete(
+            Delete::builder()
+                .table_name(table)
+                .key("pk", s(pk))
+                .key("sk", s(sk))
+                .set_condition_expression(condition.map(str::to_owned))
+                .build()?,
+        )
+        .build())
+}
+
+/// Whether a cancellation is worth another try (another writer held an item).
+fn transient(codes: &[String]) -> bool {
+    codes.iter().any(|c| {
+        matches!(
+            c.as_str(),
+            "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"
+        )
+    })
+}
+
+/// The queue item of a reservation taken for a batch creation.
+pub(crate) fn pending_item(
+    id: &KeyId,
+    request_id: &str,
+    reserved: u64,
+    now: OffsetDateTime,
+) -> Item {
+    Item::from([
+        ("pk".to_owned(), s(QUEUE)),
+        ("sk".to_owned(), s(format!("PENDING#{request_id}"))),
+        ("request_id".to_owned(), s(request_id)),
+        ("key_id".to_owned(), s(id.as_str())),
+        ("reserved_tokens".to_owned(), n(reserved)),
+        ("at".to_owned(), n(epoch_seconds(now))),
+        (
+            TTL_ATTRIBUTE.to_owned(),
+            n(epoch_seconds(now) + BATCH_RETENTION_SECS),
+        ),
+    ])
+}
+
+impl Store {
+    async fn transact(
+        &self,
+        items: Vec<TransactWriteItem>,
+    ) -> Result<Result<(), Vec<String>>, StoreError> {
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(Ok(())),
+            Err(err) => match err.as_service_error() {
+                Some(e) if e.is_transaction_canceled_exception() => {
+                    let codes = match e {
+                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => c
+                            .cancellation_reasons()
+                            .iter()
+                            .map(|r| r.code().unwrap_or("None").to_owned())
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    Ok(Err(codes))
+                }
+                Some(e) if e.is_transaction_in_progress_exception() => {
+                    Ok(Err(vec!["TransactionConflict".to_owned()]))
+                }
+                _ => Err(classify(err)),
+            },
+        }
+    }
+
+    /// Admits a batch of `charge.requests` requests: counted in the tier's
+    /// window and, on a limited key, its worst case reserved against the
+    /// quota in the same transaction that records the reservation as
+    /// pending (a creation that dies before its batch is recorded gives the
+    /// tokens back, through the collector). Returns the tokens reserved.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn admit_batch(
+        &self,
+        id: &KeyId,
+        hash: &SecretHash,
+        charge: Charge,
+        limit: u64,
+        period: u64,
+        now: OffsetDateTime,
+        request_id: &str,
+    ) -> Result<u64, AdmissionError> {
+        let (_, charge) = self
+            .admit_with(id, hash, charge, limit, period, now, None, Some(request_id))
+            .await?;
+        Ok(charge.reserved())
+    }
+
+    /// Records a created batch as the key's, and opens it for the collector,
+    /// in one transaction that also consumes the creation's pending
+    /// reservation. If the collector already gave that reservation back
+    /// (the creation took longer than [`PENDING_STALE`]), the batch is
+    /// recorded with nothing reserved.
+    pub async fn record_batch(
+        &self,
+        record: &BatchRecord,
+        request_id: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let mut record = record.clone();
+        for attempt in 0..8 {
+            let pk = key_pk(&record.key_id);
+            let item = Item::from([
+                ("pk".to_owned(), s(&pk)),
+                ("sk".to_owned(), s(batch_sk(&record.batch_id))),
+                ("gsi1pk".to_owned(), s(format!("BATCHES#{}", record.key_id))),
+                (
+                    "gsi1sk".to_owned(),
+                    s(format!("{}#{}", record.recorded_at, record.batch_id)),
+                ),
+                ("batch_id".to_owned(), s(&record.batch_id)),
+                ("key_id".to_owned(), s(record.key_id.as_str())),
+                ("recorded_at".to_owned(), s(&record.recorded_at)),
+                ("request_count".to_owned(), n(record.request_count)),
+                ("reserved_tokens".to_owned(), n(record.reserved_tokens)),
+                ("client_ip".to_owned(), s(&record.client_ip)),
+                (
+                    TTL_ATTRIBUTE.to_owned(),
+                    n(epoch_seconds(now) + BATCH_RETENTION_SECS),
+                ),
+            ]);
+            let open = Item::from([
+                ("pk".to_owned(), s(QUEUE)),
+                ("sk".to_owned(), s(format!("OPEN#{}", record.batch_id))),
+                ("batch_id".to_owned(), s(&record.batch_id)),
+                ("key_id".to_owned(), s(record.key_id.as_str())),
+            ]);
+            let mut items = vec![
+                put(self.table(), item, Some("attribute_not_exists(pk)"))?,
+                put(self.table(), open, None)?,
+            ];
+            if record.reserved_tokens > 0 {
+                items.push(delete(
+                    self.table(),
+                    QUEUE,
+                    &format!("PENDING#{request_id}"),
+                    Some("attribute_exists(pk)"),
+                )?);
+            }
+            match self.transact(items).await? {
+                Ok(()) => return Ok(()),
+                Err(codes) if codes.first().is_some_and(|c| c == "ConditionalCheckFailed") => {
+                    // Recorded before (a retry after a lost answer).
+                    return Ok(());
+                }
+                Err(codes) if codes.get(2).is_some_and(|c| c == "ConditionalCheckFailed") => {
+                    record.reserved_tokens = 0;
+                }
+                Err(codes) if transient(&codes) => conflict_pause(attempt).await,
+                Err(codes) => {
+                    return Err(StoreError::Unexpected(anyhow::anyhow!(
+                        "recording batch {}: transaction canceled ({codes:?})",
+                        record.batch_id
+                    )));
+                }
+            }
+        }
+        Err(StoreError::Unavailable(anyhow::anyhow!(
+            "recording batch {} kept conflicting",
+            record.batch_id
+        )))
+    }
+
+    /// Gives a pending reservation back to its key, once: `false` if it was
+    /// already given back or consumed.
+    pub async fn release_reservation(
+        &self,
+        pending: &PendingReservation,
+    ) -> Result<bool, StoreError> {
+        let mut with_key = true;
+        for attempt in 0..8 {
+            let mut items = vec![delete(
+                self.table(),
+                QUEUE,
+                &format!("PENDING#{}", pending.request_id),
+                Some("attribute_exists(pk)"),
+            )?];
+            if with_key {
+                let back = -i64::try_from(pending.reserved_tokens).unwrap_or(i64::MAX);
+                items.push(transact_update(
+                    Update::builder()
+                        .table_name(self.table())
+                        .key("pk", s(key_pk(&pending.key_id)))
+                        .key("sk", s("META"))
+                        .update_expression("ADD tokens_used :back, tokens_reserved :back")
+                        .condition_expression("attribute_exists(pk)")
+                        .expression_attribute_values(":back", n(back)),
+                )?);
+            }
+            match self.transact(items).await? {
+                Ok(()) => return Ok(true),
+                Err(codes) if codes.first().is_some_and(|c| c == "ConditionalCheckFailed") => {
+                    return Ok(false);
+                }
+                Err(codes) if codes.get(1).is_some_and(|c| c == "ConditionalCheckFailed") => {
+                    // The key was deleted: nothing to give back to.
+                    with_key = false;
+                }
+                Err(codes) if transient(&codes) => conflict_pause(attempt).await,
+                Err(codes) => {
+                    return Err(StoreError::Unexpected(anyhow::anyhow!(
+                        "releasing a reservation: transaction canceled ({codes:?})"
+                    )));
+                }
+            }
+        }
+        Err(StoreError::Unavailable(anyhow::anyhow!(
+            "releasing a reservation kept conflicting"
+        )))
+    }
+
+    /// The key's record of this batch, if the key owns it.
+    pub async fn batch(
+        &self,
+        key: &KeyId,
+        batch_id: &str,
+    ) -> Result<Option<BatchRecord>, StoreError> {
+        self.owned_item(key, &batch_sk(batch_id))
+            .await?
+            .as_ref()
+            .map(BatchRecord::try_from)
+            .transpose()
+    }
+
+    /// The key's record of this file, if the key owns it.
+    pub async fn file(&self, key: &KeyId, file_id: &str) -> Result<Option<FileRecord>, StoreError> {
+        self.owned_item(key, &file_sk(file_id))
+            .await?
+            .as_ref()
+            .map(FileRecord::try_from)
+            .transpose()
+    }
+
+    async fn owned_item(&self, key: &KeyId, sk: &str) -> Result<Option<Item>, StoreError> {
+        let output = self
+            .client
+            .get_item()
+            .table_name(self.table())
+            .key("pk", s(key_pk(key)))
+            .key("sk", s(sk))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(output.item)
+    }
+
+    /// The ids among `file_ids` this key does not own (one batched read).
+    pub async fn unowned_files(
+        &self,
+        key: &KeyId,
+        file_ids: &[String],
+    ) -> Result<Vec<String>, StoreError> {
+        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let mut owned = std::collections::HashSet::new();
+        for chunk in file_ids.chunks(100) {
+            let keys: Vec<Item> = chunk
+                .iter()
+                .map(|id| {
+                    Item::from([
+                        ("pk".to_owned(), s(key_pk(key))),
+                        ("sk".to_owned(), s(file_sk(id))),
+                    ])
+                })
+                .collect();
+            let mut request = Some(
+                KeysAndAttributes::builder()
+                    .set_keys(Some(keys))
+                    .consistent_read(true)
+                    .projection_expression("file_id")
+                    .build()?,
+            );
+            while let Some(keys) = request.take() {
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .request_items(self.table(), keys)
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                for item in output
+                    .responses
+                    .unwrap_or_default()
+                    .remove(self.table())
+                    .unwrap_or_default()
+                {
+                    owned.insert(get_s(&item, "file_id")?.to_owned());
+                }
+                request = output
+                    .unprocessed_keys
+                    .and_then(|mut rest| rest.remove(self.table()))
+                    .filter(|rest| !rest.keys().is_empty());
+            }
+        }
+        Ok(file_ids
+            .iter()
+            .filter(|id| !owned.contains(*id))
+            .cloned()
+            .collect())
+    }
+
+    /// Records an uploaded file as the key's.
+    pub async fn record_file(&self, record: &FileRecord) -> Result<(), StoreError> {
+        let item = Item::from([
+            ("pk".to_owned(), s(key_pk(&record.key_id))),
+            ("sk".to_owned(), s(file_sk(&record.file_id))),
+            ("gsi1pk".to_owned(), s(format!("FILES#{}", record.key_id))),
+            (
+                "gsi1sk".to_owned(),
+                s(format!("{}#{}", record.recorded_at, record.file_id)),
+            ),
+            ("file_id".to_owned(), s(&record.file_id)),
+            ("key_id".to_owned(), s(record.key_id.as_str())),
+            ("recorded_at".to_owned(), s(&record.recorded_at)),
+            ("object".to_owned(), s(record.object.to_string())),
+        ]);
+        // Inside a transaction, as every put the proxy makes (its IAM role
+        // allows puts and deletes only there).
+        self.transact_one(put(self.table(), item, None)?, "recording a file")
+            .await
+    }
+
+    /// Forgets a file the key deleted upstream.
+    pub async fn delete_file_record(&self, key: &KeyId, file_id: &str) -> Result<(), StoreError> {
+        self.delete_owned(key, &file_sk(file_id)).await
+    }
+
+    /// Forgets a batch the key deleted upstream (its usage was recorded first).
+    pub async fn delete_batch_record(&self, key: &KeyId, batch_id: &str) -> Result<(), StoreError> {
+        self.delete_owned(key, &batch_sk(batch_id)).await
+    }
+
+    async fn delete_owned(&self, key: &KeyId, sk: &str) -> Result<(), StoreError> {
+        let item = delete(self.table(), &key_pk(key), sk, None)?;
+        self.transact_one(item, "forgetting an object").await
+    }
+
+    /// One write as a transaction of one item, retried on conflicts.
+    async fn transact_one(&self, item: TransactWriteItem, what: &str) -> Result<(), StoreError> {
+        for attempt in 0..8 {
+            match self.transact(vec![item.clone()]).await? {
+                Ok(()) => return Ok(()),
+                Err(codes) if transient(&codes) => conflict_pause(attempt).await,
+                Err(codes) => {
+                    return Err(StoreError::Unexpected(anyhow::anyhow!(
+                        "{what}: transaction canceled ({codes:?})"
+                    )));
+                }
+            }
+        }
+        Err(StoreError::Unavailable(anyhow::anyhow!(
+            "{what} kept conflicting"
+        )))
+    }
+
+    /// A page of the key's batches, newest first.
+    pub async fn list_batches(
+        &self,
+        key: &KeyId,
+        from: PageFrom<'_>,
+        limit: usize,
+    ) -> Result<Option<OwnedPage<BatchRecord>>, StoreError> {
+        let Some(page) = self
+            .owned_page(key, "BATCHES", batch_sk, from, limit)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let items = page
+            .items
+            .iter()
+            .map(BatchRecord::try_from)
+            .collect::<Result<_, _>>()?;
+        Ok(Some(OwnedPage {
+            items,
+            has_more: page.has_more,
+        }))
+    }
+
+    /// A page of the key's files, newest first.
+    pub async fn list_files(
+        &self,
+        key: &KeyId,
+        from: PageFrom<'_>,
+        limit: usize,
+    ) -> Result<Option<OwnedPage<FileRecord>>, StoreError> {
+        let Some(page) = self.owned_page(key, "FILES", file_sk, from, limit).await? else {
+            return Ok(None);
+        };
+        let items = page
+            .items
+            .iter()
+            .map(FileRecord::try_from)
+            .collect::<Result<_, _>>()?;
+        Ok(Some(OwnedPage {
+            items,
+            has_more: page.has_more,
+        }))
+    }
+
+    /// `None` when the page's anchor id is not one of the key's.
+    async fn owned_page(
+        &self,
+        key: &KeyId,
+        kind: &str,
+        sort_key: fn(&str) -> String,
+        from: PageFrom<'_>,
+        limit: usize,
+    ) -> Result<Option<OwnedPage<Item>>, StoreError> {
+        let anchor = match from {
+            PageFrom::Newest => None,
+            PageFrom::After(id) | PageFrom::Before(id) => {
+                let Some(item) = self.owned_item(key, &sort_key(id)).await? else {
+                    return Ok(None);
+                };
+                Some(get_s(&item, "gsi1sk")?.to_owned())
+            }
+        };
+        let mut query = self
+            .client
+            .query()
+            .table_name(self.table())
+            .index_name(GSI1)
+            .expression_attribute_values(":p", s(format!("{kind}#{key}")))
+            .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX));
+        query = match (&from, anchor) {
+            (PageFrom::Before(_), Some(anchor)) => query
+                .key_condition_expression("gsi1pk = :p AND gsi1sk > :a")
+                .expression_attribute_values(":a", s(anchor))
+                .scan_index_forward(true),
+            (_, Some(anchor)) => query
+                .key_condition_expression("gsi1pk = :p AND gsi1sk < :a")
+                .expression_attribute_values(":a", s(anchor))
+                .scan_index_forward(false),
+            (_, None) => query
+                .key_condition_expression("gsi1pk = :p")
+                .scan_index_forward(false),
+        };
+        let output = query.send().await.map_err(classify)?;
+        let mut items = output.items.unwrap_or_default();
+        let has_more = items.len() > limit;
+        items.truncate(limit);
+        if matches!(from, PageFrom::Before(_)) {
+            items.reverse();
+        }
+        Ok(Some(OwnedPage { items, has_more }))
+    }
+
+    /// Every open batch and pending reservation (the collector's work).
+    pub async fn batch_queue(
+        &self,
+    ) -> Result<(Vec<OpenBatch>, Vec<PendingReservation>), StoreError> {
+        let items = query_all(
+            self.client
+                .query()
+                .table_name(self.table())
+                .key_condition_expression("pk = :p")
+                .expression_attribute_values(":p", s(QUEUE))
+                .consistent_read(true),
+        )
+        .await?;
+        let bad = |what: &str| StoreError::Unexpected(anyhow::anyhow!("batch queue: bad `{what}`"));
+        let mut open = Vec::new();
+        let mut pending = Vec::new();
+        for item in &items {
+            let key_id = KeyId::parse(get_s(item, "key_id")?).ok_or_else(|| bad("key_id"))?;
+            if get_s(item, "sk")?.starts_with("OPEN#") {
+                open.push(OpenBatch {
+                    batch_id: get_s(item, "batch_id")?.to_owned(),
+                    key_id,
+                });
+            } else {
+                pending.push(PendingReservation {
+                    request_id: get_s(item, "request_id")?.to_owned(),
+                    key_id,
+                    reserved_tokens: get_n(item, "reserved_tokens")?,
+                    at: get_n(item, "at")?,
+                });
+            }
+        }
+        Ok((open, pending))
+    }
+
+    /// Records a batch's usage exactly once: the batch item is marked
+    /// settled (its not being settled is the condition), the usage log gets
+    /// one row of kind `batch`, the key's counters take the real figures in
+    /// place of the reservation, the day's and each model's aggregates are
+    /// added to, and the batch leaves the queue — one transaction.
+    pub async fn settle_batch(
+        &self,
+        batch: &BatchRecord,
+        tally: &BatchTally,
+        at: OffsetDateTime,
+        retention: Duration,
+    ) -> Result<SettleOutcome, StoreError> {
+        let mut with_key = true;
+        for attempt in 0..8 {
+            let items = self.batch_settle_items(batch, tally, at, retention, with_key)?;
+            match self.transact(items).await? {
+                Ok(()) if with_key => return Ok(SettleOutcome::Recorded),
+                Ok(()) => return Ok(SettleOutcome::RecordedWithoutKey),
+                Err(codes) if codes.first().is_some_and(|c| c == "ConditionalCheckFailed") => {
+                    return Ok(SettleOutcome::AlreadyRecorded);
+                }
+                Err(codes)
+                    if with_key && codes.get(2).is_some_and(|c| c == "ConditionalCheckFailed") =>
+                {
+                    with_key = false;
+                }
+                Err(codes) if transient(&codes) => conflict_pause(attempt).await,
+                Err(codes) => {
+                    return Err(StoreError::Unexpected(anyhow::anyhow!(
+                        "settling batch {}: transaction canceled ({codes:?})",
+                        batch.batch_id
+                    )));
+                }
+            }
+        }
+        Err(StoreError::Unavailable(anyhow::anyhow!(
+            "settling batch {} kept conflicting",
+            batch.batch_id
+        )))
+    }
+
+    fn batch_settle_items(
+        &self,
+        batch: &BatchRecord,
+        tally: &BatchTally,
+        at: OffsetDateTime,
+        retention: Duration,
+        with_key: bool,
+    ) -> Result<Vec<TransactWriteItem>, StoreError> {
+        let pk = key_pk(&batch.key_id);
+        let at_text = format_timestamp(at);
+        let day = day_of(at);
+        let usage = tally.total();
+        let requests = tally.succeeded + tally.errored;
+        let totals = Counters {
+            requests,
+            usage,
+            estimated_requests: 0,
+            error_requests: tally.errored,
+        };
+        let request_id = format!("batch_{}", batch.batch_id);
+        let single_model = match tally.by_model.keys().collect::<Vec<_>>().as_slice() {
+            [model] => Some((*model).clone()),
+            _ => None,
+        };
+
+        let mut items = vec![transact_update(
+            Update::builder()
+                .table_name(self.table())
+                .key("pk", s(&pk))
+                .key("sk", s(batch_sk(&batch.batch_id)))
+                .update_expression("SET settled_at = :at, settled_tokens = :t")
+                .condition_expression("attribute_exists(pk) AND attribute_not_exists(settled_at)")
+                .expression_attribute_values(":at", s(&at_text))
+                .expression_attribute_values(":t", n(usage.billed())),
+        )?];
+
+        let expires = epoch_seconds(at) + retention.as_secs();
+        let mut log = Item::from([
+            ("pk".to_owned(), s(&pk)),
+            ("sk".to_owned(), s(log_sort_key(at, &request_id))),
+            ("request_id".to_owned(), s(&request_id)),
+            ("kind".to_owned(), s("batch")),
+            ("batch_id".to_owned(), s(&batch.batch_id)),
+            ("requests".to_owned(), n(requests)),
+            ("key_id".to_owned(), s(batch.key_id.as_str())),
+            ("at".to_owned(), s(&at_text)),
+            ("method".to_owned(), s("POST")),
+            ("path".to_owned(), s("/v1/messages/batches")),
+            ("status".to_owned(), n(200)),
+            ("stream".to_owned(), AttributeValue::Bool(false)),
+            ("input_tokens".to_owned(), n(usage.input_tokens)),
+            ("output_tokens".to_owned(), n(usage.output_tokens)),
+            (
+                "cache_creation_input_tokens".to_owned(),
+                n(usage.cache_creation_input_tokens),
+            ),
+            (
+                "cache_read_input_tokens".to_owned(),
+                n(usage.cache_read_input_tokens),
+            ),
+            (
+                "cache_creation_5m_input_tokens".to_owned(),
+                n(usage.cache_creation_5m),
+            ),
+            (
+                "cache_creation_1h_input_tokens".to_owned(),
+                n(usage.cache_creation_1h),
+            ),
+            ("estimated".to_owned(), AttributeValue::Bool(false)),
+            ("latency_ms".to_owned(), n(0)),
+            ("retries".to_owned(), n(0)),
+            ("client_ip".to_owned(), s(&batch.client_ip)),
+            (TTL_ATTRIBUTE.to_owned(), n(expires)),
+        ]);
+        if let Some(model) = &single_model {
+            log.insert("model".into(), s(model));
+            log.insert(
+                "gsi1pk".into(),
+                s(log_model_partition(&batch.key_id, model)),
+            );
+            log.insert("gsi1sk".into(), s(log_sort_key(at, &request_id)));
+        }
+        items.push(put(self.table(), log, Some("attribute_not_exists(pk)"))?);
+
+        if with_key {
+            // The real figure replaces the reservation taken at admission.
+            let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
+            let reserved = i64::try_from(batch.reserved_tokens).unwrap_or(i64::MAX);
+            let (expression, mut values) = counters_update(
+                &totals,
+                &[
+                    ("tokens_used", billed - reserved),
+                    ("tokens_reserved", -reserved),
+                ],
+                "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
+            );
+            values.insert(":at".into(), s(&at_text));
+            items.push(transact_update(
+                self.counters_item_update(&pk, "META".into(), expression, values)
+                    .condition_expression("attribute_exists(pk)"),
+            )?);
+        }
+
+        let (expression, mut values) = counters_update(
+            &totals,
+            &[],
+            "gsi1pk = :gpk, gsi1sk = :gsk, key_id = :kid, #day = :day, first_at = if_not_exists(first_at, :at), last_at = :at",
+        );
+        values.insert(":gpk".into(), s(format!("DAY#{day}")));
+        values.insert(":gsk".into(), s(&pk));
+        values.insert(":kid".into(), s(batch.key_id.as_str()));
+        values.insert(":day".into(), s(&day));
+        values.insert(":at".into(), s(&at_text));
+        items.push(transact_update(
+            self.counters_item_update(&pk, format!("DAY#{day}"), expression, values)
+                .expression_attribute_names("#day", "day"),
+        )?);
+
+        // DynamoDB takes 100 items per transaction: the models past the
+        // first 90 share one aggregate.
+        let mut models: Vec<(String, Counters)> = Vec::new();
+        for (index, (model, (usage, succeeded))) in tally.by_model.iter().enumerate() {
+            let counters = Counters {
+                requests: *succeeded,
+                usage: *usage,
+                estimated_requests: 0,
+                error_requests: 0,
+            };
+            if index < 90 {
+                models.push((model.clone(), counters));
+            } else if let Some((_, last)) = models.last_mut() {
+                last.requests += counters.requests;
+                last.usage = add_usage(last.usage, counters.usage);
+            }
+        }
+        for (model, counters) in &models {
+            let (expression, mut values) = counters_update(
+                counters,
+                &[],
+                "model = :model, first_at = if_not_exists(first_at, :at), last_at = :at",
+            );
+            values.insert(":model".into(), s(model));
+            values.insert(":at".into(), s(&at_text));
+            items.push(transact_update(self.counters_item_update(
+                &pk,
+                format!("MODEL#{model}"),
+                expression,
+                values,
+            ))?);
+        }
+        items.push(delete(
+            self.table(),
+            QUEUE,
+            &format!("OPEN#{}", batch.batch_id),
+            None,
+        )?);
+        Ok(items)
+    }
+
+    /// Takes a batch out of the queue without recording usage (its results
+    /// can no longer be read), giving back its reservation.
+    pub async fn abandon_batch(
+        &self,
+        batch: &BatchRecord,
+        at: OffsetDateTime,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.settle_batch(
+            batch,
+            &BatchTally::default(),
+            at,
+            Duration::from_secs(86_400),
+        )
+        .await
+    }
+}
+
+fn add_usage(a: TokenUsage, b: TokenUsage) -> TokenUsage {
+    TokenUsage {
+        input_tokens: a.input_tokens + b.input_tokens,
+        output_tokens: a.output_tokens + b.output_tokens,
+        cache_creation_input_tokens: a.cache_creation_input_tokens + b.cache_creation_input_tokens,
+        cache_read_input_tokens: a.cache_read_input_tokens + b.cache_read_input_tokens,
+        cache_creation_5m: a.cache_creation_5m + b.cache_creation_5m,
+        cache_creation_1h: a.cache_creation_1h + b.cache_creation_1h,
+    }
+}
