@@ -177,113 +177,133 @@ pub struct RouteEntry {
     pub what: &'static str,
 }
 
-/// Every route the proxy serves. `route()` matches against exactly these;
-/// the README's route table is this list (a test keeps them equal).
-pub fn route_table() -> Vec<RouteEntry> {
-    use Treatment::*;
-    let row = |method: Method, template, treatment, what| RouteEntry {
+const fn row(
+    method: Method,
+    template: &'static str,
+    treatment: Treatment,
+    what: &'static str,
+) -> RouteEntry {
+    RouteEntry {
         method,
         template,
         treatment,
         what,
-    };
-    vec![
-        row(
-            Method::HEAD,
-            "/api/hello",
-            Local,
-            "Claude Code's connectivity check (also GET)",
-        ),
-        row(Method::GET, "/api/hello", Local, "the same check"),
-        row(
-            Method::HEAD,
-            "/",
-            Local,
-            "older Claude Code versions' check",
-        ),
-        row(
-            Method::POST,
-            "/v1/messages",
-            Metered,
-            "create a message (streamed or not)",
-        ),
-        row(
-            Method::POST,
-            "/v1/messages/count_tokens",
-            Free,
-            "count tokens; model allowlist applies",
-        ),
-        row(Method::GET, "/v1/models", Free, "list models"),
-        row(Method::GET, "/v1/models/{model_id}", Free, "one model"),
-        row(
-            Method::POST,
-            "/v1/messages/batches",
-            Owned,
-            "create a batch: admitted like its requests, usage recorded once from its results",
-        ),
-        row(
-            Method::GET,
-            "/v1/messages/batches",
-            Owned,
-            "the key's own batches",
-        ),
-        row(
-            Method::GET,
-            "/v1/messages/batches/{batch_id}",
-            Owned,
-            "one of the key's batches",
-        ),
-        row(
-            Method::POST,
-            "/v1/messages/batches/{batch_id}/cancel",
-            Owned,
-            "cancel one of the key's batches",
-        ),
-        row(
-            Method::DELETE,
-            "/v1/messages/batches/{batch_id}",
-            Owned,
-            "delete one of the key's batches (its usage is recorded first)",
-        ),
-        row(
-            Method::GET,
-            "/v1/messages/batches/{batch_id}/results",
-            Owned,
-            "results (JSONL); the first full read records the batch's usage",
-        ),
-        row(
-            Method::POST,
-            "/v1/files",
-            Owned,
-            "upload a file (multipart, streamed)",
-        ),
-        row(Method::GET, "/v1/files", Owned, "the key's own files"),
-        row(
-            Method::GET,
-            "/v1/files/{file_id}",
-            Owned,
-            "one of the key's files",
-        ),
-        row(
-            Method::GET,
-            "/v1/files/{file_id}/content",
-            Owned,
-            "download one of the key's files",
-        ),
-        row(
-            Method::DELETE,
-            "/v1/files/{file_id}",
-            Owned,
-            "delete one of the key's files",
-        ),
-        row(
-            Method::POST,
-            "/v1/complete",
-            Refused,
-            "legacy Text Completions: no usage to meter",
-        ),
-    ]
+    }
 }
+
+/// Every route the proxy serves. `route()` matches against exactly these;
+/// the README's route table is this list (a test keeps them equal).
+pub static ROUTE_TABLE: &[RouteEntry] = &[
+    row(
+        Method::HEAD,
+        "/api/hello",
+        Treatment::Local,
+        "Claude Code's connectivity check (also GET)",
+    ),
+    row(
+        Method::GET,
+        "/api/hello",
+        Treatment::Local,
+        "the same check",
+    ),
+    row(
+        Method::HEAD,
+        "/",
+        Treatment::Local,
+        "older Claude Code versions' check",
+    ),
+    row(
+        Method::POST,
+        "/v1/messages",
+        Treatment::Metered,
+        "create a message (streamed or not)",
+    ),
+    row(
+        Method::POST,
+        "/v1/messages/count_tokens",
+        Treatment::Free,
+        "count tokens; model allowlist applies",
+    ),
+    row(Method::GET, "/v1/models", Treatment::Free, "list models"),
+    row(
+        Method::GET,
+        "/v1/models/{model_id}",
+        Treatment::Free,
+        "one model",
+    ),
+    row(
+        Method::POST,
+        "/v1/messages/batches",
+        Treatment::Owned,
+        "create a batch: admitted like its requests, usage recorded once from its results",
+    ),
+    row(
+        Method::GET,
+        "/v1/messages/batches",
+        Treatment::Owned,
+        "the key's own batches",
+    ),
+    row(
+        Method::GET,
+        "/v1/messages/batches/{batch_id}",
+        Treatment::Owned,
+        "one of the key's batches",
+    ),
+    row(
+        Method::POST,
+        "/v1/messages/batches/{batch_id}/cancel",
+        Treatment::Owned,
+        "cancel one of the key's batches",
+    ),
+    row(
+        Method::DELETE,
+        "/v1/messages/batches/{batch_id}",
+        Treatment::Owned,
+        "delete one of the key's batches (its usage is recorded first)",
+    ),
+    row(
+        Method::GET,
+        "/v1/messages/batches/{batch_id}/results",
+        Treatment::Owned,
+        "results (JSONL); the first full read records the batch's usage",
+    ),
+    row(
+        Method::POST,
+        "/v1/files",
+        Treatment::Owned,
+        "upload a file (multipart, streamed)",
+    ),
+    row(
+        Method::GET,
+        "/v1/files",
+        Treatment::Owned,
+        "the key's own files",
+    ),
+    row(
+        Method::GET,
+        "/v1/files/{file_id}",
+        Treatment::Owned,
+        "one of the key's files",
+    ),
+    row(
+        Method::GET,
+        "/v1/files/{file_id}/content",
+        Treatment::Owned,
+        "download one of the key's files",
+    ),
+    row(
+        Method::DELETE,
+        "/v1/files/{file_id}",
+        Treatment::Owned,
+        "delete one of the key's files",
+    ),
+    row(
+        Method::POST,
+        "/v1/complete",
+        Treatment::Refused,
+        "legacy Text Completions: no usage to meter",
+    ),
+];
 
 /// Why no route serves a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -305,25 +325,23 @@ fn is_id_segment(segment: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
 }
 
-/// The ids a template's `{…}` segments captured, or `None` if it does not match.
-fn match_template(template: &str, path: &CanonicalPath) -> Option<Vec<String>> {
-    let wanted: Vec<&str> = template[1..].split('/').collect();
-    let given: Vec<&str> = path.segments().collect();
-    if wanted.len() != given.len() {
-        return None;
-    }
+/// The ids a template's `{…}` segments captured, or `None` if it does not
+/// match the path's `segments`. Allocates only for a match with ids.
+fn match_template(template: &str, segments: &[&str]) -> Option<Vec<String>> {
     let mut ids = Vec::new();
-    for (want, got) in wanted.iter().zip(&given) {
+    let mut wanted = template[1..].split('/');
+    for got in segments {
+        let want = wanted.next()?;
         if want.starts_with('{') {
             if !is_id_segment(got) {
                 return None;
             }
             ids.push((*got).to_owned());
-        } else if want != got {
+        } else if want != *got {
             return None;
         }
     }
-    Some(ids)
+    wanted.next().is_none().then_some(ids)
 }
 
 /// Path prefixes an admin opened for unmetered pass-through
@@ -342,7 +360,7 @@ impl PassThrough {
             if path.as_str() == "/" || path.as_str().is_empty() {
                 return Err(format!("`{entry}`: would open every path"));
             }
-            let overlaps = route_table().iter().any(|route| {
+            let overlaps = ROUTE_TABLE.iter().any(|route| {
                 let table: Vec<&str> = route.template[1..].split('/').collect();
                 let prefix: Vec<&str> = path.segments().collect();
                 table
@@ -385,19 +403,20 @@ pub fn route(
     pass_through: &PassThrough,
 ) -> Result<(Route, CanonicalPath), RouteRefusal> {
     let known_method =
-        route_table().iter().any(|r| r.method == *method) || PASS_THROUGH_METHODS.contains(method);
+        ROUTE_TABLE.iter().any(|r| r.method == *method) || PASS_THROUGH_METHODS.contains(method);
     if !known_method {
         // CONNECT, TRACE, OPTIONS (`*` included), PUT, PATCH, extensions.
         return Err(RouteRefusal::MethodNotAllowed(Vec::new()));
     }
     let path = CanonicalPath::parse(raw_path).map_err(RouteRefusal::BadPath)?;
+    let segments: Vec<&str> = path.segments().collect();
     let mut allowed = Vec::new();
-    for entry in route_table() {
-        let Some(mut ids) = match_template(entry.template, &path) else {
+    for entry in ROUTE_TABLE {
+        let Some(mut ids) = match_template(entry.template, &segments) else {
             continue;
         };
         if entry.method != *method {
-            allowed.push(entry.method);
+            allowed.push(entry.method.clone());
             continue;
         }
         let mut id = || ids.pop().unwrap_or_default();
@@ -455,7 +474,7 @@ impl Route {
 /// The route table as the README shows it (a markdown table).
 pub fn route_table_markdown() -> String {
     let mut out = String::from("| method | path | treatment | what |\n|---|---|---|---|\n");
-    for entry in route_table() {
+    for entry in ROUTE_TABLE {
         out.push_str(&format!(
             "| `{}` | `{}` | {} | {} |\n",
             entry.method,

@@ -18,10 +18,19 @@ pub struct MessagesFields {
     pub max_tokens: Option<serde_json::Value>,
 }
 
-/// Whether `body` can name a `file_id` at all: the key must be spelt out, or
-/// hidden behind a `\u` escape. Most bodies have neither, and skip the walk.
+/// Whether `body` can name a `file_id` at all: the key spelt out, or some of
+/// its letters written as `\u00XX` escapes. Most bodies have neither (an
+/// escape such as `\u001b` in a tool result is not one of those letters)
+/// and skip the walk.
 pub fn may_reference_files(body: &[u8]) -> bool {
-    memchr::memmem::find(body, b"file_id").is_some() || memchr::memmem::find(body, b"\\u").is_some()
+    if memchr::memmem::find(body, b"file_id").is_some() {
+        return true;
+    }
+    memchr::memmem::find_iter(body, b"\\u00").any(|at| {
+        let hex = body.get(at + 4..at + 6).unwrap_or_default();
+        let hex = std::str::from_utf8(hex).unwrap_or("");
+        u8::from_str_radix(hex, 16).is_ok_and(|byte| b"file_d".contains(&byte))
+    })
 }
 
 /// Every string value of a `file_id` key anywhere in the JSON `body`,
@@ -187,8 +196,15 @@ mod tests {
     #[test]
     fn bodies_without_the_key_skip_the_walk() {
         assert!(!may_reference_files(
-            br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#
+            br#"{"model":"m","messages":[{"role":"user","content":"hi \u001b[0m \u00e9"}]}"#
         ));
+        for spelling in [
+            r#""fil\u0065_id""#,
+            r#""\u0066ile_id""#,
+            r#""file\u005Fid""#,
+        ] {
+            assert!(may_reference_files(spelling.as_bytes()), "{spelling}");
+        }
         assert!(file_ids(br#"{"a":[1,2,{"b":null}]}"#).unwrap().is_empty());
         assert!(file_ids(br#"{"a":1} trailing"#).is_err());
     }

@@ -282,6 +282,8 @@ impl Call {
         Ok(record)
     }
 
+    /// The access rules (status, expiry, IP, origin) and, for requests
+    /// that name models, the model allowlist for each of them.
     fn check(
         &self,
         record: &ApiKeyRecord,
@@ -292,17 +294,19 @@ impl Call {
             .headers
             .get(header::ORIGIN)
             .and_then(|v| v.to_str().ok());
-        let mut facts = RequestFacts {
+        let facts = |model, names_model| RequestFacts {
             ip: self.ip,
             origin,
-            model: None,
-            names_model: false,
+            model,
+            names_model,
         };
-        check_access(record, &facts, self.at)?;
-        for model in models.unwrap_or_default() {
-            facts.model = *model;
-            facts.names_model = true;
-            check_access(record, &facts, self.at)?;
+        match models {
+            None => check_access(record, &facts(None, false), self.at)?,
+            Some(models) => {
+                for model in models {
+                    check_access(record, &facts(*model, true), self.at)?;
+                }
+            }
         }
         Ok(())
     }
