@@ -500,3 +500,53 @@ async fn the_scheduled_event_runs_the_batch_collector_and_no_client_can() {
     assert_eq!(logs.len(), 1);
     assert_eq!(text(&logs[0], "kind"), Some("batch"));
 }
+
+#[tokio::test]
+async fn a_binary_upload_event_reaches_the_upstream_byte_for_byte() {
+    if !in_lambda_environment(
+        "lambda_events::a_binary_upload_event_reaches_the_upstream_byte_for_byte",
+    ) {
+        return;
+    }
+    let functions = Functions::start().await;
+    let (_, key) = functions.create_key(&[]).await;
+    let content: Vec<u8> = (0..=255u8).chain([0xff, 0xfe, b'\r', b'\n']).collect();
+    let boundary = "lambda-event-boundary";
+    let mut body = format!(
+        "--{boundary}\r\ncontent-disposition: form-data; name=\"file\"; filename=\"blob.bin\"\r\ncontent-type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(&content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    // API Gateway base64-encodes bodies of the template's BinaryMediaTypes.
+    let reply = call(
+        &functions.proxy,
+        event(PROXY_COUNT_TOKENS, |event| {
+            with_key(&key)(event);
+            set_header(
+                event,
+                "Content-Type",
+                &format!("multipart/form-data; boundary={boundary}"),
+            );
+            event["path"] = json!("/v1/files");
+            event["queryStringParameters"] = Value::Null;
+            event["multiValueQueryStringParameters"] = Value::Null;
+            event["isBase64Encoded"] = json!(true);
+            event["body"] = json!(STANDARD.encode(&body));
+        }),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let file_id = reply.json["id"].as_str().unwrap();
+    let download = call(
+        &functions.proxy,
+        event(PROXY_HELLO_HEAD, |event| {
+            with_key(&key)(event);
+            event["httpMethod"] = json!("GET");
+            event["path"] = json!(format!("/v1/files/{file_id}/content"));
+        }),
+    )
+    .await;
+    assert_eq!(download.status, 200, "{}", download.text);
+    assert_eq!(download.body, content);
+}

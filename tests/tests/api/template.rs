@@ -1092,3 +1092,13 @@ fn the_batch_collector_runs_on_a_schedule_with_the_event_the_proxy_trusts() {
     assert!(relay_shared::lambda::SCHEDULE_STAGE.contains('-'));
     assert!(environment(&template, "ProxyFunction").contains_key("PASSTHROUGH_PATH_PREFIXES"));
 }
+
+#[test]
+fn file_uploads_cross_api_gateway_as_binary() {
+    let template = template();
+    let types = strings(at(
+        &template,
+        &["Resources", "RelayApi", "Properties", "BinaryMediaTypes"],
+    ));
+    assert_eq!(types, ["multipart~1form-data"]);
+}
