@@ -96,7 +96,13 @@ async fn send_buffered(
     forward: &ForwardRequest,
     policy: RetryPolicy,
 ) -> Result<Buffered, UpstreamError> {
-    let response = state.0.upstream.send(forward, policy).await?;
+    // Plain bytes: the relay reads (and rewrites) what comes back.
+    let mut forward = forward.clone();
+    forward.headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let response = state.0.upstream.send(&forward, policy).await?;
     let body = read_whole(response.body, MAX_OBJECT_BYTES).await;
     Ok(Buffered {
         status: response.status,

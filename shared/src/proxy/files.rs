@@ -64,6 +64,11 @@ pub(super) async fn upload(call: Call, body: axum::body::Body) -> Result<Respons
         Ok::<_, std::io::Error>(chunk)
     });
     let mut headers = upstream_request_headers(&call.parts.headers);
+    // The relay reads the new file's id from the answer: plain bytes.
+    headers.insert(
+        http::header::ACCEPT_ENCODING,
+        http::HeaderValue::from_static("identity"),
+    );
     // The declared length travels with the stream, so the upstream gets the
     // body exactly as sent (not re-chunked).
     if let Some(length) = call.parts.headers.get(http::header::CONTENT_LENGTH) {

@@ -294,8 +294,19 @@ async fn a_key_sees_and_touches_only_its_own_batches() {
     let listed: Value = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed["data"][0]["id"], id.as_str());
     assert_eq!(listed["first_id"], id.as_str());
-    let (status, _) = call(&app, "GET", &a, &format!("/v1/messages/batches/{id}")).await;
-    assert_eq!(status, 200);
+    let response = app
+        .http
+        .get(app.url(&format!("/v1/messages/batches/{id}")))
+        .header("x-api-key", &a)
+        .header("accept-encoding", "gzip, deflate")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    // The relay rewrites batch objects, so it asks for them uncompressed.
+    let asked = app.upstream.requests();
+    let asked = asked.last().unwrap();
+    assert_eq!(asked.header("accept-encoding"), Some("identity"));
     let (status, canceled) = call(
         &app,
         "POST",
@@ -630,6 +641,12 @@ async fn a_key_sees_reads_deletes_and_references_only_its_own_files() {
     let content = b"line one\r\nline two\r\n--not a boundary\r\n";
     let (status, file) = upload(&app, &a, content).await;
     assert_eq!(status, 200, "{file}");
+    let asked = app.upstream.requests();
+    assert_eq!(
+        asked.last().unwrap().header("accept-encoding"),
+        Some("identity"),
+        "the relay reads the new file's id, so it asks for plain bytes"
+    );
     let file_id = file["id"].as_str().unwrap().to_owned();
 
     let before = upstream_hits(&app, &file_id);
