@@ -30,9 +30,11 @@ fn source_ip(request: &lambda_http::Request) -> Option<IpAddr> {
 }
 
 /// The stage name template.yaml's batch-collector schedule puts in its
-/// event. API Gateway never produces it (stage names cannot hold `-`), and
-/// only API Gateway and that schedule may invoke the proxy, so a request
-/// carrying it was made by the schedule.
+/// event. Clients cannot choose the stage API Gateway reports (it is the
+/// deployed stage, which the template's StageName pattern keeps free of
+/// `-`), and only API Gateway and that schedule may invoke the proxy, so a
+/// request carrying it was made by the schedule (or by someone able to
+/// create stages on the API).
 pub const SCHEDULE_STAGE: &str = "relay-schedule";
 
 fn is_scheduled(request: &lambda_http::Request) -> bool {

@@ -17,6 +17,18 @@ pub struct TokenUsage {
     pub cache_creation_1h: u64,
 }
 
+impl std::ops::AddAssign for TokenUsage {
+    /// Sums usage of separate requests (a batch's results).
+    fn add_assign(&mut self, other: TokenUsage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
+        self.cache_read_input_tokens += other.cache_read_input_tokens;
+        self.cache_creation_5m += other.cache_creation_5m;
+        self.cache_creation_1h += other.cache_creation_1h;
+    }
+}
+
 impl TokenUsage {
     /// Every token the upstream bills: input + cache creation + cache read + output.
     pub fn billed(&self) -> u64 {

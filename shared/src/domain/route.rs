@@ -318,7 +318,7 @@ pub enum RouteRefusal {
 
 /// An id segment of a path: what Anthropic's ids (`msgbatch_…`, `file_…`,
 /// model ids) are made of, and nothing a server could decode into a path.
-fn is_id_segment(segment: &str) -> bool {
+pub fn is_id_segment(segment: &str) -> bool {
     (1..=256).contains(&segment.len())
         && segment
             .bytes()
@@ -357,8 +357,10 @@ impl PassThrough {
         for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
             let entry = entry.trim_end_matches('/');
             let path = CanonicalPath::parse(entry).map_err(|e| format!("`{entry}`: {e}"))?;
-            if path.as_str() == "/" || path.as_str().is_empty() {
-                return Err(format!("`{entry}`: would open every path"));
+            if !path.segments().all(is_id_segment) {
+                return Err(format!(
+                    "`{entry}`: segments may hold only letters, digits and - _ . : @"
+                ));
             }
             let overlaps = ROUTE_TABLE.iter().any(|route| {
                 let table: Vec<&str> = route.template[1..].split('/').collect();
@@ -378,13 +380,17 @@ impl PassThrough {
         Ok(PassThrough(prefixes))
     }
 
+    /// Whether `path` is one of the prefixes or lies under one, with plain
+    /// segments only (no escapes, no `;`): nothing a server behind the
+    /// upstream could read as another path.
     fn covers(&self, path: &CanonicalPath) -> bool {
         self.0.iter().any(|prefix| {
             path.as_str() == prefix.as_str()
                 || path
                     .as_str()
                     .strip_prefix(prefix.as_str())
-                    .is_some_and(|rest| rest.starts_with('/'))
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .is_some_and(|rest| rest.split('/').all(is_id_segment))
         })
     }
 
@@ -606,6 +612,17 @@ mod tests {
             decide(Method::GET, "/v1/skills/../messages"),
             Err(RouteRefusal::BadPath(PathProblem::DotSegment))
         );
+        for tricky in [
+            "/v1/skills/..%2F..%2Fv1%2Fmessages",
+            "/v1/skills/..;/..;/v1/messages",
+            "/v1/skills/a%20b",
+        ] {
+            assert_eq!(
+                decide(Method::GET, tricky),
+                Err(RouteRefusal::UnknownPath),
+                "{tricky}"
+            );
+        }
         assert_eq!(decide(Method::POST, "/v1/messages"), Ok(Route::Messages));
         for bad in [
             "/v1",

@@ -179,16 +179,71 @@ fn not_found(batch_id: &str) -> ApiError {
     ApiError::not_found(format!("no batch `{shown}` for this API key"))
 }
 
-/// The worst case of one request: its prompt's tiktoken count plus a
-/// quarter (tiktoken is not Claude's tokenizer), plus `max_tokens`.
-fn worst_case(params: &str, max_tokens: u64) -> u64 {
-    let input = estimate_tokens(&request_text(params.as_bytes()));
-    input + input.div_ceil(4) + max_tokens
+/// The most input one request can have: its model's context window.
+const CONTEXT_WINDOW: u64 = 200_000;
+/// …with the `context-1m` beta.
+const CONTEXT_WINDOW_1M: u64 = 1_000_000;
+/// No model writes more in one answer (the 5.5 models go to 128,000).
+const MAX_OUTPUT_TOKENS: u64 = 1_000_000;
+
+/// Whether the request's input cannot be measured from its text: files and
+/// URLs the upstream fetches, server tools and MCP servers whose results
+/// become input, a container's files.
+fn has_unmeasured_input(params: &Value) -> bool {
+    fn walk(value: &Value) -> bool {
+        match value {
+            Value::Object(map) => {
+                let fetched = map
+                    .get("source")
+                    .and_then(|source| source.get("type"))
+                    .and_then(Value::as_str)
+                    .is_some_and(|kind| kind == "url" || kind == "file");
+                fetched || map.values().any(walk)
+            }
+            Value::Array(items) => items.iter().any(walk),
+            _ => false,
+        }
+    }
+    let client_tool = |tool: &Value| match tool.get("type").and_then(Value::as_str) {
+        None | Some("custom") => true,
+        Some(kind) => ["bash_", "text_editor_", "computer_", "memory_"]
+            .iter()
+            .any(|prefix| kind.starts_with(prefix)),
+    };
+    let server_tools = params
+        .get("tools")
+        .and_then(Value::as_array)
+        .is_some_and(|tools| !tools.iter().all(client_tool));
+    let mcp = params
+        .get("mcp_servers")
+        .and_then(Value::as_array)
+        .is_some_and(|servers| !servers.is_empty());
+    server_tools || mcp || params.get("container").is_some() || walk(params)
+}
+
+/// The worst case of one request: its input — the prompt's tiktoken count
+/// plus a quarter (tiktoken is not Claude's tokenizer), or the whole context
+/// window when the input cannot be measured from the text, and never more
+/// than the window — plus `max_tokens`.
+fn worst_case(params: &str, max_tokens: u64, context_window: u64) -> u64 {
+    let input = match serde_json::from_str::<Value>(params) {
+        Ok(value) if !has_unmeasured_input(&value) => {
+            let counted = estimate_tokens(&request_text(params.as_bytes()));
+            counted
+                .saturating_add(counted.div_ceil(4))
+                .min(context_window)
+        }
+        _ => context_window,
+    };
+    input.saturating_add(max_tokens)
 }
 
 /// `POST /v1/messages/batches`.
 pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError> {
     let state = call.state.clone();
+    if !super::body::is_json_object(&body) {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    }
     let parsed: BatchBody<'_> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("request body is not a valid batch: {e}")))?;
     if parsed.requests.is_empty() {
@@ -200,6 +255,11 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     let mut sized = Vec::with_capacity(parsed.requests.len());
     for (index, entry) in parsed.requests.iter().enumerate() {
         let field = |name: &str| format!("requests[{index}].params.{name}");
+        if !super::body::is_json_object(entry.params.get().as_bytes()) {
+            return Err(ApiError::bad_request(format!(
+                "`requests[{index}].params` must be a JSON object"
+            )));
+        }
         let fields: MessagesFields = serde_json::from_str(entry.params.get())
             .map_err(|e| ApiError::bad_request(format!("`requests[{index}].params`: {e}")))?;
         let model = fields
@@ -215,9 +275,10 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
             .max_tokens
             .as_ref()
             .and_then(Value::as_u64)
+            .filter(|m| (1..=MAX_OUTPUT_TOKENS).contains(m))
             .ok_or_else(|| {
                 ApiError::bad_request(format!(
-                    "`{}` is required (a positive integer)",
+                    "`{}` is required: an integer from 1 to {MAX_OUTPUT_TOKENS}",
                     field("max_tokens")
                 ))
             })?;
@@ -231,19 +292,27 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     let record = call.authenticate(Some(&named)).await?;
     call.check_file_references(&body).await?;
 
-    // Only a limited key needs the worst case (tokenizing is CPU work).
-    let worst = if record.token_limit.is_some() {
-        tokio::task::spawn_blocking(move || {
-            sized
-                .iter()
-                .map(|(params, max_tokens)| worst_case(params, *max_tokens))
-                .fold(0u64, u64::saturating_add)
-        })
-        .await
-        .map_err(|e| ApiError::internal(e.into()))?
+    // Computed for every key: its limit may be set before the admission
+    // write, which then reserves against it.
+    let long_context = call
+        .parts
+        .headers
+        .get_all("anthropic-beta")
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("context-1m")));
+    let context_window = if long_context {
+        CONTEXT_WINDOW_1M
     } else {
-        0
+        CONTEXT_WINDOW
     };
+    let worst = tokio::task::spawn_blocking(move || {
+        sized
+            .iter()
+            .map(|(params, max_tokens)| worst_case(params, *max_tokens, context_window))
+            .fold(0u64, u64::saturating_add)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.into()))?;
     let tier = tier_of(&state, &record.rate_limit_tier).await?;
     let charge = Charge {
         requests,
@@ -272,8 +341,47 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
         at: domain::epoch_seconds(call.at),
     };
 
+    // Everything after admission runs to its end even if the client hangs
+    // up (a dropped request future would leave a created batch unowned).
+    let forward = call.forward(body);
+    let batch = BatchRecord {
+        batch_id: String::new(),
+        key_id: call.key.id().clone(),
+        recorded_at: String::new(),
+        request_count: requests,
+        reserved_tokens: reserved,
+        client_ip: call.ip.to_string(),
+        settled_at: None,
+    };
+    let request_id = call.request_id.clone();
+    tokio::spawn(
+        async move { forward_creation(&state, &forward, batch, &pending, &request_id).await },
+    )
+    .await
+    .map_err(|e| ApiError::internal(e.into()))?
+}
+
+/// Whether a failed creation may still have made a batch upstream.
+fn may_have_created(answer: &Result<Buffered, UpstreamError>) -> bool {
+    match answer {
+        Ok(buffered) => buffered.status.is_server_error(),
+        Err(UpstreamError::Timeout(_)) => true,
+        Err(UpstreamError::Unreachable { source, .. }) => !source.is_connect(),
+        Err(_) => false,
+    }
+}
+
+/// Sends an admitted creation upstream and records the new batch as the
+/// key's before answering.
+async fn forward_creation(
+    state: &ProxyState,
+    forward: &ForwardRequest,
+    mut batch: BatchRecord,
+    pending: &PendingReservation,
+    request_id: &str,
+) -> Result<Response, ApiError> {
     // A repeat after a server error could make a second batch nobody owns.
-    let answer = send_buffered(&state, &call.forward(body), RetryPolicy::UnlessProcessed).await;
+    let answer = send_buffered(state, forward, RetryPolicy::UnlessProcessed).await;
     let created = match &answer {
         Ok(buffered) if buffered.status.is_success() => buffered
             .json()
@@ -281,39 +389,43 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
         _ => None,
     };
     let Some(batch_id) = created else {
-        release(&state, &pending).await;
+        if may_have_created(&answer) {
+            // The reservation stays pending (the collector gives it back
+            // after PENDING_STALE): the upstream may have made the batch.
+            tracing::error!(request_id, key_id = %batch.key_id, "batch creation ended without a clear answer; its reservation stays pending");
+        } else {
+            release(state, pending).await;
+        }
         return match answer {
             Ok(buffered) => Ok(buffered.into_response()),
             Err(err) => Err(no_answer(&err)),
         };
     };
-    let batch = BatchRecord {
-        batch_id: batch_id.clone(),
-        key_id: call.key.id().clone(),
-        recorded_at: format_timestamp(domain::now()),
-        request_count: requests,
-        reserved_tokens: reserved,
-        client_ip: call.ip.to_string(),
-        settled_at: None,
-    };
-    if let Err(err) = record_owned(&state, || {
+    batch.batch_id = batch_id.clone();
+    batch.recorded_at = format_timestamp(domain::now());
+    if let Err(err) = record_owned(state, || {
         state
             .0
             .store
-            .record_batch(&batch, &call.request_id, domain::now())
+            .record_batch(&batch, request_id, domain::now())
     })
     .await
     {
         // Not left unowned: canceled at once (its reservation stays pending
         // until the collector gives it back).
         tracing::error!(batch_id, error = %format!("{err:#}"), "could not record a new batch; canceling it");
-        cancel_unowned(&state, &batch_id).await;
+        cancel_unowned(state, &batch_id).await;
         return Err(ApiError::unavailable(
             "the relay could not record the new batch as yours, so it was canceled; retry shortly",
             err.into(),
         ));
     }
-    tracing::info!(batch_id, requests, reserved, "batch created");
+    tracing::info!(
+        batch_id,
+        requests = batch.request_count,
+        reserved = batch.reserved_tokens,
+        "batch created"
+    );
     match answer {
         Ok(buffered) => Ok(buffered.into_response()),
         Err(err) => Err(no_answer(&err)),
@@ -404,8 +516,14 @@ pub(super) async fn object(call: Call, batch_id: &str, body: Bytes) -> Result<Re
 /// a deleted batch's results can no longer be read.
 pub(super) async fn delete(call: Call, batch_id: &str) -> Result<Response, ApiError> {
     let batch = owned(&call, batch_id).await?;
-    if batch.settled_at.is_none() {
-        settle_from_upstream(&call.state, &batch).await?;
+    // Forwarded only once the usage is recorded: a batch that ends while
+    // its deletion is on the way would otherwise take its results along.
+    if batch.settled_at.is_none()
+        && let Collected::Running = settle_from_upstream(&call.state, &batch).await?
+    {
+        return Err(ApiError::bad_request(format!(
+            "batch `{batch_id}` has not ended: cancel it and wait until it has ended to delete it"
+        )));
     }
     let answer = send_buffered(
         &call.state,
@@ -414,7 +532,7 @@ pub(super) async fn delete(call: Call, batch_id: &str) -> Result<Response, ApiEr
     )
     .await
     .map_err(|e| no_answer(&e))?;
-    if answer.status.is_success() {
+    if answer.status.is_success() || answer.status == StatusCode::NOT_FOUND {
         call.state
             .0
             .store
@@ -597,13 +715,7 @@ impl ResultsTally {
                 self.tally.succeeded += 1;
                 let model = state.model.unwrap_or_else(|| "unknown".into());
                 let entry = self.tally.by_model.entry(model).or_default();
-                let u = &mut entry.0;
-                u.input_tokens += state.usage.input_tokens;
-                u.output_tokens += state.usage.output_tokens;
-                u.cache_creation_input_tokens += state.usage.cache_creation_input_tokens;
-                u.cache_read_input_tokens += state.usage.cache_read_input_tokens;
-                u.cache_creation_5m += state.usage.cache_creation_5m;
-                u.cache_creation_1h += state.usage.cache_creation_1h;
+                entry.0 += state.usage;
                 entry.1 += 1;
             }
             "errored" => self.tally.errored += 1,
@@ -716,15 +828,19 @@ enum Collected {
 }
 
 /// Reads an ended batch's results from the upstream and records its usage;
-/// a batch the upstream no longer knows is taken out of the queue with its
-/// reservation given back (its usage cannot be known any more).
+/// a batch the upstream no longer knows is charged its reservation, marked
+/// estimated (its real usage cannot be known any more).
 async fn settle_from_upstream(
     state: &ProxyState,
     batch: &BatchRecord,
 ) -> Result<Collected, ApiError> {
     let Some(object) = current_object(state, &batch.batch_id).await? else {
-        tracing::error!(batch_id = %batch.batch_id, key_id = %batch.key_id, "batch vanished upstream before its usage was read; its reservation is given back");
-        state.0.store.abandon_batch(batch, domain::now()).await?;
+        tracing::error!(batch_id = %batch.batch_id, key_id = %batch.key_id, reserved = batch.reserved_tokens, "batch vanished upstream before its usage was read; its reservation is charged as an estimate");
+        state
+            .0
+            .store
+            .abandon_batch(batch, domain::now(), state.0.config.log_retention)
+            .await?;
         return Ok(Collected::Abandoned);
     };
     if object.get("processing_status").and_then(Value::as_str) != Some("ended") {
@@ -805,7 +921,14 @@ pub async fn collect_as_of(state: &ProxyState, now: time::OffsetDateTime) -> Col
     for OpenBatch { batch_id, key_id } in open {
         let batch = match state.0.store.batch(&key_id, &batch_id).await {
             Ok(Some(batch)) => batch,
-            Ok(None) => continue,
+            Ok(None) => {
+                // Its record is gone (expired): nothing left to settle against.
+                if let Err(err) = state.0.store.close_open_batch(&batch_id).await {
+                    tracing::warn!(error = %format!("{err:#}"), "could not drop an orphaned queue entry");
+                    report.failures += 1;
+                }
+                continue;
+            }
             Err(err) => {
                 tracing::warn!(error = %format!("{err:#}"), "batch collector could not read a batch");
                 report.failures += 1;
@@ -832,7 +955,9 @@ pub(super) async fn scheduled_collect(
     State(state): State<ProxyState>,
     request: axum::extract::Request,
 ) -> Response {
-    if request.extensions().get::<ScheduledInvocation>().is_none() {
+    if request.method() != Method::POST
+        || request.extensions().get::<ScheduledInvocation>().is_none()
+    {
         return ApiError::not_found("this relay does not serve that path (see its route table)")
             .into_response();
     }
@@ -895,6 +1020,36 @@ mod tests {
             unterminated.finish(4).is_some(),
             "the last line needs no newline"
         );
+    }
+
+    #[test]
+    fn the_worst_case_bounds_what_a_request_can_cost() {
+        let text = r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"say hello to the world"}]}"#;
+        let worst = worst_case(text, 100, CONTEXT_WINDOW);
+        assert!((105..1000).contains(&worst), "{worst}");
+        // Input the upstream fetches or produces itself: the whole window.
+        for params in [
+            r#"{"messages":[{"role":"user","content":[{"type":"document","source":{"type":"url","url":"https://x/a.pdf"}}]}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"file","file_id":"file_1"}}]}]}"#,
+            r#"{"messages":[],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
+            r#"{"messages":[],"mcp_servers":[{"type":"url","url":"https://mcp","name":"m"}]}"#,
+            r#"{"messages":[],"container":"container_1"}"#,
+        ] {
+            assert_eq!(
+                worst_case(params, 1, CONTEXT_WINDOW),
+                CONTEXT_WINDOW + 1,
+                "{params}"
+            );
+        }
+        let client_tools = r#"{"messages":[],"tools":[{"name":"f","input_schema":{}},{"type":"bash_20250124","name":"bash"}]}"#;
+        assert!(worst_case(client_tools, 1, CONTEXT_WINDOW) < 1000);
+        // Never more input than the window, and no overflow.
+        let huge = format!(
+            r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "word ".repeat(300_000)
+        );
+        assert_eq!(worst_case(&huge, u64::MAX, CONTEXT_WINDOW), u64::MAX);
+        assert_eq!(worst_case(&huge, 5, CONTEXT_WINDOW), CONTEXT_WINDOW + 5);
     }
 
     #[test]

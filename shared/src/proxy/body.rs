@@ -18,6 +18,13 @@ pub struct MessagesFields {
     pub max_tokens: Option<serde_json::Value>,
 }
 
+/// Whether `body` is a JSON object (by its first byte; the parse that
+/// follows checks the rest). serde reads a struct's fields from an array
+/// too, in order: those are refused, not read.
+pub fn is_json_object(body: &[u8]) -> bool {
+    body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{')
+}
+
 /// Whether `body` can name a `file_id` at all: the key spelt out, or some of
 /// its letters written as `\u00XX` escapes. Most bodies have neither (an
 /// escape such as `\u001b` in a tool result is not one of those letters)

@@ -74,6 +74,22 @@ pub(super) async fn upload(call: Call, body: axum::body::Body) -> Result<Respons
     if let Some(length) = call.parts.headers.get(http::header::CONTENT_LENGTH) {
         headers.insert(http::header::CONTENT_LENGTH, length.clone());
     }
+    // Runs to its end even if the client hangs up once its body is sent (a
+    // dropped request future would leave an uploaded file unowned).
+    tokio::spawn(async move { send_upload(call, headers, counted, over_limit).await })
+        .await
+        .map_err(|e| ApiError::internal(e.into()))?
+}
+
+/// Sends an upload and records the new file as the key's before answering.
+async fn send_upload(
+    call: Call,
+    headers: http::HeaderMap,
+    body: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    over_limit: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Response, ApiError> {
+    let state = call.state.clone();
+    let max = state.0.config.max_request_bytes;
     let sent = state
         .0
         .upstream
@@ -82,7 +98,7 @@ pub(super) async fn upload(call: Call, body: axum::body::Body) -> Result<Respons
             &call.path,
             call.parts.uri.query(),
             headers,
-            reqwest::Body::wrap_stream(counted),
+            reqwest::Body::wrap_stream(body),
         )
         .await;
     let response = match sent {

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use axum::Router;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::any;
 use bytes::Bytes;
 use http::{Method, StatusCode, header};
 
@@ -26,7 +26,9 @@ use self::body::MessagesFields;
 use crate::config::{ConfigError, number};
 use crate::domain::access::{Refusal, RequestFacts, check_access, model_name_problem};
 use crate::domain::key::ApiKeyRecord;
-use crate::domain::route::{CanonicalPath, PassThrough, Route, RouteRefusal, Treatment, route};
+use crate::domain::route::{
+    CanonicalPath, PassThrough, Route, RouteRefusal, Treatment, is_id_segment, route,
+};
 use crate::domain::tier::Tier;
 use crate::domain::{self};
 use crate::error::ApiError;
@@ -134,7 +136,7 @@ impl ProxyState {
 /// (`relay_request`), except the batch collector's scheduled call.
 pub fn router(state: ProxyState) -> Router {
     Router::new()
-        .route(batches::COLLECT_PATH, post(batches::scheduled_collect))
+        .route(batches::COLLECT_PATH, any(batches::scheduled_collect))
         .fallback(relay_request)
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
@@ -326,6 +328,10 @@ impl Call {
                 "the request references more than 1000 files",
             ));
         }
+        // No upload has an id of another shape: it cannot be this key's.
+        if let Some(odd) = ids.iter().find(|id| !is_id_segment(id)) {
+            return Err(Refusal::FileNotOwned(odd.clone()).into());
+        }
         let unowned = self
             .state
             .0
@@ -432,6 +438,10 @@ async fn relay_inner(
 async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, ApiError> {
     let state = call.state.clone();
     let charged = route.treatment() == Treatment::Metered;
+    // serde would read the fields from an array too, in order.
+    if !body::is_json_object(&body) {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    }
     let fields = serde_json::from_slice::<MessagesFields>(&body).map_err(|e| {
         ApiError::bad_request(format!("request body is not a valid JSON object: {e}"))
     })?;

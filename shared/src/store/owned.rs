@@ -88,18 +88,16 @@ pub struct BatchTally {
     pub errored: u64,
     pub canceled: u64,
     pub expired: u64,
+    /// Not read from results: the batch's reservation, charged because its
+    /// results could no longer be read.
+    pub estimated: bool,
 }
 
 impl BatchTally {
     pub fn total(&self) -> TokenUsage {
         let mut total = TokenUsage::default();
         for (usage, _) in self.by_model.values() {
-            total.input_tokens += usage.input_tokens;
-            total.output_tokens += usage.output_tokens;
-            total.cache_creation_input_tokens += usage.cache_creation_input_tokens;
-            total.cache_read_input_tokens += usage.cache_read_input_tokens;
-            total.cache_creation_5m += usage.cache_creation_5m;
-            total.cache_creation_1h += usage.cache_creation_1h;
+            total += *usage;
         }
         total
     }
@@ -311,6 +309,12 @@ impl Store {
                 ("sk".to_owned(), s(format!("OPEN#{}", record.batch_id))),
                 ("batch_id".to_owned(), s(&record.batch_id)),
                 ("key_id".to_owned(), s(record.key_id.as_str())),
+                // Outlives its batch record, whose expiry makes it an orphan
+                // the collector drops.
+                (
+                    TTL_ATTRIBUTE.to_owned(),
+                    n(epoch_seconds(now) + BATCH_RETENTION_SECS + 86_400),
+                ),
             ]);
             let mut items = vec![
                 put(self.table(), item, Some("attribute_not_exists(pk)"))?,
@@ -721,11 +725,15 @@ impl Store {
         let at_text = format_timestamp(at);
         let day = day_of(at);
         let usage = tally.total();
-        let requests = tally.succeeded + tally.errored;
+        let requests = if tally.estimated {
+            batch.request_count
+        } else {
+            tally.succeeded + tally.errored
+        };
         let totals = Counters {
             requests,
             usage,
-            estimated_requests: 0,
+            estimated_requests: if tally.estimated { requests } else { 0 },
             error_requests: tally.errored,
         };
         let request_id = format!("batch_{}", batch.batch_id);
@@ -777,7 +785,10 @@ impl Store {
                 "cache_creation_1h_input_tokens".to_owned(),
                 n(usage.cache_creation_1h),
             ),
-            ("estimated".to_owned(), AttributeValue::Bool(false)),
+            (
+                "estimated".to_owned(),
+                AttributeValue::Bool(tally.estimated),
+            ),
             ("latency_ms".to_owned(), n(0)),
             ("retries".to_owned(), n(0)),
             ("client_ip".to_owned(), s(&batch.client_ip)),
@@ -841,7 +852,7 @@ impl Store {
                 models.push((model.clone(), counters));
             } else if let Some((_, last)) = models.last_mut() {
                 last.requests += counters.requests;
-                last.usage = add_usage(last.usage, counters.usage);
+                last.usage += counters.usage;
             }
         }
         for (model, counters) in &models {
@@ -868,30 +879,29 @@ impl Store {
         Ok(items)
     }
 
-    /// Takes a batch out of the queue without recording usage (its results
-    /// can no longer be read), giving back its reservation.
+    /// Charges a batch whose results can no longer be read its
+    /// reservation, marked estimated, and takes it out of the queue.
     pub async fn abandon_batch(
         &self,
         batch: &BatchRecord,
         at: OffsetDateTime,
+        retention: Duration,
     ) -> Result<SettleOutcome, StoreError> {
-        self.settle_batch(
-            batch,
-            &BatchTally::default(),
-            at,
-            Duration::from_secs(86_400),
-        )
-        .await
+        let reserved = TokenUsage {
+            input_tokens: batch.reserved_tokens,
+            ..TokenUsage::default()
+        };
+        let tally = BatchTally {
+            by_model: BTreeMap::from([("unknown".to_owned(), (reserved, 0))]),
+            estimated: true,
+            ..BatchTally::default()
+        };
+        self.settle_batch(batch, &tally, at, retention).await
     }
-}
 
-fn add_usage(a: TokenUsage, b: TokenUsage) -> TokenUsage {
-    TokenUsage {
-        input_tokens: a.input_tokens + b.input_tokens,
-        output_tokens: a.output_tokens + b.output_tokens,
-        cache_creation_input_tokens: a.cache_creation_input_tokens + b.cache_creation_input_tokens,
-        cache_read_input_tokens: a.cache_read_input_tokens + b.cache_read_input_tokens,
-        cache_creation_5m: a.cache_creation_5m + b.cache_creation_5m,
-        cache_creation_1h: a.cache_creation_1h + b.cache_creation_1h,
+    /// Drops a queue entry whose batch record is gone.
+    pub async fn close_open_batch(&self, batch_id: &str) -> Result<(), StoreError> {
+        let item = delete(self.table(), QUEUE, &format!("OPEN#{batch_id}"), None)?;
+        self.transact_one(item, "dropping a queue entry").await
     }
 }

@@ -202,6 +202,25 @@ async fn connect_trace_options_unknown_paths_and_legacy_completions_never_reach_
 async fn model_names_too_long_or_odd_are_refused_before_forwarding() {
     let app = spawn_app().await.unwrap();
     let (_, key) = app.new_key().await.unwrap();
+    // serde would read the fields of an array in order: not a message.
+    let (status, _) = raw(
+        &app,
+        "POST",
+        "/v1/messages",
+        &key,
+        r#"["claude-haiku-5-5",false,16]"#,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = raw(
+        &app,
+        "POST",
+        "/v1/messages/batches",
+        &key,
+        r#"{"requests":[{"custom_id":"a","params":["claude-haiku-5-5",9]}]}"#,
+    )
+    .await;
+    assert_eq!(status, 400);
     for model in [
         "x".repeat(2000),
         "claude haiku".into(),
@@ -674,6 +693,10 @@ async fn a_key_sees_reads_deletes_and_references_only_its_own_files() {
         json!({"requests": [{"custom_id": "a", "params": referencing.clone()}]});
     let (status, _) = post_json(&app, &b, "/v1/messages/batches", &batch_referencing).await;
     assert_eq!(status, 403);
+    let odd = json!({"model": "claude-haiku-5-5", "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "file", "file_id": "f".repeat(3000)}}]}]});
+    let (status, _) = post_json(&app, &b, "/v1/messages", &odd).await;
+    assert_eq!(status, 403, "an id no upload has is no key's");
     let escaped = referencing
         .to_string()
         .replace("\"file_id\"", "\"file\\u005fid\"");
@@ -883,5 +906,78 @@ async fn admins_see_each_keys_batches_and_files() {
     assert_eq!(
         admin(format!("/admin/api-keys/{b_id}/files")).await["data"],
         json!([])
+    );
+}
+
+#[tokio::test]
+async fn a_batch_that_has_not_ended_is_not_deleted_and_keeps_its_usage() {
+    let app = spawn_app().await.unwrap();
+    app.upstream.set_batch_duration(Duration::from_secs(3600));
+    let (id, key) = app.new_key().await.unwrap();
+    let (_, created) = post_json(
+        &app,
+        &key,
+        "/v1/messages/batches",
+        &batch("claude-haiku-5-5", 2, 30),
+    )
+    .await;
+    let batch_id = created["id"].as_str().unwrap().to_owned();
+    let path = format!("/v1/messages/batches/{batch_id}");
+    let (status, body) = call(&app, "DELETE", &key, &path).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        !app.upstream.requests().iter().any(|r| r.method == "DELETE"),
+        "a deletion is forwarded only once the usage is recorded"
+    );
+    app.upstream.end_batch(&batch_id);
+    let expected = billed(app.upstream.batch_results_usage(&batch_id).unwrap());
+    let (status, _) = call(&app, "DELETE", &key, &path).await;
+    assert_eq!(status, 200);
+    assert_eq!(batch_logs(&app, &id).await.len(), 1);
+    assert_eq!(app.key_record(&id).await.unwrap().tokens_used, expected);
+}
+
+#[tokio::test]
+async fn a_batch_that_vanished_upstream_is_charged_its_reservation_as_an_estimate() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app
+        .new_key_with(json!({"name": "v", "token_limit": 100000}))
+        .await
+        .unwrap();
+    let (_, created) = post_json(
+        &app,
+        &key,
+        "/v1/messages/batches",
+        &batch("claude-haiku-5-5", 2, 30),
+    )
+    .await;
+    let batch_id = created["id"].as_str().unwrap().to_owned();
+    let reserved = app.key_record(&id).await.unwrap().tokens_reserved;
+    assert!(reserved > 60);
+    // Deleted behind the relay's back (by someone holding the upstream key).
+    let gone = app
+        .http
+        .delete(format!(
+            "{}/v1/messages/batches/{batch_id}",
+            app.upstream.base_url()
+        ))
+        .header("x-api-key", app.upstream.api_key())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 200);
+    let report = relay_shared::proxy::batches::collect(&app.proxy).await;
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!((record.tokens_used, record.tokens_reserved), (reserved, 0));
+    let logs = batch_logs(&app, &id).await;
+    assert_eq!(logs.len(), 1);
+    assert!(matches!(
+        logs[0].get("estimated"),
+        Some(aws_sdk_dynamodb::types::AttributeValue::Bool(true))
+    ));
+    assert_eq!(
+        relay_shared::proxy::batches::collect(&app.proxy).await,
+        Default::default()
     );
 }
