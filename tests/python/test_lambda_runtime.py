@@ -211,6 +211,8 @@ def runtime(binaries, tmp_path_factory):
             "RUST_LOG": "info",
             "UPSTREAM_BASE_URL": f"http://127.0.0.1:{upstream_port}",
             "LOG_RETENTION_DAYS": "30",
+            "PASSTHROUGH_PATH_PREFIXES": "",
+            "ADMIN_ALLOWED_CIDRS": "",
         }
         functions = {}
         for binary, variables in functions_in_template().items():
