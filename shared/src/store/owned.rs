@@ -14,8 +14,8 @@ use time::OffsetDateTime;
 use super::item::{Item, get_n, get_s, n, opt_s, s};
 use super::keys::key_pk;
 use super::proxy::{
-    Charge, Counters, SettleOutcome, conflict_pause, counters_update, day_of, log_model_partition,
-    log_sort_key, transact_update,
+    Charge, Counters, SettleOutcome, conflict_pause, log_model_partition, log_sort_key,
+    token_columns, transact_update,
 };
 use super::{GSI1, Store, StoreError, TTL_ATTRIBUTE, classify, query_all};
 use crate::domain::{epoch_seconds, format_timestamp};
@@ -723,7 +723,6 @@ impl Store {
     ) -> Result<Vec<TransactWriteItem>, StoreError> {
         let pk = key_pk(&batch.key_id);
         let at_text = format_timestamp(at);
-        let day = day_of(at);
         let usage = tally.total();
         let requests = if tally.estimated {
             batch.request_count
@@ -767,24 +766,6 @@ impl Store {
             ("path".to_owned(), s("/v1/messages/batches")),
             ("status".to_owned(), n(200)),
             ("stream".to_owned(), AttributeValue::Bool(false)),
-            ("input_tokens".to_owned(), n(usage.input_tokens)),
-            ("output_tokens".to_owned(), n(usage.output_tokens)),
-            (
-                "cache_creation_input_tokens".to_owned(),
-                n(usage.cache_creation_input_tokens),
-            ),
-            (
-                "cache_read_input_tokens".to_owned(),
-                n(usage.cache_read_input_tokens),
-            ),
-            (
-                "cache_creation_5m_input_tokens".to_owned(),
-                n(usage.cache_creation_5m),
-            ),
-            (
-                "cache_creation_1h_input_tokens".to_owned(),
-                n(usage.cache_creation_1h),
-            ),
             (
                 "estimated".to_owned(),
                 AttributeValue::Bool(tally.estimated),
@@ -794,6 +775,7 @@ impl Store {
             ("client_ip".to_owned(), s(&batch.client_ip)),
             (TTL_ATTRIBUTE.to_owned(), n(expires)),
         ]);
+        log.extend(token_columns(&usage));
         if let Some(model) = &single_model {
             log.insert("model".into(), s(model));
             log.insert(
@@ -808,35 +790,17 @@ impl Store {
             // The real figure replaces the reservation taken at admission.
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
             let reserved = i64::try_from(batch.reserved_tokens).unwrap_or(i64::MAX);
-            let (expression, mut values) = counters_update(
+            items.push(self.key_counters_update(
+                &pk,
                 &totals,
                 &[
                     ("tokens_used", billed - reserved),
                     ("tokens_reserved", -reserved),
                 ],
-                "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
-            );
-            values.insert(":at".into(), s(&at_text));
-            items.push(transact_update(
-                self.counters_item_update(&pk, "META".into(), expression, values)
-                    .condition_expression("attribute_exists(pk)"),
+                &at_text,
             )?);
         }
-
-        let (expression, mut values) = counters_update(
-            &totals,
-            &[],
-            "gsi1pk = :gpk, gsi1sk = :gsk, key_id = :kid, #day = :day, first_at = if_not_exists(first_at, :at), last_at = :at",
-        );
-        values.insert(":gpk".into(), s(format!("DAY#{day}")));
-        values.insert(":gsk".into(), s(&pk));
-        values.insert(":kid".into(), s(batch.key_id.as_str()));
-        values.insert(":day".into(), s(&day));
-        values.insert(":at".into(), s(&at_text));
-        items.push(transact_update(
-            self.counters_item_update(&pk, format!("DAY#{day}"), expression, values)
-                .expression_attribute_names("#day", "day"),
-        )?);
+        items.push(self.day_counters_update(&pk, &batch.key_id, &totals, at)?);
 
         // DynamoDB takes 100 items per transaction: the models past the
         // first 90 share one aggregate.
@@ -856,19 +820,7 @@ impl Store {
             }
         }
         for (model, counters) in &models {
-            let (expression, mut values) = counters_update(
-                counters,
-                &[],
-                "model = :model, first_at = if_not_exists(first_at, :at), last_at = :at",
-            );
-            values.insert(":model".into(), s(model));
-            values.insert(":at".into(), s(&at_text));
-            items.push(transact_update(self.counters_item_update(
-                &pk,
-                format!("MODEL#{model}"),
-                expression,
-                values,
-            ))?);
+            items.push(self.model_counters_update(&pk, model, counters, &at_text)?);
         }
         items.push(delete(
             self.table(),

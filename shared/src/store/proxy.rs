@@ -529,6 +529,30 @@ pub(crate) fn counters_update(
     (expression, values)
 }
 
+/// The token columns of a usage-log item.
+pub(crate) fn token_columns(usage: &TokenUsage) -> [(String, AttributeValue); 6] {
+    [
+        ("input_tokens".to_owned(), n(usage.input_tokens)),
+        ("output_tokens".to_owned(), n(usage.output_tokens)),
+        (
+            "cache_creation_input_tokens".to_owned(),
+            n(usage.cache_creation_input_tokens),
+        ),
+        (
+            "cache_read_input_tokens".to_owned(),
+            n(usage.cache_read_input_tokens),
+        ),
+        (
+            "cache_creation_5m_input_tokens".to_owned(),
+            n(usage.cache_creation_5m),
+        ),
+        (
+            "cache_creation_1h_input_tokens".to_owned(),
+            n(usage.cache_creation_1h),
+        ),
+    ]
+}
+
 pub fn log_sort_key(at: OffsetDateTime, request_id: &str) -> String {
     format!("LOG#{}#{request_id}", format_timestamp(at))
 }
@@ -620,7 +644,6 @@ impl Store {
     ) -> Result<Vec<TransactWriteItem>, StoreError> {
         let pk = key_pk(&record.key_id);
         let at = format_timestamp(record.at);
-        let day = day_of(record.at);
         let usage = &record.usage;
         let expires = crate::domain::epoch_seconds(record.at) + retention.as_secs();
 
@@ -637,24 +660,6 @@ impl Store {
             ("path".to_owned(), s(&record.path)),
             ("status".to_owned(), n(record.status)),
             ("stream".to_owned(), AttributeValue::Bool(record.stream)),
-            ("input_tokens".to_owned(), n(usage.input_tokens)),
-            ("output_tokens".to_owned(), n(usage.output_tokens)),
-            (
-                "cache_creation_input_tokens".to_owned(),
-                n(usage.cache_creation_input_tokens),
-            ),
-            (
-                "cache_read_input_tokens".to_owned(),
-                n(usage.cache_read_input_tokens),
-            ),
-            (
-                "cache_creation_5m_input_tokens".to_owned(),
-                n(usage.cache_creation_5m),
-            ),
-            (
-                "cache_creation_1h_input_tokens".to_owned(),
-                n(usage.cache_creation_1h),
-            ),
             (
                 "estimated".to_owned(),
                 AttributeValue::Bool(record.estimated),
@@ -664,6 +669,7 @@ impl Store {
             ("client_ip".to_owned(), s(&record.client_ip)),
             (TTL_ATTRIBUTE.to_owned(), n(expires)),
         ]);
+        log.extend(token_columns(usage));
         let optional = [
             ("model", record.model.as_deref()),
             ("user_agent", record.user_agent.as_deref()),
@@ -702,53 +708,86 @@ impl Store {
                 .build(),
         ];
 
+        let counters = Counters::of(record);
         if with_key {
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
-            let (expression, mut values) = counters_update(
-                &Counters::of(record),
+            items.push(self.key_counters_update(
+                &pk,
+                &counters,
                 &[("tokens_used", billed)],
-                "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
-            );
-            values.insert(":at".into(), s(&at));
-            // The key may have been deleted meanwhile: then this item fails
-            // its condition and settle retries without it.
-            items.push(transact_update(
-                self.counters_item_update(&pk, "META".into(), expression, values)
-                    .condition_expression("attribute_exists(pk)"),
+                &at,
             )?);
         }
+        items.push(self.day_counters_update(&pk, &record.key_id, &counters, record.at)?);
+        let model = record.model.as_deref().unwrap_or("unknown");
+        items.push(self.model_counters_update(&pk, model, &counters, &at)?);
+        Ok(items)
+    }
 
-        // The day item is also indexed by day, for the all-keys admin view.
+    /// The key item's share of a settlement; `extra` adds to other
+    /// attributes (`tokens_used`, `tokens_reserved`). The key may have been
+    /// deleted meanwhile: then this item fails its condition and the
+    /// settlement retries without it.
+    pub(crate) fn key_counters_update(
+        &self,
+        pk: &str,
+        counters: &Counters,
+        extra: &[(&str, i64)],
+        at: &str,
+    ) -> Result<TransactWriteItem, StoreError> {
         let (expression, mut values) = counters_update(
-            &Counters::of(record),
+            counters,
+            extra,
+            "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
+        );
+        values.insert(":at".into(), s(at));
+        transact_update(
+            self.counters_item_update(pk, "META".into(), expression, values)
+                .condition_expression("attribute_exists(pk)"),
+        )
+    }
+
+    /// The day aggregate's share, also indexed by day for the all-keys view.
+    pub(crate) fn day_counters_update(
+        &self,
+        pk: &str,
+        key_id: &KeyId,
+        counters: &Counters,
+        at: OffsetDateTime,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let day = day_of(at);
+        let (expression, mut values) = counters_update(
+            counters,
             &[],
             "gsi1pk = :gpk, gsi1sk = :gsk, key_id = :kid, #day = :day, first_at = if_not_exists(first_at, :at), last_at = :at",
         );
         values.insert(":gpk".into(), s(format!("DAY#{day}")));
-        values.insert(":gsk".into(), s(&pk));
-        values.insert(":kid".into(), s(record.key_id.as_str()));
+        values.insert(":gsk".into(), s(pk));
+        values.insert(":kid".into(), s(key_id.as_str()));
         values.insert(":day".into(), s(&day));
-        values.insert(":at".into(), s(&at));
-        items.push(transact_update(
-            self.counters_item_update(&pk, format!("DAY#{day}"), expression, values)
+        values.insert(":at".into(), s(format_timestamp(at)));
+        transact_update(
+            self.counters_item_update(pk, format!("DAY#{day}"), expression, values)
                 .expression_attribute_names("#day", "day"),
-        )?);
+        )
+    }
 
-        let model = record.model.as_deref().unwrap_or("unknown");
+    /// A model aggregate's share.
+    pub(crate) fn model_counters_update(
+        &self,
+        pk: &str,
+        model: &str,
+        counters: &Counters,
+        at: &str,
+    ) -> Result<TransactWriteItem, StoreError> {
         let (expression, mut values) = counters_update(
-            &Counters::of(record),
+            counters,
             &[],
             "model = :model, first_at = if_not_exists(first_at, :at), last_at = :at",
         );
         values.insert(":model".into(), s(model));
-        values.insert(":at".into(), s(&at));
-        items.push(transact_update(self.counters_item_update(
-            &pk,
-            format!("MODEL#{model}"),
-            expression,
-            values,
-        ))?);
-        Ok(items)
+        values.insert(":at".into(), s(at));
+        transact_update(self.counters_item_update(pk, format!("MODEL#{model}"), expression, values))
     }
 
     /// One counters update of the settle transaction (key, day or model
