@@ -15,7 +15,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{
-    ClientIp, JsonBody, NoParams, QueryParams, bearer_token, method_not_allowed, not_found,
+    ClientIp, JsonBody, NoParams, PageParams, QueryParams, bearer_token, method_not_allowed,
+    not_found, page_json, unknown_page_anchor,
 };
 use crate::admin_auth::{self, Claims};
 use crate::config::AdminConfig;
@@ -26,7 +27,6 @@ use crate::error::ApiError;
 use crate::keys::{KeyId, PresentedKey};
 use crate::secrets::{SecretValues, Secrets, SecretsError};
 use crate::store::Store;
-use crate::store::owned::PageFrom;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -476,62 +476,13 @@ async fn key_usage_quota(
     super::usage::quota_view(&state.store, &id).await.map(Json)
 }
 
-/// Page parameters of the admin's views of a key's batches and files,
-/// Anthropic's way (newest first; `after_id` pages back).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OwnedListParams {
-    limit: Option<usize>,
-    after_id: Option<String>,
-    before_id: Option<String>,
-}
-
-impl OwnedListParams {
-    fn page(&self) -> Result<(usize, PageFrom<'_>), ApiError> {
-        let limit = self.limit.unwrap_or(20);
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(ApiError::bad_request(format!(
-                "query parameter `limit` must be between 1 and {MAX_PAGE}"
-            )));
-        }
-        let from = match (&self.before_id, &self.after_id) {
-            (Some(_), Some(_)) => {
-                return Err(ApiError::bad_request(
-                    "give `before_id` or `after_id`, not both",
-                ));
-            }
-            (Some(id), None) => PageFrom::Before(id),
-            (None, Some(id)) => PageFrom::After(id),
-            (None, None) => PageFrom::Newest,
-        };
-        Ok((limit, from))
-    }
-}
-
-fn owned_page(
-    data: Vec<serde_json::Value>,
-    ids: &[&str],
-    has_more: bool,
-) -> Json<serde_json::Value> {
-    Json(json!({
-        "data": data,
-        "has_more": has_more,
-        "first_id": ids.first(),
-        "last_id": ids.last(),
-    }))
-}
-
-fn bad_anchor() -> ApiError {
-    ApiError::bad_request("`before_id`/`after_id` is not one of this key's")
-}
-
 /// `GET /admin/api-keys/{id}/batches`: the batches the key created through
 /// the relay, as recorded (reservation, whether its usage is recorded).
 async fn key_batches(
     _: Admin,
     State(state): State<AdminState>,
     Path(raw): Path<String>,
-    QueryParams(params): QueryParams<OwnedListParams>,
+    QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = existing_key(&state, &raw).await?;
     let (limit, from) = params.page()?;
@@ -539,7 +490,7 @@ async fn key_batches(
         .store
         .list_batches(&id, from, limit)
         .await?
-        .ok_or_else(bad_anchor)?;
+        .ok_or_else(unknown_page_anchor)?;
     let ids: Vec<&str> = page.items.iter().map(|b| b.batch_id.as_str()).collect();
     let data = page
         .items
@@ -555,7 +506,7 @@ async fn key_batches(
             })
         })
         .collect();
-    Ok(owned_page(data, &ids, page.has_more))
+    Ok(page_json(data, &ids, page.has_more))
 }
 
 /// `GET /admin/api-keys/{id}/files`: the files the key uploaded through the
@@ -564,7 +515,7 @@ async fn key_files(
     _: Admin,
     State(state): State<AdminState>,
     Path(raw): Path<String>,
-    QueryParams(params): QueryParams<OwnedListParams>,
+    QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = existing_key(&state, &raw).await?;
     let (limit, from) = params.page()?;
@@ -572,7 +523,7 @@ async fn key_files(
         .store
         .list_files(&id, from, limit)
         .await?
-        .ok_or_else(bad_anchor)?;
+        .ok_or_else(unknown_page_anchor)?;
     let ids: Vec<&str> = page.items.iter().map(|f| f.file_id.as_str()).collect();
     let data = page
         .items
@@ -583,7 +534,7 @@ async fn key_files(
             object
         })
         .collect();
-    Ok(owned_page(data, &ids, page.has_more))
+    Ok(page_json(data, &ids, page.has_more))
 }
 
 async fn all_usage(

@@ -161,6 +161,70 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
     }
 }
 
+/// Page parameters of the lists of owned objects (batches, files), as
+/// Anthropic's list routes take them: newest first, `after_id` pages back,
+/// `before_id` forward.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageParams {
+    limit: Option<usize>,
+    after_id: Option<String>,
+    before_id: Option<String>,
+}
+
+/// The largest page of owned objects.
+const MAX_OWNED_PAGE: usize = 100;
+
+impl PageParams {
+    /// Parses a query string (the proxy reads it off the request itself).
+    pub fn from_query(query: &str) -> Result<PageParams, ApiError> {
+        serde_urlencoded::from_str(query)
+            .map_err(|e| ApiError::bad_request(format!("query string: {e}")))
+    }
+
+    /// The page size and where the page starts.
+    pub fn page(&self) -> Result<(usize, crate::store::owned::PageFrom<'_>), ApiError> {
+        use crate::store::owned::PageFrom;
+        let limit = self.limit.unwrap_or(20);
+        if !(1..=MAX_OWNED_PAGE).contains(&limit) {
+            return Err(ApiError::bad_request(format!(
+                "query parameter `limit` must be between 1 and {MAX_OWNED_PAGE}"
+            )));
+        }
+        let from = match (&self.before_id, &self.after_id) {
+            (Some(_), Some(_)) => {
+                return Err(ApiError::bad_request(
+                    "give `before_id` or `after_id`, not both",
+                ));
+            }
+            (Some(id), None) => PageFrom::Before(id),
+            (None, Some(id)) => PageFrom::After(id),
+            (None, None) => PageFrom::Newest,
+        };
+        Ok((limit, from))
+    }
+}
+
+/// Anthropic's page shape: the objects, whether more follow, and the ids
+/// of the first and last.
+pub fn page_json<S: AsRef<str>>(
+    data: Vec<serde_json::Value>,
+    ids: &[S],
+    has_more: bool,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({
+        "data": data,
+        "has_more": has_more,
+        "first_id": ids.first().map(AsRef::as_ref),
+        "last_id": ids.last().map(AsRef::as_ref),
+    }))
+}
+
+/// The answer when a page's `before_id`/`after_id` is not one of the key's.
+pub fn unknown_page_anchor() -> ApiError {
+    ApiError::bad_request("`before_id`/`after_id` is not one of this key's")
+}
+
 /// Unknown paths on the admin and usage functions.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("no such route")

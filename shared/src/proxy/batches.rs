@@ -23,9 +23,8 @@ use crate::domain::access::model_name_problem;
 use crate::domain::route::CanonicalPath;
 use crate::domain::{self, format_timestamp};
 use crate::error::{ApiError, ErrorKind};
-use crate::store::owned::{
-    BatchRecord, BatchTally, OpenBatch, PENDING_STALE, PageFrom, PendingReservation,
-};
+use crate::http::{PageParams, page_json, unknown_page_anchor};
+use crate::store::owned::{BatchRecord, BatchTally, OpenBatch, PENDING_STALE, PendingReservation};
 use crate::store::proxy::{Charge, QuotaRule};
 use crate::upstream::{
     BodyStream, ForwardRequest, RetryPolicy, UpstreamError, client_response_headers,
@@ -542,68 +541,19 @@ pub(super) async fn delete(call: Call, batch_id: &str) -> Result<Response, ApiEr
     Ok(answer.into_response())
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListParams {
-    limit: Option<usize>,
-    before_id: Option<String>,
-    after_id: Option<String>,
-}
-
-/// Page parameters of a list route, Anthropic's way.
-pub(super) fn list_params(
-    call: &Call,
-) -> Result<(usize, Option<String>, Option<String>), ApiError> {
-    let query = call.parts.uri.query().unwrap_or("");
-    let params: ListParams = serde_urlencoded::from_str(query)
-        .map_err(|e| ApiError::bad_request(format!("query string: {e}")))?;
-    let limit = params.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "query parameter `limit` must be between 1 and 100",
-        ));
-    }
-    if params.before_id.is_some() && params.after_id.is_some() {
-        return Err(ApiError::bad_request(
-            "give `before_id` or `after_id`, not both",
-        ));
-    }
-    Ok((limit, params.before_id, params.after_id))
-}
-
-pub(super) fn page_from<'a>(before: &'a Option<String>, after: &'a Option<String>) -> PageFrom<'a> {
-    match (before, after) {
-        (Some(id), _) => PageFrom::Before(id),
-        (_, Some(id)) => PageFrom::After(id),
-        _ => PageFrom::Newest,
-    }
-}
-
-/// Anthropic's page shape.
-pub(super) fn page_json(data: Vec<Value>, has_more: bool, ids: &[String]) -> Response {
-    axum::Json(serde_json::json!({
-        "data": data,
-        "has_more": has_more,
-        "first_id": ids.first(),
-        "last_id": ids.last(),
-    }))
-    .into_response()
-}
-
 /// `GET /v1/messages/batches`: the key's own batches from the relay's
 /// records, each as the upstream describes it now.
 pub(super) async fn list(call: Call) -> Result<Response, ApiError> {
     call.authenticate(None).await?;
-    let (limit, before, after) = list_params(&call)?;
+    let params = PageParams::from_query(call.parts.uri.query().unwrap_or(""))?;
+    let (limit, from) = params.page()?;
     let page = call
         .state
         .0
         .store
-        .list_batches(call.key.id(), page_from(&before, &after), limit)
+        .list_batches(call.key.id(), from, limit)
         .await?
-        .ok_or_else(|| {
-            ApiError::bad_request("`before_id`/`after_id` is not one of this key's batches")
-        })?;
+        .ok_or_else(unknown_page_anchor)?;
     let ids: Vec<String> = page.items.iter().map(|b| b.batch_id.clone()).collect();
     let fetched: Vec<Result<Option<Value>, ApiError>> =
         futures_util::stream::iter(ids.into_iter().map(|batch_id| {
@@ -623,7 +573,7 @@ pub(super) async fn list(call: Call) -> Result<Response, ApiError> {
             data.push(object);
         }
     }
-    Ok(page_json(data, page.has_more, &ids))
+    Ok(page_json(data, &ids, page.has_more).into_response())
 }
 
 /// A batch object as the upstream describes it now (`None`: it is gone).

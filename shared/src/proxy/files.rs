@@ -9,10 +9,11 @@ use futures_util::StreamExt;
 use http::{Method, StatusCode};
 use serde_json::Value;
 
-use super::batches::{list_params, page_from, page_json, read_whole, record_owned};
+use super::batches::{read_whole, record_owned};
 use super::{Call, relay, too_large};
 use crate::domain::{self, format_timestamp};
 use crate::error::ApiError;
+use crate::http::{PageParams, page_json, unknown_page_anchor};
 use crate::store::owned::FileRecord;
 use crate::upstream::{
     ForwardRequest, RetryPolicy, client_response_headers, upstream_request_headers,
@@ -177,19 +178,18 @@ async fn delete_unowned(call: &Call, file_id: &str) {
 /// `GET /v1/files`: the key's own files, from the relay's records.
 pub(super) async fn list(call: Call) -> Result<Response, ApiError> {
     call.authenticate(None).await?;
-    let (limit, before, after) = list_params(&call)?;
+    let params = PageParams::from_query(call.parts.uri.query().unwrap_or(""))?;
+    let (limit, from) = params.page()?;
     let page = call
         .state
         .0
         .store
-        .list_files(call.key.id(), page_from(&before, &after), limit)
+        .list_files(call.key.id(), from, limit)
         .await?
-        .ok_or_else(|| {
-            ApiError::bad_request("`before_id`/`after_id` is not one of this key's files")
-        })?;
+        .ok_or_else(unknown_page_anchor)?;
     let ids: Vec<String> = page.items.iter().map(|f| f.file_id.clone()).collect();
     let data = page.items.into_iter().map(|f| f.object).collect();
-    Ok(page_json(data, page.has_more, &ids))
+    Ok(page_json(data, &ids, page.has_more).into_response())
 }
 
 /// `GET /v1/files/{id}` and `…/content`: forwarded (streamed) for its owner.
