@@ -207,6 +207,51 @@ impl Store {
         .await
     }
 
+    /// The items with these keys (those that exist), in batches of 100,
+    /// asking again for what DynamoDB left unprocessed. `project` names the
+    /// attributes to read (`#name` placeholders for reserved words).
+    pub(crate) async fn batch_get(
+        &self,
+        keys: Vec<item::Item>,
+        project: &str,
+        names: &[(&str, &str)],
+        consistent: bool,
+    ) -> Result<Vec<item::Item>, StoreError> {
+        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let mut items = Vec::new();
+        for chunk in keys.chunks(100) {
+            let mut request = KeysAndAttributes::builder()
+                .set_keys(Some(chunk.to_vec()))
+                .consistent_read(consistent)
+                .projection_expression(project);
+            for (placeholder, name) in names {
+                request = request.expression_attribute_names(*placeholder, *name);
+            }
+            let mut request = Some(request.build()?);
+            while let Some(keys) = request.take() {
+                let output = self
+                    .client
+                    .batch_get_item()
+                    .request_items(self.table(), keys)
+                    .send()
+                    .await
+                    .map_err(classify)?;
+                items.extend(
+                    output
+                        .responses
+                        .unwrap_or_default()
+                        .remove(self.table())
+                        .unwrap_or_default(),
+                );
+                request = output
+                    .unprocessed_keys
+                    .and_then(|mut rest| rest.remove(self.table()))
+                    .filter(|rest| !rest.keys().is_empty());
+            }
+        }
+        Ok(items)
+    }
+
     /// A cheap read that proves the table is reachable (health checks).
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.client

@@ -8,14 +8,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, Put, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{AttributeValue, Delete, TransactWriteItem, Update};
 use time::OffsetDateTime;
 
 use super::item::{Item, get_n, get_s, n, opt_s, s};
 use super::keys::key_pk;
 use super::proxy::{
     Charge, Counters, SettleOutcome, conflict_pause, log_model_partition, log_sort_key,
-    token_columns, transact_update,
+    token_columns, transact_put, transact_update,
 };
 use super::{GSI1, Store, StoreError, TTL_ATTRIBUTE, classify, query_all};
 use crate::domain::{epoch_seconds, format_timestamp};
@@ -153,18 +153,6 @@ impl TryFrom<&Item> for FileRecord {
             })?,
         })
     }
-}
-
-fn put(table: &str, item: Item, condition: Option<&str>) -> Result<TransactWriteItem, StoreError> {
-    Ok(TransactWriteItem::builder()
-        .put(
-            Put::builder()
-                .table_name(table)
-                .set_item(Some(item))
-                .set_condition_expression(condition.map(str::to_owned))
-                .build()?,
-        )
-        .build())
 }
 
 fn delete(
@@ -317,8 +305,8 @@ impl Store {
                 ),
             ]);
             let mut items = vec![
-                put(self.table(), item, Some("attribute_not_exists(pk)"))?,
-                put(self.table(), open, None)?,
+                transact_put(self.table(), item, Some("attribute_not_exists(pk)"))?,
+                transact_put(self.table(), open, None)?,
             ];
             if record.reserved_tokens > 0 {
                 items.push(delete(
@@ -442,46 +430,18 @@ impl Store {
         key: &KeyId,
         file_ids: &[String],
     ) -> Result<Vec<String>, StoreError> {
-        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let keys: Vec<Item> = file_ids
+            .iter()
+            .map(|id| {
+                Item::from([
+                    ("pk".to_owned(), s(key_pk(key))),
+                    ("sk".to_owned(), s(file_sk(id))),
+                ])
+            })
+            .collect();
         let mut owned = std::collections::HashSet::new();
-        for chunk in file_ids.chunks(100) {
-            let keys: Vec<Item> = chunk
-                .iter()
-                .map(|id| {
-                    Item::from([
-                        ("pk".to_owned(), s(key_pk(key))),
-                        ("sk".to_owned(), s(file_sk(id))),
-                    ])
-                })
-                .collect();
-            let mut request = Some(
-                KeysAndAttributes::builder()
-                    .set_keys(Some(keys))
-                    .consistent_read(true)
-                    .projection_expression("file_id")
-                    .build()?,
-            );
-            while let Some(keys) = request.take() {
-                let output = self
-                    .client
-                    .batch_get_item()
-                    .request_items(self.table(), keys)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                for item in output
-                    .responses
-                    .unwrap_or_default()
-                    .remove(self.table())
-                    .unwrap_or_default()
-                {
-                    owned.insert(get_s(&item, "file_id")?.to_owned());
-                }
-                request = output
-                    .unprocessed_keys
-                    .and_then(|mut rest| rest.remove(self.table()))
-                    .filter(|rest| !rest.keys().is_empty());
-            }
+        for item in self.batch_get(keys, "file_id", &[], true).await? {
+            owned.insert(get_s(&item, "file_id")?.to_owned());
         }
         Ok(file_ids
             .iter()
@@ -507,7 +467,7 @@ impl Store {
         ]);
         // Inside a transaction, as every put the proxy makes (its IAM role
         // allows puts and deletes only there).
-        self.transact_one(put(self.table(), item, None)?, "recording a file")
+        self.transact_one(transact_put(self.table(), item, None)?, "recording a file")
             .await
     }
 
@@ -784,7 +744,11 @@ impl Store {
             );
             log.insert("gsi1sk".into(), s(log_sort_key(at, &request_id)));
         }
-        items.push(put(self.table(), log, Some("attribute_not_exists(pk)"))?);
+        items.push(transact_put(
+            self.table(),
+            log,
+            Some("attribute_not_exists(pk)"),
+        )?);
 
         if with_key {
             // The real figure replaces the reservation taken at admission.

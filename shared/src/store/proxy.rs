@@ -366,15 +366,7 @@ impl Store {
     ) -> Result<Result<(), Refused>, StoreError> {
         let items = vec![
             transact_update(update)?,
-            TransactWriteItem::builder()
-                .put(
-                    Put::builder()
-                        .table_name(self.table())
-                        .set_item(Some(put))
-                        .condition_expression("attribute_not_exists(pk)")
-                        .build()?,
-                )
-                .build(),
+            transact_put(self.table(), put, Some("attribute_not_exists(pk)"))?,
         ];
         let result = self
             .client
@@ -696,17 +688,11 @@ impl Store {
                 s(log_sort_key(record.at, &record.request_id)),
             );
         }
-        let mut items = vec![
-            TransactWriteItem::builder()
-                .put(
-                    Put::builder()
-                        .table_name(self.table())
-                        .set_item(Some(log))
-                        .condition_expression("attribute_not_exists(pk)")
-                        .build()?,
-                )
-                .build(),
-        ];
+        let mut items = vec![transact_put(
+            self.table(),
+            log,
+            Some("attribute_not_exists(pk)"),
+        )?];
 
         let counters = Counters::of(record);
         if with_key {
@@ -806,6 +792,23 @@ impl Store {
             .update_expression(expression)
             .set_expression_attribute_values(Some(values))
     }
+}
+
+/// A put inside a transaction, with its condition.
+pub(crate) fn transact_put(
+    table: &str,
+    item: Item,
+    condition: Option<&str>,
+) -> Result<TransactWriteItem, StoreError> {
+    Ok(TransactWriteItem::builder()
+        .put(
+            Put::builder()
+                .table_name(table)
+                .set_item(Some(item))
+                .set_condition_expression(condition.map(str::to_owned))
+                .build()?,
+        )
+        .build())
 }
 
 pub(crate) fn transact_update(update: UpdateBuilder) -> Result<TransactWriteItem, StoreError> {

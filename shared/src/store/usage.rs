@@ -371,50 +371,24 @@ impl Store {
         &self,
         ids: &[KeyId],
     ) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        use aws_sdk_dynamodb::types::KeysAndAttributes;
+        let keys: Vec<Item> = ids
+            .iter()
+            .map(|id| {
+                Item::from([
+                    ("pk".to_owned(), s(key_pk(id))),
+                    ("sk".to_owned(), s("META")),
+                ])
+            })
+            .collect();
         let mut names = std::collections::HashMap::new();
-        for chunk in ids.chunks(100) {
-            let keys: Vec<Item> = chunk
-                .iter()
-                .map(|id| {
-                    Item::from([
-                        ("pk".to_owned(), s(key_pk(id))),
-                        ("sk".to_owned(), s("META")),
-                    ])
-                })
-                .collect();
-            let mut request = Some(
-                KeysAndAttributes::builder()
-                    .set_keys(Some(keys))
-                    .projection_expression("id, #n")
-                    .expression_attribute_names("#n", "name")
-                    .build()?,
+        for item in self
+            .batch_get(keys, "id, #n", &[("#n", "name")], false)
+            .await?
+        {
+            names.insert(
+                get_s(&item, "id")?.to_owned(),
+                get_s(&item, "name")?.to_owned(),
             );
-            // BatchGetItem may return part of the batch: ask again for the rest.
-            while let Some(keys) = request.take() {
-                let output = self
-                    .client
-                    .batch_get_item()
-                    .request_items(self.table(), keys)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                for item in output
-                    .responses
-                    .unwrap_or_default()
-                    .remove(self.table())
-                    .unwrap_or_default()
-                {
-                    names.insert(
-                        get_s(&item, "id")?.to_owned(),
-                        get_s(&item, "name")?.to_owned(),
-                    );
-                }
-                request = output
-                    .unprocessed_keys
-                    .and_then(|mut rest| rest.remove(self.table()))
-                    .filter(|rest| !rest.keys().is_empty());
-            }
         }
         Ok(names)
     }
