@@ -76,6 +76,53 @@ where
     }
 }
 
+/// Why a transaction was canceled: each item's reason, in the order the
+/// items were given.
+pub(crate) struct Canceled {
+    reasons: Vec<aws_sdk_dynamodb::types::CancellationReason>,
+    /// Another transaction was still running on one of the items.
+    in_progress: bool,
+}
+
+impl Canceled {
+    fn code(&self, index: usize) -> &str {
+        self.reasons
+            .get(index)
+            .and_then(|r| r.code())
+            .unwrap_or("None")
+    }
+
+    /// Item `index` failed its condition.
+    pub(crate) fn failed(&self, index: usize) -> bool {
+        self.code(index) == "ConditionalCheckFailed"
+    }
+
+    /// Item `index` as it was, for an update that asked for it on failure.
+    pub(crate) fn item(&self, index: usize) -> Option<item::Item> {
+        self.reasons.get(index).and_then(|r| r.item().cloned())
+    }
+
+    /// Another writer held an item, or DynamoDB throttled: worth a retry.
+    pub(crate) fn transient(&self) -> bool {
+        self.in_progress
+            || self.reasons.iter().any(|r| {
+                matches!(
+                    r.code(),
+                    Some(
+                        "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"
+                    )
+                )
+            })
+    }
+}
+
+impl std::fmt::Debug for Canceled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let codes: Vec<&str> = (0..self.reasons.len()).map(|i| self.code(i)).collect();
+        write!(f, "transaction canceled {codes:?}")
+    }
+}
+
 /// Every item a query matches, page after page. Only for result sets known
 /// to be small (tiers, one key's aggregates, one day's keys, all keys).
 pub(crate) async fn query_all(
@@ -250,6 +297,37 @@ impl Store {
             }
         }
         Ok(items)
+    }
+
+    /// Runs one transaction: `Err(Canceled)` when DynamoDB canceled it
+    /// (a failed condition, a conflict), `StoreError` when it could not run.
+    pub(crate) async fn transact(
+        &self,
+        items: Vec<aws_sdk_dynamodb::types::TransactWriteItem>,
+    ) -> Result<Result<(), Canceled>, StoreError> {
+        use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        let err = match result {
+            Ok(_) => return Ok(Ok(())),
+            Err(err) => err,
+        };
+        let canceled = match err.as_service_error() {
+            Some(TransactWriteItemsError::TransactionCanceledException(canceled)) => Canceled {
+                reasons: canceled.cancellation_reasons().to_vec(),
+                in_progress: false,
+            },
+            Some(TransactWriteItemsError::TransactionInProgressException(_)) => Canceled {
+                reasons: Vec::new(),
+                in_progress: true,
+            },
+            _ => return Err(classify(err)),
+        };
+        Ok(Err(canceled))
     }
 
     /// A cheap read that proves the table is reachable (health checks).

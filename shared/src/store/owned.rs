@@ -173,16 +173,6 @@ fn delete(
         .build())
 }
 
-/// Whether a cancellation is worth another try (another writer held an item).
-fn transient(codes: &[String]) -> bool {
-    codes.iter().any(|c| {
-        matches!(
-            c.as_str(),
-            "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"
-        )
-    })
-}
-
 /// The queue item of a reservation taken for a batch creation.
 pub(crate) fn pending_item(
     id: &KeyId,
@@ -205,38 +195,6 @@ pub(crate) fn pending_item(
 }
 
 impl Store {
-    async fn transact(
-        &self,
-        items: Vec<TransactWriteItem>,
-    ) -> Result<Result<(), Vec<String>>, StoreError> {
-        let result = self
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(Ok(())),
-            Err(err) => match err.as_service_error() {
-                Some(e) if e.is_transaction_canceled_exception() => {
-                    let codes = match e {
-                        aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => c
-                            .cancellation_reasons()
-                            .iter()
-                            .map(|r| r.code().unwrap_or("None").to_owned())
-                            .collect(),
-                        _ => Vec::new(),
-                    };
-                    Ok(Err(codes))
-                }
-                Some(e) if e.is_transaction_in_progress_exception() => {
-                    Ok(Err(vec!["TransactionConflict".to_owned()]))
-                }
-                _ => Err(classify(err)),
-            },
-        }
-    }
-
     /// Admits a batch of `charge.requests` requests: counted in the tier's
     /// window and, on a limited key, its worst case reserved against the
     /// quota in the same transaction that records the reservation as
@@ -318,17 +276,17 @@ impl Store {
             }
             match self.transact(items).await? {
                 Ok(()) => return Ok(()),
-                Err(codes) if codes.first().is_some_and(|c| c == "ConditionalCheckFailed") => {
+                Err(c) if c.failed(0) => {
                     // Recorded before (a retry after a lost answer).
                     return Ok(());
                 }
-                Err(codes) if codes.get(2).is_some_and(|c| c == "ConditionalCheckFailed") => {
+                Err(c) if c.failed(2) => {
                     record.reserved_tokens = 0;
                 }
-                Err(codes) if transient(&codes) => conflict_pause(attempt).await,
-                Err(codes) => {
+                Err(c) if c.transient() => conflict_pause(attempt).await,
+                Err(c) => {
                     return Err(StoreError::Unexpected(anyhow::anyhow!(
-                        "recording batch {}: transaction canceled ({codes:?})",
+                        "recording batch {}: {c:?}",
                         record.batch_id
                     )));
                 }
@@ -368,17 +326,17 @@ impl Store {
             }
             match self.transact(items).await? {
                 Ok(()) => return Ok(true),
-                Err(codes) if codes.first().is_some_and(|c| c == "ConditionalCheckFailed") => {
+                Err(c) if c.failed(0) => {
                     return Ok(false);
                 }
-                Err(codes) if codes.get(1).is_some_and(|c| c == "ConditionalCheckFailed") => {
+                Err(c) if c.failed(1) => {
                     // The key was deleted: nothing to give back to.
                     with_key = false;
                 }
-                Err(codes) if transient(&codes) => conflict_pause(attempt).await,
-                Err(codes) => {
+                Err(c) if c.transient() => conflict_pause(attempt).await,
+                Err(c) => {
                     return Err(StoreError::Unexpected(anyhow::anyhow!(
-                        "releasing a reservation: transaction canceled ({codes:?})"
+                        "releasing a reservation: {c:?}"
                     )));
                 }
             }
@@ -491,11 +449,9 @@ impl Store {
         for attempt in 0..8 {
             match self.transact(vec![item.clone()]).await? {
                 Ok(()) => return Ok(()),
-                Err(codes) if transient(&codes) => conflict_pause(attempt).await,
-                Err(codes) => {
-                    return Err(StoreError::Unexpected(anyhow::anyhow!(
-                        "{what}: transaction canceled ({codes:?})"
-                    )));
+                Err(c) if c.transient() => conflict_pause(attempt).await,
+                Err(c) => {
+                    return Err(StoreError::Unexpected(anyhow::anyhow!("{what}: {c:?}")));
                 }
             }
         }
@@ -650,18 +606,16 @@ impl Store {
             match self.transact(items).await? {
                 Ok(()) if with_key => return Ok(SettleOutcome::Recorded),
                 Ok(()) => return Ok(SettleOutcome::RecordedWithoutKey),
-                Err(codes) if codes.first().is_some_and(|c| c == "ConditionalCheckFailed") => {
+                Err(c) if c.failed(0) => {
                     return Ok(SettleOutcome::AlreadyRecorded);
                 }
-                Err(codes)
-                    if with_key && codes.get(2).is_some_and(|c| c == "ConditionalCheckFailed") =>
-                {
+                Err(c) if with_key && c.failed(2) => {
                     with_key = false;
                 }
-                Err(codes) if transient(&codes) => conflict_pause(attempt).await,
-                Err(codes) => {
+                Err(c) if c.transient() => conflict_pause(attempt).await,
+                Err(c) => {
                     return Err(StoreError::Unexpected(anyhow::anyhow!(
-                        "settling batch {}: transaction canceled ({codes:?})",
+                        "settling batch {}: {c:?}",
                         batch.batch_id
                     )));
                 }

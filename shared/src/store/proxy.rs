@@ -5,12 +5,11 @@
 
 use std::time::Duration;
 
-use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{
-    AttributeValue, CancellationReason, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
-    TransactWriteItem, Update,
+    AttributeValue, Put, ReturnValue, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+    Update,
 };
 use rand::Rng;
 use time::OffsetDateTime;
@@ -368,37 +367,16 @@ impl Store {
             transact_update(update)?,
             transact_put(self.table(), put, Some("attribute_not_exists(pk)"))?,
         ];
-        let result = self
-            .client
-            .transact_write_items()
-            .set_transact_items(Some(items))
-            .send()
-            .await;
-        let err = match result {
-            Ok(_) => return Ok(Ok(())),
-            Err(err) => err,
-        };
-        match err.as_service_error() {
-            Some(TransactWriteItemsError::TransactionCanceledException(canceled)) => {
-                let reasons = canceled.cancellation_reasons();
-                match reasons.first() {
-                    Some(reason) if reason.code() == Some("ConditionalCheckFailed") => {
-                        Ok(Err(Refused::Condition(reason.item().cloned())))
-                    }
-                    _ if reasons.iter().any(|r| {
-                        matches!(r.code(), Some("TransactionConflict" | "ThrottlingError"))
-                    }) =>
-                    {
-                        Ok(Err(Refused::Conflict))
-                    }
-                    _ => Err(classify(err)),
-                }
+        Ok(match self.transact(items).await? {
+            Ok(()) => Ok(()),
+            Err(canceled) if canceled.failed(0) => Err(Refused::Condition(canceled.item(0))),
+            Err(canceled) if canceled.transient() => Err(Refused::Conflict),
+            Err(canceled) => {
+                return Err(StoreError::Unexpected(anyhow::anyhow!(
+                    "admission: {canceled:?}"
+                )));
             }
-            Some(TransactWriteItemsError::TransactionInProgressException(_)) => {
-                Ok(Err(Refused::Conflict))
-            }
-            _ => Err(classify(err)),
-        }
+        })
     }
 }
 
@@ -578,50 +556,19 @@ impl Store {
             let items = self.settle_items(record, retention, with_key)?;
             // No ClientRequestToken: the log item's condition already makes a
             // repeat a no-op, at any distance in time, and tells us so.
-            let result = self
-                .client
-                .transact_write_items()
-                .set_transact_items(Some(items))
-                .send()
-                .await;
-            let err = match result {
-                Ok(_) if with_key => return Ok(SettleOutcome::Recorded),
-                Ok(_) => return Ok(SettleOutcome::RecordedWithoutKey),
-                Err(err) => err,
-            };
-            let reasons: Vec<CancellationReason> = match err.as_service_error() {
-                Some(e) if e.is_transaction_canceled_exception() => match e {
-                    aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError::TransactionCanceledException(c) => {
-                        c.cancellation_reasons().to_vec()
-                    }
-                    _ => Vec::new(),
-                },
-                Some(e) if e.is_transaction_in_progress_exception() => {
-                    conflict_pause(attempt).await;
-                    continue;
+            match self.transact(items).await? {
+                Ok(()) if with_key => return Ok(SettleOutcome::Recorded),
+                Ok(()) => return Ok(SettleOutcome::RecordedWithoutKey),
+                Err(canceled) if canceled.failed(0) => return Ok(SettleOutcome::AlreadyRecorded),
+                Err(canceled) if with_key && canceled.failed(1) => with_key = false,
+                Err(canceled) if canceled.transient() => conflict_pause(attempt).await,
+                Err(canceled) => {
+                    return Err(StoreError::Unexpected(anyhow::anyhow!(
+                        "settle of {}: {canceled:?}",
+                        record.request_id
+                    )));
                 }
-                _ => return Err(classify(err)),
-            };
-            let code = |i: usize| reasons.get(i).and_then(|r| r.code()).unwrap_or("None");
-            if code(0) == "ConditionalCheckFailed" {
-                return Ok(SettleOutcome::AlreadyRecorded);
             }
-            if with_key && code(1) == "ConditionalCheckFailed" {
-                with_key = false;
-                continue;
-            }
-            if reasons.iter().any(|r| {
-                matches!(
-                    r.code(),
-                    Some(
-                        "TransactionConflict" | "ThrottlingError" | "ProvisionedThroughputExceeded"
-                    )
-                )
-            }) {
-                conflict_pause(attempt).await;
-                continue;
-            }
-            return Err(classify(err));
         }
         Err(StoreError::Unavailable(anyhow::anyhow!(
             "settle kept conflicting"
