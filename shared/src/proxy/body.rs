@@ -46,7 +46,11 @@ pub fn may_reference_files(body: &[u8]) -> bool {
 pub fn file_ids(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
     let mut ids = Vec::new();
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    FileIdWalk { ids: &mut ids }.deserialize(&mut deserializer)?;
+    FileIdWalk {
+        ids: &mut ids,
+        is_file_id: false,
+    }
+    .deserialize(&mut deserializer)?;
     deserializer.end()?;
     ids.sort();
     ids.dedup();
@@ -56,6 +60,8 @@ pub fn file_ids(body: &[u8]) -> Result<Vec<String>, serde_json::Error> {
 /// Walks one JSON value, collecting `file_id` strings.
 struct FileIdWalk<'a> {
     ids: &'a mut Vec<String>,
+    /// The value is a `file_id`'s: a string is collected.
+    is_file_id: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for FileIdWalk<'_> {
@@ -85,56 +91,6 @@ impl<'de> Deserialize<'de> for IsFileId {
     }
 }
 
-/// A `file_id` value: a string is collected, anything else walked on.
-struct FileIdValue<'a> {
-    ids: &'a mut Vec<String>,
-}
-
-impl<'de> DeserializeSeed<'de> for FileIdValue<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FileIdValue<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_str<E: de::Error>(self, value: &str) -> Result<(), E> {
-        self.ids.push(value.to_owned());
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        FileIdWalk { ids: self.ids }.visit_map(map)
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
-        FileIdWalk { ids: self.ids }.visit_seq(seq)
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
-        Ok(())
-    }
-    fn visit_unit<E>(self) -> Result<(), E> {
-        Ok(())
-    }
-}
-
 impl<'de> Visitor<'de> for FileIdWalk<'_> {
     type Value = ();
 
@@ -144,24 +100,29 @@ impl<'de> Visitor<'de> for FileIdWalk<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(IsFileId(is_file_id)) = map.next_key()? {
-            if is_file_id {
-                map.next_value_seed(FileIdValue { ids: self.ids })?;
-            } else {
-                map.next_value_seed(FileIdWalk { ids: self.ids })?;
-            }
+            map.next_value_seed(FileIdWalk {
+                ids: self.ids,
+                is_file_id,
+            })?;
         }
         Ok(())
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         while seq
-            .next_element_seed(FileIdWalk { ids: self.ids })?
+            .next_element_seed(FileIdWalk {
+                ids: self.ids,
+                is_file_id: false,
+            })?
             .is_some()
         {}
         Ok(())
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+    fn visit_str<E>(self, value: &str) -> Result<(), E> {
+        if self.is_file_id {
+            self.ids.push(value.to_owned());
+        }
         Ok(())
     }
     fn visit_bool<E>(self, _: bool) -> Result<(), E> {
