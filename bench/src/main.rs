@@ -19,10 +19,10 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use relay_shared::keys::PresentedKey;
+use relay_shared::domain::key::PresentedKey;
+use relay_shared::domain::usage::TokenUsage;
 use relay_shared::store::Store;
 use relay_shared::store::proxy::UsageRecord;
-use relay_shared::usage::TokenUsage;
 
 use client::{Client, Endpoint, ms};
 use report::{Figures, Row, Target};

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_shared::keys::{KeyId, PresentedKey, SecretHash};
+use relay_shared::domain::key::{KeyId, PresentedKey, SecretHash};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

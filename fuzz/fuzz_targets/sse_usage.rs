@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use relay_shared::usage::SseUsageParser;
+use relay_shared::domain::usage::SseUsageParser;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&seed, stream)) = data.split_first() else {

@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use relay_shared::domain::usage::{complete_with_estimate, request_text, usage_from_json};
 use relay_shared::proxy::tap::{UsageTap, error_type};
-use relay_shared::usage::{complete_with_estimate, request_text, usage_from_json};
 
 fuzz_target!(|data: &[u8]| {
     if let Some(state) = usage_from_json(data) {

@@ -7,9 +7,9 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ipnet::IpNet;
-use relay_shared::domain::access::{RequestFacts, check_access};
 use relay_shared::domain::key::ApiKeyRecord;
-use relay_shared::keys::PresentedKey;
+use relay_shared::domain::key::PresentedKey;
+use relay_shared::domain::key::access::{RequestFacts, check_access};
 use time::{Duration, OffsetDateTime};
 
 fn record() -> ApiKeyRecord {

@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use relay_shared::keys::PresentedKey;
+use relay_shared::domain::key::PresentedKey;
 
 fn bench(c: &mut Criterion) {
     let key = PresentedKey::generate();

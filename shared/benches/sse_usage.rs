@@ -7,8 +7,8 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use relay_shared::domain::usage::SseUsageParser;
 use relay_shared::proxy::tap::UsageTap;
-use relay_shared::usage::SseUsageParser;
 
 /// A JSON string literal (quotes and escapes), as the API writes it.
 fn js(text: &str) -> String {

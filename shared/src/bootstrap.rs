@@ -35,8 +35,8 @@ impl Services {
         }
     }
 
-    pub fn usage_state(&self) -> crate::http::usage::UsageState {
-        crate::http::usage::UsageState {
+    pub fn usage_state(&self) -> crate::http::usage::UsageApiState {
+        crate::http::usage::UsageApiState {
             store: self.store.clone(),
         }
     }

@@ -8,7 +8,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod in_flight;
-pub mod keys;
+
 pub mod lambda;
 pub mod metrics;
 pub mod proxy;
@@ -17,6 +17,5 @@ pub mod store;
 pub mod telemetry;
 pub mod ttl_cache;
 pub mod upstream;
-pub mod usage;
 
 pub use error::{ApiError, ErrorKind};

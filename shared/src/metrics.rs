@@ -164,8 +164,8 @@ pub fn emit_event(function: &str, metric: &str, reason: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::PresentedKey;
-    use crate::usage::TokenUsage;
+    use crate::domain::key::PresentedKey;
+    use crate::domain::usage::TokenUsage;
 
     #[test]
     fn request_document_is_valid_emf_with_key_as_property() {

@@ -1,10 +1,10 @@
 //! Pure business rules: key records and their validation, tiers, allowlists,
 //! usage arithmetic. No I/O and no transport types live here.
 
-pub mod access;
 pub mod key;
 pub mod route;
 pub mod tier;
+pub mod usage;
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;

@@ -21,10 +21,10 @@ use super::{
 use crate::admin_auth::{self, Claims};
 use crate::config::AdminConfig;
 use crate::domain::key::{CreateKeyInput, FieldError, KeyChanges, PatchKeyInput};
+use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::tier::{TierInput, validate_tier_name};
 use crate::domain::{self};
 use crate::error::ApiError;
-use crate::keys::{KeyId, PresentedKey};
 use crate::secrets::{SecretValues, Secrets, SecretsError};
 use crate::store::Store;
 

@@ -4,7 +4,7 @@
 
 pub mod admin;
 pub mod health;
-pub mod key_auth;
+pub mod key_holder;
 pub mod prometheus;
 pub mod usage;
 

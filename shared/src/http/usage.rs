@@ -10,29 +10,29 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 
-use super::key_auth::authenticate;
+use super::key_holder::authenticate;
 use super::{ClientIp, NoParams, QueryParams, not_found};
 use crate::domain::key::ApiKeyRecord;
+use crate::domain::key::KeyId;
 use crate::domain::tier::window_of;
 use crate::domain::{epoch_seconds, format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
-use crate::keys::KeyId;
 use crate::store::Store;
 use crate::store::proxy::day_of;
 use crate::store::usage::{LogQuery, UsageTotals};
 
 #[derive(Clone)]
-pub struct UsageState {
+pub struct UsageApiState {
     pub store: Store,
 }
 
 /// The usage function's whole router, with its own fallback.
-pub fn router(state: UsageState) -> Router {
+pub fn router(state: UsageApiState) -> Router {
     routes(state).fallback(not_found)
 }
 
 /// The key-holder routes, for merging into the local server.
-pub fn routes(state: UsageState) -> Router {
+pub fn routes(state: UsageApiState) -> Router {
     Router::new()
         .route("/api/usage", get(summary))
         .route("/api/usage/daily", get(daily))
@@ -49,10 +49,13 @@ pub fn routes(state: UsageState) -> Router {
 /// counted or charged).
 pub struct KeyHolder(pub ApiKeyRecord);
 
-impl FromRequestParts<UsageState> for KeyHolder {
+impl FromRequestParts<UsageApiState> for KeyHolder {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &UsageState) -> Result<Self, ApiError> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &UsageApiState,
+    ) -> Result<Self, ApiError> {
         let ClientIp(ip) = ClientIp::from_request_parts(parts, state).await?;
         authenticate(&state.store, &parts.headers, ip)
             .await
@@ -61,7 +64,7 @@ impl FromRequestParts<UsageState> for KeyHolder {
 }
 
 async fn summary(
-    State(state): State<UsageState>,
+    State(state): State<UsageApiState>,
     KeyHolder(key): KeyHolder,
     QueryParams(NoParams {}): QueryParams<NoParams>,
 ) -> Result<Json<Value>, ApiError> {
@@ -69,7 +72,7 @@ async fn summary(
 }
 
 async fn daily(
-    State(state): State<UsageState>,
+    State(state): State<UsageApiState>,
     KeyHolder(key): KeyHolder,
     QueryParams(params): QueryParams<DailyParams>,
 ) -> Result<Json<Value>, ApiError> {
@@ -77,7 +80,7 @@ async fn daily(
 }
 
 async fn logs(
-    State(state): State<UsageState>,
+    State(state): State<UsageApiState>,
     KeyHolder(key): KeyHolder,
     QueryParams(params): QueryParams<LogParams>,
 ) -> Result<Json<Value>, ApiError> {
@@ -85,7 +88,7 @@ async fn logs(
 }
 
 async fn quota(
-    State(state): State<UsageState>,
+    State(state): State<UsageApiState>,
     KeyHolder(key): KeyHolder,
     QueryParams(NoParams {}): QueryParams<NoParams>,
 ) -> Result<Json<Value>, ApiError> {

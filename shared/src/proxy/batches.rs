@@ -19,8 +19,9 @@ use serde_json::value::RawValue;
 
 use super::body::MessagesFields;
 use super::{Call, ProxyState, relay, tier_of};
-use crate::domain::access::model_name_problem;
+use crate::domain::key::access::model_name_problem;
 use crate::domain::route::CanonicalPath;
+use crate::domain::usage::{estimate_tokens, request_text, usage_from_json};
 use crate::domain::{self, format_timestamp};
 use crate::error::{ApiError, ErrorKind};
 use crate::http::{PageParams, page_json, unknown_page_anchor};
@@ -29,7 +30,6 @@ use crate::store::proxy::{Charge, QuotaRule};
 use crate::upstream::{
     BodyStream, ForwardRequest, RetryPolicy, UpstreamError, client_response_headers,
 };
-use crate::usage::{estimate_tokens, request_text, usage_from_json};
 
 /// Where the scheduled collector is invoked (never through the route table;
 /// only an invocation marked [`ScheduledInvocation`] is served).

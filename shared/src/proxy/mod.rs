@@ -24,18 +24,18 @@ use http::{Method, StatusCode, header};
 
 use self::body::MessagesFields;
 use crate::config::{ConfigError, number};
-use crate::domain::access::{Refusal, RequestFacts, check_access, model_name_problem};
 use crate::domain::key::ApiKeyRecord;
+use crate::domain::key::access::{Refusal, RequestFacts, check_access, model_name_problem};
+use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::route::{
     CanonicalPath, PassThrough, Route, RouteRefusal, Treatment, is_id_segment, route,
 };
 use crate::domain::tier::Tier;
 use crate::domain::{self};
 use crate::error::ApiError;
-use crate::http::key_auth::{invalid_key, presented_key};
+use crate::http::key_holder::{invalid_key, presented_key};
 use crate::http::{ClientIp, RequestId, read_limited, request_id};
 use crate::in_flight::InFlight;
-use crate::keys::{KeyId, PresentedKey};
 use crate::store::Store;
 use crate::store::proxy::AdmissionError;
 use crate::ttl_cache::TtlCache;

@@ -6,7 +6,7 @@ use std::io::Write;
 
 use flate2::write::{GzDecoder, ZlibDecoder};
 
-use crate::usage::{SseUsageParser, UsageState, usage_from_json};
+use crate::domain::usage::{AnswerUsage, SseUsageParser, usage_from_json};
 
 /// A JSON answer larger than this is not read for usage (none is that big).
 const MAX_JSON: usize = 32 * 1024 * 1024;
@@ -111,14 +111,14 @@ impl UsageTap {
     }
 
     /// What was learned, and the `error.type` of a JSON error answer.
-    pub fn finish(self) -> (UsageState, Option<String>) {
+    pub fn finish(self) -> (AnswerUsage, Option<String>) {
         match self.format {
             Format::Sse(parser) => (parser.into_state(), None),
             Format::Json(body) => match usage_from_json(&body) {
                 Some(state) => (state, None),
-                None => (UsageState::default(), error_type(&body)),
+                None => (AnswerUsage::default(), error_type(&body)),
             },
-            Format::Other => (UsageState::default(), None),
+            Format::Other => (AnswerUsage::default(), None),
         }
     }
 }

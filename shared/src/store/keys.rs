@@ -10,8 +10,8 @@ use time::OffsetDateTime;
 use super::item::{Item, get_bool, get_list, get_n, get_s, list, n, opt_n, opt_s, s};
 use super::{GSI1, Store, StoreError, classify};
 use crate::domain::key::{ApiKeyRecord, KeyChanges, NewKey};
+use crate::domain::key::{KeyId, PresentedKey, SecretHash, display_prefix};
 use crate::domain::{format_timestamp, parse_timestamp};
-use crate::keys::{KeyId, PresentedKey, SecretHash, display_prefix};
 
 const META: &str = "META";
 const KEYS_PARTITION: &str = "KEYS";

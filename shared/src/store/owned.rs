@@ -18,10 +18,10 @@ use super::proxy::{
     token_columns, transact_put, transact_update,
 };
 use super::{GSI1, Store, StoreError, TTL_ATTRIBUTE, classify, query_all};
+use crate::domain::key::{KeyId, SecretHash};
+use crate::domain::usage::TokenUsage;
 use crate::domain::{epoch_seconds, format_timestamp};
-use crate::keys::{KeyId, SecretHash};
 use crate::store::proxy::AdmissionError;
-use crate::usage::TokenUsage;
 
 const QUEUE: &str = "BATCHQUEUE";
 /// Batch records outlive the upstream's 29 days of results by a day.

@@ -20,9 +20,9 @@ use super::owned::pending_item;
 use super::{Store, StoreError, TTL_ATTRIBUTE, classify};
 use crate::domain::format_timestamp;
 use crate::domain::key::ApiKeyRecord;
+use crate::domain::key::{KeyId, SecretHash};
 use crate::domain::tier::window_of;
-use crate::keys::{KeyId, SecretHash};
-use crate::usage::TokenUsage;
+use crate::domain::usage::TokenUsage;
 
 /// Why a request was not admitted.
 #[derive(Debug, thiserror::Error)]
@@ -765,7 +765,7 @@ pub(crate) fn transact_update(update: UpdateBuilder) -> Result<TransactWriteItem
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::PresentedKey;
+    use crate::domain::key::PresentedKey;
 
     fn key(used: u64, limit: Option<u64>) -> (ApiKeyRecord, SecretHash) {
         let key = PresentedKey::generate();

@@ -13,7 +13,7 @@ use super::keys::key_pk;
 use super::proxy::log_model_partition;
 use super::{GSI1, Store, StoreError, classify, query_all};
 use crate::domain::key::ApiKeyRecord;
-use crate::keys::KeyId;
+use crate::domain::key::KeyId;
 
 /// Counters settlement adds to the key, day and model items alike.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]

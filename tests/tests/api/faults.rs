@@ -404,7 +404,7 @@ async fn malformed_requests_get_4xx_never_5xx_or_a_panic() {
                     "authorization",
                     format!(
                         "Bearer {}",
-                        relay_shared::keys::PresentedKey::generate().expose()
+                        relay_shared::domain::key::PresentedKey::generate().expose()
                     ),
                 )
                 .json(&body(false)),

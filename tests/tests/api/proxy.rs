@@ -271,14 +271,14 @@ async fn settling_the_same_request_twice_counts_it_once() {
     let (id, _) = app.new_key().await.unwrap();
     let record = UsageRecord {
         request_id: "relay_0123456789abcdef0123456789abcdef".into(),
-        key_id: relay_shared::keys::KeyId::parse(&id).unwrap(),
+        key_id: relay_shared::domain::key::KeyId::parse(&id).unwrap(),
         at: relay_shared::domain::now(),
         model: Some("claude-opus-5-5".into()),
         method: "POST".into(),
         path: "/v1/messages".into(),
         status: 200,
         stream: true,
-        usage: relay_shared::usage::TokenUsage {
+        usage: relay_shared::domain::usage::TokenUsage {
             input_tokens: 100,
             output_tokens: 50,
             ..Default::default()
@@ -617,7 +617,7 @@ async fn admin_request(
 #[tokio::test]
 async fn missing_malformed_and_unknown_keys_are_401() {
     let app = spawn_app().await.unwrap();
-    let unknown = relay_shared::keys::PresentedKey::generate().expose();
+    let unknown = relay_shared::domain::key::PresentedKey::generate().expose();
     let cases = [
         app.http
             .post(app.url("/v1/messages"))

@@ -5,12 +5,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use relay_shared::domain::key::PresentedKey;
 use relay_shared::domain::now;
-use relay_shared::keys::PresentedKey;
+use relay_shared::domain::usage::TokenUsage;
 use relay_shared::metrics::{DEFAULT_NAMESPACE, request_document};
 use relay_shared::store::proxy::UsageRecord;
 use relay_shared::store::{GSI1, TTL_ATTRIBUTE};
-use relay_shared::usage::TokenUsage;
 use serde_norway::Value;
 
 const TEMPLATE: &str = include_str!("../../../template.yaml");

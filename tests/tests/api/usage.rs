@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use relay_shared::domain::format_timestamp;
-use relay_shared::keys::{KeyId, PresentedKey};
+use relay_shared::domain::key::{KeyId, PresentedKey};
+use relay_shared::domain::usage::TokenUsage;
 use relay_shared::store::proxy::{SettleOutcome, UsageRecord};
-use relay_shared::usage::TokenUsage;
 use relay_tests::app::{TestApp, spawn_app};
 use relay_tests::fake_upstream::{Behavior, MessageSpec, Usage};
 use reqwest::Method;

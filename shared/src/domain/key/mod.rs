@@ -1,5 +1,10 @@
 //! An API key's record, the admin's create/patch inputs with their
-//! validation, and the allowlist rules (IP, origin, model) the proxy applies.
+//! validation, and the allowlist rules (IP, origin, model) the proxy applies;
+//! the key material (`material`) and the per-request access decision
+//! (`access`) beside them.
+
+pub mod access;
+pub mod material;
 
 use std::net::IpAddr;
 
@@ -7,8 +12,9 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
 
+pub use material::{KeyId, KeyParseError, PresentedKey, SecretHash, display_prefix};
+
 use super::{format_timestamp, parse_timestamp};
-use crate::keys::{KeyId, SecretHash};
 
 const MAX_NAME: usize = 200;
 const MAX_DESCRIPTION: usize = 2000;
@@ -504,7 +510,7 @@ fn shorten(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::PresentedKey;
+    use crate::domain::key::PresentedKey;
 
     fn record() -> ApiKeyRecord {
         let key = PresentedKey::generate();

@@ -6,10 +6,10 @@ use std::net::IpAddr;
 
 use http::{HeaderMap, header};
 
-use crate::domain::access::{RequestFacts, check_access};
 use crate::domain::key::ApiKeyRecord;
+use crate::domain::key::PresentedKey;
+use crate::domain::key::access::{RequestFacts, check_access};
 use crate::error::ApiError;
-use crate::keys::PresentedKey;
 use crate::store::Store;
 
 /// The key a client presented: `x-api-key` or `Authorization: Bearer`

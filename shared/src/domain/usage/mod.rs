@@ -120,7 +120,7 @@ struct ErrorBody {
 
 /// What has been learned from an answer so far.
 #[derive(Debug, Default, Clone)]
-pub struct UsageState {
+pub struct AnswerUsage {
     pub usage: TokenUsage,
     pub model: Option<String>,
     pub saw_message_start: bool,
@@ -138,7 +138,7 @@ pub struct UsageState {
 /// by proportion instead).
 const MAX_DELTA_BYTES: usize = 4 * 1024 * 1024;
 
-impl UsageState {
+impl AnswerUsage {
     /// Usage is exact when the answer reported both input (message_start or
     /// a JSON body) and final output.
     pub fn is_complete(&self) -> bool {
@@ -204,10 +204,10 @@ impl UsageState {
 
 /// Reads `text/event-stream` bytes in whatever chunks they arrive (split
 /// mid-line, mid-UTF-8, CRLF or LF) and feeds complete events to a
-/// [`UsageState`]. Only lines are buffered, never the whole stream.
+/// [`AnswerUsage`]. Only lines are buffered, never the whole stream.
 #[derive(Debug, Default)]
 pub struct SseUsageParser {
-    state: UsageState,
+    state: AnswerUsage,
     line: Vec<u8>,
     event_name: Vec<u8>,
     data: Vec<u8>,
@@ -300,23 +300,23 @@ impl SseUsageParser {
         self.has_data = false;
     }
 
-    pub fn state(&self) -> &UsageState {
+    pub fn state(&self) -> &AnswerUsage {
         &self.state
     }
 
-    pub fn into_state(self) -> UsageState {
+    pub fn into_state(self) -> AnswerUsage {
         self.state
     }
 }
 
 /// Usage from a non-streamed answer's JSON body.
-pub fn usage_from_json(body: &[u8]) -> Option<UsageState> {
+pub fn usage_from_json(body: &[u8]) -> Option<AnswerUsage> {
     let message: MessageWithUsage = serde_json::from_slice(body).ok()?;
-    let mut state = UsageState {
+    let mut state = AnswerUsage {
         model: message.model,
         saw_message_start: true,
         saw_usage_delta: true,
-        ..UsageState::default()
+        ..AnswerUsage::default()
     };
     message.usage.apply_to(&mut state.usage);
     Some(state)
@@ -359,7 +359,7 @@ pub fn request_text(body: &[u8]) -> String {
 /// Fills in what a cut answer did not report: input from the request when
 /// `message_start` never came, output from the deltas seen when the final
 /// `message_delta` never came. Returns whether anything was estimated.
-pub fn complete_with_estimate(state: &mut UsageState, request_body: &[u8]) -> bool {
+pub fn complete_with_estimate(state: &mut AnswerUsage, request_body: &[u8]) -> bool {
     if state.is_complete() {
         return false;
     }
@@ -487,7 +487,7 @@ mod tests {
     #[test]
     fn request_text_is_estimated_when_nothing_arrived() {
         let body = br#"{"model":"m","system":"You are terse.","messages":[{"role":"user","content":[{"type":"text","text":"say hello to the whole world please"}]}]}"#;
-        let mut state = UsageState::default();
+        let mut state = AnswerUsage::default();
         assert!(complete_with_estimate(&mut state, body));
         assert!(
             state.usage.input_tokens >= 8,

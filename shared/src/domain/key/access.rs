@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use time::OffsetDateTime;
 
-use super::key::ApiKeyRecord;
+use super::ApiKeyRecord;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
