@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::domain::route::PassThrough;
 use crate::secrets::{SecretValues, Secrets};
 
 #[derive(Debug, thiserror::Error)]
@@ -160,3 +161,105 @@ impl AdminConfig {
 }
 
 const ADMIN_ALLOWED_CIDRS: &str = "ADMIN_ALLOWED_CIDRS";
+
+/// What the proxy function needs beyond the common part.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Lambda refuses request payloads over 6 MB; refusing them here gives
+    /// the client Anthropic's 413 instead of an opaque gateway error.
+    pub max_request_bytes: usize,
+    pub key_cache_ttl: Duration,
+    /// With no upstream headers after this long, a streamed answer is
+    /// committed as 200 and kept alive with SSE comments.
+    pub keepalive_after: Duration,
+    pub keepalive_interval: Duration,
+    /// How long to keep reading upstream for usage after the client left.
+    pub disconnect_drain: Duration,
+    /// Settle retries while the host waits for them (the client's answer
+    /// held open, or the Lambda invocation kept alive by the extension)…
+    pub settle_inline: Duration,
+    /// …and after, in the background, before giving up to the log.
+    pub settle_background: Duration,
+    pub log_retention: Duration,
+    /// Path prefixes an admin opened for unmetered pass-through.
+    pub pass_through: PassThrough,
+}
+
+impl ProxyConfig {
+    pub fn from_env() -> Result<ProxyConfig, ConfigError> {
+        let secs = |name, default| number(name, default).map(Duration::from_secs);
+        let millis = |name, default| number(name, default).map(Duration::from_millis);
+        Ok(ProxyConfig {
+            max_request_bytes: number("MAX_REQUEST_BYTES", 6 * 1024 * 1024)?,
+            key_cache_ttl: millis("KEY_CACHE_TTL_MS", 10_000)?,
+            keepalive_after: millis("STREAM_KEEPALIVE_AFTER_MS", 10_000)?,
+            keepalive_interval: millis("STREAM_KEEPALIVE_INTERVAL_MS", 10_000)?,
+            disconnect_drain: secs("DISCONNECT_DRAIN_SECONDS", 600)?,
+            settle_inline: millis("SETTLE_INLINE_MS", 3_000)?,
+            settle_background: secs("SETTLE_BACKGROUND_SECONDS", 300)?,
+            log_retention: Duration::from_secs(number("LOG_RETENTION_DAYS", 30u64)? * 86_400),
+            pass_through: PassThrough::parse(
+                &std::env::var("PASSTHROUGH_PATH_PREFIXES").unwrap_or_default(),
+            )
+            .map_err(|reason| ConfigError {
+                var: "PASSTHROUGH_PATH_PREFIXES",
+                reason,
+            })?,
+        })
+    }
+}
+
+/// Where and how the proxy reaches the Anthropic API.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `https://api.anthropic.com`, without a trailing slash.
+    pub base_url: String,
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// No retry starts after this much time since the first attempt.
+    pub retry_budget: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub connect_timeout: Duration,
+    /// Longest wait for the response headers of one attempt.
+    pub header_timeout: Duration,
+    /// Longest silence between two body chunks.
+    pub idle_timeout: Duration,
+}
+
+impl UpstreamConfig {
+    pub fn from_env() -> Result<UpstreamConfig, ConfigError> {
+        let base_url = std::env::var("UPSTREAM_BASE_URL")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| "https://api.anthropic.com".into());
+        let parsed: http::Uri = base_url.parse().map_err(|_| ConfigError {
+            var: "UPSTREAM_BASE_URL",
+            reason: format!("`{base_url}` is not a URL"),
+        })?;
+        if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
+            return Err(ConfigError {
+                var: "UPSTREAM_BASE_URL",
+                reason: "must be an http(s) URL with a host".into(),
+            });
+        }
+        let max_attempts = number("UPSTREAM_MAX_ATTEMPTS", 3u32)?;
+        if !(1..=10).contains(&max_attempts) {
+            return Err(ConfigError {
+                var: "UPSTREAM_MAX_ATTEMPTS",
+                reason: "must be between 1 and 10".into(),
+            });
+        }
+        let millis = |name, default| number(name, default).map(Duration::from_millis);
+        Ok(UpstreamConfig {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            max_attempts,
+            retry_budget: millis("UPSTREAM_RETRY_BUDGET_MS", 60_000)?,
+            backoff_base: millis("UPSTREAM_BACKOFF_BASE_MS", 500)?,
+            backoff_max: millis("UPSTREAM_BACKOFF_MAX_MS", 8_000)?,
+            connect_timeout: millis("UPSTREAM_CONNECT_TIMEOUT_MS", 10_000)?,
+            header_timeout: millis("UPSTREAM_HEADER_TIMEOUT_MS", 600_000)?,
+            idle_timeout: millis("UPSTREAM_IDLE_TIMEOUT_MS", 300_000)?,
+        })
+    }
+}

@@ -10,63 +10,9 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use rand::Rng;
 
-use crate::config::{ConfigError, number};
+pub use crate::config::UpstreamConfig;
 use crate::domain::route::CanonicalPath;
 use crate::secrets::{Secrets, SecretsError};
-
-#[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    /// `https://api.anthropic.com`, without a trailing slash.
-    pub base_url: String,
-    /// Attempts in all, the first included.
-    pub max_attempts: u32,
-    /// No retry starts after this much time since the first attempt.
-    pub retry_budget: Duration,
-    pub backoff_base: Duration,
-    pub backoff_max: Duration,
-    pub connect_timeout: Duration,
-    /// Longest wait for the response headers of one attempt.
-    pub header_timeout: Duration,
-    /// Longest silence between two body chunks.
-    pub idle_timeout: Duration,
-}
-
-impl UpstreamConfig {
-    pub fn from_env() -> Result<UpstreamConfig, ConfigError> {
-        let base_url = std::env::var("UPSTREAM_BASE_URL")
-            .ok()
-            .filter(|v| !v.trim().is_empty())
-            .unwrap_or_else(|| "https://api.anthropic.com".into());
-        let parsed: http::Uri = base_url.parse().map_err(|_| ConfigError {
-            var: "UPSTREAM_BASE_URL",
-            reason: format!("`{base_url}` is not a URL"),
-        })?;
-        if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
-            return Err(ConfigError {
-                var: "UPSTREAM_BASE_URL",
-                reason: "must be an http(s) URL with a host".into(),
-            });
-        }
-        let max_attempts = number("UPSTREAM_MAX_ATTEMPTS", 3u32)?;
-        if !(1..=10).contains(&max_attempts) {
-            return Err(ConfigError {
-                var: "UPSTREAM_MAX_ATTEMPTS",
-                reason: "must be between 1 and 10".into(),
-            });
-        }
-        let millis = |name, default| number(name, default).map(Duration::from_millis);
-        Ok(UpstreamConfig {
-            base_url: base_url.trim_end_matches('/').to_owned(),
-            max_attempts,
-            retry_budget: millis("UPSTREAM_RETRY_BUDGET_MS", 60_000)?,
-            backoff_base: millis("UPSTREAM_BACKOFF_BASE_MS", 500)?,
-            backoff_max: millis("UPSTREAM_BACKOFF_MAX_MS", 8_000)?,
-            connect_timeout: millis("UPSTREAM_CONNECT_TIMEOUT_MS", 10_000)?,
-            header_timeout: millis("UPSTREAM_HEADER_TIMEOUT_MS", 600_000)?,
-            idle_timeout: millis("UPSTREAM_IDLE_TIMEOUT_MS", 300_000)?,
-        })
-    }
-}
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross a proxy.
 const HOP_BY_HOP: &[&str] = &[

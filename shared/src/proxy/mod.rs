@@ -23,13 +23,11 @@ use bytes::Bytes;
 use http::{Method, StatusCode, header};
 
 use self::body::MessagesFields;
-use crate::config::{ConfigError, number};
+pub use crate::config::ProxyConfig;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::{Refusal, RequestFacts, check_access, model_name_problem};
 use crate::domain::key::{KeyId, PresentedKey};
-use crate::domain::route::{
-    CanonicalPath, PassThrough, Route, RouteRefusal, Treatment, is_id_segment, route,
-};
+use crate::domain::route::{CanonicalPath, Route, RouteRefusal, Treatment, is_id_segment, route};
 use crate::domain::tier::Tier;
 use crate::domain::{self};
 use crate::error::ApiError;
@@ -40,52 +38,6 @@ use crate::store::Store;
 use crate::store::proxy::AdmissionError;
 use crate::ttl_cache::TtlCache;
 use crate::upstream::{ForwardRequest, Upstream, upstream_request_headers};
-
-#[derive(Debug, Clone)]
-pub struct ProxyConfig {
-    /// Lambda refuses request payloads over 6 MB; refusing them here gives
-    /// the client Anthropic's 413 instead of an opaque gateway error.
-    pub max_request_bytes: usize,
-    pub key_cache_ttl: Duration,
-    /// With no upstream headers after this long, a streamed answer is
-    /// committed as 200 and kept alive with SSE comments.
-    pub keepalive_after: Duration,
-    pub keepalive_interval: Duration,
-    /// How long to keep reading upstream for usage after the client left.
-    pub disconnect_drain: Duration,
-    /// Settle retries while the host waits for them (the client's answer
-    /// held open, or the Lambda invocation kept alive by the extension)…
-    pub settle_inline: Duration,
-    /// …and after, in the background, before giving up to the log.
-    pub settle_background: Duration,
-    pub log_retention: Duration,
-    /// Path prefixes an admin opened for unmetered pass-through.
-    pub pass_through: PassThrough,
-}
-
-impl ProxyConfig {
-    pub fn from_env() -> Result<ProxyConfig, ConfigError> {
-        let secs = |name, default| number(name, default).map(Duration::from_secs);
-        let millis = |name, default| number(name, default).map(Duration::from_millis);
-        Ok(ProxyConfig {
-            max_request_bytes: number("MAX_REQUEST_BYTES", 6 * 1024 * 1024)?,
-            key_cache_ttl: millis("KEY_CACHE_TTL_MS", 10_000)?,
-            keepalive_after: millis("STREAM_KEEPALIVE_AFTER_MS", 10_000)?,
-            keepalive_interval: millis("STREAM_KEEPALIVE_INTERVAL_MS", 10_000)?,
-            disconnect_drain: secs("DISCONNECT_DRAIN_SECONDS", 600)?,
-            settle_inline: millis("SETTLE_INLINE_MS", 3_000)?,
-            settle_background: secs("SETTLE_BACKGROUND_SECONDS", 300)?,
-            log_retention: Duration::from_secs(number("LOG_RETENTION_DAYS", 30u64)? * 86_400),
-            pass_through: PassThrough::parse(
-                &std::env::var("PASSTHROUGH_PATH_PREFIXES").unwrap_or_default(),
-            )
-            .map_err(|reason| ConfigError {
-                var: "PASSTHROUGH_PATH_PREFIXES",
-                reason,
-            })?,
-        })
-    }
-}
 
 /// When an answer's usage is recorded relative to the answer's end.
 #[derive(Debug, Clone)]
