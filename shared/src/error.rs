@@ -1,5 +1,10 @@
-//! The one error type the relay answers with: it knows its HTTP status and its
-//! Anthropic error type, and renders Anthropic's error envelope.
+//! The one error type the relay answers with. Each variant knows where the
+//! fault lies (the client, the upstream, the relay itself) and whether a
+//! retry can help; one `match` (`ApiError::rendering`) turns that into the
+//! HTTP status, Anthropic's error type, `retry-after`, `x-should-retry` and
+//! the dashboard's rejection reason.
+
+use std::time::Duration;
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode};
@@ -33,143 +38,365 @@ impl ErrorKind {
     }
 }
 
+/// Where the fault lies (pingora's error sources, at this scale).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's request: it must change before it can pass.
+    Downstream,
+    /// The Anthropic API gave no usable answer.
+    Upstream,
+    /// The relay or one of its own dependencies (DynamoDB, Secrets Manager).
+    Internal,
+}
+
+/// What a client should do about the error; SDKs and Claude Code obey
+/// `x-should-retry` over their own status rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// `retry-after: <seconds>`: the same request can pass after that.
+    After(u64),
+    /// `x-should-retry: false`: the same request cannot pass.
+    Never,
+    /// No header: the client's own rules for the status apply.
+    ClientRules,
+}
+
 /// An error the relay itself answers with.
 ///
 /// Client mistakes carry a message that says what was wrong; internal errors
 /// say only "internal error" to the client and keep their cause for the log.
 #[derive(Debug, thiserror::Error)]
-#[error("{status} {}: {message}", kind.as_str())]
-pub struct ApiError {
+pub enum ApiError {
+    /// 400: the request is malformed.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// 415: the body is not in the media type the route reads.
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(String),
+    /// 405: the path exists, the method does not.
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(String),
+    /// 422: well-formed, but its content breaks a rule (a field out of
+    /// range, an unknown tier).
+    #[error("unprocessable: {0}")]
+    Unprocessable(String),
+    /// 401: no valid credentials.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// 403: valid credentials that may not do this.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// 404.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// 413: over the relay's (Lambda's) payload limit.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// 429 that passes after a wait: a tier's window, the login lockout.
+    #[error("rate limited: {message}")]
+    RateLimited { message: String, retry_after: u64 },
+    /// 429 that no wait fixes: a spent quota, a worst case that cannot fit.
+    #[error("quota: {0}")]
+    QuotaExhausted(String),
+    /// 502: the upstream could not be reached.
+    #[error("upstream unreachable")]
+    UpstreamUnreachable,
+    /// 504: the upstream did not answer in time.
+    #[error("upstream timeout after {0:?}")]
+    UpstreamTimeout(Duration),
+    /// 502: the upstream refused the relay's own credentials; only an
+    /// admin can fix that.
+    #[error("upstream rejected the relay's credentials")]
+    UpstreamCredentialsRejected,
+    /// 503: no upstream credentials are configured.
+    #[error("no upstream credentials")]
+    NoUpstreamCredentials,
+    /// 502: the upstream answered, but not usably (cut, unreadable, an
+    /// unexpected status for a relay-side call).
+    #[error("upstream failed: {0}")]
+    UpstreamFailed(String),
+    /// 503: a dependency of the relay is unavailable; retry shortly.
+    #[error("unavailable: {message}")]
+    Unavailable {
+        message: String,
+        #[source]
+        source: anyhow::Error,
+    },
+    /// 500: a bug or an unexpected failure; the client learns nothing of it.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+/// Everything an error's answer is made of, derived in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rendering {
     pub status: StatusCode,
     pub kind: ErrorKind,
-    pub message: String,
-    /// Seconds after which a retry may succeed (`retry-after`).
-    pub retry_after: Option<u64>,
-    /// `x-should-retry`: SDKs and Claude Code obey it over their own status rules.
-    pub should_retry: Option<bool>,
-    #[source]
-    pub source: Option<anyhow::Error>,
+    pub retry: Retry,
+    pub side: Side,
+    /// The `Reason` dimension of the `Rejections` metric.
+    pub reason: &'static str,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: ErrorKind, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            kind,
-            message: message.into(),
-            retry_after: None,
-            should_retry: None,
-            source: None,
-        }
-    }
-
     pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, ErrorKind::InvalidRequest, message)
+        ApiError::BadRequest(message.into())
     }
 
-    /// A well-formed request whose content breaks a rule (a field out of range, an unknown tier).
     pub fn unprocessable(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            ErrorKind::InvalidRequest,
-            message,
-        )
+        ApiError::Unprocessable(message.into())
     }
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, ErrorKind::Authentication, message)
+        ApiError::Unauthenticated(message.into())
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, ErrorKind::Permission, message)
+        ApiError::Forbidden(message.into())
     }
 
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, ErrorKind::NotFound, message)
+        ApiError::NotFound(message.into())
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::RequestTooLarge,
-            message,
-        )
+        ApiError::TooLarge(message.into())
     }
 
     pub fn rate_limited(message: impl Into<String>, retry_after: u64) -> Self {
-        let mut err = Self::new(StatusCode::TOO_MANY_REQUESTS, ErrorKind::RateLimit, message);
-        err.retry_after = Some(retry_after.max(1));
-        err
+        ApiError::RateLimited {
+            message: message.into(),
+            retry_after: retry_after.max(1),
+        }
     }
 
-    /// A dependency of the relay (DynamoDB, Secrets Manager) is unavailable:
-    /// 503 so clients retry, with the cause kept for the log.
     pub fn unavailable(message: impl Into<String>, source: anyhow::Error) -> Self {
-        let mut err = Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::Overloaded,
-            message,
-        );
-        err.retry_after = Some(1);
-        err.source = Some(source);
-        err
+        ApiError::Unavailable {
+            message: message.into(),
+            source,
+        }
     }
 
-    /// A bug or an unexpected failure: the client learns nothing of the cause.
     pub fn internal(source: anyhow::Error) -> Self {
-        let mut err = Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorKind::Api,
-            "internal error",
-        );
-        err.source = Some(source);
-        err
+        ApiError::Internal(source)
     }
 
-    pub fn with_source(mut self, source: anyhow::Error) -> Self {
-        self.source = Some(source);
-        self
+    /// The one mapping from error to answer.
+    pub fn rendering(&self) -> Rendering {
+        use ErrorKind as K;
+        use Side::{Downstream, Internal, Upstream};
+        let (status, kind, retry, side, reason) = match self {
+            ApiError::BadRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                K::InvalidRequest,
+                Retry::ClientRules,
+                Downstream,
+                "invalid_request",
+            ),
+            ApiError::UnsupportedMediaType(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                K::InvalidRequest,
+                Retry::ClientRules,
+                Downstream,
+                "invalid_request",
+            ),
+            ApiError::MethodNotAllowed(_) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                K::InvalidRequest,
+                Retry::ClientRules,
+                Downstream,
+                "invalid_request",
+            ),
+            ApiError::Unprocessable(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                K::InvalidRequest,
+                Retry::ClientRules,
+                Downstream,
+                "invalid_request",
+            ),
+            ApiError::Unauthenticated(_) => (
+                StatusCode::UNAUTHORIZED,
+                K::Authentication,
+                Retry::ClientRules,
+                Downstream,
+                "authentication",
+            ),
+            ApiError::Forbidden(_) => (
+                StatusCode::FORBIDDEN,
+                K::Permission,
+                Retry::ClientRules,
+                Downstream,
+                "permission",
+            ),
+            ApiError::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                K::NotFound,
+                Retry::ClientRules,
+                Downstream,
+                "invalid_request",
+            ),
+            ApiError::TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                K::RequestTooLarge,
+                Retry::ClientRules,
+                Downstream,
+                "too_large",
+            ),
+            ApiError::RateLimited { retry_after, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                K::RateLimit,
+                Retry::After(*retry_after),
+                Downstream,
+                "rate_limit",
+            ),
+            // 429 is what clients expect of a spent budget; with
+            // x-should-retry: false and no retry-after, Claude Code and the
+            // SDKs stop instead of retrying a request that cannot pass.
+            ApiError::QuotaExhausted(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                K::RateLimit,
+                Retry::Never,
+                Downstream,
+                "quota",
+            ),
+            ApiError::UpstreamUnreachable => (
+                StatusCode::BAD_GATEWAY,
+                K::Api,
+                Retry::ClientRules,
+                Upstream,
+                "unavailable",
+            ),
+            ApiError::UpstreamTimeout(_) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                K::Api,
+                Retry::ClientRules,
+                Upstream,
+                "unavailable",
+            ),
+            ApiError::UpstreamCredentialsRejected => (
+                StatusCode::BAD_GATEWAY,
+                K::Api,
+                Retry::Never,
+                Upstream,
+                "unavailable",
+            ),
+            ApiError::NoUpstreamCredentials => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                K::Api,
+                Retry::Never,
+                Upstream,
+                "unavailable",
+            ),
+            ApiError::UpstreamFailed(_) => (
+                StatusCode::BAD_GATEWAY,
+                K::Api,
+                Retry::ClientRules,
+                Upstream,
+                "unavailable",
+            ),
+            ApiError::Unavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                K::Overloaded,
+                Retry::After(1),
+                Internal,
+                "unavailable",
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                K::Api,
+                Retry::ClientRules,
+                Internal,
+                "unavailable",
+            ),
+        };
+        Rendering {
+            status,
+            kind,
+            retry,
+            side,
+            reason,
+        }
     }
 
-    pub fn with_should_retry(mut self, should_retry: bool) -> Self {
-        self.should_retry = Some(should_retry);
-        self
+    pub fn status(&self) -> StatusCode {
+        self.rendering().status
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.rendering().kind
+    }
+
+    /// What the client reads in the envelope.
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::BadRequest(m)
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::MethodNotAllowed(m)
+            | ApiError::Unprocessable(m)
+            | ApiError::Unauthenticated(m)
+            | ApiError::Forbidden(m)
+            | ApiError::NotFound(m)
+            | ApiError::TooLarge(m)
+            | ApiError::QuotaExhausted(m)
+            | ApiError::UpstreamFailed(m)
+            | ApiError::RateLimited { message: m, .. }
+            | ApiError::Unavailable { message: m, .. } => m.clone(),
+            ApiError::UpstreamUnreachable => {
+                "the relay could not reach the Anthropic API; retry shortly".into()
+            }
+            ApiError::UpstreamTimeout(after) => format!(
+                "the Anthropic API did not answer within {} seconds",
+                after.as_secs()
+            ),
+            ApiError::UpstreamCredentialsRejected => "the Anthropic API rejected the relay's upstream key; ask your relay admin to update it".into(),
+            ApiError::NoUpstreamCredentials => {
+                "the relay has no upstream API key configured; ask your relay admin".into()
+            }
+            ApiError::Internal(_) => "internal error".into(),
+        }
     }
 
     /// The JSON envelope Anthropic clients parse.
     pub fn envelope(&self) -> serde_json::Value {
-        json!({"type": "error", "error": {"type": self.kind.as_str(), "message": self.message}})
+        envelope(self.kind(), &self.message())
     }
+
+    /// The cause kept for the log, never shown to the client.
+    fn cause(&self) -> Option<&anyhow::Error> {
+        match self {
+            ApiError::Unavailable { source, .. } | ApiError::Internal(source) => Some(source),
+            _ => None,
+        }
+    }
+}
+
+/// Anthropic's error envelope for `kind` and `message` (also what the relay
+/// puts in an SSE `error` event once a stream has begun).
+pub fn envelope(kind: ErrorKind, message: &str) -> serde_json::Value {
+    json!({"type": "error", "error": {"type": kind.as_str(), "message": message}})
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if let Some(source) = &self.source {
+        let rendering = self.rendering();
+        if let Some(source) = self.cause() {
             // The whole chain goes to the log, never to the client.
-            if self.status.is_server_error() {
-                tracing::error!(
-                    status = self.status.as_u16(),
-                    error = format!("{source:#}"),
-                    "request failed"
-                );
-            } else {
-                tracing::warn!(
-                    status = self.status.as_u16(),
-                    error = format!("{source:#}"),
-                    "request rejected"
-                );
-            }
-        }
-        let mut response = (self.status, axum::Json(self.envelope())).into_response();
-        let headers = response.headers_mut();
-        if let Some(seconds) = self.retry_after {
-            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
-        }
-        if let Some(should_retry) = self.should_retry {
-            headers.insert(
-                "x-should-retry",
-                HeaderValue::from_static(if should_retry { "true" } else { "false" }),
+            tracing::error!(
+                status = rendering.status.as_u16(),
+                error = format!("{source:#}"),
+                "request failed"
             );
+        }
+        let mut response = (rendering.status, axum::Json(self.envelope())).into_response();
+        let headers = response.headers_mut();
+        match rendering.retry {
+            Retry::After(seconds) => {
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            Retry::Never => {
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
+            Retry::ClientRules => {}
         }
         response
     }
@@ -186,30 +413,267 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
+impl From<&crate::upstream::UpstreamError> for ApiError {
+    fn from(err: &crate::upstream::UpstreamError) -> Self {
+        use crate::upstream::UpstreamError as U;
+        match err {
+            U::Unreachable { .. } => ApiError::UpstreamUnreachable,
+            U::Timeout(after) => ApiError::UpstreamTimeout(*after),
+            U::CredentialsRejected => ApiError::UpstreamCredentialsRejected,
+            U::NoCredentials => ApiError::NoUpstreamCredentials,
+            U::Secrets(e) => ApiError::unavailable(
+                "the relay's secret store is unavailable; retry shortly",
+                anyhow::anyhow!("{e}"),
+            ),
+            U::PathMismatch(_) => ApiError::bad_request(
+                "the request path would not reach the upstream as written; send it in canonical form",
+            ),
+        }
+    }
+}
+
+impl From<crate::domain::key::access::Refusal> for ApiError {
+    fn from(refusal: crate::domain::key::access::Refusal) -> Self {
+        ApiError::forbidden(refusal.message())
+    }
+}
+
+impl From<crate::store::proxy::AdmissionError> for ApiError {
+    fn from(err: crate::store::proxy::AdmissionError) -> Self {
+        use crate::store::proxy::AdmissionError as A;
+        match err {
+            A::UnknownKey | A::WrongSecret => crate::http::key_holder::invalid_key(),
+            A::Disabled => crate::domain::key::access::Refusal::Disabled.into(),
+            A::Expired => crate::domain::key::access::Refusal::Expired.into(),
+            A::QuotaExhausted { used, limit } => ApiError::QuotaExhausted(format!(
+                "token quota exhausted for this API key ({used} of {limit} tokens used); ask your relay admin to raise its token_limit"
+            )),
+            A::RateLimited { retry_after } => ApiError::rate_limited(
+                format!(
+                    "rate limit of this API key's tier reached; retry in {retry_after} seconds"
+                ),
+                retry_after,
+            ),
+            A::WorstCaseExceedsQuota { worst, left } => ApiError::QuotaExhausted(format!(
+                "token quota too small for this batch: its worst case is {worst} tokens (input estimate plus max_tokens of every request) and {left} are left; lower max_tokens, split the batch, or ask your relay admin to raise its token_limit"
+            )),
+            A::OverTier {
+                requests,
+                limit,
+                period,
+            } => ApiError::QuotaExhausted(format!(
+                "this batch holds {requests} requests, more than the {limit} per {period} seconds this API key's tier allows; split it"
+            )),
+            A::Store(store) => store.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
+    /// One row per variant: what the client and the dashboard see.
+    fn expected(
+        err: &ApiError,
+    ) -> (
+        u16,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+        &'static str,
+        Side,
+    ) {
+        match err {
+            ApiError::BadRequest(_) => (
+                400,
+                "invalid_request_error",
+                None,
+                None,
+                "invalid_request",
+                Side::Downstream,
+            ),
+            ApiError::UnsupportedMediaType(_) => (
+                415,
+                "invalid_request_error",
+                None,
+                None,
+                "invalid_request",
+                Side::Downstream,
+            ),
+            ApiError::MethodNotAllowed(_) => (
+                405,
+                "invalid_request_error",
+                None,
+                None,
+                "invalid_request",
+                Side::Downstream,
+            ),
+            ApiError::Unprocessable(_) => (
+                422,
+                "invalid_request_error",
+                None,
+                None,
+                "invalid_request",
+                Side::Downstream,
+            ),
+            ApiError::Unauthenticated(_) => (
+                401,
+                "authentication_error",
+                None,
+                None,
+                "authentication",
+                Side::Downstream,
+            ),
+            ApiError::Forbidden(_) => (
+                403,
+                "permission_error",
+                None,
+                None,
+                "permission",
+                Side::Downstream,
+            ),
+            ApiError::NotFound(_) => (
+                404,
+                "not_found_error",
+                None,
+                None,
+                "invalid_request",
+                Side::Downstream,
+            ),
+            ApiError::TooLarge(_) => (
+                413,
+                "request_too_large",
+                None,
+                None,
+                "too_large",
+                Side::Downstream,
+            ),
+            ApiError::RateLimited { .. } => (
+                429,
+                "rate_limit_error",
+                Some("30"),
+                None,
+                "rate_limit",
+                Side::Downstream,
+            ),
+            ApiError::QuotaExhausted(_) => (
+                429,
+                "rate_limit_error",
+                None,
+                Some("false"),
+                "quota",
+                Side::Downstream,
+            ),
+            ApiError::UpstreamUnreachable => {
+                (502, "api_error", None, None, "unavailable", Side::Upstream)
+            }
+            ApiError::UpstreamTimeout(_) => {
+                (504, "api_error", None, None, "unavailable", Side::Upstream)
+            }
+            ApiError::UpstreamCredentialsRejected => (
+                502,
+                "api_error",
+                None,
+                Some("false"),
+                "unavailable",
+                Side::Upstream,
+            ),
+            ApiError::NoUpstreamCredentials => (
+                503,
+                "api_error",
+                None,
+                Some("false"),
+                "unavailable",
+                Side::Upstream,
+            ),
+            ApiError::UpstreamFailed(_) => {
+                (502, "api_error", None, None, "unavailable", Side::Upstream)
+            }
+            ApiError::Unavailable { .. } => (
+                503,
+                "overloaded_error",
+                Some("1"),
+                None,
+                "unavailable",
+                Side::Internal,
+            ),
+            ApiError::Internal(_) => (500, "api_error", None, None, "unavailable", Side::Internal),
+        }
+    }
+
+    fn every_variant() -> Vec<ApiError> {
+        vec![
+            ApiError::bad_request("bad"),
+            ApiError::UnsupportedMediaType("json only".into()),
+            ApiError::MethodNotAllowed("use POST".into()),
+            ApiError::unprocessable("field"),
+            ApiError::unauthorized("who"),
+            ApiError::forbidden("no"),
+            ApiError::not_found("gone"),
+            ApiError::too_large("big"),
+            ApiError::rate_limited("slow down", 30),
+            ApiError::QuotaExhausted("spent".into()),
+            ApiError::UpstreamUnreachable,
+            ApiError::UpstreamTimeout(Duration::from_secs(600)),
+            ApiError::UpstreamCredentialsRejected,
+            ApiError::NoUpstreamCredentials,
+            ApiError::UpstreamFailed("cut".into()),
+            ApiError::unavailable("db down", anyhow::anyhow!("dynamodb xyz")),
+            ApiError::internal(anyhow::anyhow!("table xyz broke")),
+        ]
+    }
+
     #[tokio::test]
-    async fn quota_error_renders_anthropic_envelope_with_retry_headers() {
-        let err = ApiError::rate_limited("quota exhausted", 30).with_should_retry(false);
-        let response = err.into_response();
-        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(response.headers()["retry-after"], "30");
-        assert_eq!(response.headers()["x-should-retry"], "false");
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    async fn every_variant_renders_its_status_type_retry_headers_and_reason() {
+        for err in every_variant() {
+            let (status, kind, retry_after, should_retry, reason, side) = expected(&err);
+            let rendering = err.rendering();
+            assert_eq!(rendering.reason, reason, "{err:?}");
+            assert_eq!(rendering.side, side, "{err:?}");
+            let message = err.message();
+            let label = format!("{err:?}");
+            let response = err.into_response();
+            assert_eq!(response.status().as_u16(), status, "{label}");
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .map(|v| v.to_str().unwrap().to_owned())
+            };
+            assert_eq!(header("retry-after").as_deref(), retry_after, "{label}");
+            assert_eq!(header("x-should-retry").as_deref(), should_retry, "{label}");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                json,
+                json!({"type": "error", "error": {"type": kind, "message": message}}),
+                "{label}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_never_asks_for_a_zero_second_wait() {
         assert_eq!(
-            json,
-            json!({"type":"error","error":{"type":"rate_limit_error","message":"quota exhausted"}})
+            ApiError::rate_limited("now", 0).rendering().retry,
+            Retry::After(1)
         );
     }
 
     #[tokio::test]
-    async fn internal_error_hides_its_cause() {
-        let response = ApiError::internal(anyhow::anyhow!("table xyz broke")).into_response();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        assert!(!String::from_utf8_lossy(&body).contains("xyz"));
+    async fn internal_and_unavailable_errors_hide_their_cause() {
+        for err in [
+            ApiError::internal(anyhow::anyhow!("table xyz broke")),
+            ApiError::unavailable(
+                "the relay's database is unavailable",
+                anyhow::anyhow!("xyz timed out"),
+            ),
+        ] {
+            let response = err.into_response();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(!String::from_utf8_lossy(&body).contains("xyz"));
+        }
     }
 }

@@ -11,6 +11,7 @@ use crate::domain::key::PresentedKey;
 use crate::domain::key::access::{RequestFacts, check_access};
 use crate::error::ApiError;
 use crate::store::Store;
+use time::OffsetDateTime;
 
 /// The key a client presented: `x-api-key` or `Authorization: Bearer`
 /// (Claude Code may send both; if both are relay keys they must agree).
@@ -35,7 +36,7 @@ pub fn presented_key(headers: &HeaderMap) -> Result<PresentedKey, ApiError> {
         .iter()
         .filter_map(|c| PresentedKey::parse(c).ok())
         .collect();
-    match parsed.as_slice() {
+    let key = match parsed.as_slice() {
         [] => {
             let reason = PresentedKey::parse(candidates[0])
                 .err()
@@ -53,34 +54,79 @@ pub fn presented_key(headers: &HeaderMap) -> Result<PresentedKey, ApiError> {
                 ))
             }
         }
-    }
+    }?;
+    // The id only (never the secret): from here on, the request's log
+    // lines say whose request it is.
+    tracing::Span::current().record("key_id", tracing::field::display(key.id()));
+    Ok(key)
 }
 
 pub fn invalid_key() -> ApiError {
     ApiError::unauthorized("invalid API key")
 }
 
-/// The caller's key record, read afresh (consistent), if the presented key
-/// is valid and its status and allowlists admit this caller. Nothing is
-/// counted: this is for routes that are never charged.
+/// Who is calling, as a key's allowlists see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub ip: IpAddr,
+    pub origin: Option<&'a str>,
+}
+
+impl<'a> Caller<'a> {
+    pub fn of(headers: &'a HeaderMap, ip: IpAddr) -> Caller<'a> {
+        Caller {
+            ip,
+            origin: headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+        }
+    }
+}
+
+/// The models a request names, for the model allowlist: `None` for a
+/// request that names none (usage, model list, files), else each model
+/// named (`None` inside: the body names no model where one belongs).
+pub type NamedModels<'m> = Option<&'m [Option<&'m str>]>;
+
+/// Whether `record` admits this caller and each of `models`: status,
+/// expiry, IP, origin and model allowlist (`domain::key::access`).
+pub fn admits(
+    record: &ApiKeyRecord,
+    caller: &Caller<'_>,
+    models: NamedModels<'_>,
+    now: OffsetDateTime,
+) -> Result<(), ApiError> {
+    let facts = |model, names_model| RequestFacts {
+        ip: caller.ip,
+        origin: caller.origin,
+        model,
+        names_model,
+    };
+    match models {
+        None => check_access(record, &facts(None, false), now)?,
+        Some(models) => {
+            for model in models {
+                check_access(record, &facts(*model, true), now)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The one key-holder authentication of the proxy and the usage routes:
+/// the key's record, read afresh (consistent), if `key`'s secret matches
+/// and the record admits this caller and `models`. Nothing is counted.
 pub async fn authenticate(
     store: &Store,
-    headers: &HeaderMap,
-    ip: IpAddr,
+    key: &PresentedKey,
+    caller: &Caller<'_>,
+    models: NamedModels<'_>,
+    now: OffsetDateTime,
 ) -> Result<ApiKeyRecord, ApiError> {
-    let key = presented_key(headers)?;
     let record = store
         .get_key(key.id())
         .await?
         .filter(|r| r.secret_hash.matches(&key.hash()))
         .ok_or_else(invalid_key)?;
-    let facts = RequestFacts {
-        ip,
-        origin: headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
-        model: None,
-        names_model: false,
-    };
-    check_access(&record, &facts, crate::domain::now())?;
+    admits(&record, caller, models, now)?;
     Ok(record)
 }
 
@@ -131,7 +177,7 @@ mod tests {
             vec![("x-api-key", a.as_str()), ("authorization", b.as_str())],
         ] {
             let err = presented_key(&headers(&pairs)).unwrap_err();
-            assert_eq!(err.status, StatusCode::UNAUTHORIZED, "{pairs:?}");
+            assert_eq!(err.status(), StatusCode::UNAUTHORIZED, "{pairs:?}");
         }
     }
 }

@@ -15,8 +15,9 @@ use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, StatusCode, header};
+use http::{HeaderValue, header};
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 
@@ -48,11 +49,15 @@ pub const REQUEST_ID_HEADER: &str = "x-relay-request-id";
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Gives every request an id and every response the `x-relay-request-id` header.
+/// Gives every request an id, a tracing span that carries it (and the key
+/// id once `key_holder::presented_key` knows it) over every log line of the
+/// request, tasks it spawns included, and every response the
+/// `x-relay-request-id` header. Applied once, to each composed app.
 pub async fn request_id(mut request: Request, next: Next) -> Response {
     let id = format!("relay_{}", uuid::Uuid::new_v4().simple());
     request.extensions_mut().insert(RequestId(id.clone()));
-    let mut response = next.run(request).await;
+    let span = tracing::info_span!("request", request_id = %id, key_id = tracing::field::Empty);
+    let mut response = next.run(request).instrument(span).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
@@ -77,10 +82,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             .and_then(|v| v.split(';').next())
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
         if !is_json {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                crate::error::ErrorKind::InvalidRequest,
-                "content-type must be application/json",
+            return Err(ApiError::UnsupportedMediaType(
+                "content-type must be application/json".into(),
             ));
         }
         let body = read_limited(request.into_body(), MAX_JSON_BODY).await?;
@@ -231,11 +234,7 @@ pub async fn not_found() -> ApiError {
 }
 
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        crate::error::ErrorKind::InvalidRequest,
-        "method not allowed on this route",
-    )
+    ApiError::MethodNotAllowed("method not allowed on this route".into())
 }
 
 /// The bearer token of an `Authorization` header, if that is its scheme.

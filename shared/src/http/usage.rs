@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 
-use super::key_holder::authenticate;
+use super::key_holder::{Caller, authenticate, presented_key};
 use super::{ClientIp, NoParams, QueryParams, not_found};
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
@@ -57,7 +57,9 @@ impl FromRequestParts<UsageApiState> for KeyHolder {
         state: &UsageApiState,
     ) -> Result<Self, ApiError> {
         let ClientIp(ip) = ClientIp::from_request_parts(parts, state).await?;
-        authenticate(&state.store, &parts.headers, ip)
+        let key = presented_key(&parts.headers)?;
+        let caller = Caller::of(&parts.headers, ip);
+        authenticate(&state.store, &key, &caller, None, crate::domain::now())
             .await
             .map(KeyHolder)
     }

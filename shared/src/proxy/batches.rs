@@ -18,12 +18,15 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::body::MessagesFields;
-use super::{Call, ProxyState, relay, tier_of};
+use tracing::Instrument;
+
+use super::context::Call;
+use super::{ProxyState, tier_of};
 use crate::domain::key::access::model_name_problem;
 use crate::domain::route::CanonicalPath;
 use crate::domain::usage::{estimate_tokens, request_text, usage_from_json};
 use crate::domain::{self, format_timestamp};
-use crate::error::{ApiError, ErrorKind};
+use crate::error::ApiError;
 use crate::http::{PageParams, page_json, unknown_page_anchor};
 use crate::store::owned::{BatchRecord, BatchTally, OpenBatch, PENDING_STALE, PendingReservation};
 use crate::store::proxy::{Charge, QuotaRule};
@@ -87,7 +90,7 @@ impl Buffered {
 
 /// The relay's answer when the upstream gave none.
 fn no_answer(err: &UpstreamError) -> ApiError {
-    relay::upstream_failure(err)
+    ApiError::from(err)
 }
 
 async fn send_buffered(
@@ -354,7 +357,8 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     };
     let request_id = call.request_id.clone();
     tokio::spawn(
-        async move { forward_creation(&state, &forward, batch, &pending, &request_id).await },
+        async move { forward_creation(&state, &forward, batch, &pending, &request_id).await }
+            .in_current_span(),
     )
     .await
     .map_err(|e| ApiError::internal(e.into()))?
@@ -589,11 +593,9 @@ async fn current_object(state: &ProxyState, batch_id: &str) -> Result<Option<Val
             object
         })),
         StatusCode::NOT_FOUND => Ok(None),
-        status => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorKind::Api,
-            format!("the Anthropic API answered {status} for a batch; retry shortly"),
-        )),
+        status => Err(ApiError::UpstreamFailed(format!(
+            "the Anthropic API answered {status} for a batch; retry shortly"
+        ))),
     }
 }
 
@@ -804,33 +806,20 @@ async fn settle_from_upstream(
         .await
         .map_err(|e| no_answer(&e))?;
     if !response.status.is_success() {
-        return Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorKind::Api,
-            format!(
-                "the Anthropic API answered {} for a batch's results",
-                response.status
-            ),
-        ));
+        return Err(ApiError::UpstreamFailed(format!(
+            "the Anthropic API answered {} for a batch's results",
+            response.status
+        )));
     }
     let mut body = response.body;
     let mut tally = ResultsTally::default();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                ErrorKind::Api,
-                format!("batch results cut: {e}"),
-            )
-        })?;
+        let chunk =
+            chunk.map_err(|e| ApiError::UpstreamFailed(format!("batch results cut: {e}")))?;
         tally.feed(&chunk);
     }
     let tally = tally.finish(batch.request_count).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            ErrorKind::Api,
-            "the batch's results could not be read whole",
-        )
+        ApiError::UpstreamFailed("the batch's results could not be read whole".into())
     })?;
     settle(state, batch, &tally).await?;
     Ok(Collected::Settled)

@@ -10,7 +10,10 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 
 use super::batches::{read_whole, record_owned};
-use super::{Call, relay, too_large};
+use tracing::Instrument;
+
+use super::context::{Call, too_large};
+use super::exchange;
 use crate::domain::{self, format_timestamp};
 use crate::error::ApiError;
 use crate::http::{PageParams, page_json, unknown_page_anchor};
@@ -77,9 +80,11 @@ pub(super) async fn upload(call: Call, body: axum::body::Body) -> Result<Respons
     }
     // Runs to its end even if the client hangs up once its body is sent (a
     // dropped request future would leave an uploaded file unowned).
-    tokio::spawn(async move { send_upload(call, headers, counted, over_limit).await })
-        .await
-        .map_err(|e| ApiError::internal(e.into()))?
+    tokio::spawn(
+        async move { send_upload(call, headers, counted, over_limit).await }.in_current_span(),
+    )
+    .await
+    .map_err(|e| ApiError::internal(e.into()))?
 }
 
 /// Sends an upload and records the new file as the key's before answering.
@@ -105,7 +110,7 @@ async fn send_upload(
     let response = match sent {
         _ if over_limit.load(std::sync::atomic::Ordering::Relaxed) => return Err(too_large(max)),
         Ok(response) => response,
-        Err(err) => return Err(relay::upstream_failure(&err)),
+        Err(err) => return Err(ApiError::from(&err)),
     };
     let status = response.status;
     let upstream_headers = response.headers.clone();
@@ -196,7 +201,7 @@ pub(super) async fn list(call: Call) -> Result<Response, ApiError> {
 pub(super) async fn forward(call: Call, file_id: &str, body: Bytes) -> Result<Response, ApiError> {
     owned(&call, file_id).await?;
     let forward = call.forward(body);
-    Ok(relay::start(call.state, forward, None, false, call.started).await)
+    Ok(exchange::start(call.state, forward, None, false, call.started).await)
 }
 
 /// `DELETE /v1/files/{id}`: forwarded for its owner; the record goes once
@@ -209,7 +214,7 @@ pub(super) async fn delete(call: Call, file_id: &str) -> Result<Response, ApiErr
         .upstream
         .send(&call.forward(Bytes::new()), RetryPolicy::Retryable)
         .await
-        .map_err(|e| relay::upstream_failure(&e))?;
+        .map_err(|e| ApiError::from(&e))?;
     let status = response.status;
     let headers = response.headers.clone();
     let answer = read_whole(response.body, 4 * 1024 * 1024).await;

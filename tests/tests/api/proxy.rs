@@ -978,6 +978,57 @@ async fn keys_and_bodies_never_appear_in_logs_or_responses() {
 }
 
 #[tokio::test]
+async fn every_log_line_of_a_retried_then_cut_request_names_its_request_and_key() {
+    let capture = LogCapture::default();
+    let writer = capture.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("relay_shared=trace"))
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app.new_key().await.unwrap();
+    capture.0.lock().unwrap().clear();
+    app.upstream.push(Behavior::error(529, "overloaded_error"));
+    app.upstream.push(Behavior::Message(MessageSpec {
+        cut_after_events: Some(3),
+        ..MessageSpec::default()
+    }));
+    let response = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .json(&json!({"model": "claude-haiku-5-5", "max_tokens": 5, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    let request_id = response.headers()["x-relay-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let _ = response.bytes().await;
+    app.wait_for_logs(&id, 1).await.unwrap();
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    for expected in ["retrying upstream", "upstream answer cut short"] {
+        assert!(logs.contains(expected), "no `{expected}` line in:\n{logs}");
+    }
+    for line in logs.lines().filter(|line| !line.trim().is_empty()) {
+        assert!(
+            line.contains(&format!("request_id={request_id}")),
+            "a line without the request id: {line}"
+        );
+        assert!(
+            line.contains(&format!("key_id={id}")),
+            "a line without the key id: {line}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn upstream_key_rotated_in_secrets_manager_is_reread_after_a_401() {
     use aws_sdk_secretsmanager::config::{BehaviorVersion, Credentials, Region};
     let endpoint = std::env::var("SECRETSMANAGER_ENDPOINT")

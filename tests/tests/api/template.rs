@@ -37,7 +37,7 @@ const FUNCTIONS: [(&str, &str, &str); 3] = [
 /// Sources that emit the counted-event metrics (`metrics::emit_event`).
 const EVENT_EMITTERS: [&str; 3] = [
     include_str!("../../../shared/src/proxy/mod.rs"),
-    include_str!("../../../shared/src/proxy/relay.rs"),
+    include_str!("../../../shared/src/proxy/finish.rs"),
     include_str!("../../../shared/src/http/admin.rs"),
 ];
 

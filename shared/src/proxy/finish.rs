@@ -1,0 +1,232 @@
+//! The last phase of a metered request: its usage record, built once from
+//! what admission knew (`Metering`) and what the exchange saw (`Outcome`),
+//! then settled: retried while DynamoDB is unavailable, first while the
+//! host waits, then in the background, and as a last resort logged whole
+//! for reconciliation.
+
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use super::context::Call;
+use super::tap::UsageTap;
+use crate::domain::key::KeyId;
+use crate::domain::usage::{AnswerUsage, complete_with_estimate};
+use crate::store::proxy::UsageRecord;
+use crate::store::{Store, StoreError};
+
+/// What is known of a metered request when it is admitted.
+#[derive(Debug, Clone)]
+pub(crate) struct Metering {
+    pub request_id: String,
+    pub key_id: KeyId,
+    pub at: time::OffsetDateTime,
+    /// The model the request named (the answer's own name wins).
+    pub model: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub stream: bool,
+    pub client_ip: String,
+    pub user_agent: Option<String>,
+    pub session_id: Option<String>,
+}
+
+impl Metering {
+    pub(super) fn of(call: &Call, model: Option<String>, stream: bool) -> Metering {
+        Metering {
+            request_id: call.request_id.clone(),
+            key_id: call.key.id().clone(),
+            at: call.at,
+            model,
+            method: call.parts.method.to_string(),
+            path: call.path.to_string(),
+            stream,
+            client_ip: call.ip.to_string(),
+            user_agent: call.header_text("user-agent"),
+            session_id: call.header_text("x-claude-code-session-id"),
+        }
+    }
+}
+
+/// What the exchange saw of the upstream's answer.
+pub(super) enum Outcome {
+    /// The upstream gave no answer; the relay answered `status` itself.
+    NoAnswer { status: u16, error_type: String },
+    /// The upstream answered `status` (after `retries` retries, its headers
+    /// `ttfb` after the start); the tap holds what its body said.
+    Answered {
+        status: http::StatusCode,
+        retries: u32,
+        ttfb: Duration,
+        tap: Box<UsageTap>,
+    },
+}
+
+/// The usage record of a finished exchange. A successful answer is billed
+/// even when cut: what it did not report is estimated from the request
+/// (`request_body`) and marked so; tokenizing is CPU work, so it runs off
+/// the async threads.
+pub(super) async fn usage_record(
+    metering: Metering,
+    outcome: Outcome,
+    request_body: bytes::Bytes,
+    latency: Duration,
+) -> UsageRecord {
+    let (status, retries, ttfb_ms, answer, error_type) = match outcome {
+        Outcome::NoAnswer { status, error_type } => (status, 0, None, None, Some(error_type)),
+        Outcome::Answered {
+            status,
+            retries,
+            ttfb,
+            tap,
+        } => {
+            let (usage, error) = tap.finish();
+            if status.is_success() {
+                let error = usage.stream_error.clone();
+                (
+                    status.as_u16(),
+                    retries,
+                    Some(millis(ttfb)),
+                    Some(usage),
+                    error,
+                )
+            } else {
+                (status.as_u16(), retries, Some(millis(ttfb)), None, error)
+            }
+        }
+    };
+    let (usage, estimated) = match answer {
+        Some(usage) if !usage.is_complete() => estimate(usage, request_body).await,
+        Some(usage) => (usage, false),
+        None => (AnswerUsage::default(), false),
+    };
+    let Metering {
+        request_id,
+        key_id,
+        at,
+        model,
+        method,
+        path,
+        stream,
+        client_ip,
+        user_agent,
+        session_id,
+    } = metering;
+    UsageRecord {
+        request_id,
+        key_id,
+        at,
+        model: usage.model.or(model),
+        method,
+        path,
+        status,
+        stream,
+        usage: usage.usage,
+        estimated,
+        latency_ms: millis(latency),
+        ttfb_ms,
+        retries,
+        client_ip,
+        user_agent,
+        session_id,
+        error_type,
+    }
+}
+
+async fn estimate(mut usage: AnswerUsage, request_body: bytes::Bytes) -> (AnswerUsage, bool) {
+    tokio::task::spawn_blocking(move || {
+        let estimated = complete_with_estimate(&mut usage, &request_body);
+        (usage, estimated)
+    })
+    .await
+    .unwrap_or_default()
+}
+
+pub(super) fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// How long settlement retries, and how long the log keeps the record.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SettlePolicy {
+    pub retention: Duration,
+    /// Retrying while the host waits (bounded)…
+    pub inline: Duration,
+    /// …then in the background, before giving up to the log.
+    pub background: Duration,
+}
+
+/// Records usage, retrying while DynamoDB is unavailable: first while the
+/// host waits (bounded), then in the background (in this request's span);
+/// as a last resort the whole record goes to the error log.
+pub(super) async fn settle(store: &Store, record: UsageRecord, policy: SettlePolicy) {
+    if settle_until(
+        store,
+        &record,
+        policy.retention,
+        Instant::now() + policy.inline,
+    )
+    .await
+    {
+        return;
+    }
+    crate::metrics::emit_event("proxy", "SettleDelayed", "store_unavailable");
+    let store = store.clone();
+    let deadline = Instant::now() + policy.background;
+    tokio::spawn(
+        async move {
+            if !settle_until(&store, &record, policy.retention, deadline).await {
+                crate::metrics::emit_event("proxy", "SettleFailures", "gave_up");
+                log_unsettled(&record);
+            }
+        }
+        .in_current_span(),
+    );
+}
+
+fn log_unsettled(record: &UsageRecord) {
+    tracing::error!(
+        target: "unsettled_usage",
+        request_id = %record.request_id,
+        key_id = %record.key_id,
+        at = %crate::domain::format_timestamp(record.at),
+        model = record.model.as_deref().unwrap_or(""),
+        status = record.status,
+        input_tokens = record.usage.input_tokens,
+        output_tokens = record.usage.output_tokens,
+        cache_creation_input_tokens = record.usage.cache_creation_input_tokens,
+        cache_read_input_tokens = record.usage.cache_read_input_tokens,
+        estimated = record.estimated,
+        "usage could not be recorded; reconcile from this line"
+    );
+}
+
+/// `true` once recorded (or found recorded before).
+async fn settle_until(
+    store: &Store,
+    record: &UsageRecord,
+    retention: Duration,
+    deadline: Instant,
+) -> bool {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match store.settle(record, retention).await {
+            Ok(outcome) => {
+                tracing::debug!(?outcome, "settled");
+                return true;
+            }
+            Err(StoreError::Unavailable(err)) => {
+                if Instant::now() + pause > deadline {
+                    tracing::warn!(error = %format!("{err:#}"), "settle postponed");
+                    return false;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(StoreError::Unexpected(err)) => {
+                tracing::error!(error = %format!("{err:#}"), "settle failed");
+                return false;
+            }
+        }
+    }
+}

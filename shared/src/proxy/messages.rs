@@ -1,0 +1,110 @@
+//! `POST /v1/messages` (metered) and `count_tokens` (free) through the
+//! admission phase: the model is read, bounded and checked against the
+//! allowlist, file references against ownership, and a metered message is
+//! admitted in one conditional write before it is forwarded.
+
+use std::sync::Arc;
+
+use axum::response::Response;
+use bytes::Bytes;
+
+use super::body::{self, MessagesFields};
+use super::context::Call;
+use super::finish::Metering;
+use super::{ProxyState, exchange, tier_of};
+use crate::domain::key::ApiKeyRecord;
+use crate::domain::key::access::model_name_problem;
+use crate::domain::route::{Route, Treatment};
+use crate::error::ApiError;
+
+/// What the admission phase learnt of a message request.
+struct Admitted {
+    streamed: bool,
+    /// How the answer is metered; `None` for a free route.
+    metering: Option<Metering>,
+}
+
+pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, ApiError> {
+    let admitted = admit(&call, route, &body).await?;
+    let forward = call.forward(body);
+    Ok(exchange::start(
+        call.state,
+        forward,
+        admitted.metering,
+        admitted.streamed,
+        call.started,
+    )
+    .await)
+}
+
+/// Phase 2 for messages: the key's rules, then (for a metered route) the
+/// admission write.
+async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiError> {
+    let charged = route.treatment() == Treatment::Metered;
+    // serde would read the fields from an array too, in order.
+    if !body::is_json_object(body) {
+        return Err(ApiError::bad_request("request body must be a JSON object"));
+    }
+    let fields = serde_json::from_slice::<MessagesFields>(body).map_err(|e| {
+        ApiError::bad_request(format!("request body is not a valid JSON object: {e}"))
+    })?;
+    if let Some(problem) = fields.model.as_deref().and_then(model_name_problem) {
+        return Err(ApiError::bad_request(problem));
+    }
+    let record = authorize(call, charged, fields.model.as_deref()).await?;
+    call.check_file_references(body).await?;
+    if charged {
+        admit_write(call, &record).await?;
+    }
+    let streamed = fields.stream.unwrap_or(false);
+    let metering = charged.then(|| Metering::of(call, fields.model, streamed));
+    Ok(Admitted { streamed, metering })
+}
+
+/// The key's record if it admits this caller and model. Charged requests
+/// use the cached record for the rules and let the admission write re-check
+/// what must be current; uncharged ones read the key afresh (they are rare
+/// and write nothing).
+async fn authorize(
+    call: &Call,
+    charged: bool,
+    model: Option<&str>,
+) -> Result<Arc<ApiKeyRecord>, ApiError> {
+    let models = [model];
+    let hash = call.key.hash();
+    let cached = charged
+        .then(|| call.state.0.keys.get(call.key.id()))
+        .flatten()
+        .filter(|r| r.secret_hash.matches(&hash));
+    match cached {
+        Some(record) => {
+            call.check(&record, Some(&models))?;
+            Ok(record)
+        }
+        None => Ok(Arc::new(call.authenticate(Some(&models)).await?)),
+    }
+}
+
+/// The admission write: counts the request in the tier's window and checks
+/// secret, status, expiry and quota against the stored key, atomically.
+async fn admit_write(call: &Call, record: &ApiKeyRecord) -> Result<(), ApiError> {
+    let state: &ProxyState = &call.state;
+    let tier = tier_of(state, &record.rate_limit_tier).await?;
+    let admitted = state
+        .0
+        .store
+        .admit(
+            call.key.id(),
+            &call.key.hash(),
+            tier.requests,
+            tier.period,
+            call.at,
+            record.rate_window.map(|(start, _)| start),
+        )
+        .await?;
+    state
+        .0
+        .keys
+        .insert(call.key.id().clone(), Arc::new(admitted));
+    Ok(())
+}
