@@ -435,7 +435,7 @@ async fn key_usage(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
     QueryParams(NoParams {}): QueryParams<NoParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::usage::SummaryView>, ApiError> {
     let id = key_id(&raw)?;
     super::usage::summary_view(&state.store, &id)
         .await
@@ -447,7 +447,7 @@ async fn key_usage_daily(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
     QueryParams(params): QueryParams<super::usage::DailyParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::usage::DailyView>, ApiError> {
     let id = existing_key(&state, &raw).await?;
     super::usage::daily_view(&state.store, &id, &params)
         .await
@@ -459,7 +459,7 @@ async fn key_usage_logs(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
     QueryParams(params): QueryParams<super::usage::LogParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::usage::LogsView>, ApiError> {
     let id = existing_key(&state, &raw).await?;
     super::usage::logs_view(&state.store, &id, params)
         .await
@@ -471,7 +471,7 @@ async fn key_usage_quota(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
     QueryParams(NoParams {}): QueryParams<NoParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::usage::QuotaView>, ApiError> {
     let id = key_id(&raw)?;
     super::usage::quota_view(&state.store, &id).await.map(Json)
 }
@@ -541,7 +541,7 @@ async fn all_usage(
     _: Admin,
     State(state): State<AdminState>,
     QueryParams(params): QueryParams<super::usage::RangeParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::usage::AllKeysView>, ApiError> {
     super::usage::all_keys_view(&state.store, &params)
         .await
         .map(Json)

@@ -6,8 +6,7 @@ use axum::extract::{FromRequestParts, State};
 use axum::routing::{any, get};
 use axum::{Json, Router};
 use http::request::Parts;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 
 use super::key_holder::{Caller, authenticate, presented_key};
@@ -19,7 +18,7 @@ use crate::domain::{epoch_seconds, format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
 use crate::store::Store;
 use crate::store::proxy::day_of;
-use crate::store::usage::{LogQuery, UsageTotals};
+use crate::store::usage::{LogQuery, LogRow, UsageTotals};
 
 #[derive(Clone)]
 pub struct UsageApiState {
@@ -69,7 +68,7 @@ async fn summary(
     State(state): State<UsageApiState>,
     KeyHolder(key): KeyHolder,
     QueryParams(NoParams {}): QueryParams<NoParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<SummaryView>, ApiError> {
     summary_view(&state.store, &key.id).await.map(Json)
 }
 
@@ -77,7 +76,7 @@ async fn daily(
     State(state): State<UsageApiState>,
     KeyHolder(key): KeyHolder,
     QueryParams(params): QueryParams<DailyParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DailyView>, ApiError> {
     daily_view(&state.store, &key.id, &params).await.map(Json)
 }
 
@@ -85,7 +84,7 @@ async fn logs(
     State(state): State<UsageApiState>,
     KeyHolder(key): KeyHolder,
     QueryParams(params): QueryParams<LogParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<LogsView>, ApiError> {
     logs_view(&state.store, &key.id, params).await.map(Json)
 }
 
@@ -93,21 +92,138 @@ async fn quota(
     State(state): State<UsageApiState>,
     KeyHolder(key): KeyHolder,
     QueryParams(NoParams {}): QueryParams<NoParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<QuotaView>, ApiError> {
     quota_view(&state.store, &key.id).await.map(Json)
 }
 
-fn totals_json(totals: &UsageTotals) -> Value {
-    json!({
-        "requests": totals.requests,
-        "input_tokens": totals.input_tokens,
-        "output_tokens": totals.output_tokens,
-        "cache_creation_input_tokens": totals.cache_creation_input_tokens,
-        "cache_read_input_tokens": totals.cache_read_input_tokens,
-        "tokens": totals.tokens(),
-        "estimated_requests": totals.estimated_requests,
-        "error_requests": totals.error_requests,
-    })
+/// A set of counters as every usage view shows them.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TotalsView {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    /// All four token counts together.
+    pub tokens: u64,
+    pub estimated_requests: u64,
+    pub error_requests: u64,
+}
+
+impl From<&UsageTotals> for TotalsView {
+    fn from(totals: &UsageTotals) -> Self {
+        TotalsView {
+            requests: totals.requests,
+            input_tokens: totals.input_tokens,
+            output_tokens: totals.output_tokens,
+            cache_creation_input_tokens: totals.cache_creation_input_tokens,
+            cache_read_input_tokens: totals.cache_read_input_tokens,
+            tokens: totals.tokens(),
+            estimated_requests: totals.estimated_requests,
+            error_requests: totals.error_requests,
+        }
+    }
+}
+
+/// One model's share of a key's usage.
+#[derive(Debug, Serialize)]
+pub struct ModelTotals {
+    pub model: String,
+    #[serde(flatten)]
+    pub totals: TotalsView,
+}
+
+/// `GET /api/usage`.
+#[derive(Debug, Serialize)]
+pub struct SummaryView {
+    pub key_id: String,
+    pub name: String,
+    #[serde(flatten)]
+    pub totals: TotalsView,
+    pub tokens_used: u64,
+    /// Share of requests whose usage was estimated.
+    pub estimated_share: f64,
+    pub first_used_at: Option<String>,
+    pub last_used_at: Option<String>,
+    /// Most tokens first.
+    pub by_model: Vec<ModelTotals>,
+}
+
+/// One day's row.
+#[derive(Debug, Serialize)]
+pub struct DayTotals {
+    pub date: String,
+    #[serde(flatten)]
+    pub totals: TotalsView,
+}
+
+/// `GET /api/usage/daily`.
+#[derive(Debug, Serialize)]
+pub struct DailyView {
+    pub key_id: String,
+    pub days: i64,
+    pub data: Vec<DayTotals>,
+}
+
+/// `GET /api/usage/logs`.
+#[derive(Debug, Serialize)]
+pub struct LogsView {
+    pub key_id: String,
+    pub data: Vec<LogRow>,
+    pub has_more: bool,
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /api/usage/quota`.
+#[derive(Debug, Serialize)]
+pub struct QuotaView {
+    pub key_id: String,
+    pub is_active: bool,
+    pub expires_at: Option<String>,
+    pub token_limit: Option<u64>,
+    pub tokens_used: u64,
+    pub tokens_reserved: u64,
+    pub remaining: Option<u64>,
+    pub percent_used: Option<f64>,
+    pub rate_limit_tier: TierView,
+    pub rate_window: RateWindowView,
+}
+
+/// The key's tier as the quota view shows it.
+#[derive(Debug, Serialize)]
+pub struct TierView {
+    pub name: String,
+    pub requests: u64,
+    pub period: u64,
+    pub tokens_per_minute: Option<u64>,
+}
+
+/// What is left of the tier's current window.
+#[derive(Debug, Serialize)]
+pub struct RateWindowView {
+    pub requests_used: u64,
+    pub requests_remaining: u64,
+    pub resets_at: Option<String>,
+}
+
+/// One of the keys that used most, in the all-keys view.
+#[derive(Debug, Serialize)]
+pub struct KeyTotals {
+    pub key_id: String,
+    pub name: Option<String>,
+    #[serde(flatten)]
+    pub totals: TotalsView,
+}
+
+/// `GET /admin/usage`.
+#[derive(Debug, Serialize)]
+pub struct AllKeysView {
+    pub from: String,
+    pub to: String,
+    pub active_keys: usize,
+    pub totals: TotalsView,
+    pub top_keys: Vec<KeyTotals>,
+    pub daily: Vec<DayTotals>,
 }
 
 fn no_such_key(id: &KeyId) -> ApiError {
@@ -115,7 +231,7 @@ fn no_such_key(id: &KeyId) -> ApiError {
 }
 
 /// `GET /api/usage`: lifetime totals, the estimated share, and per model.
-pub async fn summary_view(store: &Store, id: &KeyId) -> Result<Value, ApiError> {
+pub async fn summary_view(store: &Store, id: &KeyId) -> Result<SummaryView, ApiError> {
     let (usage, by_model) = tokio::try_join!(store.key_usage(id), store.usage_by_model(id))?;
     let usage = usage.ok_or_else(|| no_such_key(id))?;
     let totals = &usage.totals;
@@ -124,25 +240,24 @@ pub async fn summary_view(store: &Store, id: &KeyId) -> Result<Value, ApiError> 
     } else {
         totals.estimated_requests as f64 / totals.requests as f64
     };
-    let mut models: Vec<Value> = by_model
+    let mut by_model: Vec<ModelTotals> = by_model
         .iter()
-        .map(|(model, totals)| {
-            let mut row = totals_json(totals);
-            row["model"] = json!(model);
-            row
+        .map(|(model, totals)| ModelTotals {
+            model: model.clone(),
+            totals: totals.into(),
         })
         .collect();
-    models.sort_by_key(|row| std::cmp::Reverse(row["tokens"].as_u64().unwrap_or(0)));
-    let mut body = json!({"key_id": id.as_str(), "name": usage.key.name});
-    if let (Value::Object(body), Value::Object(totals)) = (&mut body, totals_json(totals)) {
-        body.extend(totals);
-    }
-    body["tokens_used"] = json!(usage.key.tokens_used);
-    body["estimated_share"] = json!(estimated_share);
-    body["first_used_at"] = json!(usage.first_used_at);
-    body["last_used_at"] = json!(usage.last_used_at);
-    body["by_model"] = Value::Array(models);
-    Ok(body)
+    by_model.sort_by_key(|row| std::cmp::Reverse(row.totals.tokens));
+    Ok(SummaryView {
+        key_id: id.to_string(),
+        name: usage.key.name,
+        totals: totals.into(),
+        tokens_used: usage.key.tokens_used,
+        estimated_share,
+        first_used_at: usage.first_used_at,
+        last_used_at: usage.last_used_at,
+        by_model,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -159,7 +274,7 @@ pub async fn daily_view(
     store: &Store,
     id: &KeyId,
     params: &DailyParams,
-) -> Result<Value, ApiError> {
+) -> Result<DailyView, ApiError> {
     let days = params.days.unwrap_or(30);
     if !(1..=MAX_DAYS).contains(&days) {
         return Err(ApiError::bad_request(format!(
@@ -184,15 +299,20 @@ pub async fn daily_view(
             .find(|(d, _)| *d == day)
             .map(|(_, t)| *t)
             .unwrap_or_default();
-        let mut row = totals_json(&totals);
-        row["date"] = json!(day);
-        rows.push(row);
+        rows.push(DayTotals {
+            date: day,
+            totals: (&totals).into(),
+        });
         date = date.next_day().unwrap_or(Date::MAX);
         if date == Date::MAX {
             break;
         }
     }
-    Ok(json!({"key_id": id.as_str(), "days": days, "data": rows}))
+    Ok(DailyView {
+        key_id: id.to_string(),
+        days,
+        data: rows,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -228,7 +348,7 @@ fn time_bound(name: &str, text: &str, end_of_day: bool) -> Result<String, ApiErr
 }
 
 /// `GET /api/usage/logs`: newest first, cursor pagination.
-pub async fn logs_view(store: &Store, id: &KeyId, params: LogParams) -> Result<Value, ApiError> {
+pub async fn logs_view(store: &Store, id: &KeyId, params: LogParams) -> Result<LogsView, ApiError> {
     let limit = params.limit.unwrap_or(50);
     if !(1..=MAX_LOG_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!(
@@ -270,17 +390,17 @@ pub async fn logs_view(store: &Store, id: &KeyId, params: LogParams) -> Result<V
         .usage_logs(id, &query)
         .await?
         .map_err(|e| ApiError::bad_request(format!("query parameter `cursor`: {e}")))?;
-    Ok(json!({
-        "key_id": id.as_str(),
-        "data": rows,
-        "has_more": next.is_some(),
-        "next_cursor": next,
-    }))
+    Ok(LogsView {
+        key_id: id.to_string(),
+        data: rows,
+        has_more: next.is_some(),
+        next_cursor: next,
+    })
 }
 
 /// `GET /api/usage/quota`: the token budget, the tier and what is left of
 /// its current window, expiry and status.
-pub async fn quota_view(store: &Store, id: &KeyId) -> Result<Value, ApiError> {
+pub async fn quota_view(store: &Store, id: &KeyId) -> Result<QuotaView, ApiError> {
     let key = store.get_key(id).await?.ok_or_else(|| no_such_key(id))?;
     let tier = store.tier_in_force(&key.rate_limit_tier).await?;
     let epoch = epoch_seconds(now());
@@ -301,27 +421,27 @@ pub async fn quota_view(store: &Store, id: &KeyId) -> Result<Value, ApiError> {
             (key.tokens_used as f64 * 100.0 / limit as f64 * 100.0).round() / 100.0
         }
     });
-    Ok(json!({
-        "key_id": id.as_str(),
-        "is_active": key.is_active,
-        "expires_at": key.expires_at.map(format_timestamp),
-        "token_limit": key.token_limit,
-        "tokens_used": key.tokens_used,
-        "tokens_reserved": key.tokens_reserved,
-        "remaining": remaining,
-        "percent_used": percent_used,
-        "rate_limit_tier": {
-            "name": tier.name,
-            "requests": tier.requests,
-            "period": tier.period,
-            "tokens_per_minute": tier.tokens_per_minute,
+    Ok(QuotaView {
+        key_id: id.to_string(),
+        is_active: key.is_active,
+        expires_at: key.expires_at.map(format_timestamp),
+        token_limit: key.token_limit,
+        tokens_used: key.tokens_used,
+        tokens_reserved: key.tokens_reserved,
+        remaining,
+        percent_used,
+        rate_limit_tier: TierView {
+            name: tier.name,
+            requests: tier.requests,
+            period: tier.period,
+            tokens_per_minute: tier.tokens_per_minute,
         },
-        "rate_window": {
-            "requests_used": used_in_window,
-            "requests_remaining": tier.requests.saturating_sub(used_in_window),
-            "resets_at": resets_at,
+        rate_window: RateWindowView {
+            requests_used: used_in_window,
+            requests_remaining: tier.requests.saturating_sub(used_in_window),
+            resets_at,
         },
-    }))
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -344,7 +464,7 @@ fn parse_day(name: &str, text: &str) -> Result<Date, ApiError> {
 /// `GET /admin/usage?from=&to=&top=`: totals over all keys for a range of
 /// days (default the last 30), per day, and the keys that used most. One
 /// index query per day; no scan.
-pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<Value, ApiError> {
+pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<AllKeysView, ApiError> {
     let today = now().date();
     let to = match &params.to {
         Some(text) => parse_day("to", text)?,
@@ -391,9 +511,10 @@ pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<Value,
             per_key.entry(key_id.clone()).or_default().add(row);
         }
         totals.add(&day_totals);
-        let mut row = totals_json(&day_totals);
-        row["date"] = json!(day);
-        daily.push(row);
+        daily.push(DayTotals {
+            date: day.clone(),
+            totals: (&day_totals).into(),
+        });
     }
     let active_keys = per_key.len();
     let mut ranked: Vec<(String, UsageTotals)> = per_key.into_iter().collect();
@@ -404,22 +525,20 @@ pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<Value,
         .filter_map(|(id, _)| KeyId::parse(id))
         .collect();
     let names = store.key_names(&ids).await?;
-    let top_keys: Vec<Value> = ranked
+    let top_keys = ranked
         .iter()
-        .map(|(id, totals)| {
-            let mut row = totals_json(totals);
-            row["key_id"] = json!(id);
-            row["name"] = json!(names.get(id));
-            row
+        .map(|(id, totals)| KeyTotals {
+            key_id: id.clone(),
+            name: names.get(id).cloned(),
+            totals: totals.into(),
         })
         .collect();
-    let mut body = json!({
-        "from": day_of(from.midnight().assume_utc()),
-        "to": day_of(to.midnight().assume_utc()),
-        "active_keys": active_keys,
-    });
-    body["totals"] = totals_json(&totals);
-    body["top_keys"] = Value::Array(top_keys);
-    body["daily"] = Value::Array(daily);
-    Ok(body)
+    Ok(AllKeysView {
+        from: day_of(from.midnight().assume_utc()),
+        to: day_of(to.midnight().assume_utc()),
+        active_keys,
+        totals: (&totals).into(),
+        top_keys,
+        daily,
+    })
 }
