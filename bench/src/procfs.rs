@@ -73,6 +73,37 @@ pub fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
     bail!("{field} not found in {path}")
 }
 
+/// CPU ticks of several processes at one moment.
+pub struct CpuMark(Vec<(u32, u64)>);
+
+impl CpuMark {
+    pub fn take(pids: &[u32]) -> anyhow::Result<CpuMark> {
+        pids.iter()
+            .map(|&pid| Ok((pid, cpu_ticks(pid)?)))
+            .collect::<anyhow::Result<_>>()
+            .map(CpuMark)
+    }
+
+    /// Milliseconds of CPU per request of `pid` since this mark.
+    pub fn per_request(
+        &self,
+        pid: u32,
+        requests: u64,
+        ticks_per_second: f64,
+    ) -> anyhow::Result<f64> {
+        let before = self
+            .0
+            .iter()
+            .find(|(p, _)| *p == pid)
+            .map(|(_, t)| *t)
+            .context("pid not marked")?;
+        let after = cpu_ticks(pid)?;
+        Ok((after.saturating_sub(before)) as f64 * 1000.0
+            / ticks_per_second
+            / requests.max(1) as f64)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

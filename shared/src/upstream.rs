@@ -416,6 +416,10 @@ impl Upstream {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
     use super::*;
     use proptest::prelude::*;
 
@@ -515,5 +519,524 @@ mod tests {
         ] {
             assert!(CanonicalPath::parse(target).is_err(), "{target}");
         }
+    }
+
+    // ---- Which statuses are retried, and how long to wait ----
+
+    #[test]
+    fn only_429_529_and_the_5xx_that_did_not_process_the_request_are_retryable() {
+        let retryable: Vec<u16> = (100..=599u16)
+            .filter(|&code| is_retryable(StatusCode::from_u16(code).unwrap()))
+            .collect();
+        assert_eq!(retryable, [429, 500, 502, 503, 504, 529]);
+    }
+
+    /// A config with small, distinct backoff figures (base 100 ms, cap 60 s).
+    fn config(base_url: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            base_url: base_url.to_owned(),
+            max_attempts: 3,
+            retry_budget: Duration::from_secs(60),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(5),
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The shortest and longest of many backoff draws for `retry`.
+    fn backoff_range(config: &UpstreamConfig, retry: u32) -> (Duration, Duration) {
+        let draws: Vec<Duration> = (0..400).map(|_| backoff(config, retry)).collect();
+        (*draws.iter().min().unwrap(), *draws.iter().max().unwrap())
+    }
+
+    #[test]
+    fn backoff_is_a_full_jitter_below_a_bound_that_doubles_each_retry() {
+        let config = config("http://127.0.0.1:9");
+        for retry in 0..=4u32 {
+            let bound = Duration::from_millis(100 << retry);
+            let (shortest, longest) = backoff_range(&config, retry);
+            assert!(longest <= bound, "retry {retry}: {longest:?} > {bound:?}");
+            // Full jitter: draws spread over the whole range, not just its
+            // upper half (400 uniform draws miss either half with
+            // probability 2^-400).
+            assert!(shortest < bound / 2, "retry {retry}: shortest {shortest:?}");
+            assert!(longest > bound / 2, "retry {retry}: longest {longest:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_never_exceeds_its_cap_however_many_retries() {
+        let mut config = config("http://127.0.0.1:9");
+        config.backoff_max = Duration::from_secs(1);
+        for retry in [4, 10, 31, 32, 64, u32::MAX] {
+            let (_, longest) = backoff_range(&config, retry);
+            assert!(longest <= config.backoff_max, "retry {retry}: {longest:?}");
+            // Capped, not collapsed: the draws still reach the cap's range.
+            assert!(
+                longest > Duration::from_millis(500),
+                "retry {retry}: {longest:?}"
+            );
+        }
+    }
+
+    fn with_retry_after(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::RETRY_AFTER,
+            HeaderValue::from_str(value).unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn retry_after_in_seconds_whole_or_fractional_sets_the_wait() {
+        for (value, wait) in [
+            ("120", Duration::from_secs(120)),
+            ("0", Duration::ZERO),
+            (" 2 ", Duration::from_secs(2)),
+            ("1.5", Duration::from_millis(1500)),
+        ] {
+            assert_eq!(retry_after(&with_retry_after(value)), Some(wait), "{value}");
+        }
+    }
+
+    #[test]
+    fn retry_after_other_than_non_negative_seconds_falls_back_to_backoff() {
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+        // An HTTP-date is not read: the jittered backoff applies instead.
+        for value in [
+            "-1",
+            "NaN",
+            "inf",
+            "",
+            "soon",
+            "Wed, 21 Oct 2015 07:28:00 GMT",
+        ] {
+            assert_eq!(retry_after(&with_retry_after(value)), None, "{value:?}");
+        }
+    }
+
+    // ---- Headers in each direction ----
+
+    fn header_map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        headers.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    #[test]
+    fn credentials_cookies_framing_and_gateway_headers_are_not_forwarded() {
+        let stripped = [
+            // The client's credentials: the upstream key is set by `send`.
+            ("x-api-key", "sk-proxy-client"),
+            ("authorization", "Bearer client-token"),
+            ("proxy-authorization", "Basic eDp5"),
+            ("cookie", "session=1"),
+            // Framing the HTTP client sets again.
+            ("host", "relay.example"),
+            ("content-length", "12"),
+            // Hop-by-hop (RFC 9110 §7.6.1).
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authenticate", "Basic"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            // What API Gateway and CloudFront add about the caller.
+            ("forwarded", "for=192.0.2.1"),
+            ("via", "2.0 cloudfront"),
+            ("x-real-ip", "192.0.2.1"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-port", "443"),
+            ("x-amzn-trace-id", "Root=1-abc"),
+            ("x-amz-cf-id", "abc=="),
+            ("cloudfront-viewer-country", "FR"),
+        ];
+        let kept = [
+            ("anthropic-version", "2023-06-01"),
+            ("anthropic-beta", "claude-code-20250219"),
+            ("content-type", "application/json"),
+            ("user-agent", "claude-cli/2.1.330 (external, sdk-cli)"),
+            ("x-stainless-retry-count", "0"),
+            ("x-claude-code-session-id", "6e94c738"),
+            ("x-app", "cli"),
+        ];
+        let mut client = Vec::new();
+        for (stripped, kept) in stripped.iter().zip(kept.iter().cycle()) {
+            client.push(*stripped);
+            client.push(*kept);
+        }
+        let forwarded = upstream_request_headers(&header_map(&client));
+        for (name, _) in stripped {
+            assert!(!forwarded.contains_key(name), "{name} was forwarded");
+        }
+        for (name, value) in kept {
+            assert_eq!(forwarded.get(name).unwrap(), value, "{name}");
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_keep_their_order_and_every_value() {
+        let client = header_map(&[
+            ("anthropic-version", "2023-06-01"),
+            ("anthropic-beta", "a"),
+            ("x-api-key", "sk-proxy-client"),
+            ("content-type", "application/json"),
+            ("anthropic-beta", "b"),
+        ]);
+        let forwarded = upstream_request_headers(&client);
+        let betas: Vec<_> = forwarded.get_all("anthropic-beta").iter().collect();
+        assert_eq!(betas, ["a", "b"]);
+        assert_eq!(
+            names(&forwarded),
+            [
+                "anthropic-version",
+                "anthropic-beta",
+                "anthropic-beta",
+                "content-type",
+                "accept-encoding"
+            ]
+        );
+    }
+
+    #[test]
+    fn accept_encoding_is_narrowed_to_what_the_relay_can_decode() {
+        for (client, sent) in [
+            (vec![], "identity"),
+            (vec!["gzip, deflate, br, zstd"], "gzip, deflate"),
+            (vec!["br, zstd"], "identity"),
+            (vec!["gzip;q=1.0, identity;q=0.5, *;q=0"], "gzip"),
+            (vec!["br", "deflate"], "deflate"),
+            (vec!["identity"], "identity"),
+        ] {
+            let pairs: Vec<(&str, &str)> = client.iter().map(|v| ("accept-encoding", *v)).collect();
+            let forwarded = upstream_request_headers(&header_map(&pairs));
+            let values: Vec<_> = forwarded.get_all("accept-encoding").iter().collect();
+            assert_eq!(values, [sent], "{client:?}");
+        }
+    }
+
+    #[test]
+    fn upstream_identity_rate_limits_cookies_and_framing_are_not_passed_back() {
+        let stripped = [
+            ("anthropic-organization-id", "org-uuid"),
+            ("anthropic-ratelimit-requests-remaining", "49"),
+            ("anthropic-ratelimit-tokens-reset", "2025-01-01T00:00:00Z"),
+            ("anthropic-ratelimit-input-tokens-limit", "400000"),
+            ("set-cookie", "__cf_bm=x"),
+            ("cf-ray", "8f00-SJC"),
+            ("server", "cloudflare"),
+            ("content-length", "123"),
+            ("connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("trailer", "x-checksum"),
+            ("upgrade", "h2c"),
+        ];
+        // What the client library reads: the request id, when and whether to
+        // retry, and the body's type and encoding (forwarded as received).
+        let kept = [
+            ("request-id", "req_011"),
+            ("retry-after", "30"),
+            ("x-should-retry", "true"),
+            ("content-type", "text/event-stream"),
+            ("content-encoding", "gzip"),
+            ("anthropic-beta", "claude-code-20250219"),
+        ];
+        let upstream: Vec<(&str, &str)> = stripped.iter().chain(kept.iter()).copied().collect();
+        let passed = client_response_headers(&header_map(&upstream));
+        for (name, _) in stripped {
+            assert!(!passed.contains_key(name), "{name} was passed back");
+        }
+        let expected: Vec<&str> = kept.iter().map(|(name, _)| *name).collect();
+        assert_eq!(names(&passed), expected);
+        for (name, value) in kept {
+            assert_eq!(passed.get(name).unwrap(), value, "{name}");
+        }
+    }
+
+    // ---- `send` against a scripted upstream on 127.0.0.1 ----
+
+    /// One scripted answer: status and `retry-after`, if any.
+    type Answer = (u16, Option<&'static str>);
+
+    /// One request as the scripted upstream received it.
+    struct Seen {
+        at: Instant,
+        api_key: Option<HeaderValue>,
+    }
+
+    /// An upstream that gives its scripted answers in order (200 once they
+    /// run out) and records when each request came and with which key.
+    #[derive(Clone, Default)]
+    struct Scripted {
+        answers: Arc<Mutex<VecDeque<Answer>>>,
+        seen: Arc<Mutex<Vec<Seen>>>,
+    }
+
+    impl Scripted {
+        /// Serves `answers`; returns the recorder and the base URL.
+        async fn serve(answers: &[Answer]) -> (Scripted, String) {
+            let scripted = Scripted::default();
+            scripted
+                .answers
+                .lock()
+                .unwrap()
+                .extend(answers.iter().copied());
+            let state = scripted.clone();
+            let app = axum::Router::new().fallback(move |headers: HeaderMap| {
+                let state = state.clone();
+                async move {
+                    state.seen.lock().unwrap().push(Seen {
+                        at: Instant::now(),
+                        api_key: headers.get("x-api-key").cloned(),
+                    });
+                    let (status, retry_after) = state
+                        .answers
+                        .lock()
+                        .unwrap()
+                        .pop_front()
+                        .unwrap_or((200, None));
+                    let mut response = axum::response::Response::new(axum::body::Body::from("{}"));
+                    *response.status_mut() = StatusCode::from_u16(status).unwrap();
+                    if let Some(seconds) = retry_after {
+                        response
+                            .headers_mut()
+                            .insert(http::header::RETRY_AFTER, HeaderValue::from_static(seconds));
+                    }
+                    response
+                }
+            });
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .unwrap();
+            let base = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (scripted, base)
+        }
+
+        fn requests(&self) -> usize {
+            self.seen.lock().unwrap().len()
+        }
+
+        fn arrivals(&self) -> Vec<Instant> {
+            self.seen
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|seen| seen.at)
+                .collect()
+        }
+    }
+
+    const UPSTREAM_KEY: &str = "sk-ant-relay-upstream-key";
+
+    fn upstream(config: UpstreamConfig) -> Upstream {
+        let secrets = Secrets::fixed(crate::secrets::SecretValues {
+            upstream_api_key: Some(UPSTREAM_KEY.to_owned()),
+            ..Default::default()
+        });
+        Upstream::new(config, secrets).unwrap()
+    }
+
+    fn message_request() -> ForwardRequest {
+        ForwardRequest {
+            method: Method::POST,
+            path: CanonicalPath::parse("/v1/messages").unwrap(),
+            query: None,
+            headers: upstream_request_headers(&header_map(&[("x-api-key", "sk-proxy-client")])),
+            body: Bytes::from_static(b"{}"),
+        }
+    }
+
+    /// Sends one message request through a relay upstream configured by
+    /// `adjust`, to an upstream giving `answers`.
+    async fn send_to(
+        answers: &[Answer],
+        policy: RetryPolicy,
+        adjust: impl FnOnce(&mut UpstreamConfig),
+    ) -> (Result<UpstreamResponse, UpstreamError>, Scripted) {
+        let (scripted, base) = Scripted::serve(answers).await;
+        let mut config = config(&base);
+        config.backoff_base = Duration::from_millis(1);
+        adjust(&mut config);
+        let result = upstream(config).send(&message_request(), policy).await;
+        (result, scripted)
+    }
+
+    #[tokio::test]
+    async fn retryable_statuses_are_retried_with_the_upstream_key_until_an_answer_is_final() {
+        let answers = [
+            (429, None),
+            (500, None),
+            (502, None),
+            (503, None),
+            (504, None),
+            (529, None),
+        ];
+        let (result, scripted) =
+            send_to(&answers, RetryPolicy::Retryable, |c| c.max_attempts = 10).await;
+        let response = result.unwrap();
+        assert_eq!((response.status, response.retries), (StatusCode::OK, 6));
+        assert_eq!(scripted.requests(), 7);
+        // Every attempt carries the relay's key, never the client's.
+        for seen in scripted.seen.lock().unwrap().iter() {
+            assert_eq!(seen.api_key.as_ref().unwrap(), UPSTREAM_KEY);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_last_retryable_answer_is_returned_as_is_once_attempts_run_out() {
+        let answers = [(503, None), (529, None), (429, Some("0")), (503, None)];
+        let (result, scripted) = send_to(&answers, RetryPolicy::Retryable, |_| {}).await;
+        let response = result.unwrap();
+        assert_eq!((response.status.as_u16(), response.retries), (429, 2));
+        assert_eq!(response.headers["retry-after"], "0");
+        assert_eq!(scripted.requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn one_attempt_means_no_retry() {
+        let (result, scripted) = send_to(&[(503, None)], RetryPolicy::Retryable, |c| {
+            c.max_attempts = 1
+        })
+        .await;
+        assert_eq!(result.unwrap().status.as_u16(), 503);
+        assert_eq!(scripted.requests(), 1);
+    }
+
+    #[tokio::test]
+    async fn answers_that_are_not_retryable_are_returned_at_once() {
+        for status in [400, 404, 408, 413, 501, 505] {
+            let (result, scripted) =
+                send_to(&[(status, Some("0"))], RetryPolicy::Retryable, |_| {}).await;
+            let response = result.unwrap();
+            assert_eq!((response.status.as_u16(), response.retries), (status, 0));
+            assert_eq!(scripted.requests(), 1, "{status}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unless_processed_retries_only_429_and_529() {
+        for status in [500, 502, 503, 504] {
+            let (result, scripted) =
+                send_to(&[(status, None)], RetryPolicy::UnlessProcessed, |_| {}).await;
+            assert_eq!(result.unwrap().status.as_u16(), status);
+            assert_eq!(scripted.requests(), 1, "{status} was retried");
+        }
+        let (result, scripted) = send_to(
+            &[(429, None), (529, None)],
+            RetryPolicy::UnlessProcessed,
+            |_| {},
+        )
+        .await;
+        let response = result.unwrap();
+        assert_eq!((response.status, response.retries), (StatusCode::OK, 2));
+        assert_eq!(scripted.requests(), 3);
+    }
+
+    #[tokio::test]
+    async fn retry_after_sets_the_wait_before_the_next_attempt() {
+        // The backoff alone would wait at most 1 ms.
+        let (result, scripted) =
+            send_to(&[(529, Some("0.3"))], RetryPolicy::Retryable, |_| {}).await;
+        assert_eq!(result.unwrap().retries, 1);
+        let arrivals = scripted.arrivals();
+        let waited = arrivals[1] - arrivals[0];
+        assert!(waited >= Duration::from_millis(300), "waited {waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_wait_beyond_the_retry_budget_returns_the_answer_instead() {
+        let started = Instant::now();
+        let (result, scripted) = send_to(&[(429, Some("5"))], RetryPolicy::Retryable, |c| {
+            c.retry_budget = Duration::from_secs(2);
+        })
+        .await;
+        let response = result.unwrap();
+        assert_eq!((response.status.as_u16(), response.retries), (429, 0));
+        assert_eq!(response.headers["retry-after"], "5");
+        assert_eq!(scripted.requests(), 1);
+        assert!(started.elapsed() < Duration::from_secs(2), "it waited");
+    }
+
+    #[tokio::test]
+    async fn connect_failures_are_retried_up_to_the_attempts() {
+        // A port nothing listens on: bound, then released.
+        let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut config = config(&format!("http://127.0.0.1:{port}"));
+        config.backoff_base = Duration::from_millis(1);
+        let error = upstream(config)
+            .send(&message_request(), RetryPolicy::UnlessProcessed)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(error, UpstreamError::Unreachable { attempts: 3, .. }),
+            "{error:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_lost_after_the_request_left_is_not_retried() {
+        // Reads the request, then closes without answering: the upstream may
+        // have acted on it.
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut buffer = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut socket, &mut buffer).await;
+                drop(socket);
+            }
+        });
+        let mut config = config(&base);
+        config.backoff_base = Duration::from_millis(1);
+        let error = upstream(config)
+            .send(&message_request(), RetryPolicy::Retryable)
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            matches!(error, UpstreamError::Unreachable { attempts: 1, .. }),
+            "{error:?}"
+        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_401_rereads_the_key_and_tries_once_more() {
+        let (result, scripted) = send_to(&[(401, None)], RetryPolicy::Retryable, |_| {}).await;
+        let response = result.unwrap();
+        assert_eq!((response.status, response.retries), (StatusCode::OK, 1));
+        assert_eq!(scripted.requests(), 2);
+
+        let (result, scripted) =
+            send_to(&[(401, None), (401, None)], RetryPolicy::Retryable, |_| {}).await;
+        assert!(matches!(result, Err(UpstreamError::CredentialsRejected)));
+        assert_eq!(scripted.requests(), 2);
     }
 }
