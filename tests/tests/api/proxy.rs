@@ -1000,8 +1000,10 @@ async fn every_log_line_of_a_retried_then_cut_request_names_its_request_and_key(
         .http
         .post(app.url("/v1/messages"))
         .header("x-api-key", &key)
-        .json(&json!({"model": "claude-haiku-5-5", "max_tokens": 5, "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}))
+        .json(
+            &json!({"model": "claude-haiku-5-5", "max_tokens": 5, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+        )
         .send()
         .await
         .unwrap();
