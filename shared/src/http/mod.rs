@@ -49,7 +49,12 @@ pub const REQUEST_ID_HEADER: &str = "x-relay-request-id";
 pub struct RequestId(pub String);
 
 /// Gives every request an id and every response the `x-relay-request-id` header.
+/// A request that already has an id keeps it, so a router that layers this
+/// itself still answers with the id the whole app gave.
 pub async fn request_id(mut request: Request, next: Next) -> Response {
+    if request.extensions().get::<RequestId>().is_some() {
+        return next.run(request).await;
+    }
     let id = format!("relay_{}", uuid::Uuid::new_v4().simple());
     request.extensions_mut().insert(RequestId(id.clone()));
     let mut response = next.run(request).await;
