@@ -2,7 +2,7 @@
 //! DynamoDB store, secrets, and the axum routers each function serves.
 
 pub mod admin_auth;
-pub mod bootstrap;
+pub mod app;
 pub mod config;
 pub mod domain;
 pub mod error;

@@ -8,28 +8,15 @@ use std::sync::OnceLock;
 
 use serde_json::{Map, Value, json};
 
+use crate::config::MetricsConfig;
 use crate::store::proxy::UsageRecord;
 
 pub const DEFAULT_NAMESPACE: &str = "ClaudeRelay";
 
-struct Settings {
-    enabled: bool,
-    namespace: String,
-}
-
-fn settings() -> &'static Settings {
-    static SETTINGS: OnceLock<Settings> = OnceLock::new();
-    SETTINGS.get_or_init(|| {
-        let mode = std::env::var("METRICS").unwrap_or_default();
-        let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
-        Settings {
-            enabled: mode == "emf" || (in_lambda && mode != "off"),
-            namespace: std::env::var("METRICS_NAMESPACE")
-                .ok()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
-        }
-    })
+/// Read once: whether metrics are on, and their namespace.
+fn settings() -> &'static MetricsConfig {
+    static SETTINGS: OnceLock<MetricsConfig> = OnceLock::new();
+    SETTINGS.get_or_init(MetricsConfig::from_env)
 }
 
 /// One EMF document: `metrics` as (name, unit, value) under each of the

@@ -3,14 +3,17 @@
 
 use tracing_subscriber::EnvFilter;
 
+use crate::config::LogConfig;
+
 pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let in_lambda = std::env::var_os("AWS_LAMBDA_FUNCTION_NAME").is_some();
+    let config = LogConfig::from_env();
+    // A malformed filter logs at `info` rather than not at all.
+    let filter = EnvFilter::try_new(&config.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     // `try_init`: a second call (tests) is harmless.
-    let _ = if in_lambda {
+    let _ = if config.json_lines {
         builder
             .json()
             .with_ansi(false)

@@ -1,4 +1,4 @@
-//! `spawn_app()`: the relay's merged router (admin, health, proxy) served on
+//! `spawn_app()`: the relay's merged app (as relay-local composes it) served on
 //! a free loopback port against its own fresh DynamoDB Local table and its
 //! own fake upstream, so every test starts from nothing and tests run in
 //! parallel.
@@ -12,15 +12,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
-use relay_shared::bootstrap::Services;
-use relay_shared::config::{AdminConfig, CommonConfig};
+use relay_shared::app::App;
+use relay_shared::config::{self, AdminConfig, Env, ProxyConfig, UpstreamConfig};
 use relay_shared::domain::key::KeyId;
-use relay_shared::http;
 use relay_shared::in_flight::InFlight;
-use relay_shared::proxy::{self, ProxyConfig, SettleTiming};
+use relay_shared::proxy::{self, SettleTiming};
 use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::store::Store;
-use relay_shared::upstream::UpstreamConfig;
 use serde_json::{Value, json};
 
 use crate::fake_upstream::FakeUpstream;
@@ -40,7 +38,7 @@ pub fn admin_password_hash() -> anyhow::Result<String> {
 
 /// DynamoDB Local's address, which `make test` exports.
 pub fn dynamodb_endpoint() -> anyhow::Result<String> {
-    std::env::var("DYNAMODB_ENDPOINT").context(
+    Env::process().text(&config::DYNAMODB_ENDPOINT).context(
         "DYNAMODB_ENDPOINT is not set: run the integration tests with `make test`, which starts DynamoDB Local",
     )
 }
@@ -130,22 +128,6 @@ impl Drop for TestApp {
     }
 }
 
-/// What a function's `main` builds from the environment, here on the test's
-/// own table and secrets, so the tests compose routers as the mains do.
-pub fn services_on(store: Store, secrets: Secrets) -> Services {
-    Services {
-        config: CommonConfig {
-            table_name: store.table().to_owned(),
-            dynamodb_endpoint: None,
-            secret_arn: None,
-            secretsmanager_endpoint: None,
-            secret_ttl: Duration::from_secs(300),
-        },
-        store,
-        secrets,
-    }
-}
-
 pub async fn spawn_app() -> anyhow::Result<TestApp> {
     spawn_app_with(AppOptions::default()).await
 }
@@ -173,22 +155,22 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     });
     let mut upstream_config = options.upstream.clone();
     upstream_config.base_url = upstream.base_url();
-    let services = services_on(store.clone(), secrets);
+    // What a function's `main` builds from the environment, here on the
+    // test's own table, secrets and configuration.
+    let relay = App::new(store.clone(), secrets);
     let in_flight = InFlight::new();
-    let proxy_state = services.proxy_state(
+    let proxy_state = relay.proxy_state(
         upstream_config,
         options.proxy.clone(),
         SettleTiming::AfterAnswerEnds(in_flight.clone()),
     )?;
-    let admin_state = services.admin_state(AdminConfig {
+    let admin = AdminConfig {
         admin_username: ADMIN_USER.into(),
         jwt_ttl: Duration::from_secs(3600),
         allowed_networks: AdminConfig::parse_allowed_networks(&options.admin_allowed_cidrs)?,
-    });
-    let mut app = http::admin::routes(admin_state)
-        .merge(http::usage::routes(services.usage_state()))
-        .merge(http::health::routes(services.health_state()))
-        .merge(proxy::router(proxy_state.clone()));
+    };
+    // relay-local's app: every function on one port.
+    let mut app = relay.local_router(admin, proxy_state.clone(), axum::Router::new());
     if options.hold_answers_until_settled {
         app = app.layer(axum::middleware::from_fn_with_state(
             in_flight.clone(),

@@ -8,118 +8,72 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use rand::distr::{Alphanumeric, SampleString};
-use relay_shared::bootstrap::Services;
-use relay_shared::config::{AdminConfig, CommonConfig};
+use relay_shared::app::App;
+use relay_shared::config::{AdminConfig, LocalConfig};
 use relay_shared::in_flight::InFlight;
-use relay_shared::proxy::{self, ProxyConfig, SettleTiming};
+use relay_shared::proxy::{self, SettleTiming};
 use relay_shared::secrets::{SecretValues, Secrets};
-use relay_shared::upstream::UpstreamConfig;
-use relay_shared::{admin_auth, http, telemetry};
+use relay_shared::store::Store;
+use relay_shared::{admin_auth, telemetry};
 
 /// How long to wait for settlements still running (at shutdown, and before
 /// reading the bench stats).
 const SETTLEMENTS_WAIT: Duration = Duration::from_secs(10);
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     telemetry::init();
-    let port: u16 = env("PORT")
-        .map(|p| p.parse().context("PORT must be a port number"))
-        .transpose()?
-        .unwrap_or(8080);
-    if env("DYNAMODB_ENDPOINT").is_none() {
-        anyhow::bail!(
-            "DYNAMODB_ENDPOINT must be set (make local starts DynamoDB Local and sets it)"
-        );
-    }
-    let common = CommonConfig {
-        table_name: env("TABLE_NAME").unwrap_or_else(|| "relay-local".into()),
-        dynamodb_endpoint: env("DYNAMODB_ENDPOINT"),
-        secret_arn: None,
-        secretsmanager_endpoint: None,
-        secret_ttl: Duration::from_secs(300),
-    };
+    let local = LocalConfig::from_env()?;
+    let port = local.port;
     let admin = AdminConfig::from_env()?;
 
     // Locally the secrets are variables; a missing admin password or JWT
     // secret gets a random one so `make local` works with no setup.
-    let password =
-        env("ADMIN_PASSWORD").unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 20));
+    let password = local
+        .admin_password
+        .clone()
+        .unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 20));
     let secrets = Secrets::fixed(SecretValues {
-        upstream_api_key: env("UPSTREAM_API_KEY"),
+        upstream_api_key: local.upstream_api_key.clone(),
         admin_password_hash: Some(admin_auth::hash_in_memory_password(&password)?),
         jwt_secret: Some(
-            env("SECRET_KEY").unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 48)),
+            local
+                .jwt_secret
+                .clone()
+                .unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 48)),
         ),
     });
-    let services = Services::new(common, secrets).await;
-    services
-        .store
+    let store = Store::connect(&local.table_name, Some(&local.dynamodb_endpoint)).await;
+    store
         .ensure_table()
         .await
         .context("creating the table in DynamoDB Local")?;
+    let app = App::new(store, secrets);
 
     // A long-lived process: usage is settled after each answer ends, and
     // shutdown waits for the settlements still running.
     let in_flight = InFlight::new();
-    let proxy_state = services.proxy_state(
-        UpstreamConfig::from_env()?,
-        ProxyConfig::from_env()?,
-        SettleTiming::AfterAnswerEnds(in_flight.clone()),
-    )?;
+    let proxy_state = app.proxy_state_from_env(SettleTiming::AfterAnswerEnds(in_flight.clone()))?;
     // What an EventBridge schedule does in AWS: record the usage of ended
     // batches whose results nobody read.
-    let collect_every = Duration::from_secs(
-        env("BATCH_COLLECT_INTERVAL_SECONDS")
-            .map(|s| {
-                s.parse()
-                    .context("BATCH_COLLECT_INTERVAL_SECONDS must be a number of seconds")
-            })
-            .transpose()?
-            .unwrap_or(300)
-            .max(1),
-    );
     tokio::spawn(proxy::batches::collect_every(
         proxy_state.clone(),
-        collect_every,
+        local.batch_collect_interval,
     ));
-    // The same routers the Lambda functions serve; the proxy's fallback
-    // takes every path the others do not claim, as API Gateway routes them.
-    let mut app = http::admin::routes(services.admin_state(admin.clone()))
-        .merge(http::usage::routes(services.usage_state()))
-        .merge(http::health::routes(services.health_state()))
-        .merge(proxy::router(proxy_state));
     // `make bench` counts DynamoDB calls per request here; off unless asked
-    // for, and never part of the Lambda routers. Settlements run after the
-    // answer, so the count is read once they are done.
-    if env("RELAY_DEBUG_STATS").as_deref() == Some("1") {
-        let store = services.store.clone();
-        let in_flight = in_flight.clone();
-        app = app.merge(axum::Router::new().route(
-            "/__relay/stats",
-            axum::routing::get(move || {
-                let store = store.clone();
-                let in_flight = in_flight.clone();
-                async move {
-                    let _ = tokio::time::timeout(SETTLEMENTS_WAIT, in_flight.idle()).await;
-                    let round_trips = store.round_trips();
-                    (
-                        [(axum::http::header::CONTENT_TYPE, "application/json")],
-                        format!("{{\"dynamodb_round_trips\":{round_trips}}}"),
-                    )
-                }
-            }),
-        ));
-    }
+    // for, and never part of the Lambda routers.
+    let debug_routes = if local.debug_stats {
+        debug_stats_routes(app.store().clone(), in_flight.clone())
+    } else {
+        axum::Router::new()
+    };
+    // The same routers the Lambda functions serve, on one port.
+    let router = app.local_router(admin.clone(), proxy_state, debug_routes);
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .with_context(|| format!("binding 127.0.0.1:{port}"))?;
     let base = format!("http://127.0.0.1:{port}");
-    if env("UPSTREAM_API_KEY").is_none() {
+    if local.upstream_api_key.is_none() {
         tracing::warn!("UPSTREAM_API_KEY is not set: proxied requests will get 503 until it is");
     }
     let banner = format!(
@@ -148,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     });
     axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async {
         let _ = tokio::signal::ctrl_c().await;
@@ -161,4 +115,24 @@ async fn main() -> anyhow::Result<()> {
         tracing::error!("stopped with usage settlements still running");
     }
     Ok(())
+}
+
+/// `GET /__relay/stats`: the DynamoDB round trips so far. Settlements run
+/// after the answer, so the count is read once they are done.
+fn debug_stats_routes(store: Store, in_flight: InFlight) -> axum::Router {
+    axum::Router::new().route(
+        "/__relay/stats",
+        axum::routing::get(move || {
+            let store = store.clone();
+            let in_flight = in_flight.clone();
+            async move {
+                let _ = tokio::time::timeout(SETTLEMENTS_WAIT, in_flight.idle()).await;
+                let round_trips = store.round_trips();
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    format!("{{\"dynamodb_round_trips\":{round_trips}}}"),
+                )
+            }
+        }),
+    )
 }

@@ -68,11 +68,10 @@ pub fn routes(state: AdminState) -> Router {
         .route("/admin/", axum::routing::any(not_found))
         .route("/admin/{*rest}", axum::routing::any(not_found))
         .method_not_allowed_fallback(method_not_allowed)
-        // Layers run bottom-up: every response gets its request id, then
-        // the address check refuses callers outside ADMIN_ALLOWED_CIDRS
-        // before any route, extractor or store call sees the request.
+        // The address check refuses callers outside ADMIN_ALLOWED_CIDRS
+        // before any route, extractor or store call sees the request (the
+        // request id is the composed app's outer layer, `app::App`).
         .layer(guard)
-        .layer(axum::middleware::from_fn(super::request_id))
         .with_state(state)
 }
 

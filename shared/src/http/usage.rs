@@ -40,7 +40,6 @@ pub fn routes(state: UsageApiState) -> Router {
         .route("/api/usage/", any(not_found))
         .route("/api/usage/{*rest}", any(not_found))
         .method_not_allowed_fallback(super::method_not_allowed)
-        .layer(axum::middleware::from_fn(super::request_id))
         .with_state(state)
 }
 

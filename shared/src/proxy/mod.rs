@@ -34,7 +34,7 @@ use crate::domain::key::{ApiKeyRecord, KeyId};
 use crate::domain::route::Route;
 use crate::domain::tier::Tier;
 use crate::error::ApiError;
-use crate::http::{ClientIp, request_id};
+use crate::http::ClientIp;
 use crate::in_flight::InFlight;
 use crate::store::Store;
 use crate::ttl_cache::TtlCache;
@@ -86,12 +86,12 @@ impl ProxyState {
 }
 
 /// The proxy's routes: every request goes through the route table
-/// (`relay_request`), except the batch collector's scheduled call.
+/// (`relay_request`), except the batch collector's scheduled call. The
+/// request-id layer is the composition root's (`app.rs`).
 pub fn router(state: ProxyState) -> Router {
     Router::new()
         .route(batches::COLLECT_PATH, any(batches::scheduled_collect))
         .fallback(relay_request)
-        .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
 

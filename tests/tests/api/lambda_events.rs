@@ -1,8 +1,8 @@
 //! The sample API Gateway REST (v1) events in events/ through the Lambda
 //! adapter, as the deployed functions receive them: `lambda_http` parses the
 //! event, `relay_shared::lambda::into_router_request` turns it into the
-//! router's request, and each function's real router (composed as in
-//! functions/*/src/main.rs) answers against DynamoDB Local and the fake
+//! router's request, and each function's real router (composed by
+//! `relay_shared::app::App`, as in functions/*/src/main.rs) answers against DynamoDB Local and the fake
 //! upstream. Checked: the client address is the event's
 //! `requestContext.identity.sourceIp` (not 127.0.0.1, not a client-supplied
 //! X-Forwarded-For), the stage never reaches the routers, and the answers.
@@ -15,15 +15,16 @@ use axum::Router;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use http_body_util::BodyExt;
+use relay_shared::app::App;
 use relay_shared::config::AdminConfig;
 use relay_shared::domain::key::KeyId;
-use relay_shared::http::{self, ClientIp};
-use relay_shared::proxy::{self, SettleTiming};
+use relay_shared::http::ClientIp;
+use relay_shared::proxy::SettleTiming;
 use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::store::Store;
 use relay_tests::app::{
     ADMIN_PASSWORD, ADMIN_USER, AppOptions, admin_password_hash, dynamodb_client,
-    dynamodb_endpoint, key_items, services_on, text,
+    dynamodb_endpoint, key_items, text,
 };
 use relay_tests::fake_upstream::FakeUpstream;
 use relay_tests::sse::parse_sse;
@@ -101,8 +102,8 @@ fn with_key(key: &str) -> impl FnOnce(&mut Value) {
     move |event| set_header(event, "x-api-key", &key)
 }
 
-/// The three functions' routers, composed as their main.rs composes them,
-/// on a fresh table and a fresh fake upstream.
+/// The three functions' routers, composed by `App` as their main.rs has it
+/// compose them, on a fresh table and a fresh fake upstream.
 struct Functions {
     admin: Router,
     usage: Router,
@@ -125,15 +126,14 @@ impl Functions {
         let options = AppOptions::default();
         let mut upstream_config = options.upstream.clone();
         upstream_config.base_url = upstream.base_url();
-        let services = services_on(store.clone(), secrets);
-        let admin = http::admin::router(services.admin_state(AdminConfig {
+        let app = App::new(store.clone(), secrets);
+        let admin = app.admin_router(AdminConfig {
             admin_username: ADMIN_USER.into(),
             jwt_ttl: Duration::from_secs(3600),
             allowed_networks: Vec::new(),
-        }));
-        let usage = http::usage::router(services.usage_state())
-            .merge(http::health::routes(services.health_state()));
-        let proxy_state = services
+        });
+        let usage = app.usage_router();
+        let proxy_state = app
             .proxy_state(
                 upstream_config,
                 options.proxy.clone(),
@@ -141,7 +141,7 @@ impl Functions {
                 SettleTiming::BeforeAnswerEnds,
             )
             .unwrap();
-        let proxy = proxy::router(proxy_state).merge(http::health::routes(services.health_state()));
+        let proxy = app.proxy_router(proxy_state);
         Functions {
             admin,
             usage,
