@@ -1,6 +1,7 @@
 //! Pure business rules: key records and their validation, tiers, allowlists,
 //! usage arithmetic. No I/O and no transport types live here.
 
+pub mod admission;
 pub mod key;
 pub mod route;
 pub mod tier;

@@ -24,6 +24,7 @@ use http::{Method, StatusCode, header};
 
 use self::body::MessagesFields;
 pub use crate::config::ProxyConfig;
+use crate::domain::admission::AdmissionRefusal;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::{Refusal, RequestFacts, check_access, model_name_problem};
 use crate::domain::key::{KeyId, PresentedKey};
@@ -35,7 +36,7 @@ use crate::http::key_holder::{invalid_key, presented_key};
 use crate::http::{ClientIp, RequestId, read_limited, request_id};
 use crate::in_flight::InFlight;
 use crate::store::Store;
-use crate::store::proxy::AdmissionError;
+use crate::store::admission::AdmissionError;
 use crate::ttl_cache::TtlCache;
 use crate::upstream::{ForwardRequest, Upstream, upstream_request_headers};
 
@@ -100,13 +101,13 @@ impl From<Refusal> for ApiError {
     }
 }
 
-impl From<AdmissionError> for ApiError {
-    fn from(err: AdmissionError) -> Self {
+impl From<AdmissionRefusal> for ApiError {
+    fn from(err: AdmissionRefusal) -> Self {
         match err {
-            AdmissionError::UnknownKey | AdmissionError::WrongSecret => invalid_key(),
-            AdmissionError::Disabled => Refusal::Disabled.into(),
-            AdmissionError::Expired => Refusal::Expired.into(),
-            AdmissionError::QuotaExhausted { used, limit } => {
+            AdmissionRefusal::UnknownKey | AdmissionRefusal::WrongSecret => invalid_key(),
+            AdmissionRefusal::Disabled => Refusal::Disabled.into(),
+            AdmissionRefusal::Expired => Refusal::Expired.into(),
+            AdmissionRefusal::QuotaExhausted { used, limit } => {
                 // 429 is what clients expect of a spent budget; without
                 // retry-after and with x-should-retry: false, Claude Code and
                 // the SDKs stop instead of retrying a request that cannot pass.
@@ -120,13 +121,13 @@ impl From<AdmissionError> for ApiError {
                 err.should_retry = Some(false);
                 err
             }
-            AdmissionError::RateLimited { retry_after } => ApiError::rate_limited(
+            AdmissionRefusal::RateLimited { retry_after } => ApiError::rate_limited(
                 format!(
                     "rate limit of this API key's tier reached; retry in {retry_after} seconds"
                 ),
                 retry_after,
             ),
-            AdmissionError::WorstCaseExceedsQuota { worst, left } => ApiError::new(
+            AdmissionRefusal::WorstCaseExceedsQuota { worst, left } => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 crate::ErrorKind::RateLimit,
                 format!(
@@ -134,7 +135,7 @@ impl From<AdmissionError> for ApiError {
                 ),
             )
             .with_should_retry(false),
-            AdmissionError::OverTier {
+            AdmissionRefusal::OverTier {
                 requests,
                 limit,
                 period,
@@ -146,6 +147,14 @@ impl From<AdmissionError> for ApiError {
                 ),
             )
             .with_should_retry(false),
+        }
+    }
+}
+
+impl From<AdmissionError> for ApiError {
+    fn from(err: AdmissionError) -> Self {
+        match err {
+            AdmissionError::Refused(refusal) => refusal.into(),
             AdmissionError::Store(store) => store.into(),
         }
     }

@@ -2,6 +2,7 @@
 //! table holds keys, tiers, rate windows, usage logs and daily aggregates,
 //! told apart by their `pk`/`sk` prefixes.
 
+pub mod admission;
 mod item;
 mod keys;
 mod logins;
@@ -19,6 +20,8 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::{BoxError, SdkError};
+use aws_sdk_dynamodb::types::builders::UpdateBuilder;
+use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 
 pub use keys::KeyPage;
 
@@ -340,4 +343,33 @@ impl Store {
             .map(|_| ())
             .map_err(classify)
     }
+}
+
+/// A short random pause before retrying a write that met a transaction.
+pub(crate) async fn conflict_pause(attempt: u32) {
+    use rand::Rng;
+    let bound = 10u64 << attempt.min(5);
+    let millis = rand::rng().random_range(1..=bound);
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+}
+
+/// A put inside a transaction, with its condition.
+pub(crate) fn transact_put(
+    table: &str,
+    item: item::Item,
+    condition: Option<&str>,
+) -> Result<TransactWriteItem, StoreError> {
+    Ok(TransactWriteItem::builder()
+        .put(
+            Put::builder()
+                .table_name(table)
+                .set_item(Some(item))
+                .set_condition_expression(condition.map(str::to_owned))
+                .build()?,
+        )
+        .build())
+}
+
+pub(crate) fn transact_update(update: UpdateBuilder) -> Result<TransactWriteItem, StoreError> {
+    Ok(TransactWriteItem::builder().update(update.build()?).build())
 }

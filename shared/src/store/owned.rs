@@ -13,15 +13,14 @@ use time::OffsetDateTime;
 
 use super::item::{Item, get_n, get_s, n, opt_s, s};
 use super::keys::key_pk;
-use super::proxy::{
-    Charge, Counters, SettleOutcome, conflict_pause, log_model_partition, log_sort_key,
-    token_columns, transact_put, transact_update,
+use super::proxy::{Counters, SettleOutcome, log_model_partition, log_sort_key, token_columns};
+use super::{
+    GSI1, Store, StoreError, TTL_ATTRIBUTE, classify, conflict_pause, query_all, transact_put,
+    transact_update,
 };
-use super::{GSI1, Store, StoreError, TTL_ATTRIBUTE, classify, query_all};
-use crate::domain::key::{KeyId, SecretHash};
+use crate::domain::key::KeyId;
 use crate::domain::usage::TokenUsage;
 use crate::domain::{epoch_seconds, format_timestamp};
-use crate::store::proxy::AdmissionError;
 
 const QUEUE: &str = "BATCHQUEUE";
 /// Batch records outlive the upstream's 29 days of results by a day.
@@ -195,28 +194,6 @@ pub(crate) fn pending_item(
 }
 
 impl Store {
-    /// Admits a batch of `charge.requests` requests: counted in the tier's
-    /// window and, on a limited key, its worst case reserved against the
-    /// quota in the same transaction that records the reservation as
-    /// pending (a creation that dies before its batch is recorded gives the
-    /// tokens back, through the collector). Returns the tokens reserved.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn admit_batch(
-        &self,
-        id: &KeyId,
-        hash: &SecretHash,
-        charge: Charge,
-        limit: u64,
-        period: u64,
-        now: OffsetDateTime,
-        request_id: &str,
-    ) -> Result<u64, AdmissionError> {
-        let (_, charge) = self
-            .admit_with(id, hash, charge, limit, period, now, None, Some(request_id))
-            .await?;
-        Ok(charge.reserved())
-    }
-
     /// Records a created batch as the key's, and opens it for the collector,
     /// in one transaction that also consumes the creation's pending
     /// reservation. If the collector already gave that reservation back
