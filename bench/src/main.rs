@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use relay_shared::domain::key::PresentedKey;
 use relay_shared::domain::usage::TokenUsage;
+use relay_shared::domain::usage::UsageRecord;
 use relay_shared::store::Store;
-use relay_shared::store::proxy::UsageRecord;
 
 use client::{Client, Endpoint, ms};
 use report::{Figures, Row, Target};

@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod key;
+pub mod login;
 pub mod route;
 pub mod tier;
 pub mod usage;
@@ -23,6 +24,18 @@ pub fn format_timestamp(at: OffsetDateTime) -> String {
         at.minute(),
         at.second(),
         at.millisecond()
+    )
+}
+
+/// The calendar day (`yyyy-mm-dd`, in the moment's own offset: the relay
+/// passes UTC moments) a moment falls on: what daily
+/// aggregates are kept and asked for by.
+pub fn day_of(at: OffsetDateTime) -> String {
+    format!(
+        "{:04}-{:02}-{:02}",
+        at.year(),
+        u8::from(at.month()),
+        at.day()
     )
 }
 
@@ -51,5 +64,11 @@ mod tests {
         let text = format_timestamp(at);
         assert_eq!(text, "2026-03-04T03:06:07.500Z");
         assert_eq!(parse_timestamp(&text).unwrap(), at);
+    }
+
+    #[test]
+    fn a_day_is_its_calendar_date() {
+        let at = parse_timestamp("2026-03-04T23:59:59.999Z").unwrap();
+        assert_eq!(day_of(at), "2026-03-04");
     }
 }

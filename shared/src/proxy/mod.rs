@@ -451,7 +451,7 @@ async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, Ap
     }
 
     let streamed = fields.stream.unwrap_or(false);
-    let settle = charged.then(|| crate::store::proxy::UsageRecord {
+    let settle = charged.then(|| crate::domain::usage::UsageRecord {
         request_id: call.request_id.clone(),
         key_id: call.key.id().clone(),
         at: call.at,

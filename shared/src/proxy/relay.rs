@@ -14,9 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::tap::{UsageTap, error_type};
 use super::{ProxyState, SettleTiming};
+use crate::domain::usage::UsageRecord;
 use crate::domain::usage::complete_with_estimate;
 use crate::error::{ApiError, ErrorKind};
-use crate::store::proxy::UsageRecord;
 use crate::store::{Store, StoreError};
 use crate::upstream::{ForwardRequest, RetryPolicy, UpstreamError, client_response_headers};
 

@@ -5,7 +5,6 @@
 //! batch whose usage is not recorded yet, one `PENDING#<request id>` per
 //! batch creation whose reservation is not yet tied to a batch.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{AttributeValue, Delete, TransactWriteItem, Update};
@@ -13,13 +12,13 @@ use time::OffsetDateTime;
 
 use super::item::{Item, get_n, get_s, n, opt_s, s};
 use super::keys::key_pk;
-use super::proxy::{Counters, SettleOutcome, log_model_partition, log_sort_key, token_columns};
+use super::proxy::{SettleOutcome, log_model_partition, log_sort_key, token_columns};
 use super::{
     GSI1, Store, StoreError, TTL_ATTRIBUTE, classify, conflict_pause, query_all, transact_put,
     transact_update,
 };
 use crate::domain::key::KeyId;
-use crate::domain::usage::TokenUsage;
+use crate::domain::usage::{BatchTally, Counters};
 use crate::domain::{epoch_seconds, format_timestamp};
 
 const QUEUE: &str = "BATCHQUEUE";
@@ -76,30 +75,6 @@ pub struct PendingReservation {
     pub reserved_tokens: u64,
     /// Epoch seconds of the admission.
     pub at: u64,
-}
-
-/// What a batch's results add up to.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchTally {
-    /// Usage and succeeded requests per model.
-    pub by_model: BTreeMap<String, (TokenUsage, u64)>,
-    pub succeeded: u64,
-    pub errored: u64,
-    pub canceled: u64,
-    pub expired: u64,
-    /// Not read from results: the batch's reservation, charged because its
-    /// results could no longer be read.
-    pub estimated: bool,
-}
-
-impl BatchTally {
-    pub fn total(&self) -> TokenUsage {
-        let mut total = TokenUsage::default();
-        for (usage, _) in self.by_model.values() {
-            total += *usage;
-        }
-        total
-    }
 }
 
 /// One page of a key's batches or files, newest first.
@@ -614,18 +589,9 @@ impl Store {
     ) -> Result<Vec<TransactWriteItem>, StoreError> {
         let pk = key_pk(&batch.key_id);
         let at_text = format_timestamp(at);
-        let usage = tally.total();
-        let requests = if tally.estimated {
-            batch.request_count
-        } else {
-            tally.succeeded + tally.errored
-        };
-        let totals = Counters {
-            requests,
-            usage,
-            estimated_requests: if tally.estimated { requests } else { 0 },
-            error_requests: tally.errored,
-        };
+        let totals = tally.counters(batch.request_count);
+        let usage = totals.usage;
+        let requests = totals.requests;
         let request_id = format!("batch_{}", batch.batch_id);
         let single_model = match tally.by_model.keys().collect::<Vec<_>>().as_slice() {
             [model] => Some((*model).clone()),
@@ -700,15 +666,9 @@ impl Store {
         // DynamoDB takes 100 items per transaction: the models past the
         // first 90 share one aggregate.
         let mut models: Vec<(String, Counters)> = Vec::new();
-        for (index, (model, (usage, succeeded))) in tally.by_model.iter().enumerate() {
-            let counters = Counters {
-                requests: *succeeded,
-                usage: *usage,
-                estimated_requests: 0,
-                error_requests: 0,
-            };
+        for (index, (model, counters)) in tally.model_counters().enumerate() {
             if index < 90 {
-                models.push((model.clone(), counters));
+                models.push((model.to_owned(), counters));
             } else if let Some((_, last)) = models.last_mut() {
                 last.requests += counters.requests;
                 last.usage += counters.usage;
@@ -734,15 +694,7 @@ impl Store {
         at: OffsetDateTime,
         retention: Duration,
     ) -> Result<SettleOutcome, StoreError> {
-        let reserved = TokenUsage {
-            input_tokens: batch.reserved_tokens,
-            ..TokenUsage::default()
-        };
-        let tally = BatchTally {
-            by_model: BTreeMap::from([("unknown".to_owned(), (reserved, 0))]),
-            estimated: true,
-            ..BatchTally::default()
-        };
+        let tally = BatchTally::abandoned(batch.reserved_tokens);
         self.settle_batch(batch, &tally, at, retention).await
     }
 

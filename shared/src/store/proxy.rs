@@ -10,32 +10,10 @@ use time::OffsetDateTime;
 use super::item::{Item, n, s};
 use super::keys::key_pk;
 use super::{Store, StoreError, TTL_ATTRIBUTE, conflict_pause, transact_put, transact_update};
-use crate::domain::format_timestamp;
 use crate::domain::key::KeyId;
 use crate::domain::usage::TokenUsage;
-
-/// Everything recorded about one relayed request.
-#[derive(Debug, Clone)]
-pub struct UsageRecord {
-    pub request_id: String,
-    pub key_id: KeyId,
-    pub at: OffsetDateTime,
-    pub model: Option<String>,
-    pub method: String,
-    pub path: String,
-    pub status: u16,
-    pub stream: bool,
-    pub usage: TokenUsage,
-    pub estimated: bool,
-    pub latency_ms: u64,
-    pub ttfb_ms: Option<u64>,
-    pub retries: u32,
-    pub client_ip: String,
-    pub user_agent: Option<String>,
-    pub session_id: Option<String>,
-    /// `error.type` when the answer was an error (HTTP or in-stream).
-    pub error_type: Option<String>,
-}
+use crate::domain::usage::{Counters, UsageRecord};
+use crate::domain::{day_of, format_timestamp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {
@@ -46,43 +24,22 @@ pub enum SettleOutcome {
     RecordedWithoutKey,
 }
 
-/// What one settlement adds to the key's, a day's or a model's counters.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Counters {
-    pub requests: u64,
-    pub usage: TokenUsage,
-    pub estimated_requests: u64,
-    pub error_requests: u64,
+/// The counters kept per key, per day and per model, named alike everywhere.
+fn counter_values(counters: &Counters) -> [(&'static str, u64); 7] {
+    let usage = &counters.usage;
+    [
+        ("requests", counters.requests),
+        ("input_tokens", usage.input_tokens),
+        ("output_tokens", usage.output_tokens),
+        (
+            "cache_creation_input_tokens",
+            usage.cache_creation_input_tokens,
+        ),
+        ("cache_read_input_tokens", usage.cache_read_input_tokens),
+        ("estimated_requests", counters.estimated_requests),
+        ("error_requests", counters.error_requests),
+    ]
 }
-
-impl Counters {
-    fn of(record: &UsageRecord) -> Counters {
-        Counters {
-            requests: 1,
-            usage: record.usage,
-            estimated_requests: u64::from(record.estimated),
-            error_requests: u64::from(record.error_type.is_some() || record.status >= 400),
-        }
-    }
-
-    /// Counters kept per key, per day and per model, named alike everywhere.
-    fn values(&self) -> [(&'static str, u64); 7] {
-        let usage = &self.usage;
-        [
-            ("requests", self.requests),
-            ("input_tokens", usage.input_tokens),
-            ("output_tokens", usage.output_tokens),
-            (
-                "cache_creation_input_tokens",
-                usage.cache_creation_input_tokens,
-            ),
-            ("cache_read_input_tokens", usage.cache_read_input_tokens),
-            ("estimated_requests", self.estimated_requests),
-            ("error_requests", self.error_requests),
-        ]
-    }
-}
-
 /// `ADD requests :requests, …` with its values, plus the extra clauses.
 /// Extra adds may be negative (a reservation given back).
 pub(crate) fn counters_update(
@@ -92,7 +49,7 @@ pub(crate) fn counters_update(
 ) -> (String, Item) {
     let mut values = Item::new();
     let mut adds = Vec::new();
-    for (name, value) in counters.values() {
+    for (name, value) in counter_values(counters) {
         adds.push(format!("{name} :{name}"));
         values.insert(format!(":{name}"), n(value));
     }
@@ -138,15 +95,6 @@ pub fn log_sort_key(at: OffsetDateTime, request_id: &str) -> String {
 
 pub fn log_model_partition(key_id: &KeyId, model: &str) -> String {
     format!("LOG#{key_id}#{model}")
-}
-
-pub fn day_of(at: OffsetDateTime) -> String {
-    format!(
-        "{:04}-{:02}-{:02}",
-        at.year(),
-        u8::from(at.month()),
-        at.day()
-    )
 }
 
 impl Store {

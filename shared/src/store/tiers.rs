@@ -3,7 +3,7 @@
 
 use super::item::{Item, get_n, get_s, n, opt_n, s};
 use super::{Store, StoreError, classify};
-use crate::domain::tier::{Tier, builtin_tiers, default_tier};
+use crate::domain::tier::{Tier, builtin_tiers, named_tier, tier_in_force};
 
 const TIERS_PARTITION: &str = "TIERS";
 
@@ -21,8 +21,8 @@ impl TryFrom<&Item> for Tier {
 }
 
 impl Store {
-    /// A stored tier, or the built-in one of that name.
-    pub async fn get_tier(&self, name: &str) -> Result<Option<Tier>, StoreError> {
+    /// The tier stored under `name`, if any (built-in tiers are not stored).
+    async fn stored_tier(&self, name: &str) -> Result<Option<Tier>, StoreError> {
         let output = self
             .client
             .get_item()
@@ -32,23 +32,22 @@ impl Store {
             .send()
             .await
             .map_err(classify)?;
-        match output.item.as_ref() {
-            Some(item) => Tier::try_from(item).map(Some),
-            None => Ok(builtin_tiers().into_iter().find(|t| t.name == name)),
-        }
+        output.item.as_ref().map(Tier::try_from).transpose()
     }
 
-    /// The tier a key named `name` is held to: the stored or built-in one,
-    /// or the default if it no longer exists (tiers are never deleted, but
-    /// a key could have been written by hand).
+    /// A stored tier, or the built-in one of that name.
+    pub async fn get_tier(&self, name: &str) -> Result<Option<Tier>, StoreError> {
+        Ok(named_tier(name, self.stored_tier(name).await?))
+    }
+
+    /// The tier a key named `name` is held to (`domain::tier::tier_in_force`).
     pub async fn tier_in_force(&self, name: &str) -> Result<Tier, StoreError> {
-        Ok(match self.get_tier(name).await? {
-            Some(tier) => tier,
-            None => {
+        Ok(
+            tier_in_force(name, self.stored_tier(name).await?).unwrap_or_else(|default| {
                 tracing::warn!(tier = name, "key names an unknown tier; using the default");
-                default_tier()
-            }
-        })
+                default
+            }),
+        )
     }
 
     /// Every tier, built-in ones included, sorted by name. Tiers are few (an

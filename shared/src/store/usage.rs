@@ -14,49 +14,19 @@ use super::proxy::log_model_partition;
 use super::{GSI1, Store, StoreError, classify, query_all};
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
+use crate::domain::usage::UsageTotals;
 
-/// Counters settlement adds to the key, day and model items alike.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct UsageTotals {
-    pub requests: u64,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cache_creation_input_tokens: u64,
-    pub cache_read_input_tokens: u64,
-    pub estimated_requests: u64,
-    pub error_requests: u64,
-}
-
-impl UsageTotals {
-    fn from_item(item: &Item) -> Result<UsageTotals, StoreError> {
-        Ok(UsageTotals {
-            requests: get_n(item, "requests")?,
-            input_tokens: get_n(item, "input_tokens")?,
-            output_tokens: get_n(item, "output_tokens")?,
-            cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
-            cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
-            estimated_requests: get_n(item, "estimated_requests")?,
-            error_requests: get_n(item, "error_requests")?,
-        })
-    }
-
-    /// Every billed token: what quotas count.
-    pub fn tokens(&self) -> u64 {
-        self.input_tokens
-            + self.output_tokens
-            + self.cache_creation_input_tokens
-            + self.cache_read_input_tokens
-    }
-
-    pub fn add(&mut self, other: &UsageTotals) {
-        self.requests += other.requests;
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
-        self.cache_read_input_tokens += other.cache_read_input_tokens;
-        self.estimated_requests += other.estimated_requests;
-        self.error_requests += other.error_requests;
-    }
+/// The counters of a key, day or model item.
+fn totals_of(item: &Item) -> Result<UsageTotals, StoreError> {
+    Ok(UsageTotals {
+        requests: get_n(item, "requests")?,
+        input_tokens: get_n(item, "input_tokens")?,
+        output_tokens: get_n(item, "output_tokens")?,
+        cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
+        cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
+        estimated_requests: get_n(item, "estimated_requests")?,
+        error_requests: get_n(item, "error_requests")?,
+    })
 }
 
 /// A key with everything settled against it.
@@ -75,7 +45,7 @@ impl TryFrom<&Item> for KeyUsage {
     fn try_from(item: &Item) -> Result<Self, StoreError> {
         Ok(KeyUsage {
             key: ApiKeyRecord::try_from(item)?,
-            totals: UsageTotals::from_item(item)?,
+            totals: totals_of(item)?,
             first_used_at: opt_s(item, "first_used_at")?.map(str::to_owned),
             last_used_at: opt_s(item, "last_used_at")?.map(str::to_owned),
         })
@@ -234,12 +204,7 @@ impl Store {
             .await?;
         items
             .iter()
-            .map(|item| {
-                Ok((
-                    get_s(item, "model")?.to_owned(),
-                    UsageTotals::from_item(item)?,
-                ))
-            })
+            .map(|item| Ok((get_s(item, "model")?.to_owned(), totals_of(item)?)))
             .collect()
     }
 
@@ -255,12 +220,7 @@ impl Store {
             .await?;
         items
             .iter()
-            .map(|item| {
-                Ok((
-                    get_s(item, "day")?.to_owned(),
-                    UsageTotals::from_item(item)?,
-                ))
-            })
+            .map(|item| Ok((get_s(item, "day")?.to_owned(), totals_of(item)?)))
             .collect()
     }
 
@@ -357,12 +317,7 @@ impl Store {
         self.index_partition(format!("DAY#{day}"))
             .await?
             .iter()
-            .map(|item| {
-                Ok((
-                    get_s(item, "key_id")?.to_owned(),
-                    UsageTotals::from_item(item)?,
-                ))
-            })
+            .map(|item| Ok((get_s(item, "key_id")?.to_owned(), totals_of(item)?)))
             .collect()
     }
 
