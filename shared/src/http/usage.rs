@@ -20,7 +20,7 @@ use crate::domain::usage::UsageTotals;
 use crate::domain::{epoch_seconds, format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
 use crate::store::Store;
-use crate::store::usage::LogQuery;
+use crate::store::usage_log::LogQuery;
 
 #[derive(Clone)]
 pub struct UsageApiState {

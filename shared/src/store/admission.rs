@@ -12,9 +12,8 @@ use aws_sdk_dynamodb::types::{
 use time::OffsetDateTime;
 
 use super::item::{Item, n, s};
-use super::keys::key_pk;
-use super::owned::pending_item;
-use super::{Store, StoreError, classify, conflict_pause, transact_put, transact_update};
+use super::layout::owned::pending_item;
+use super::{Store, StoreError, classify, conflict_pause, layout, transact_put, transact_update};
 use crate::domain::admission::{
     AdmissionRefusal, AdmissionWrite, Charge, KeyState, QuotaRule, RateLimit, WindowStep, decide,
 };
@@ -173,8 +172,7 @@ impl Store {
             let (expression, condition, values) = admission_update(&write, rate, hash, now);
             let update = Update::builder()
                 .table_name(self.table())
-                .key("pk", s(key_pk(id)))
-                .key("sk", s("META"))
+                .set_key(Some(layout::api_key(id).item()))
                 .update_expression(expression)
                 .condition_expression(condition)
                 .set_expression_attribute_values(Some(values))

@@ -9,8 +9,17 @@ use super::StoreError;
 
 pub(crate) type Item = HashMap<String, AttributeValue>;
 
-fn corrupt(name: &str, what: &str) -> StoreError {
-    StoreError::Unexpected(anyhow::anyhow!("stored item: attribute `{name}` {what}"))
+/// A stored attribute the relay cannot read: names the item (its key, when
+/// the item holds it) and the attribute.
+pub(crate) fn corrupt(item: &Item, name: &str, what: &str) -> StoreError {
+    let at = super::layout::ItemKey::of(item)
+        .map_or_else(|| "an item".to_owned(), |key| format!("item {key}"));
+    StoreError::Unexpected(anyhow::anyhow!("stored {at}: attribute `{name}` {what}"))
+}
+
+/// A stored attribute of the right type whose value makes no sense.
+pub(crate) fn invalid(item: &Item, name: &str) -> StoreError {
+    corrupt(item, name, "holds an invalid value")
 }
 
 pub(crate) fn s(value: impl Into<String>) -> AttributeValue {
@@ -28,8 +37,8 @@ pub(crate) fn list(values: &[String]) -> AttributeValue {
 pub(crate) fn get_s<'a>(item: &'a Item, name: &str) -> Result<&'a str, StoreError> {
     match item.get(name) {
         Some(AttributeValue::S(value)) => Ok(value),
-        Some(_) => Err(corrupt(name, "is not a string")),
-        None => Err(corrupt(name, "is missing")),
+        Some(_) => Err(corrupt(item, name, "is not a string")),
+        None => Err(corrupt(item, name, "is missing")),
     }
 }
 
@@ -46,8 +55,8 @@ pub(crate) fn opt_n(item: &Item, name: &str) -> Result<Option<u64>, StoreError> 
         Some(AttributeValue::N(value)) => value
             .parse()
             .map(Some)
-            .map_err(|_| corrupt(name, "is not a non-negative integer")),
-        Some(_) => Err(corrupt(name, "is not a number")),
+            .map_err(|_| corrupt(item, name, "is not a non-negative integer")),
+        Some(_) => Err(corrupt(item, name, "is not a number")),
     }
 }
 
@@ -58,8 +67,8 @@ pub(crate) fn get_n(item: &Item, name: &str) -> Result<u64, StoreError> {
 pub(crate) fn get_bool(item: &Item, name: &str) -> Result<bool, StoreError> {
     match item.get(name) {
         Some(AttributeValue::Bool(value)) => Ok(*value),
-        Some(_) => Err(corrupt(name, "is not a boolean")),
-        None => Err(corrupt(name, "is missing")),
+        Some(_) => Err(corrupt(item, name, "is not a boolean")),
+        None => Err(corrupt(item, name, "is missing")),
     }
 }
 
@@ -70,9 +79,9 @@ pub(crate) fn get_list(item: &Item, name: &str) -> Result<Vec<String>, StoreErro
             .iter()
             .map(|v| match v {
                 AttributeValue::S(text) => Ok(text.clone()),
-                _ => Err(corrupt(name, "holds a non-string entry")),
+                _ => Err(corrupt(item, name, "holds a non-string entry")),
             })
             .collect(),
-        Some(_) => Err(corrupt(name, "is not a list")),
+        Some(_) => Err(corrupt(item, name, "is not a list")),
     }
 }

@@ -1,4 +1,4 @@
-//! Admin password checks per source IP (`LOGINFAIL#<ip>` / `META`), shared
+//! Admin password checks per source IP (one item each, see `layout`), shared
 //! by every Lambda instance so the lockout holds across them and across
 //! concurrent requests.
 //!
@@ -13,8 +13,8 @@ use std::net::IpAddr;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 
-use super::item::{Item, get_n, n, s};
-use super::{Store, StoreError, TTL_ATTRIBUTE, classify};
+use super::item::n;
+use super::{Store, StoreError, TTL_ATTRIBUTE, classify, layout};
 use crate::domain::login::{
     LoginWindow, MAX_LOGIN_FAILURES, SlotStep, locked_for, slot_step, window_cutoff, window_end,
 };
@@ -22,18 +22,6 @@ use crate::domain::login::{
 /// Enough for the races that can happen (a window opened, expired or
 /// cleared by a success between two writes); each turn is one write.
 const SLOT_ATTEMPTS: usize = 4;
-
-fn pk(ip: IpAddr) -> String {
-    format!("LOGINFAIL#{ip}")
-}
-
-/// The window an item holds.
-fn window_of(item: &Item) -> Result<LoginWindow, StoreError> {
-    Ok(LoginWindow {
-        start: get_n(item, "window_start")?,
-        failures: get_n(item, "failures")?,
-    })
-}
 
 impl Store {
     /// Seconds until logins from `ip` are accepted again, if it is locked
@@ -43,13 +31,16 @@ impl Store {
             .client
             .get_item()
             .table_name(self.table())
-            .key("pk", s(pk(ip)))
-            .key("sk", s("META"))
+            .set_key(Some(layout::login(ip).item()))
             .consistent_read(true)
             .send()
             .await
             .map_err(classify)?;
-        let window = output.item.as_ref().map(window_of).transpose()?;
+        let window = output
+            .item
+            .as_ref()
+            .map(LoginWindow::try_from)
+            .transpose()?;
         Ok(locked_for(window, now))
     }
 
@@ -74,8 +65,7 @@ impl Store {
                 .client
                 .update_item()
                 .table_name(self.table())
-                .key("pk", s(pk(ip)))
-                .key("sk", s("META"))
+                .set_key(Some(layout::login(ip).item()))
                 .expression_attribute_values(":one", n(1))
                 .return_values_on_condition_check_failure(
                     ReturnValuesOnConditionCheckFailure::AllOld,
@@ -108,7 +98,7 @@ impl Store {
                 }
                 _ => return Err(classify(err)),
             };
-            step = match slot_step(seen.as_ref().map(window_of).transpose()?, now) {
+            step = match slot_step(seen.as_ref().map(LoginWindow::try_from).transpose()?, now) {
                 Ok(step) => step,
                 Err(wait) => return Ok(Some(wait)),
             };
@@ -123,8 +113,7 @@ impl Store {
         self.client
             .delete_item()
             .table_name(self.table())
-            .key("pk", s(pk(ip)))
-            .key("sk", s("META"))
+            .set_key(Some(layout::login(ip).item()))
             .send()
             .await
             .map_err(classify)?;

@@ -1,16 +1,21 @@
 //! DynamoDB persistence: the only module that sees `AttributeValue`. One
 //! table holds keys, tiers, rate windows, usage logs and daily aggregates,
-//! told apart by their `pk`/`sk` prefixes.
+//! told apart by their `pk`/`sk` prefixes (all of them in `layout`). Modules
+//! are named after what they store: `api_keys`, `tiers`, `logins`, `owned`
+//! (batches, files and the collector's queue), `usage_log` (reading what
+//! settlement wrote); and after the proxy's two writes, `admission` and
+//! `settlement`.
 
 pub mod admission;
+mod api_keys;
 mod item;
-mod keys;
+mod layout;
 mod logins;
 pub mod owned;
-pub mod proxy;
 pub mod schema;
+pub mod settlement;
 mod tiers;
-pub mod usage;
+pub mod usage_log;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +28,7 @@ use aws_sdk_dynamodb::error::{BoxError, SdkError};
 use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 
-pub use keys::KeyPage;
+pub use api_keys::KeyPage;
 
 /// Partition/sort attribute names and the listing index, as in template.yaml.
 pub const GSI1: &str = "gsi1";

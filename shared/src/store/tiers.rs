@@ -1,24 +1,8 @@
-//! Rate-limit tier items (`TIER#<name>` / `META`); built-in tiers apply
+//! Rate-limit tier items (see `layout`); built-in tiers apply
 //! until an admin stores one of the same name.
 
-use super::item::{Item, get_n, get_s, n, opt_n, s};
-use super::{Store, StoreError, classify};
+use super::{Store, StoreError, classify, layout};
 use crate::domain::tier::{Tier, builtin_tiers, named_tier, tier_in_force};
-
-const TIERS_PARTITION: &str = "TIERS";
-
-impl TryFrom<&Item> for Tier {
-    type Error = StoreError;
-
-    fn try_from(item: &Item) -> Result<Self, StoreError> {
-        Ok(Tier {
-            name: get_s(item, "name")?.to_owned(),
-            requests: get_n(item, "requests")?,
-            period: get_n(item, "period")?,
-            tokens_per_minute: opt_n(item, "tokens_per_minute")?,
-        })
-    }
-}
 
 impl Store {
     /// The tier stored under `name`, if any (built-in tiers are not stored).
@@ -27,8 +11,7 @@ impl Store {
             .client
             .get_item()
             .table_name(self.table())
-            .key("pk", s(format!("TIER#{name}")))
-            .key("sk", s("META"))
+            .set_key(Some(layout::tier(name).item()))
             .send()
             .await
             .map_err(classify)?;
@@ -54,7 +37,7 @@ impl Store {
     /// admin creates them by hand).
     pub async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
         let mut tiers = builtin_tiers();
-        for item in self.index_partition(TIERS_PARTITION.to_owned()).await? {
+        for item in self.index_partition(layout::TIERS_INDEX.to_owned()).await? {
             let stored = Tier::try_from(&item)?;
             tiers.retain(|t| t.name != stored.name);
             tiers.push(stored);
@@ -65,18 +48,7 @@ impl Store {
 
     /// Creates or replaces a tier.
     pub async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
-        let mut item = Item::from([
-            ("pk".to_owned(), s(format!("TIER#{}", tier.name))),
-            ("sk".to_owned(), s("META")),
-            ("gsi1pk".to_owned(), s(TIERS_PARTITION)),
-            ("gsi1sk".to_owned(), s(&tier.name)),
-            ("name".to_owned(), s(&tier.name)),
-            ("requests".to_owned(), n(tier.requests)),
-            ("period".to_owned(), n(tier.period)),
-        ]);
-        if let Some(tpm) = tier.tokens_per_minute {
-            item.insert("tokens_per_minute".into(), n(tpm));
-        }
+        let item = layout::tier::tier_item(tier);
         self.client
             .put_item()
             .table_name(self.table())

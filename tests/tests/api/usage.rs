@@ -10,7 +10,7 @@ use relay_shared::domain::format_timestamp;
 use relay_shared::domain::key::{KeyId, PresentedKey};
 use relay_shared::domain::usage::TokenUsage;
 use relay_shared::domain::usage::UsageRecord;
-use relay_shared::store::proxy::SettleOutcome;
+use relay_shared::store::settlement::SettleOutcome;
 use relay_tests::app::{TestApp, spawn_app};
 use relay_tests::fake_upstream::{Behavior, MessageSpec, Usage};
 use reqwest::Method;

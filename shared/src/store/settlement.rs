@@ -4,14 +4,12 @@
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::builders::UpdateBuilder;
-use aws_sdk_dynamodb::types::{AttributeValue, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
 use time::OffsetDateTime;
 
 use super::item::{Item, n, s};
-use super::keys::key_pk;
-use super::{Store, StoreError, TTL_ATTRIBUTE, conflict_pause, transact_put, transact_update};
+use super::{Store, StoreError, conflict_pause, layout, transact_put, transact_update};
 use crate::domain::key::KeyId;
-use crate::domain::usage::TokenUsage;
 use crate::domain::usage::{Counters, UsageRecord};
 use crate::domain::{day_of, format_timestamp};
 
@@ -24,22 +22,6 @@ pub enum SettleOutcome {
     RecordedWithoutKey,
 }
 
-/// The counters kept per key, per day and per model, named alike everywhere.
-fn counter_values(counters: &Counters) -> [(&'static str, u64); 7] {
-    let usage = &counters.usage;
-    [
-        ("requests", counters.requests),
-        ("input_tokens", usage.input_tokens),
-        ("output_tokens", usage.output_tokens),
-        (
-            "cache_creation_input_tokens",
-            usage.cache_creation_input_tokens,
-        ),
-        ("cache_read_input_tokens", usage.cache_read_input_tokens),
-        ("estimated_requests", counters.estimated_requests),
-        ("error_requests", counters.error_requests),
-    ]
-}
 /// `ADD requests :requests, …` with its values, plus the extra clauses.
 /// Extra adds may be negative (a reservation given back).
 pub(crate) fn counters_update(
@@ -49,7 +31,7 @@ pub(crate) fn counters_update(
 ) -> (String, Item) {
     let mut values = Item::new();
     let mut adds = Vec::new();
-    for (name, value) in counter_values(counters) {
+    for (name, value) in layout::usage::counter_values(counters) {
         adds.push(format!("{name} :{name}"));
         values.insert(format!(":{name}"), n(value));
     }
@@ -63,38 +45,6 @@ pub(crate) fn counters_update(
         expression.push_str(set);
     }
     (expression, values)
-}
-
-/// The token columns of a usage-log item.
-pub(crate) fn token_columns(usage: &TokenUsage) -> [(String, AttributeValue); 6] {
-    [
-        ("input_tokens".to_owned(), n(usage.input_tokens)),
-        ("output_tokens".to_owned(), n(usage.output_tokens)),
-        (
-            "cache_creation_input_tokens".to_owned(),
-            n(usage.cache_creation_input_tokens),
-        ),
-        (
-            "cache_read_input_tokens".to_owned(),
-            n(usage.cache_read_input_tokens),
-        ),
-        (
-            "cache_creation_5m_input_tokens".to_owned(),
-            n(usage.cache_creation_5m),
-        ),
-        (
-            "cache_creation_1h_input_tokens".to_owned(),
-            n(usage.cache_creation_1h),
-        ),
-    ]
-}
-
-pub fn log_sort_key(at: OffsetDateTime, request_id: &str) -> String {
-    format!("LOG#{}#{request_id}", format_timestamp(at))
-}
-
-pub fn log_model_partition(key_id: &KeyId, model: &str) -> String {
-    format!("LOG#{key_id}#{model}")
 }
 
 impl Store {
@@ -138,60 +88,9 @@ impl Store {
         retention: Duration,
         with_key: bool,
     ) -> Result<Vec<TransactWriteItem>, StoreError> {
-        let pk = key_pk(&record.key_id);
-        let at = format_timestamp(record.at);
         let usage = &record.usage;
         let expires = crate::domain::epoch_seconds(record.at) + retention.as_secs();
-
-        let mut log = Item::from([
-            ("pk".to_owned(), s(&pk)),
-            (
-                "sk".to_owned(),
-                s(log_sort_key(record.at, &record.request_id)),
-            ),
-            ("request_id".to_owned(), s(&record.request_id)),
-            ("key_id".to_owned(), s(record.key_id.as_str())),
-            ("at".to_owned(), s(&at)),
-            ("method".to_owned(), s(&record.method)),
-            ("path".to_owned(), s(&record.path)),
-            ("status".to_owned(), n(record.status)),
-            ("stream".to_owned(), AttributeValue::Bool(record.stream)),
-            (
-                "estimated".to_owned(),
-                AttributeValue::Bool(record.estimated),
-            ),
-            ("latency_ms".to_owned(), n(record.latency_ms)),
-            ("retries".to_owned(), n(record.retries)),
-            ("client_ip".to_owned(), s(&record.client_ip)),
-            (TTL_ATTRIBUTE.to_owned(), n(expires)),
-        ]);
-        log.extend(token_columns(usage));
-        let optional = [
-            ("model", record.model.as_deref()),
-            ("user_agent", record.user_agent.as_deref()),
-            ("session_id", record.session_id.as_deref()),
-            ("error_type", record.error_type.as_deref()),
-        ];
-        for (name, value) in optional {
-            if let Some(value) = value {
-                log.insert(name.into(), s(value));
-            }
-        }
-        if let Some(ttfb) = record.ttfb_ms {
-            log.insert("ttfb_ms".into(), n(ttfb));
-        }
-        // Indexed by key and model, so a model-filtered log page reads only
-        // what it returns.
-        if let Some(model) = &record.model {
-            log.insert(
-                "gsi1pk".into(),
-                s(log_model_partition(&record.key_id, model)),
-            );
-            log.insert(
-                "gsi1sk".into(),
-                s(log_sort_key(record.at, &record.request_id)),
-            );
-        }
+        let log = layout::usage::request_log_item(record, expires);
         let mut items = vec![transact_put(
             self.table(),
             log,
@@ -202,15 +101,15 @@ impl Store {
         if with_key {
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
             items.push(self.key_counters_update(
-                &pk,
+                &record.key_id,
                 &counters,
                 &[("tokens_used", billed)],
-                &at,
+                record.at,
             )?);
         }
-        items.push(self.day_counters_update(&pk, &record.key_id, &counters, record.at)?);
+        items.push(self.day_counters_update(&record.key_id, &counters, record.at)?);
         let model = record.model.as_deref().unwrap_or("unknown");
-        items.push(self.model_counters_update(&pk, model, &counters, &at)?);
+        items.push(self.model_counters_update(&record.key_id, model, &counters, record.at)?);
         Ok(items)
     }
 
@@ -220,19 +119,19 @@ impl Store {
     /// settlement retries without it.
     pub(crate) fn key_counters_update(
         &self,
-        pk: &str,
+        key_id: &KeyId,
         counters: &Counters,
         extra: &[(&str, i64)],
-        at: &str,
+        at: OffsetDateTime,
     ) -> Result<TransactWriteItem, StoreError> {
         let (expression, mut values) = counters_update(
             counters,
             extra,
             "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
         );
-        values.insert(":at".into(), s(at));
+        values.insert(":at".into(), s(format_timestamp(at)));
         transact_update(
-            self.counters_item_update(pk, "META".into(), expression, values)
+            self.counters_item_update(layout::api_key(key_id), expression, values)
                 .condition_expression("attribute_exists(pk)"),
         )
     }
@@ -240,24 +139,24 @@ impl Store {
     /// The day aggregate's share, also indexed by day for the all-keys view.
     pub(crate) fn day_counters_update(
         &self,
-        pk: &str,
         key_id: &KeyId,
         counters: &Counters,
         at: OffsetDateTime,
     ) -> Result<TransactWriteItem, StoreError> {
         let day = day_of(at);
+        let item = layout::day(key_id, &day);
         let (expression, mut values) = counters_update(
             counters,
             &[],
             "gsi1pk = :gpk, gsi1sk = :gsk, key_id = :kid, #day = :day, first_at = if_not_exists(first_at, :at), last_at = :at",
         );
-        values.insert(":gpk".into(), s(format!("DAY#{day}")));
-        values.insert(":gsk".into(), s(pk));
+        values.insert(":gpk".into(), s(layout::day_index(&day)));
+        values.insert(":gsk".into(), s(&item.pk));
         values.insert(":kid".into(), s(key_id.as_str()));
         values.insert(":day".into(), s(&day));
         values.insert(":at".into(), s(format_timestamp(at)));
         transact_update(
-            self.counters_item_update(pk, format!("DAY#{day}"), expression, values)
+            self.counters_item_update(item, expression, values)
                 .expression_attribute_names("#day", "day"),
         )
     }
@@ -265,10 +164,10 @@ impl Store {
     /// A model aggregate's share.
     pub(crate) fn model_counters_update(
         &self,
-        pk: &str,
+        key_id: &KeyId,
         model: &str,
         counters: &Counters,
-        at: &str,
+        at: OffsetDateTime,
     ) -> Result<TransactWriteItem, StoreError> {
         let (expression, mut values) = counters_update(
             counters,
@@ -276,23 +175,21 @@ impl Store {
             "model = :model, first_at = if_not_exists(first_at, :at), last_at = :at",
         );
         values.insert(":model".into(), s(model));
-        values.insert(":at".into(), s(at));
-        transact_update(self.counters_item_update(pk, format!("MODEL#{model}"), expression, values))
+        values.insert(":at".into(), s(format_timestamp(at)));
+        transact_update(self.counters_item_update(layout::model(key_id, model), expression, values))
     }
 
     /// One counters update of the settle transaction (key, day or model
     /// item); the caller adds its condition or attribute names.
     pub(crate) fn counters_item_update(
         &self,
-        pk: &str,
-        sk: String,
+        item: layout::ItemKey,
         expression: String,
         values: Item,
     ) -> UpdateBuilder {
         Update::builder()
             .table_name(self.table())
-            .key("pk", s(pk))
-            .key("sk", s(sk))
+            .set_key(Some(item.item()))
             .update_expression(expression)
             .set_expression_attribute_values(Some(values))
     }
