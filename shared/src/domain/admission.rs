@@ -259,14 +259,16 @@ mod tests {
         let now = at_1000();
         let other = PresentedKey::generate().hash();
         type Edit = fn(&mut ApiKeyRecord);
-        let keep: Edit = |_| {};
-        let cases: Vec<(
-            &str,
+        /// Name, change to a usable key, charge, right secret, decision.
+        type Case = (
+            &'static str,
             Edit,
             Charge,
             bool,
             Result<WindowStep, AdmissionRefusal>,
-        )> = vec![
+        );
+        let keep: Edit = |_| {};
+        let cases: Vec<Case> = vec![
             (
                 "usable key in the same window with room",
                 keep,

@@ -201,7 +201,11 @@ impl Store {
             let old = old_item.as_ref().map(ApiKeyRecord::try_from).transpose()?;
             write = decide(KeyState::Stored(old.as_ref()), hash, rate, charge, now)?;
         }
-        Err(StoreError::Unavailable(anyhow::anyhow!("admission kept conflicting")).into())
+        Err(StoreError::Unavailable(anyhow::anyhow!(
+            "admission of {} kept conflicting",
+            layout::api_key(id)
+        ))
+        .into())
     }
 
     /// Runs the admission update alone: the new item, or why it failed.
@@ -210,6 +214,8 @@ impl Store {
         update: UpdateBuilder,
     ) -> Result<Result<Item, Refused>, StoreError> {
         let update = update.build()?;
+        let key = layout::ItemKey::of(update.key())
+            .map_or_else(|| "of the key".to_owned(), |key| key.to_string());
         let result = self
             .client
             .update_item()
@@ -233,7 +239,7 @@ impl Store {
                 Some(UpdateItemError::TransactionConflictException(_)) => {
                     Ok(Err(Refused::Conflict))
                 }
-                _ => Err(classify(err)),
+                _ => Err(classify(err).during(format!("admission UpdateItem {key}"))),
             },
         }
     }

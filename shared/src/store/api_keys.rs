@@ -73,7 +73,9 @@ impl Store {
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| {
+                classify(err).during(format!("PutItem {}", layout::api_key(key.id())))
+            })?;
         Ok(record)
     }
 
@@ -88,7 +90,7 @@ impl Store {
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("GetItem {}", layout::api_key(id))))?;
         output.item.as_ref().map(ApiKeyRecord::try_from).transpose()
     }
 
@@ -123,7 +125,9 @@ impl Store {
                     .filter_expression("is_active = :a")
                     .expression_attribute_values(":a", AttributeValue::Bool(active));
             }
-            let output = query.send().await.map_err(classify)?;
+            let output = query.send().await.map_err(|err| {
+                classify(err).during(format!("Query of {GSI1} partition {}", layout::KEYS_INDEX))
+            })?;
             for item in output.items() {
                 keys.push(ApiKeyRecord::try_from(item)?);
             }
@@ -258,7 +262,7 @@ impl Store {
             {
                 Ok(None)
             }
-            Err(err) => Err(classify(err)),
+            Err(err) => Err(classify(err).during(format!("UpdateItem {}", layout::api_key(id)))),
         }
     }
 
@@ -272,7 +276,7 @@ impl Store {
             .return_values(ReturnValue::AllOld)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("DeleteItem {}", layout::api_key(id))))?;
         Ok(output.attributes.is_some())
     }
 }

@@ -85,3 +85,36 @@ pub(crate) fn get_list(item: &Item, name: &str) -> Result<Vec<String>, StoreErro
         Some(_) => Err(corrupt(item, name, "is not a list")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::key::KeyId;
+    use crate::store::layout;
+
+    #[test]
+    fn a_corrupt_attribute_names_its_item_and_attribute() {
+        let key = KeyId::parse("abcdefABCDEF").unwrap();
+        let mut item = layout::api_key(&key).item();
+        item.insert("tokens_used".into(), s("many"));
+        let err = get_n(&item, "tokens_used").unwrap_err();
+        assert!(matches!(err, StoreError::Unexpected(_)));
+        let text = err.to_string();
+        assert!(text.contains("KEY#abcdefABCDEF / META"), "{text}");
+        assert!(text.contains("`tokens_used`"), "{text}");
+        let projected = Item::from([("file_id".to_owned(), n(1))]);
+        assert!(get_s(&projected, "file_id").is_err());
+    }
+
+    #[test]
+    fn an_operation_error_says_where_and_keeps_its_kind() {
+        let err =
+            StoreError::Unavailable(anyhow::anyhow!("throttled")).during("GetItem KEY#a / META");
+        match err {
+            StoreError::Unavailable(source) => {
+                assert_eq!(format!("{source:#}"), "GetItem KEY#a / META: throttled");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

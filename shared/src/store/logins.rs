@@ -35,7 +35,7 @@ impl Store {
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("GetItem {}", layout::login(ip))))?;
         let window = output
             .item
             .as_ref()
@@ -96,7 +96,9 @@ impl Store {
                 Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
                     failed.item.clone()
                 }
-                _ => return Err(classify(err)),
+                _ => {
+                    return Err(classify(err).during(format!("UpdateItem {}", layout::login(ip))));
+                }
             };
             step = match slot_step(seen.as_ref().map(LoginWindow::try_from).transpose()?, now) {
                 Ok(step) => step,
@@ -104,7 +106,8 @@ impl Store {
             };
         }
         Err(StoreError::Unavailable(anyhow::anyhow!(
-            "login check counter kept changing under us"
+            "login check counter {} kept changing under us",
+            layout::login(ip)
         )))
     }
 
@@ -116,7 +119,7 @@ impl Store {
             .set_key(Some(layout::login(ip).item()))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("DeleteItem {}", layout::login(ip))))?;
         Ok(())
     }
 }

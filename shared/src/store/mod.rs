@@ -45,6 +45,18 @@ pub enum StoreError {
     Unexpected(anyhow::Error),
 }
 
+impl StoreError {
+    /// The same error, saying which operation on which item (or query) it
+    /// met; still `Unavailable` or `Unexpected` as before.
+    pub(crate) fn during(self, what: impl std::fmt::Display) -> StoreError {
+        let what = what.to_string();
+        match self {
+            StoreError::Unavailable(err) => StoreError::Unavailable(err.context(what)),
+            StoreError::Unexpected(err) => StoreError::Unexpected(err.context(what)),
+        }
+    }
+}
+
 /// A request the relay built wrong (a missing required field): a bug, never
 /// a reason to retry.
 impl From<aws_sdk_dynamodb::error::BuildError> for StoreError {
@@ -135,6 +147,7 @@ impl std::fmt::Debug for Canceled {
 /// to be small (tiers, one key's aggregates, one day's keys, all keys).
 pub(crate) async fn query_all(
     query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+    partition: &str,
 ) -> Result<Vec<item::Item>, StoreError> {
     let mut items = Vec::new();
     let mut start_key = None;
@@ -144,7 +157,7 @@ pub(crate) async fn query_all(
             .set_exclusive_start_key(start_key)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("Query of {partition}")))?;
         items.extend(output.items.unwrap_or_default());
         start_key = output.last_evaluated_key;
         if start_key.is_none() {
@@ -257,7 +270,8 @@ impl Store {
                 .table_name(self.table())
                 .index_name(GSI1)
                 .key_condition_expression("gsi1pk = :p")
-                .expression_attribute_values(":p", item::s(partition)),
+                .expression_attribute_values(":p", item::s(&partition)),
+            &format!("{GSI1} partition {partition}"),
         )
         .await
     }
@@ -290,7 +304,9 @@ impl Store {
                     .request_items(self.table(), keys)
                     .send()
                     .await
-                    .map_err(classify)?;
+                    .map_err(|err| {
+                        classify(err).during(format!("BatchGetItem of {} keys", chunk.len()))
+                    })?;
                 items.extend(
                     output
                         .responses
@@ -314,6 +330,9 @@ impl Store {
         items: Vec<aws_sdk_dynamodb::types::TransactWriteItem>,
     ) -> Result<Result<(), Canceled>, StoreError> {
         use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+        // Described before they are sent (the SDK takes them): a few short
+        // strings, against a network round trip.
+        let described = transaction_items(&items);
         let result = self
             .client
             .transact_write_items()
@@ -333,7 +352,7 @@ impl Store {
                 reasons: Vec::new(),
                 in_progress: true,
             },
-            _ => return Err(classify(err)),
+            _ => return Err(classify(err).during(format!("TransactWriteItems of {described}"))),
         };
         Ok(Err(canceled))
     }
@@ -346,7 +365,7 @@ impl Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(classify)
+            .map_err(|err| classify(err).during(format!("DescribeTable {}", self.table)))
     }
 }
 
@@ -377,4 +396,25 @@ pub(crate) fn transact_put(
 
 pub(crate) fn transact_update(update: UpdateBuilder) -> Result<TransactWriteItem, StoreError> {
     Ok(TransactWriteItem::builder().update(update.build()?).build())
+}
+
+/// The items of a transaction, for messages about it: `pk / sk` of each.
+fn transaction_items(items: &[TransactWriteItem]) -> String {
+    let keys: Vec<String> = items
+        .iter()
+        .map(|item| {
+            let key = if let Some(put) = item.put() {
+                layout::ItemKey::of(put.item())
+            } else if let Some(update) = item.update() {
+                layout::ItemKey::of(update.key())
+            } else if let Some(delete) = item.delete() {
+                layout::ItemKey::of(delete.key())
+            } else {
+                item.condition_check()
+                    .and_then(|check| layout::ItemKey::of(check.key()))
+            };
+            key.map_or_else(|| "?".to_owned(), |key| key.to_string())
+        })
+        .collect();
+    format!("[{}]", keys.join(", "))
 }

@@ -226,7 +226,7 @@ impl Store {
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("GetItem {item}")))?;
         Ok(output.item)
     }
 
@@ -371,7 +371,7 @@ impl Store {
             .query()
             .table_name(self.table())
             .index_name(GSI1)
-            .expression_attribute_values(":p", s(partition))
+            .expression_attribute_values(":p", s(&partition))
             .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX));
         query = match (&from, anchor) {
             (PageFrom::Before(_), Some(anchor)) => query
@@ -386,7 +386,9 @@ impl Store {
                 .key_condition_expression("gsi1pk = :p")
                 .scan_index_forward(false),
         };
-        let output = query.send().await.map_err(classify)?;
+        let output = query.send().await.map_err(|err| {
+            classify(err).during(format!("Query of {GSI1} partition {partition}"))
+        })?;
         let mut items = output.items.unwrap_or_default();
         let has_more = items.len() > limit;
         items.truncate(limit);
@@ -407,6 +409,7 @@ impl Store {
                 .key_condition_expression("pk = :p")
                 .expression_attribute_values(":p", s(layout::queue_partition()))
                 .consistent_read(true),
+            layout::queue_partition(),
         )
         .await?;
         let mut open = Vec::new();

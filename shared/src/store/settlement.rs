@@ -78,7 +78,8 @@ impl Store {
             }
         }
         Err(StoreError::Unavailable(anyhow::anyhow!(
-            "settle kept conflicting"
+            "settle of {} kept conflicting",
+            record.request_id
         )))
     }
 

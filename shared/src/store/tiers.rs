@@ -14,7 +14,7 @@ impl Store {
             .set_key(Some(layout::tier(name).item()))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("GetItem {}", layout::tier(name))))?;
         output.item.as_ref().map(Tier::try_from).transpose()
     }
 
@@ -55,7 +55,7 @@ impl Store {
             .set_item(Some(item))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("PutItem {}", layout::tier(&tier.name))))?;
         Ok(())
     }
 }

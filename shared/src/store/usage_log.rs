@@ -121,7 +121,7 @@ impl Store {
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("GetItem {}", layout::api_key(id))))?;
         output.item.as_ref().map(KeyUsage::try_from).transpose()
     }
 
@@ -179,6 +179,7 @@ impl Store {
                 .expression_attribute_values(":pk", s(layout::key_partition(id)))
                 .expression_attribute_values(":low", s(low))
                 .expression_attribute_values(":high", s(high)),
+            &format!("{} from {low} to {high}", layout::key_partition(id)),
         )
         .await
     }
@@ -232,7 +233,9 @@ impl Store {
             .limit(limit)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| {
+                classify(err).during(format!("Query of {}'s logs", layout::key_partition(id)))
+            })?;
         let mut rows = Vec::with_capacity(query.limit + 1);
         for item in output.items() {
             rows.push((get_s(item, layout::SK)?.to_owned(), LogRow::try_from(item)?));
