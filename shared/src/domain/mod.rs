@@ -1,5 +1,6 @@
 //! Pure business rules: key records and their validation, tiers, allowlists,
-//! usage arithmetic. No I/O and no transport types live here.
+//! the admission decision, the login lockout, usage records and arithmetic.
+//! No I/O and no transport types live here: the store executes these rules.
 
 pub mod admission;
 pub mod key;
