@@ -1,19 +1,24 @@
-//! The admission decision without I/O: `check_access` on a key record with
+//! The admission rules without I/O: `check_access` on a key record with
 //! IP, origin and model allowlists, for a request that passes every rule
-//! (the common case, and the one that evaluates them all).
+//! (the common case, and the one that evaluates them all); and the
+//! admission decision on a stored key that passes every check.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ipnet::IpNet;
+use relay_shared::domain::admission::{Charge, KeyState, RateLimit, decide};
 use relay_shared::domain::key::ApiKeyRecord;
 use relay_shared::domain::key::PresentedKey;
 use relay_shared::domain::key::access::{RequestFacts, check_access};
 use time::{Duration, OffsetDateTime};
 
 fn record() -> ApiKeyRecord {
-    let key = PresentedKey::generate();
+    record_of(&PresentedKey::generate())
+}
+
+fn record_of(key: &PresentedKey) -> ApiKeyRecord {
     let now = OffsetDateTime::now_utc();
     let nets = [
         "10.0.0.0/8",
@@ -69,6 +74,36 @@ fn bench(c: &mut Criterion) {
     assert!(check_access(&record, &facts, now).is_ok());
     c.bench_function("check_access/allowlists_pass", |b| {
         b.iter(|| black_box(check_access(black_box(&record), black_box(&facts), now).is_ok()));
+    });
+
+    let key = PresentedKey::generate();
+    let mut stored = record_of(&key);
+    let hash = key.hash();
+    let rate = RateLimit {
+        requests: 1000,
+        period: 60,
+    };
+    stored.rate_window = None;
+    assert!(
+        decide(
+            KeyState::Stored(Some(&stored)),
+            &hash,
+            rate,
+            Charge::MESSAGE,
+            now
+        )
+        .is_ok()
+    );
+    c.bench_function("admission/decide_stored_key", |b| {
+        b.iter(|| {
+            black_box(decide(
+                KeyState::Stored(Some(black_box(&stored))),
+                black_box(&hash),
+                rate,
+                Charge::MESSAGE,
+                now,
+            ))
+        });
     });
 }
 

@@ -438,10 +438,10 @@ impl From<crate::domain::key::access::Refusal> for ApiError {
     }
 }
 
-impl From<crate::store::proxy::AdmissionError> for ApiError {
-    fn from(err: crate::store::proxy::AdmissionError) -> Self {
-        use crate::store::proxy::AdmissionError as A;
-        match err {
+impl From<crate::domain::admission::AdmissionRefusal> for ApiError {
+    fn from(refusal: crate::domain::admission::AdmissionRefusal) -> Self {
+        use crate::domain::admission::AdmissionRefusal as A;
+        match refusal {
             A::UnknownKey | A::WrongSecret => crate::http::key_holder::invalid_key(),
             A::Disabled => crate::domain::key::access::Refusal::Disabled.into(),
             A::Expired => crate::domain::key::access::Refusal::Expired.into(),
@@ -464,7 +464,15 @@ impl From<crate::store::proxy::AdmissionError> for ApiError {
             } => ApiError::QuotaExhausted(format!(
                 "this batch holds {requests} requests, more than the {limit} per {period} seconds this API key's tier allows; split it"
             )),
-            A::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<crate::store::admission::AdmissionError> for ApiError {
+    fn from(err: crate::store::admission::AdmissionError) -> Self {
+        match err {
+            crate::store::admission::AdmissionError::Refused(refusal) => refusal.into(),
+            crate::store::admission::AdmissionError::Store(store) => store.into(),
         }
     }
 }

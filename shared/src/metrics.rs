@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use serde_json::{Map, Value, json};
 
 use crate::config::MetricsConfig;
-use crate::store::proxy::UsageRecord;
+use crate::domain::usage::UsageRecord;
 
 pub const DEFAULT_NAMESPACE: &str = "ClaudeRelay";
 

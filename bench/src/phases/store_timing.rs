@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use relay_shared::domain::key::{KeyId, PresentedKey};
 use relay_shared::domain::usage::TokenUsage;
-use relay_shared::store::proxy::UsageRecord;
+use relay_shared::domain::usage::UsageRecord;
 use time::OffsetDateTime;
 
 use super::Bench;

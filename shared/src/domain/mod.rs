@@ -1,7 +1,10 @@
 //! Pure business rules: key records and their validation, tiers, allowlists,
-//! usage arithmetic. No I/O and no transport types live here.
+//! the admission decision, the login lockout, usage records and arithmetic.
+//! No I/O and no transport types live here: the store executes these rules.
 
+pub mod admission;
 pub mod key;
+pub mod login;
 pub mod route;
 pub mod tier;
 pub mod usage;
@@ -22,6 +25,18 @@ pub fn format_timestamp(at: OffsetDateTime) -> String {
         at.minute(),
         at.second(),
         at.millisecond()
+    )
+}
+
+/// The calendar day (`yyyy-mm-dd`, in the moment's own offset: the relay
+/// passes UTC moments) a moment falls on: what daily
+/// aggregates are kept and asked for by.
+pub fn day_of(at: OffsetDateTime) -> String {
+    format!(
+        "{:04}-{:02}-{:02}",
+        at.year(),
+        u8::from(at.month()),
+        at.day()
     )
 }
 
@@ -50,5 +65,11 @@ mod tests {
         let text = format_timestamp(at);
         assert_eq!(text, "2026-03-04T03:06:07.500Z");
         assert_eq!(parse_timestamp(&text).unwrap(), at);
+    }
+
+    #[test]
+    fn a_day_is_its_calendar_date() {
+        let at = parse_timestamp("2026-03-04T23:59:59.999Z").unwrap();
+        assert_eq!(day_of(at), "2026-03-04");
     }
 }

@@ -41,6 +41,19 @@ pub fn builtin_tiers() -> Vec<Tier> {
     ]
 }
 
+/// The tier named `name` given what is stored under that name: the stored
+/// tier, else the built-in one of that name.
+pub fn named_tier(name: &str, stored: Option<Tier>) -> Option<Tier> {
+    stored.or_else(|| builtin_tiers().into_iter().find(|t| t.name == name))
+}
+
+/// The tier a key naming `name` is held to: [`named_tier`], else the default
+/// (tiers are never deleted, but a key could have been written by hand).
+/// `Err` carries the default, to say the name was unknown.
+pub fn tier_in_force(name: &str, stored: Option<Tier>) -> Result<Tier, Tier> {
+    named_tier(name, stored).ok_or_else(default_tier)
+}
+
 /// Body of `PUT /admin/tiers/{name}`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +142,20 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.field, "period");
         assert_eq!(validate_tier_name("Bad Name").unwrap_err().field, "name");
+    }
+
+    #[test]
+    fn a_stored_tier_overrides_the_builtin_and_an_unknown_one_falls_back_to_the_default() {
+        let stored = Tier {
+            name: "premium".into(),
+            requests: 7,
+            period: 1,
+            tokens_per_minute: None,
+        };
+        assert_eq!(tier_in_force("premium", Some(stored.clone())), Ok(stored));
+        assert_eq!(tier_in_force("premium", None).map(|t| t.requests), Ok(1000));
+        assert_eq!(tier_in_force("gone", None), Err(default_tier()));
+        assert_eq!(named_tier("gone", None), None);
     }
 
     #[test]

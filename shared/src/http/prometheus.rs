@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::store::usage::KeyUsage;
+use crate::store::usage_log::KeyUsage;
 
 /// Label values escape backslash, double quote and newline.
 fn label(value: &str) -> String {

@@ -11,14 +11,15 @@ use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 
 use super::key_holder::{Caller, authenticate, presented_key};
 use super::{ClientIp, NoParams, QueryParams, not_found};
+use crate::domain::day_of;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
 use crate::domain::tier::window_of;
+use crate::domain::usage::UsageTotals;
 use crate::domain::{epoch_seconds, format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
 use crate::store::Store;
-use crate::store::proxy::day_of;
-use crate::store::usage::{LogQuery, LogRow, UsageTotals};
+use crate::store::usage_log::{LogQuery, LogRow};
 
 #[derive(Clone)]
 pub struct UsageApiState {

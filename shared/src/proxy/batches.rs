@@ -22,14 +22,15 @@ use tracing::Instrument;
 
 use super::context::Call;
 use super::{ProxyState, tier_of};
+use crate::domain::admission::{Charge, QuotaRule};
 use crate::domain::key::access::model_name_problem;
 use crate::domain::route::CanonicalPath;
+use crate::domain::usage::BatchTally;
 use crate::domain::usage::{estimate_tokens, request_text, usage_from_json};
 use crate::domain::{self, format_timestamp};
 use crate::error::ApiError;
 use crate::http::{PageParams, page_json, unknown_page_anchor};
-use crate::store::owned::{BatchRecord, BatchTally, OpenBatch, PENDING_STALE, PendingReservation};
-use crate::store::proxy::{Charge, QuotaRule};
+use crate::store::owned::{BatchRecord, OpenBatch, PENDING_STALE, PendingReservation};
 use crate::upstream::{
     BodyStream, ForwardRequest, RetryPolicy, UpstreamError, client_response_headers,
 };

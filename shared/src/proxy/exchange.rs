@@ -18,8 +18,8 @@ use tracing::Instrument;
 use super::finish::{Metering, Outcome, SettlePolicy, settle, usage_record};
 use super::tap::{UsageTap, error_type};
 use super::{ProxyState, SettleTiming};
+use crate::domain::usage::UsageRecord;
 use crate::error::{ApiError, ErrorKind, envelope};
-use crate::store::proxy::UsageRecord;
 use crate::upstream::{
     BodyStream, ForwardRequest, RetryPolicy, UpstreamError, UpstreamResponse,
     client_response_headers,

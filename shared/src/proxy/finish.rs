@@ -11,8 +11,8 @@ use tracing::Instrument;
 use super::context::Call;
 use super::tap::UsageTap;
 use crate::domain::key::KeyId;
+use crate::domain::usage::UsageRecord;
 use crate::domain::usage::{AnswerUsage, complete_with_estimate};
-use crate::store::proxy::UsageRecord;
 use crate::store::{Store, StoreError};
 
 /// What is known of a metered request when it is admitted.

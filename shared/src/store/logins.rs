@@ -1,44 +1,27 @@
-//! Admin password checks per source IP (`LOGINFAIL#<ip>` / `META`), shared
+//! Admin password checks per source IP (one item each, see `layout`), shared
 //! by every Lambda instance so the lockout holds across them and across
 //! concurrent requests.
 //!
 //! The item holds `window_start` (when the window opened) and `failures`:
 //! the password checks taken in the window. A check's slot is taken before
 //! bcrypt runs, so a check still running counts too; a successful login
-//! deletes the item, which forgives every check before it.
+//! deletes the item, which forgives every check before it. The policy
+//! (how many checks, how long a window) is `domain::login`'s.
 
 use std::net::IpAddr;
 
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 
-use super::item::{get_n, n, s};
-use super::{Store, StoreError, TTL_ATTRIBUTE, classify};
-
-/// Password checks allowed per address per window; further logins are
-/// refused (429) until the window ends.
-pub const MAX_LOGIN_FAILURES: u64 = 5;
-/// The window, counted from its first check.
-pub const LOGIN_WINDOW_SECS: u64 = 15 * 60;
+use super::item::n;
+use super::{Store, StoreError, TTL_ATTRIBUTE, classify, layout};
+use crate::domain::login::{
+    LoginWindow, MAX_LOGIN_FAILURES, SlotStep, locked_for, slot_step, window_cutoff, window_end,
+};
 
 /// Enough for the races that can happen (a window opened, expired or
 /// cleared by a success between two writes); each turn is one write.
 const SLOT_ATTEMPTS: usize = 4;
-
-fn pk(ip: IpAddr) -> String {
-    format!("LOGINFAIL#{ip}")
-}
-
-/// Which conditional write to try for a slot, judged from the item as the
-/// last refused write returned it. A wrong guess costs one more round trip,
-/// never an extra check.
-#[derive(Debug, Clone, Copy)]
-enum SlotStep {
-    /// No window, or only an expired one: open a new window holding this check.
-    Open,
-    /// Count this check in the window opened at `window_start`.
-    Add { window_start: u64 },
-}
 
 impl Store {
     /// Seconds until logins from `ip` are accepted again, if it is locked
@@ -48,18 +31,17 @@ impl Store {
             .client
             .get_item()
             .table_name(self.table())
-            .key("pk", s(pk(ip)))
-            .key("sk", s("META"))
+            .set_key(Some(layout::login(ip).item()))
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
-        let Some(item) = output.item else {
-            return Ok(None);
-        };
-        let failures = get_n(&item, "failures")?;
-        let window_end = get_n(&item, "window_start")? + LOGIN_WINDOW_SECS;
-        Ok((failures >= MAX_LOGIN_FAILURES && window_end > now).then(|| window_end - now))
+            .map_err(|err| classify(err).during(format!("GetItem {}", layout::login(ip))))?;
+        let window = output
+            .item
+            .as_ref()
+            .map(LoginWindow::try_from)
+            .transpose()?;
+        Ok(locked_for(window, now))
     }
 
     /// Takes one of the `MAX_LOGIN_FAILURES` password checks `ip` gets per
@@ -75,7 +57,7 @@ impl Store {
     /// whatever the password: `clear_login_failures` gives them all back
     /// after a success.
     pub async fn take_login_check(&self, ip: IpAddr, now: u64) -> Result<Option<u64>, StoreError> {
-        let cutoff = now.saturating_sub(LOGIN_WINDOW_SECS);
+        let cutoff = window_cutoff(now);
         // A success deletes the item, so most logins find none.
         let mut step = SlotStep::Open;
         for _ in 0..SLOT_ATTEMPTS {
@@ -83,8 +65,7 @@ impl Store {
                 .client
                 .update_item()
                 .table_name(self.table())
-                .key("pk", s(pk(ip)))
-                .key("sk", s("META"))
+                .set_key(Some(layout::login(ip).item()))
                 .expression_attribute_values(":one", n(1))
                 .return_values_on_condition_check_failure(
                     ReturnValuesOnConditionCheckFailure::AllOld,
@@ -98,7 +79,7 @@ impl Store {
                     .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
                     .expression_attribute_values(":now", n(now))
                     .expression_attribute_values(":cutoff", n(cutoff))
-                    .expression_attribute_values(":ttl", n(now + LOGIN_WINDOW_SECS)),
+                    .expression_attribute_values(":ttl", n(window_end(now))),
                 // The window must be the one seen: if it was cleared or
                 // reopened meanwhile, this write is refused and judged again.
                 SlotStep::Add { window_start } => request
@@ -115,26 +96,18 @@ impl Store {
                 Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
                     failed.item.clone()
                 }
-                _ => return Err(classify(err)),
-            };
-            step = match seen {
-                // Cleared by a success since the last write.
-                None => SlotStep::Open,
-                Some(item) => {
-                    let window_start = get_n(&item, "window_start")?;
-                    let failures = get_n(&item, "failures")?;
-                    if window_start <= cutoff {
-                        SlotStep::Open
-                    } else if failures >= MAX_LOGIN_FAILURES {
-                        return Ok(Some((window_start + LOGIN_WINDOW_SECS).saturating_sub(now)));
-                    } else {
-                        SlotStep::Add { window_start }
-                    }
+                _ => {
+                    return Err(classify(err).during(format!("UpdateItem {}", layout::login(ip))));
                 }
+            };
+            step = match slot_step(seen.as_ref().map(LoginWindow::try_from).transpose()?, now) {
+                Ok(step) => step,
+                Err(wait) => return Ok(Some(wait)),
             };
         }
         Err(StoreError::Unavailable(anyhow::anyhow!(
-            "login check counter kept changing under us"
+            "login check counter {} kept changing under us",
+            layout::login(ip)
         )))
     }
 
@@ -143,11 +116,10 @@ impl Store {
         self.client
             .delete_item()
             .table_name(self.table())
-            .key("pk", s(pk(ip)))
-            .key("sk", s("META"))
+            .set_key(Some(layout::login(ip).item()))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("DeleteItem {}", layout::login(ip))))?;
         Ok(())
     }
 }

@@ -1,15 +1,21 @@
 //! DynamoDB persistence: the only module that sees `AttributeValue`. One
 //! table holds keys, tiers, rate windows, usage logs and daily aggregates,
-//! told apart by their `pk`/`sk` prefixes.
+//! told apart by their `pk`/`sk` prefixes (all of them in `layout`). Modules
+//! are named after what they store: `api_keys`, `tiers`, `logins`, `owned`
+//! (batches, files and the collector's queue), `usage_log` (reading what
+//! settlement wrote); and after the proxy's two writes, `admission` and
+//! `settlement`.
 
+pub mod admission;
+mod api_keys;
 mod item;
-mod keys;
+mod layout;
 mod logins;
 pub mod owned;
-pub mod proxy;
 pub mod schema;
+pub mod settlement;
 mod tiers;
-pub mod usage;
+pub mod usage_log;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,8 +25,10 @@ use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_dynamodb::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_dynamodb::error::{BoxError, SdkError};
+use aws_sdk_dynamodb::types::builders::UpdateBuilder;
+use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 
-pub use keys::KeyPage;
+pub use api_keys::KeyPage;
 
 /// Partition/sort attribute names and the listing index, as in template.yaml.
 pub const GSI1: &str = "gsi1";
@@ -35,6 +43,18 @@ pub enum StoreError {
     Unavailable(#[source] anyhow::Error),
     #[error(transparent)]
     Unexpected(anyhow::Error),
+}
+
+impl StoreError {
+    /// The same error, saying which operation on which item (or query) it
+    /// met; still `Unavailable` or `Unexpected` as before.
+    pub(crate) fn during(self, what: impl std::fmt::Display) -> StoreError {
+        let what = what.to_string();
+        match self {
+            StoreError::Unavailable(err) => StoreError::Unavailable(err.context(what)),
+            StoreError::Unexpected(err) => StoreError::Unexpected(err.context(what)),
+        }
+    }
 }
 
 /// A request the relay built wrong (a missing required field): a bug, never
@@ -127,6 +147,7 @@ impl std::fmt::Debug for Canceled {
 /// to be small (tiers, one key's aggregates, one day's keys, all keys).
 pub(crate) async fn query_all(
     query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+    partition: &str,
 ) -> Result<Vec<item::Item>, StoreError> {
     let mut items = Vec::new();
     let mut start_key = None;
@@ -136,7 +157,7 @@ pub(crate) async fn query_all(
             .set_exclusive_start_key(start_key)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("Query of {partition}")))?;
         items.extend(output.items.unwrap_or_default());
         start_key = output.last_evaluated_key;
         if start_key.is_none() {
@@ -249,7 +270,8 @@ impl Store {
                 .table_name(self.table())
                 .index_name(GSI1)
                 .key_condition_expression("gsi1pk = :p")
-                .expression_attribute_values(":p", item::s(partition)),
+                .expression_attribute_values(":p", item::s(&partition)),
+            &format!("{GSI1} partition {partition}"),
         )
         .await
     }
@@ -282,7 +304,9 @@ impl Store {
                     .request_items(self.table(), keys)
                     .send()
                     .await
-                    .map_err(classify)?;
+                    .map_err(|err| {
+                        classify(err).during(format!("BatchGetItem of {} keys", chunk.len()))
+                    })?;
                 items.extend(
                     output
                         .responses
@@ -306,6 +330,9 @@ impl Store {
         items: Vec<aws_sdk_dynamodb::types::TransactWriteItem>,
     ) -> Result<Result<(), Canceled>, StoreError> {
         use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+        // Described before they are sent (the SDK takes them): a few short
+        // strings, against a network round trip.
+        let described = transaction_items(&items);
         let result = self
             .client
             .transact_write_items()
@@ -325,7 +352,7 @@ impl Store {
                 reasons: Vec::new(),
                 in_progress: true,
             },
-            _ => return Err(classify(err)),
+            _ => return Err(classify(err).during(format!("TransactWriteItems of {described}"))),
         };
         Ok(Err(canceled))
     }
@@ -338,6 +365,56 @@ impl Store {
             .send()
             .await
             .map(|_| ())
-            .map_err(classify)
+            .map_err(|err| classify(err).during(format!("DescribeTable {}", self.table)))
     }
+}
+
+/// A short random pause before retrying a write that met a transaction.
+pub(crate) async fn conflict_pause(attempt: u32) {
+    use rand::Rng;
+    let bound = 10u64 << attempt.min(5);
+    let millis = rand::rng().random_range(1..=bound);
+    tokio::time::sleep(Duration::from_millis(millis)).await;
+}
+
+/// A put inside a transaction, with its condition.
+pub(crate) fn transact_put(
+    table: &str,
+    item: item::Item,
+    condition: Option<&str>,
+) -> Result<TransactWriteItem, StoreError> {
+    Ok(TransactWriteItem::builder()
+        .put(
+            Put::builder()
+                .table_name(table)
+                .set_item(Some(item))
+                .set_condition_expression(condition.map(str::to_owned))
+                .build()?,
+        )
+        .build())
+}
+
+pub(crate) fn transact_update(update: UpdateBuilder) -> Result<TransactWriteItem, StoreError> {
+    Ok(TransactWriteItem::builder().update(update.build()?).build())
+}
+
+/// The items of a transaction, for messages about it: `pk / sk` of each.
+fn transaction_items(items: &[TransactWriteItem]) -> String {
+    let keys: Vec<String> = items
+        .iter()
+        .map(|item| {
+            let key = if let Some(put) = item.put() {
+                layout::ItemKey::of(put.item())
+            } else if let Some(update) = item.update() {
+                layout::ItemKey::of(update.key())
+            } else if let Some(delete) = item.delete() {
+                layout::ItemKey::of(delete.key())
+            } else {
+                item.condition_check()
+                    .and_then(|check| layout::ItemKey::of(check.key()))
+            };
+            key.map_or_else(|| "?".to_owned(), |key| key.to_string())
+        })
+        .collect();
+    format!("[{}]", keys.join(", "))
 }

@@ -1,42 +1,28 @@
-//! What keys own upstream: message batches (`KEY#<key>` / `BATCH#<id>`) and
-//! files (`KEY#<key>` / `FILE#<id>`), each listed per key through `gsi1`
-//! (`BATCHES#<key>`, `FILES#<key>`, newest first); and the batch queue
-//! (`BATCHQUEUE`) the collector works through: one `OPEN#<batch id>` per
-//! batch whose usage is not recorded yet, one `PENDING#<request id>` per
-//! batch creation whose reservation is not yet tied to a batch.
+//! What keys own upstream: message batches and files, each listed per key
+//! through `gsi1` (newest first); and the batch queue the collector works
+//! through: one open-batch item per batch whose usage is not recorded yet,
+//! one pending item per batch creation whose reservation is not yet tied
+//! to a batch (their items: `layout`).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::{AttributeValue, Delete, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{Delete, TransactWriteItem, Update};
 use time::OffsetDateTime;
 
-use super::item::{Item, get_n, get_s, n, opt_s, s};
-use super::keys::key_pk;
-use super::proxy::{
-    Charge, Counters, SettleOutcome, conflict_pause, log_model_partition, log_sort_key,
-    token_columns, transact_put, transact_update,
+use super::item::{Item, get_s, n, s};
+use super::layout::owned::QueueEntry;
+use super::settlement::SettleOutcome;
+use super::{
+    GSI1, Store, StoreError, classify, conflict_pause, layout, query_all, transact_put,
+    transact_update,
 };
-use super::{GSI1, Store, StoreError, TTL_ATTRIBUTE, classify, query_all};
-use crate::domain::key::{KeyId, SecretHash};
-use crate::domain::usage::TokenUsage;
+use crate::domain::key::KeyId;
+use crate::domain::usage::{BatchTally, Counters};
 use crate::domain::{epoch_seconds, format_timestamp};
-use crate::store::proxy::AdmissionError;
 
-const QUEUE: &str = "BATCHQUEUE";
-/// Batch records outlive the upstream's 29 days of results by a day.
-const BATCH_RETENTION_SECS: u64 = 30 * 86_400;
 /// A pending reservation outlives any request that could still claim it
 /// (Lambda stops at 15 minutes); past this, the collector gives it back.
 pub const PENDING_STALE: Duration = Duration::from_secs(20 * 60);
-
-fn batch_sk(batch_id: &str) -> String {
-    format!("BATCH#{batch_id}")
-}
-
-fn file_sk(file_id: &str) -> String {
-    format!("FILE#{file_id}")
-}
 
 /// A batch as the relay recorded it when it was created.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,30 +65,6 @@ pub struct PendingReservation {
     pub at: u64,
 }
 
-/// What a batch's results add up to.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct BatchTally {
-    /// Usage and succeeded requests per model.
-    pub by_model: BTreeMap<String, (TokenUsage, u64)>,
-    pub succeeded: u64,
-    pub errored: u64,
-    pub canceled: u64,
-    pub expired: u64,
-    /// Not read from results: the batch's reservation, charged because its
-    /// results could no longer be read.
-    pub estimated: bool,
-}
-
-impl BatchTally {
-    pub fn total(&self) -> TokenUsage {
-        let mut total = TokenUsage::default();
-        for (usage, _) in self.by_model.values() {
-            total += *usage;
-        }
-        total
-    }
-}
-
 /// One page of a key's batches or files, newest first.
 #[derive(Debug)]
 pub struct OwnedPage<T> {
@@ -120,103 +82,23 @@ pub enum PageFrom<'a> {
     Before(&'a str),
 }
 
-impl TryFrom<&Item> for BatchRecord {
-    type Error = StoreError;
-
-    fn try_from(item: &Item) -> Result<Self, StoreError> {
-        Ok(BatchRecord {
-            batch_id: get_s(item, "batch_id")?.to_owned(),
-            key_id: KeyId::parse(get_s(item, "key_id")?).ok_or_else(|| {
-                StoreError::Unexpected(anyhow::anyhow!("stored batch: bad `key_id`"))
-            })?,
-            recorded_at: get_s(item, "recorded_at")?.to_owned(),
-            request_count: get_n(item, "request_count")?,
-            reserved_tokens: get_n(item, "reserved_tokens")?,
-            client_ip: get_s(item, "client_ip")?.to_owned(),
-            settled_at: opt_s(item, "settled_at")?.map(str::to_owned),
-        })
-    }
-}
-
-impl TryFrom<&Item> for FileRecord {
-    type Error = StoreError;
-
-    fn try_from(item: &Item) -> Result<Self, StoreError> {
-        Ok(FileRecord {
-            file_id: get_s(item, "file_id")?.to_owned(),
-            key_id: KeyId::parse(get_s(item, "key_id")?).ok_or_else(|| {
-                StoreError::Unexpected(anyhow::anyhow!("stored file: bad `key_id`"))
-            })?,
-            recorded_at: get_s(item, "recorded_at")?.to_owned(),
-            object: serde_json::from_str(get_s(item, "object")?).map_err(|e| {
-                StoreError::Unexpected(anyhow::anyhow!("stored file: bad `object`: {e}"))
-            })?,
-        })
-    }
-}
-
 fn delete(
     table: &str,
-    pk: &str,
-    sk: &str,
+    item: layout::ItemKey,
     condition: Option<&str>,
 ) -> Result<TransactWriteItem, StoreError> {
     Ok(TransactWriteItem::builder()
         .delete(
             Delete::builder()
                 .table_name(table)
-                .key("pk", s(pk))
-                .key("sk", s(sk))
+                .set_key(Some(item.item()))
                 .set_condition_expression(condition.map(str::to_owned))
                 .build()?,
         )
         .build())
 }
 
-/// The queue item of a reservation taken for a batch creation.
-pub(crate) fn pending_item(
-    id: &KeyId,
-    request_id: &str,
-    reserved: u64,
-    now: OffsetDateTime,
-) -> Item {
-    Item::from([
-        ("pk".to_owned(), s(QUEUE)),
-        ("sk".to_owned(), s(format!("PENDING#{request_id}"))),
-        ("request_id".to_owned(), s(request_id)),
-        ("key_id".to_owned(), s(id.as_str())),
-        ("reserved_tokens".to_owned(), n(reserved)),
-        ("at".to_owned(), n(epoch_seconds(now))),
-        (
-            TTL_ATTRIBUTE.to_owned(),
-            n(epoch_seconds(now) + BATCH_RETENTION_SECS),
-        ),
-    ])
-}
-
 impl Store {
-    /// Admits a batch of `charge.requests` requests: counted in the tier's
-    /// window and, on a limited key, its worst case reserved against the
-    /// quota in the same transaction that records the reservation as
-    /// pending (a creation that dies before its batch is recorded gives the
-    /// tokens back, through the collector). Returns the tokens reserved.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn admit_batch(
-        &self,
-        id: &KeyId,
-        hash: &SecretHash,
-        charge: Charge,
-        limit: u64,
-        period: u64,
-        now: OffsetDateTime,
-        request_id: &str,
-    ) -> Result<u64, AdmissionError> {
-        let (_, charge) = self
-            .admit_with(id, hash, charge, limit, period, now, None, Some(request_id))
-            .await?;
-        Ok(charge.reserved())
-    }
-
     /// Records a created batch as the key's, and opens it for the collector,
     /// in one transaction that also consumes the creation's pending
     /// reservation. If the collector already gave that reservation back
@@ -230,38 +112,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut record = record.clone();
         for attempt in 0..8 {
-            let pk = key_pk(&record.key_id);
-            let item = Item::from([
-                ("pk".to_owned(), s(&pk)),
-                ("sk".to_owned(), s(batch_sk(&record.batch_id))),
-                ("gsi1pk".to_owned(), s(format!("BATCHES#{}", record.key_id))),
-                (
-                    "gsi1sk".to_owned(),
-                    s(format!("{}#{}", record.recorded_at, record.batch_id)),
-                ),
-                ("batch_id".to_owned(), s(&record.batch_id)),
-                ("key_id".to_owned(), s(record.key_id.as_str())),
-                ("recorded_at".to_owned(), s(&record.recorded_at)),
-                ("request_count".to_owned(), n(record.request_count)),
-                ("reserved_tokens".to_owned(), n(record.reserved_tokens)),
-                ("client_ip".to_owned(), s(&record.client_ip)),
-                (
-                    TTL_ATTRIBUTE.to_owned(),
-                    n(epoch_seconds(now) + BATCH_RETENTION_SECS),
-                ),
-            ]);
-            let open = Item::from([
-                ("pk".to_owned(), s(QUEUE)),
-                ("sk".to_owned(), s(format!("OPEN#{}", record.batch_id))),
-                ("batch_id".to_owned(), s(&record.batch_id)),
-                ("key_id".to_owned(), s(record.key_id.as_str())),
-                // Outlives its batch record, whose expiry makes it an orphan
-                // the collector drops.
-                (
-                    TTL_ATTRIBUTE.to_owned(),
-                    n(epoch_seconds(now) + BATCH_RETENTION_SECS + 86_400),
-                ),
-            ]);
+            let item = layout::owned::batch_item(&record, now);
+            let open = layout::owned::open_batch_item(&record, now);
             let mut items = vec![
                 transact_put(self.table(), item, Some("attribute_not_exists(pk)"))?,
                 transact_put(self.table(), open, None)?,
@@ -269,8 +121,7 @@ impl Store {
             if record.reserved_tokens > 0 {
                 items.push(delete(
                     self.table(),
-                    QUEUE,
-                    &format!("PENDING#{request_id}"),
+                    layout::pending(request_id),
                     Some("attribute_exists(pk)"),
                 )?);
             }
@@ -308,8 +159,7 @@ impl Store {
         for attempt in 0..8 {
             let mut items = vec![delete(
                 self.table(),
-                QUEUE,
-                &format!("PENDING#{}", pending.request_id),
+                layout::pending(&pending.request_id),
                 Some("attribute_exists(pk)"),
             )?];
             if with_key {
@@ -317,8 +167,7 @@ impl Store {
                 items.push(transact_update(
                     Update::builder()
                         .table_name(self.table())
-                        .key("pk", s(key_pk(&pending.key_id)))
-                        .key("sk", s("META"))
+                        .set_key(Some(layout::api_key(&pending.key_id).item()))
                         .update_expression("ADD tokens_used :back, tokens_reserved :back")
                         .condition_expression("attribute_exists(pk)")
                         .expression_attribute_values(":back", n(back)),
@@ -352,7 +201,7 @@ impl Store {
         key: &KeyId,
         batch_id: &str,
     ) -> Result<Option<BatchRecord>, StoreError> {
-        self.owned_item(key, &batch_sk(batch_id))
+        self.owned_item(layout::batch(key, batch_id))
             .await?
             .as_ref()
             .map(BatchRecord::try_from)
@@ -361,24 +210,23 @@ impl Store {
 
     /// The key's record of this file, if the key owns it.
     pub async fn file(&self, key: &KeyId, file_id: &str) -> Result<Option<FileRecord>, StoreError> {
-        self.owned_item(key, &file_sk(file_id))
+        self.owned_item(layout::file(key, file_id))
             .await?
             .as_ref()
             .map(FileRecord::try_from)
             .transpose()
     }
 
-    async fn owned_item(&self, key: &KeyId, sk: &str) -> Result<Option<Item>, StoreError> {
+    async fn owned_item(&self, item: layout::ItemKey) -> Result<Option<Item>, StoreError> {
         let output = self
             .client
             .get_item()
             .table_name(self.table())
-            .key("pk", s(key_pk(key)))
-            .key("sk", s(sk))
+            .set_key(Some(item.item()))
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("GetItem {item}")))?;
         Ok(output.item)
     }
 
@@ -390,12 +238,7 @@ impl Store {
     ) -> Result<Vec<String>, StoreError> {
         let keys: Vec<Item> = file_ids
             .iter()
-            .map(|id| {
-                Item::from([
-                    ("pk".to_owned(), s(key_pk(key))),
-                    ("sk".to_owned(), s(file_sk(id))),
-                ])
-            })
+            .map(|id| layout::file(key, id).item())
             .collect();
         let mut owned = std::collections::HashSet::new();
         for item in self.batch_get(keys, "file_id", &[], true).await? {
@@ -410,19 +253,7 @@ impl Store {
 
     /// Records an uploaded file as the key's.
     pub async fn record_file(&self, record: &FileRecord) -> Result<(), StoreError> {
-        let item = Item::from([
-            ("pk".to_owned(), s(key_pk(&record.key_id))),
-            ("sk".to_owned(), s(file_sk(&record.file_id))),
-            ("gsi1pk".to_owned(), s(format!("FILES#{}", record.key_id))),
-            (
-                "gsi1sk".to_owned(),
-                s(format!("{}#{}", record.recorded_at, record.file_id)),
-            ),
-            ("file_id".to_owned(), s(&record.file_id)),
-            ("key_id".to_owned(), s(record.key_id.as_str())),
-            ("recorded_at".to_owned(), s(&record.recorded_at)),
-            ("object".to_owned(), s(record.object.to_string())),
-        ]);
+        let item = layout::owned::file_item(record);
         // Inside a transaction, as every put the proxy makes (its IAM role
         // allows puts and deletes only there).
         self.transact_one(transact_put(self.table(), item, None)?, "recording a file")
@@ -431,16 +262,16 @@ impl Store {
 
     /// Forgets a file the key deleted upstream.
     pub async fn delete_file_record(&self, key: &KeyId, file_id: &str) -> Result<(), StoreError> {
-        self.delete_owned(key, &file_sk(file_id)).await
+        self.delete_owned(layout::file(key, file_id)).await
     }
 
     /// Forgets a batch the key deleted upstream (its usage was recorded first).
     pub async fn delete_batch_record(&self, key: &KeyId, batch_id: &str) -> Result<(), StoreError> {
-        self.delete_owned(key, &batch_sk(batch_id)).await
+        self.delete_owned(layout::batch(key, batch_id)).await
     }
 
-    async fn delete_owned(&self, key: &KeyId, sk: &str) -> Result<(), StoreError> {
-        let item = delete(self.table(), &key_pk(key), sk, None)?;
+    async fn delete_owned(&self, item: layout::ItemKey) -> Result<(), StoreError> {
+        let item = delete(self.table(), item, None)?;
         self.transact_one(item, "forgetting an object").await
     }
 
@@ -468,7 +299,12 @@ impl Store {
         limit: usize,
     ) -> Result<Option<OwnedPage<BatchRecord>>, StoreError> {
         let Some(page) = self
-            .owned_page(key, "BATCHES", batch_sk, from, limit)
+            .owned_page(
+                layout::batches_index(key),
+                |id| layout::batch(key, id),
+                from,
+                limit,
+            )
             .await?
         else {
             return Ok(None);
@@ -491,7 +327,15 @@ impl Store {
         from: PageFrom<'_>,
         limit: usize,
     ) -> Result<Option<OwnedPage<FileRecord>>, StoreError> {
-        let Some(page) = self.owned_page(key, "FILES", file_sk, from, limit).await? else {
+        let Some(page) = self
+            .owned_page(
+                layout::files_index(key),
+                |id| layout::file(key, id),
+                from,
+                limit,
+            )
+            .await?
+        else {
             return Ok(None);
         };
         let items = page
@@ -508,19 +352,18 @@ impl Store {
     /// `None` when the page's anchor id is not one of the key's.
     async fn owned_page(
         &self,
-        key: &KeyId,
-        kind: &str,
-        sort_key: fn(&str) -> String,
+        partition: String,
+        item_of: impl Fn(&str) -> layout::ItemKey,
         from: PageFrom<'_>,
         limit: usize,
     ) -> Result<Option<OwnedPage<Item>>, StoreError> {
         let anchor = match from {
             PageFrom::Newest => None,
             PageFrom::After(id) | PageFrom::Before(id) => {
-                let Some(item) = self.owned_item(key, &sort_key(id)).await? else {
+                let Some(item) = self.owned_item(item_of(id)).await? else {
                     return Ok(None);
                 };
-                Some(get_s(&item, "gsi1sk")?.to_owned())
+                Some(get_s(&item, layout::GSI1SK)?.to_owned())
             }
         };
         let mut query = self
@@ -528,7 +371,7 @@ impl Store {
             .query()
             .table_name(self.table())
             .index_name(GSI1)
-            .expression_attribute_values(":p", s(format!("{kind}#{key}")))
+            .expression_attribute_values(":p", s(&partition))
             .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX));
         query = match (&from, anchor) {
             (PageFrom::Before(_), Some(anchor)) => query
@@ -543,7 +386,9 @@ impl Store {
                 .key_condition_expression("gsi1pk = :p")
                 .scan_index_forward(false),
         };
-        let output = query.send().await.map_err(classify)?;
+        let output = query.send().await.map_err(|err| {
+            classify(err).during(format!("Query of {GSI1} partition {partition}"))
+        })?;
         let mut items = output.items.unwrap_or_default();
         let has_more = items.len() > limit;
         items.truncate(limit);
@@ -562,27 +407,17 @@ impl Store {
                 .query()
                 .table_name(self.table())
                 .key_condition_expression("pk = :p")
-                .expression_attribute_values(":p", s(QUEUE))
+                .expression_attribute_values(":p", s(layout::queue_partition()))
                 .consistent_read(true),
+            layout::queue_partition(),
         )
         .await?;
-        let bad = |what: &str| StoreError::Unexpected(anyhow::anyhow!("batch queue: bad `{what}`"));
         let mut open = Vec::new();
         let mut pending = Vec::new();
         for item in &items {
-            let key_id = KeyId::parse(get_s(item, "key_id")?).ok_or_else(|| bad("key_id"))?;
-            if get_s(item, "sk")?.starts_with("OPEN#") {
-                open.push(OpenBatch {
-                    batch_id: get_s(item, "batch_id")?.to_owned(),
-                    key_id,
-                });
-            } else {
-                pending.push(PendingReservation {
-                    request_id: get_s(item, "request_id")?.to_owned(),
-                    key_id,
-                    reserved_tokens: get_n(item, "reserved_tokens")?,
-                    at: get_n(item, "at")?,
-                });
+            match QueueEntry::try_from(item)? {
+                QueueEntry::Open(batch) => open.push(batch),
+                QueueEntry::Pending(reservation) => pending.push(reservation),
             }
         }
         Ok((open, pending))
@@ -635,31 +470,18 @@ impl Store {
         retention: Duration,
         with_key: bool,
     ) -> Result<Vec<TransactWriteItem>, StoreError> {
-        let pk = key_pk(&batch.key_id);
         let at_text = format_timestamp(at);
-        let usage = tally.total();
-        let requests = if tally.estimated {
-            batch.request_count
-        } else {
-            tally.succeeded + tally.errored
-        };
-        let totals = Counters {
-            requests,
-            usage,
-            estimated_requests: if tally.estimated { requests } else { 0 },
-            error_requests: tally.errored,
-        };
-        let request_id = format!("batch_{}", batch.batch_id);
+        let totals = tally.counters(batch.request_count);
+        let usage = totals.usage;
         let single_model = match tally.by_model.keys().collect::<Vec<_>>().as_slice() {
-            [model] => Some((*model).clone()),
+            [model] => Some(model.as_str()),
             _ => None,
         };
 
         let mut items = vec![transact_update(
             Update::builder()
                 .table_name(self.table())
-                .key("pk", s(&pk))
-                .key("sk", s(batch_sk(&batch.batch_id)))
+                .set_key(Some(layout::batch(&batch.key_id, &batch.batch_id).item()))
                 .update_expression("SET settled_at = :at, settled_tokens = :t")
                 .condition_expression("attribute_exists(pk) AND attribute_not_exists(settled_at)")
                 .expression_attribute_values(":at", s(&at_text))
@@ -667,37 +489,14 @@ impl Store {
         )?];
 
         let expires = epoch_seconds(at) + retention.as_secs();
-        let mut log = Item::from([
-            ("pk".to_owned(), s(&pk)),
-            ("sk".to_owned(), s(log_sort_key(at, &request_id))),
-            ("request_id".to_owned(), s(&request_id)),
-            ("kind".to_owned(), s("batch")),
-            ("batch_id".to_owned(), s(&batch.batch_id)),
-            ("requests".to_owned(), n(requests)),
-            ("key_id".to_owned(), s(batch.key_id.as_str())),
-            ("at".to_owned(), s(&at_text)),
-            ("method".to_owned(), s("POST")),
-            ("path".to_owned(), s("/v1/messages/batches")),
-            ("status".to_owned(), n(200)),
-            ("stream".to_owned(), AttributeValue::Bool(false)),
-            (
-                "estimated".to_owned(),
-                AttributeValue::Bool(tally.estimated),
-            ),
-            ("latency_ms".to_owned(), n(0)),
-            ("retries".to_owned(), n(0)),
-            ("client_ip".to_owned(), s(&batch.client_ip)),
-            (TTL_ATTRIBUTE.to_owned(), n(expires)),
-        ]);
-        log.extend(token_columns(&usage));
-        if let Some(model) = &single_model {
-            log.insert("model".into(), s(model));
-            log.insert(
-                "gsi1pk".into(),
-                s(log_model_partition(&batch.key_id, model)),
-            );
-            log.insert("gsi1sk".into(), s(log_sort_key(at, &request_id)));
-        }
+        let log = layout::usage::batch_log_item(
+            batch,
+            at,
+            &totals,
+            tally.estimated,
+            single_model,
+            expires,
+        );
         items.push(transact_put(
             self.table(),
             log,
@@ -709,41 +508,34 @@ impl Store {
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
             let reserved = i64::try_from(batch.reserved_tokens).unwrap_or(i64::MAX);
             items.push(self.key_counters_update(
-                &pk,
+                &batch.key_id,
                 &totals,
                 &[
                     ("tokens_used", billed - reserved),
                     ("tokens_reserved", -reserved),
                 ],
-                &at_text,
+                at,
             )?);
         }
-        items.push(self.day_counters_update(&pk, &batch.key_id, &totals, at)?);
+        items.push(self.day_counters_update(&batch.key_id, &totals, at)?);
 
         // DynamoDB takes 100 items per transaction: the models past the
         // first 90 share one aggregate.
         let mut models: Vec<(String, Counters)> = Vec::new();
-        for (index, (model, (usage, succeeded))) in tally.by_model.iter().enumerate() {
-            let counters = Counters {
-                requests: *succeeded,
-                usage: *usage,
-                estimated_requests: 0,
-                error_requests: 0,
-            };
+        for (index, (model, counters)) in tally.model_counters().enumerate() {
             if index < 90 {
-                models.push((model.clone(), counters));
+                models.push((model.to_owned(), counters));
             } else if let Some((_, last)) = models.last_mut() {
                 last.requests += counters.requests;
                 last.usage += counters.usage;
             }
         }
         for (model, counters) in &models {
-            items.push(self.model_counters_update(&pk, model, counters, &at_text)?);
+            items.push(self.model_counters_update(&batch.key_id, model, counters, at)?);
         }
         items.push(delete(
             self.table(),
-            QUEUE,
-            &format!("OPEN#{}", batch.batch_id),
+            layout::open_batch(&batch.batch_id),
             None,
         )?);
         Ok(items)
@@ -757,21 +549,13 @@ impl Store {
         at: OffsetDateTime,
         retention: Duration,
     ) -> Result<SettleOutcome, StoreError> {
-        let reserved = TokenUsage {
-            input_tokens: batch.reserved_tokens,
-            ..TokenUsage::default()
-        };
-        let tally = BatchTally {
-            by_model: BTreeMap::from([("unknown".to_owned(), (reserved, 0))]),
-            estimated: true,
-            ..BatchTally::default()
-        };
+        let tally = BatchTally::abandoned(batch.reserved_tokens);
         self.settle_batch(batch, &tally, at, retention).await
     }
 
     /// Drops a queue entry whose batch record is gone.
     pub async fn close_open_batch(&self, batch_id: &str) -> Result<(), StoreError> {
-        let item = delete(self.table(), QUEUE, &format!("OPEN#{batch_id}"), None)?;
+        let item = delete(self.table(), layout::open_batch(batch_id), None)?;
         self.transact_one(item, "dropping a queue entry").await
     }
 }

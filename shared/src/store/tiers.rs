@@ -1,61 +1,43 @@
-//! Rate-limit tier items (`TIER#<name>` / `META`); built-in tiers apply
+//! Rate-limit tier items (see `layout`); built-in tiers apply
 //! until an admin stores one of the same name.
 
-use super::item::{Item, get_n, get_s, n, opt_n, s};
-use super::{Store, StoreError, classify};
-use crate::domain::tier::{Tier, builtin_tiers, default_tier};
-
-const TIERS_PARTITION: &str = "TIERS";
-
-impl TryFrom<&Item> for Tier {
-    type Error = StoreError;
-
-    fn try_from(item: &Item) -> Result<Self, StoreError> {
-        Ok(Tier {
-            name: get_s(item, "name")?.to_owned(),
-            requests: get_n(item, "requests")?,
-            period: get_n(item, "period")?,
-            tokens_per_minute: opt_n(item, "tokens_per_minute")?,
-        })
-    }
-}
+use super::{Store, StoreError, classify, layout};
+use crate::domain::tier::{Tier, builtin_tiers, named_tier, tier_in_force};
 
 impl Store {
-    /// A stored tier, or the built-in one of that name.
-    pub async fn get_tier(&self, name: &str) -> Result<Option<Tier>, StoreError> {
+    /// The tier stored under `name`, if any (built-in tiers are not stored).
+    async fn stored_tier(&self, name: &str) -> Result<Option<Tier>, StoreError> {
         let output = self
             .client
             .get_item()
             .table_name(self.table())
-            .key("pk", s(format!("TIER#{name}")))
-            .key("sk", s("META"))
+            .set_key(Some(layout::tier(name).item()))
             .send()
             .await
-            .map_err(classify)?;
-        match output.item.as_ref() {
-            Some(item) => Tier::try_from(item).map(Some),
-            None => Ok(builtin_tiers().into_iter().find(|t| t.name == name)),
-        }
+            .map_err(|err| classify(err).during(format!("GetItem {}", layout::tier(name))))?;
+        output.item.as_ref().map(Tier::try_from).transpose()
     }
 
-    /// The tier a key named `name` is held to: the stored or built-in one,
-    /// or the default if it no longer exists (tiers are never deleted, but
-    /// a key could have been written by hand).
+    /// A stored tier, or the built-in one of that name.
+    pub async fn get_tier(&self, name: &str) -> Result<Option<Tier>, StoreError> {
+        Ok(named_tier(name, self.stored_tier(name).await?))
+    }
+
+    /// The tier a key named `name` is held to (`domain::tier::tier_in_force`).
     pub async fn tier_in_force(&self, name: &str) -> Result<Tier, StoreError> {
-        Ok(match self.get_tier(name).await? {
-            Some(tier) => tier,
-            None => {
+        Ok(
+            tier_in_force(name, self.stored_tier(name).await?).unwrap_or_else(|default| {
                 tracing::warn!(tier = name, "key names an unknown tier; using the default");
-                default_tier()
-            }
-        })
+                default
+            }),
+        )
     }
 
     /// Every tier, built-in ones included, sorted by name. Tiers are few (an
     /// admin creates them by hand).
     pub async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
         let mut tiers = builtin_tiers();
-        for item in self.index_partition(TIERS_PARTITION.to_owned()).await? {
+        for item in self.index_partition(layout::TIERS_INDEX.to_owned()).await? {
             let stored = Tier::try_from(&item)?;
             tiers.retain(|t| t.name != stored.name);
             tiers.push(stored);
@@ -66,25 +48,14 @@ impl Store {
 
     /// Creates or replaces a tier.
     pub async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
-        let mut item = Item::from([
-            ("pk".to_owned(), s(format!("TIER#{}", tier.name))),
-            ("sk".to_owned(), s("META")),
-            ("gsi1pk".to_owned(), s(TIERS_PARTITION)),
-            ("gsi1sk".to_owned(), s(&tier.name)),
-            ("name".to_owned(), s(&tier.name)),
-            ("requests".to_owned(), n(tier.requests)),
-            ("period".to_owned(), n(tier.period)),
-        ]);
-        if let Some(tpm) = tier.tokens_per_minute {
-            item.insert("tokens_per_minute".into(), n(tpm));
-        }
+        let item = layout::tier::tier_item(tier);
         self.client
             .put_item()
             .table_name(self.table())
             .set_item(Some(item))
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("PutItem {}", layout::tier(&tier.name))))?;
         Ok(())
     }
 }

@@ -266,7 +266,8 @@ async fn client_that_disconnects_mid_stream_is_still_billed_exactly() {
 
 #[tokio::test]
 async fn settling_the_same_request_twice_counts_it_once() {
-    use relay_shared::store::proxy::{SettleOutcome, UsageRecord};
+    use relay_shared::domain::usage::UsageRecord;
+    use relay_shared::store::settlement::SettleOutcome;
     let app = spawn_app().await.unwrap();
     let (id, _) = app.new_key().await.unwrap();
     let record = UsageRecord {

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use relay_shared::domain::key::PresentedKey;
 use relay_shared::domain::now;
 use relay_shared::domain::usage::TokenUsage;
+use relay_shared::domain::usage::UsageRecord;
 use relay_shared::metrics::{DEFAULT_NAMESPACE, request_document};
-use relay_shared::store::proxy::UsageRecord;
 use relay_shared::store::{GSI1, TTL_ATTRIBUTE};
 use serde_norway::Value;
 

@@ -75,16 +75,36 @@ pub struct RequestFacts<'a> {
     pub names_model: bool,
 }
 
+/// Whether a key may be used at all right now, whatever the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Usable,
+    Disabled,
+    Expired,
+}
+
+/// The status rule, stated once: a disabled key is refused before its
+/// expiry is looked at. `check_access` and the admission decision
+/// (`domain::admission`) both apply it.
+pub fn key_status(key: &ApiKeyRecord, now: OffsetDateTime) -> KeyStatus {
+    if !key.is_active {
+        KeyStatus::Disabled
+    } else if key.is_expired(now) {
+        KeyStatus::Expired
+    } else {
+        KeyStatus::Usable
+    }
+}
+
 pub fn check_access(
     key: &ApiKeyRecord,
     facts: &RequestFacts<'_>,
     now: OffsetDateTime,
 ) -> Result<(), Refusal> {
-    if !key.is_active {
-        return Err(Refusal::Disabled);
-    }
-    if key.is_expired(now) {
-        return Err(Refusal::Expired);
+    match key_status(key, now) {
+        KeyStatus::Usable => {}
+        KeyStatus::Disabled => return Err(Refusal::Disabled),
+        KeyStatus::Expired => return Err(Refusal::Expired),
     }
     if !key.ip_allowed(facts.ip) {
         return Err(Refusal::IpNotAllowed);

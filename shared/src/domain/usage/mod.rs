@@ -4,6 +4,9 @@
 
 use serde::Deserialize;
 
+mod record;
+pub use record::{BatchTally, Counters, UsageRecord, UsageTotals};
+
 /// Tokens of one request, by type. Quotas count their sum; logs and
 /// aggregates keep them apart.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

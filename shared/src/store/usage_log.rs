@@ -3,61 +3,15 @@
 //! across keys. Queries and GetItems only; a page reads at most one item
 //! more than it returns.
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Serialize;
 
-use super::item::{Item, get_n, get_s, opt_n, opt_s, s};
-use super::keys::key_pk;
-use super::proxy::log_model_partition;
-use super::{GSI1, Store, StoreError, classify, query_all};
+use super::item::{Item, get_s, s};
+use super::{GSI1, Store, StoreError, classify, layout, query_all};
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
-
-/// Counters settlement adds to the key, day and model items alike.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct UsageTotals {
-    pub requests: u64,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cache_creation_input_tokens: u64,
-    pub cache_read_input_tokens: u64,
-    pub estimated_requests: u64,
-    pub error_requests: u64,
-}
-
-impl UsageTotals {
-    fn from_item(item: &Item) -> Result<UsageTotals, StoreError> {
-        Ok(UsageTotals {
-            requests: get_n(item, "requests")?,
-            input_tokens: get_n(item, "input_tokens")?,
-            output_tokens: get_n(item, "output_tokens")?,
-            cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
-            cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
-            estimated_requests: get_n(item, "estimated_requests")?,
-            error_requests: get_n(item, "error_requests")?,
-        })
-    }
-
-    /// Every billed token: what quotas count.
-    pub fn tokens(&self) -> u64 {
-        self.input_tokens
-            + self.output_tokens
-            + self.cache_creation_input_tokens
-            + self.cache_read_input_tokens
-    }
-
-    pub fn add(&mut self, other: &UsageTotals) {
-        self.requests += other.requests;
-        self.input_tokens += other.input_tokens;
-        self.output_tokens += other.output_tokens;
-        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
-        self.cache_read_input_tokens += other.cache_read_input_tokens;
-        self.estimated_requests += other.estimated_requests;
-        self.error_requests += other.error_requests;
-    }
-}
+use crate::domain::usage::UsageTotals;
 
 /// A key with everything settled against it.
 #[derive(Debug, Clone)]
@@ -66,20 +20,6 @@ pub struct KeyUsage {
     pub totals: UsageTotals,
     pub first_used_at: Option<String>,
     pub last_used_at: Option<String>,
-}
-
-impl TryFrom<&Item> for KeyUsage {
-    type Error = StoreError;
-
-    /// A key item carries its record and its counters together.
-    fn try_from(item: &Item) -> Result<Self, StoreError> {
-        Ok(KeyUsage {
-            key: ApiKeyRecord::try_from(item)?,
-            totals: UsageTotals::from_item(item)?,
-            first_used_at: opt_s(item, "first_used_at")?.map(str::to_owned),
-            last_used_at: opt_s(item, "last_used_at")?.map(str::to_owned),
-        })
-    }
 }
 
 /// One usage-log row, as the proxy recorded it.
@@ -113,41 +53,6 @@ pub struct LogRow {
     pub user_agent: Option<String>,
     pub session_id: Option<String>,
     pub error_type: Option<String>,
-}
-
-impl TryFrom<&Item> for LogRow {
-    type Error = StoreError;
-
-    fn try_from(item: &Item) -> Result<Self, StoreError> {
-        let flag = |name: &str| matches!(item.get(name), Some(AttributeValue::Bool(true)));
-        let owned = |v: Option<&str>| v.map(str::to_owned);
-        Ok(LogRow {
-            kind: opt_s(item, "kind")?.unwrap_or("message").to_owned(),
-            batch_id: owned(opt_s(item, "batch_id")?),
-            requests: opt_n(item, "requests")?.unwrap_or(1),
-            request_id: get_s(item, "request_id")?.to_owned(),
-            at: get_s(item, "at")?.to_owned(),
-            model: owned(opt_s(item, "model")?),
-            method: get_s(item, "method")?.to_owned(),
-            path: get_s(item, "path")?.to_owned(),
-            status: get_n(item, "status")?,
-            stream: flag("stream"),
-            input_tokens: get_n(item, "input_tokens")?,
-            output_tokens: get_n(item, "output_tokens")?,
-            cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
-            cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
-            cache_creation_5m_input_tokens: get_n(item, "cache_creation_5m_input_tokens")?,
-            cache_creation_1h_input_tokens: get_n(item, "cache_creation_1h_input_tokens")?,
-            estimated: flag("estimated"),
-            latency_ms: get_n(item, "latency_ms")?,
-            ttfb_ms: opt_n(item, "ttfb_ms")?,
-            retries: get_n(item, "retries")?,
-            client_ip: get_s(item, "client_ip")?.to_owned(),
-            user_agent: owned(opt_s(item, "user_agent")?),
-            session_id: owned(opt_s(item, "session_id")?),
-            error_type: owned(opt_s(item, "error_type")?),
-        })
-    }
 }
 
 /// Which logs to read: newest first, within `[from, to]` (RFC 3339 UTC
@@ -191,7 +96,7 @@ fn decode_log_cursor(cursor: &str, key: &KeyId, query: &LogQuery) -> Result<Stri
         && value["m"].as_str() == query.model.as_deref()
         && value["f"].as_str() == Some(query.from.as_str())
         && value["t"].as_str() == Some(query.to.as_str())
-        && sort_key.starts_with("LOG#")
+        && layout::is_log_sort_key(sort_key)
         && (low.as_str()..=high.as_str()).contains(&sort_key);
     if matches {
         Ok(sort_key.to_owned())
@@ -202,10 +107,7 @@ fn decode_log_cursor(cursor: &str, key: &KeyId, query: &LogQuery) -> Result<Stri
 
 /// The sort-key range of a log query, both ends included.
 fn log_bounds(query: &LogQuery) -> (String, String) {
-    (
-        format!("LOG#{}", query.from),
-        format!("LOG#{}\u{10FFFF}", query.to),
-    )
+    layout::log_range(&query.from, &query.to)
 }
 
 impl Store {
@@ -215,12 +117,11 @@ impl Store {
             .client
             .get_item()
             .table_name(self.table())
-            .key("pk", s(key_pk(id)))
-            .key("sk", s("META"))
+            .set_key(Some(layout::api_key(id).item()))
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("GetItem {}", layout::api_key(id))))?;
         output.item.as_ref().map(KeyUsage::try_from).transpose()
     }
 
@@ -229,15 +130,14 @@ impl Store {
         &self,
         id: &KeyId,
     ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
-        let items = self
-            .query_partition(id, "MODEL#", "MODEL#\u{10FFFF}")
-            .await?;
+        let (low, high) = layout::model_range();
+        let items = self.query_partition(id, &low, &high).await?;
         items
             .iter()
             .map(|item| {
                 Ok((
                     get_s(item, "model")?.to_owned(),
-                    UsageTotals::from_item(item)?,
+                    layout::usage::totals_of(item)?,
                 ))
             })
             .collect()
@@ -250,15 +150,14 @@ impl Store {
         from: &str,
         to: &str,
     ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
-        let items = self
-            .query_partition(id, &format!("DAY#{from}"), &format!("DAY#{to}"))
-            .await?;
+        let (low, high) = layout::day_range(from, to);
+        let items = self.query_partition(id, &low, &high).await?;
         items
             .iter()
             .map(|item| {
                 Ok((
                     get_s(item, "day")?.to_owned(),
-                    UsageTotals::from_item(item)?,
+                    layout::usage::totals_of(item)?,
                 ))
             })
             .collect()
@@ -277,9 +176,10 @@ impl Store {
                 .query()
                 .table_name(self.table())
                 .key_condition_expression("pk = :pk AND sk BETWEEN :low AND :high")
-                .expression_attribute_values(":pk", s(key_pk(id)))
+                .expression_attribute_values(":pk", s(layout::key_partition(id)))
                 .expression_attribute_values(":low", s(low))
                 .expression_attribute_values(":high", s(high)),
+            &format!("{} from {low} to {high}", layout::key_partition(id)),
         )
         .await
     }
@@ -301,12 +201,12 @@ impl Store {
         {
             Some(Ok(after)) => {
                 let mut start = Item::from([
-                    ("pk".to_owned(), s(key_pk(id))),
-                    ("sk".to_owned(), s(after.clone())),
+                    (layout::PK.to_owned(), s(layout::key_partition(id))),
+                    (layout::SK.to_owned(), s(after.clone())),
                 ]);
                 if let Some(model) = model {
-                    start.insert("gsi1pk".into(), s(log_model_partition(id, model)));
-                    start.insert("gsi1sk".into(), s(after));
+                    start.insert(layout::GSI1PK.into(), s(layout::log_model_index(id, model)));
+                    start.insert(layout::GSI1SK.into(), s(after));
                 }
                 Some(start)
             }
@@ -320,10 +220,10 @@ impl Store {
             Some(model) => request
                 .index_name(GSI1)
                 .key_condition_expression("gsi1pk = :p AND gsi1sk BETWEEN :low AND :high")
-                .expression_attribute_values(":p", s(log_model_partition(id, model))),
+                .expression_attribute_values(":p", s(layout::log_model_index(id, model))),
             None => request
                 .key_condition_expression("pk = :p AND sk BETWEEN :low AND :high")
-                .expression_attribute_values(":p", s(key_pk(id))),
+                .expression_attribute_values(":p", s(layout::key_partition(id))),
         };
         let output = request
             .expression_attribute_values(":low", s(low))
@@ -333,10 +233,12 @@ impl Store {
             .limit(limit)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| {
+                classify(err).during(format!("Query of {}'s logs", layout::key_partition(id)))
+            })?;
         let mut rows = Vec::with_capacity(query.limit + 1);
         for item in output.items() {
-            rows.push((get_s(item, "sk")?.to_owned(), LogRow::try_from(item)?));
+            rows.push((get_s(item, layout::SK)?.to_owned(), LogRow::try_from(item)?));
         }
         let next = if rows.len() > query.limit {
             rows.truncate(query.limit);
@@ -354,13 +256,13 @@ impl Store {
         &self,
         day: &str,
     ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
-        self.index_partition(format!("DAY#{day}"))
+        self.index_partition(layout::day_index(day))
             .await?
             .iter()
             .map(|item| {
                 Ok((
                     get_s(item, "key_id")?.to_owned(),
-                    UsageTotals::from_item(item)?,
+                    layout::usage::totals_of(item)?,
                 ))
             })
             .collect()
@@ -371,15 +273,7 @@ impl Store {
         &self,
         ids: &[KeyId],
     ) -> Result<std::collections::HashMap<String, String>, StoreError> {
-        let keys: Vec<Item> = ids
-            .iter()
-            .map(|id| {
-                Item::from([
-                    ("pk".to_owned(), s(key_pk(id))),
-                    ("sk".to_owned(), s("META")),
-                ])
-            })
-            .collect();
+        let keys: Vec<Item> = ids.iter().map(|id| layout::api_key(id).item()).collect();
         let mut names = std::collections::HashMap::new();
         for item in self
             .batch_get(keys, "id, #n", &[("#n", "name")], false)
@@ -396,7 +290,7 @@ impl Store {
     /// Every key with its lifetime totals, page by page through the key
     /// listing index (for metrics exposition).
     pub async fn all_key_usage(&self) -> Result<Vec<KeyUsage>, StoreError> {
-        self.index_partition("KEYS".to_owned())
+        self.index_partition(layout::KEYS_INDEX.to_owned())
             .await?
             .iter()
             .map(KeyUsage::try_from)

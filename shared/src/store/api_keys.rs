@@ -1,4 +1,4 @@
-//! API key items (`KEY#<id>` / `META`), listed newest first through `gsi1`.
+//! API key items (see `layout`), listed newest first through `gsi1`.
 
 use std::collections::HashMap;
 
@@ -7,18 +7,11 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use time::OffsetDateTime;
 
-use super::item::{Item, get_bool, get_list, get_n, get_s, list, n, opt_n, opt_s, s};
-use super::{GSI1, Store, StoreError, classify};
+use super::item::{Item, list, n, s};
+use super::{GSI1, Store, StoreError, classify, layout};
 use crate::domain::key::{ApiKeyRecord, KeyChanges, NewKey};
 use crate::domain::key::{KeyId, PresentedKey, SecretHash, display_prefix};
 use crate::domain::{format_timestamp, parse_timestamp};
-
-const META: &str = "META";
-const KEYS_PARTITION: &str = "KEYS";
-
-pub(crate) fn key_pk(id: &KeyId) -> String {
-    format!("KEY#{id}")
-}
 
 /// One page of a key listing and the opaque cursor of the next one.
 #[derive(Debug)]
@@ -32,44 +25,6 @@ pub struct KeyPage {
 #[error("cursor is not one this API returned")]
 pub struct BadCursor;
 
-impl TryFrom<&Item> for ApiKeyRecord {
-    type Error = StoreError;
-
-    fn try_from(item: &Item) -> Result<Self, StoreError> {
-        let bad = |name: &str| StoreError::Unexpected(anyhow::anyhow!("stored key: bad `{name}`"));
-        let timestamp = |name: &str| -> Result<OffsetDateTime, StoreError> {
-            parse_timestamp(get_s(item, name)?).ok_or_else(|| bad(name))
-        };
-        Ok(ApiKeyRecord {
-            id: KeyId::parse(get_s(item, "id")?).ok_or_else(|| bad("id"))?,
-            name: get_s(item, "name")?.to_owned(),
-            description: opt_s(item, "description")?.map(str::to_owned),
-            prefix: get_s(item, "prefix")?.to_owned(),
-            secret_hash: SecretHash::from_hex(get_s(item, "secret_hash")?)
-                .ok_or_else(|| bad("secret_hash"))?,
-            is_active: get_bool(item, "is_active")?,
-            created_at: timestamp("created_at")?,
-            updated_at: timestamp("updated_at")?,
-            expires_at: opt_s(item, "expires_at")?
-                .map(|t| parse_timestamp(t).ok_or_else(|| bad("expires_at")))
-                .transpose()?,
-            token_limit: opt_n(item, "token_limit")?,
-            tokens_used: get_n(item, "tokens_used")?,
-            tokens_reserved: get_n(item, "tokens_reserved")?,
-            rate_limit_tier: get_s(item, "rate_limit_tier")?.to_owned(),
-            allowed_ips: get_list(item, "allowed_ips")?
-                .iter()
-                .map(|net| net.parse().map_err(|_| bad("allowed_ips")))
-                .collect::<Result<_, _>>()?,
-            allowed_origins: get_list(item, "allowed_origins")?,
-            allowed_models: get_list(item, "allowed_models")?,
-            rate_window: opt_n(item, "rl_window")?
-                .map(|start| Ok::<_, StoreError>((start, get_n(item, "rl_count")?)))
-                .transpose()?,
-        })
-    }
-}
-
 fn encode_cursor(sort_key: &str) -> String {
     URL_SAFE_NO_PAD.encode(sort_key)
 }
@@ -77,7 +32,7 @@ fn encode_cursor(sort_key: &str) -> String {
 fn decode_cursor(cursor: &str) -> Result<(String, KeyId), BadCursor> {
     let bytes = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| BadCursor)?;
     let sort_key = String::from_utf8(bytes).map_err(|_| BadCursor)?;
-    let (created, id) = sort_key.rsplit_once('#').ok_or(BadCursor)?;
+    let (created, id) = layout::split_created_sort_key(&sort_key).ok_or(BadCursor)?;
     parse_timestamp(created).ok_or(BadCursor)?;
     let id = KeyId::parse(id).ok_or(BadCursor)?;
     Ok((sort_key, id))
@@ -110,35 +65,7 @@ impl Store {
             allowed_models: new.allowed_models.clone(),
             rate_window: None,
         };
-        let created = format_timestamp(now);
-        let mut item = Item::new();
-        item.insert("pk".into(), s(key_pk(key.id())));
-        item.insert("sk".into(), s(META));
-        item.insert("gsi1pk".into(), s(KEYS_PARTITION));
-        item.insert("gsi1sk".into(), s(format!("{created}#{}", key.id())));
-        item.insert("id".into(), s(key.id().as_str()));
-        item.insert("name".into(), s(&record.name));
-        if let Some(description) = &record.description {
-            item.insert("description".into(), s(description));
-        }
-        item.insert("prefix".into(), s(&record.prefix));
-        item.insert("secret_hash".into(), s(record.secret_hash.to_hex()));
-        item.insert("is_active".into(), AttributeValue::Bool(true));
-        item.insert("created_at".into(), s(&created));
-        item.insert("updated_at".into(), s(&created));
-        if let Some(expires_at) = record.expires_at {
-            item.insert("expires_at".into(), s(format_timestamp(expires_at)));
-        }
-        if let Some(limit) = record.token_limit {
-            item.insert("token_limit".into(), n(limit));
-        }
-        item.insert("tokens_used".into(), n(0));
-        item.insert("requests".into(), n(0));
-        item.insert("rate_limit_tier".into(), s(&record.rate_limit_tier));
-        let ips: Vec<String> = record.allowed_ips.iter().map(ToString::to_string).collect();
-        item.insert("allowed_ips".into(), list(&ips));
-        item.insert("allowed_origins".into(), list(&record.allowed_origins));
-        item.insert("allowed_models".into(), list(&record.allowed_models));
+        let item = layout::api_key::new_key_item(&record);
         self.client
             .put_item()
             .table_name(self.table())
@@ -146,7 +73,9 @@ impl Store {
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| {
+                classify(err).during(format!("PutItem {}", layout::api_key(key.id())))
+            })?;
         Ok(record)
     }
 
@@ -157,12 +86,11 @@ impl Store {
             .client
             .get_item()
             .table_name(self.table())
-            .key("pk", s(key_pk(id)))
-            .key("sk", s(META))
+            .set_key(Some(layout::api_key(id).item()))
             .consistent_read(true)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("GetItem {}", layout::api_key(id))))?;
         output.item.as_ref().map(ApiKeyRecord::try_from).transpose()
     }
 
@@ -175,14 +103,7 @@ impl Store {
         cursor: Option<&str>,
     ) -> Result<Result<KeyPage, BadCursor>, StoreError> {
         let mut start_key = match cursor.map(decode_cursor).transpose() {
-            Ok(start) => start.map(|(sort_key, id)| {
-                Item::from([
-                    ("gsi1pk".to_owned(), s(KEYS_PARTITION)),
-                    ("gsi1sk".to_owned(), s(sort_key)),
-                    ("pk".to_owned(), s(key_pk(&id))),
-                    ("sk".to_owned(), s(META)),
-                ])
-            }),
+            Ok(start) => start.map(|(sort_key, id)| layout::api_key::listing_start(sort_key, &id)),
             Err(bad) => return Ok(Err(bad)),
         };
         let mut keys = Vec::with_capacity(limit + 1);
@@ -195,7 +116,7 @@ impl Store {
                 .table_name(self.table())
                 .index_name(GSI1)
                 .key_condition_expression("gsi1pk = :p")
-                .expression_attribute_values(":p", s(KEYS_PARTITION))
+                .expression_attribute_values(":p", s(layout::KEYS_INDEX))
                 .scan_index_forward(false)
                 .limit(i32::try_from(limit + 1 - keys.len()).unwrap_or(i32::MAX))
                 .set_exclusive_start_key(start_key.take());
@@ -204,7 +125,9 @@ impl Store {
                     .filter_expression("is_active = :a")
                     .expression_attribute_values(":a", AttributeValue::Bool(active));
             }
-            let output = query.send().await.map_err(classify)?;
+            let output = query.send().await.map_err(|err| {
+                classify(err).during(format!("Query of {GSI1} partition {}", layout::KEYS_INDEX))
+            })?;
             for item in output.items() {
                 keys.push(ApiKeyRecord::try_from(item)?);
             }
@@ -216,7 +139,7 @@ impl Store {
         let next_cursor = if keys.len() > limit {
             keys.truncate(limit);
             keys.last()
-                .map(|k| encode_cursor(&format!("{}#{}", format_timestamp(k.created_at), k.id)))
+                .map(|k| encode_cursor(&layout::api_key::listing_sort_key(k)))
         } else {
             None
         };
@@ -318,8 +241,7 @@ impl Store {
             .client
             .update_item()
             .table_name(self.table())
-            .key("pk", s(key_pk(id)))
-            .key("sk", s(META))
+            .set_key(Some(layout::api_key(id).item()))
             .update_expression(expression)
             .condition_expression("attribute_exists(pk)")
             .set_expression_attribute_names(names)
@@ -340,7 +262,7 @@ impl Store {
             {
                 Ok(None)
             }
-            Err(err) => Err(classify(err)),
+            Err(err) => Err(classify(err).during(format!("UpdateItem {}", layout::api_key(id)))),
         }
     }
 
@@ -350,12 +272,11 @@ impl Store {
             .client
             .delete_item()
             .table_name(self.table())
-            .key("pk", s(key_pk(id)))
-            .key("sk", s(META))
+            .set_key(Some(layout::api_key(id).item()))
             .return_values(ReturnValue::AllOld)
             .send()
             .await
-            .map_err(classify)?;
+            .map_err(|err| classify(err).during(format!("DeleteItem {}", layout::api_key(id))))?;
         Ok(output.attributes.is_some())
     }
 }

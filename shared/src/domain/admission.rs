@@ -1,0 +1,543 @@
+//! The admission decision for one charged request (or batch), without I/O:
+//! which refusal a key's state means, whether its quota admits the charge,
+//! and how its rate window advances. The store states the same rules as one
+//! conditional write and asks this module what a refused write meant.
+
+use time::OffsetDateTime;
+
+use super::epoch_seconds;
+use super::key::ApiKeyRecord;
+use super::key::SecretHash;
+use super::key::access::{KeyStatus, key_status};
+use super::tier::window_of;
+
+/// Why a request was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmissionRefusal {
+    #[error("no such key")]
+    UnknownKey,
+    #[error("wrong secret")]
+    WrongSecret,
+    #[error("key disabled")]
+    Disabled,
+    #[error("key expired")]
+    Expired,
+    #[error("token quota exhausted")]
+    QuotaExhausted { used: u64, limit: u64 },
+    /// A reservation (a batch's worst case) does not fit what is left.
+    #[error("worst case exceeds the quota left")]
+    WorstCaseExceedsQuota { worst: u64, left: u64 },
+    #[error("rate limited")]
+    RateLimited { retry_after: u64 },
+    /// More requests at once than the tier allows in a whole window.
+    #[error("more requests than the tier's window holds")]
+    OverTier {
+        requests: u64,
+        limit: u64,
+        period: u64,
+    },
+}
+
+/// The tier's rate limit: `requests` per fixed window of `period` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u64,
+    pub period: u64,
+}
+
+/// What an admission takes from the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Charge {
+    /// Requests counted in the tier's window (a batch counts each of its own).
+    pub requests: u64,
+    pub quota: QuotaRule,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaRule {
+    /// Admitted while any of the quota is left (a message's cost is known
+    /// only once it is answered).
+    AnyLeft,
+    /// `tokens` (a worst case) must fit what is left of `limit`, the key's
+    /// `token_limit` as last read (`None`: unlimited, nothing reserved);
+    /// it is added to `tokens_used` (and `tokens_reserved`) in the same
+    /// write, and replaced by the real figure when the usage is settled.
+    Reserve { limit: Option<u64>, tokens: u64 },
+}
+
+impl Charge {
+    /// One message request.
+    pub const MESSAGE: Charge = Charge {
+        requests: 1,
+        quota: QuotaRule::AnyLeft,
+    };
+
+    /// Tokens this admission adds to `tokens_used` and `tokens_reserved`.
+    pub fn reserved(&self) -> u64 {
+        match self.quota {
+            QuotaRule::Reserve {
+                limit: Some(_),
+                tokens,
+            } => tokens,
+            _ => 0,
+        }
+    }
+}
+
+/// Which window to count in: the one the key item holds, or a new one.
+/// The store writes it conditionally; a wrong guess costs one more round
+/// trip, never a wrong count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowStep {
+    /// Add to the count of the stored window starting here.
+    Same(u64),
+    /// Open the window starting here with this charge's requests.
+    New(u64),
+}
+
+/// The write to attempt: the window step, and the charge as it must be
+/// stated (a reservation follows the key's stored limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdmissionWrite {
+    pub step: WindowStep,
+    pub charge: Charge,
+}
+
+/// What is known of the key when deciding.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyState<'a> {
+    /// Nothing read yet: only the window a cached record last showed, if
+    /// any. The write's condition checks everything else.
+    Unread { last_window: Option<u64> },
+    /// The key item as a refused write returned it (`None`: no such key).
+    Stored(Option<&'a ApiKeyRecord>),
+}
+
+/// The quota predicate, stated once: may a key that has used `used` of
+/// `limit` tokens (`None`: unlimited) take this quota rule's charge? The
+/// store's admission condition mirrors it (`store::admission`).
+pub fn quota_admits(
+    quota: QuotaRule,
+    used: u64,
+    limit: Option<u64>,
+) -> Result<(), AdmissionRefusal> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    match quota {
+        QuotaRule::AnyLeft if used >= limit => {
+            Err(AdmissionRefusal::QuotaExhausted { used, limit })
+        }
+        QuotaRule::Reserve { tokens, .. } if used.saturating_add(tokens) > limit => {
+            Err(AdmissionRefusal::WorstCaseExceedsQuota {
+                worst: tokens,
+                left: limit.saturating_sub(used),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Decides an admission: the write to attempt, or the refusal. Called
+/// before the first write (`KeyState::Unread`: a guess at the window) and
+/// after each refused one (`KeyState::Stored`: a final refusal, or the next
+/// write, on another window or a changed limit).
+///
+/// Checks run in the order the refusals are reported: the charge against
+/// the tier, the key's existence, its secret, its status (`key_status`),
+/// its quota (`quota_admits`), its rate window.
+pub fn decide(
+    state: KeyState<'_>,
+    hash: &SecretHash,
+    rate: RateLimit,
+    mut charge: Charge,
+    now: OffsetDateTime,
+) -> Result<AdmissionWrite, AdmissionRefusal> {
+    if charge.requests > rate.requests {
+        return Err(AdmissionRefusal::OverTier {
+            requests: charge.requests,
+            limit: rate.requests,
+            period: rate.period,
+        });
+    }
+    let (window, retry_after) = window_of(epoch_seconds(now), rate.period);
+    let old = match state {
+        KeyState::Unread { last_window } => {
+            let step = if last_window == Some(window) {
+                WindowStep::Same(window)
+            } else {
+                WindowStep::New(window)
+            };
+            return Ok(AdmissionWrite { step, charge });
+        }
+        KeyState::Stored(None) => return Err(AdmissionRefusal::UnknownKey),
+        KeyState::Stored(Some(old)) => old,
+    };
+    if !old.secret_hash.matches(hash) {
+        return Err(AdmissionRefusal::WrongSecret);
+    }
+    match key_status(old, now) {
+        KeyStatus::Usable => {}
+        KeyStatus::Disabled => return Err(AdmissionRefusal::Disabled),
+        KeyStatus::Expired => return Err(AdmissionRefusal::Expired),
+    }
+    quota_admits(charge.quota, old.tokens_used, old.token_limit)?;
+    if let QuotaRule::Reserve { limit, .. } = &mut charge.quota {
+        // The limit may have changed since it was read: the next write is
+        // stated on the stored one.
+        *limit = old.token_limit;
+    }
+    let step = match old.rate_window {
+        Some((stored, count)) if stored >= window => {
+            if count + charge.requests > rate.requests {
+                let retry_after = if stored == window {
+                    retry_after
+                } else {
+                    // Another instance's clock is ahead: its window is
+                    // still whole.
+                    rate.period
+                };
+                return Err(AdmissionRefusal::RateLimited { retry_after });
+            }
+            // Another instance's clock may be ahead: count in its window.
+            WindowStep::Same(stored)
+        }
+        _ => WindowStep::New(window),
+    };
+    Ok(AdmissionWrite { step, charge })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::key::PresentedKey;
+
+    const RATE: RateLimit = RateLimit {
+        requests: 10,
+        period: 60,
+    };
+
+    /// 1000 s past the epoch is 40 s into the window opened at 960.
+    fn at_1000() -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp(1000).unwrap()
+    }
+
+    fn key(used: u64, limit: Option<u64>) -> (ApiKeyRecord, SecretHash) {
+        let key = PresentedKey::generate();
+        let now = at_1000();
+        let record = ApiKeyRecord {
+            id: key.id().clone(),
+            name: "k".into(),
+            description: None,
+            prefix: String::new(),
+            secret_hash: key.hash(),
+            is_active: true,
+            created_at: now,
+            updated_at: now,
+            expires_at: None,
+            token_limit: limit,
+            tokens_used: used,
+            tokens_reserved: 0,
+            rate_limit_tier: "basic".into(),
+            allowed_ips: vec![],
+            allowed_origins: vec![],
+            allowed_models: vec![],
+            rate_window: Some((960, 2)),
+        };
+        (record, key.hash())
+    }
+
+    fn reserve(limit: Option<u64>, tokens: u64) -> Charge {
+        Charge {
+            requests: 1,
+            quota: QuotaRule::Reserve { limit, tokens },
+        }
+    }
+
+    #[test]
+    fn a_refused_write_is_judged_from_the_stored_key() {
+        let now = at_1000();
+        let other = PresentedKey::generate().hash();
+        type Edit = fn(&mut ApiKeyRecord);
+        /// Name, change to a usable key, charge, right secret, decision.
+        type Case = (
+            &'static str,
+            Edit,
+            Charge,
+            bool,
+            Result<WindowStep, AdmissionRefusal>,
+        );
+        let keep: Edit = |_| {};
+        let cases: Vec<Case> = vec![
+            (
+                "usable key in the same window with room",
+                keep,
+                Charge::MESSAGE,
+                true,
+                Ok(WindowStep::Same(960)),
+            ),
+            (
+                "wrong secret",
+                keep,
+                Charge::MESSAGE,
+                false,
+                Err(AdmissionRefusal::WrongSecret),
+            ),
+            (
+                "disabled (even if expired too)",
+                |k| {
+                    k.is_active = false;
+                    k.expires_at = Some(at_1000());
+                },
+                Charge::MESSAGE,
+                true,
+                Err(AdmissionRefusal::Disabled),
+            ),
+            (
+                "expired at this very moment",
+                |k| k.expires_at = Some(at_1000()),
+                Charge::MESSAGE,
+                true,
+                Err(AdmissionRefusal::Expired),
+            ),
+            (
+                "expiring later",
+                |k| k.expires_at = Some(at_1000() + time::Duration::seconds(1)),
+                Charge::MESSAGE,
+                true,
+                Ok(WindowStep::Same(960)),
+            ),
+            (
+                "any left: below the limit",
+                |k| (k.tokens_used, k.token_limit) = (99, Some(100)),
+                Charge::MESSAGE,
+                true,
+                Ok(WindowStep::Same(960)),
+            ),
+            (
+                "any left: at the limit",
+                |k| (k.tokens_used, k.token_limit) = (100, Some(100)),
+                Charge::MESSAGE,
+                true,
+                Err(AdmissionRefusal::QuotaExhausted {
+                    used: 100,
+                    limit: 100,
+                }),
+            ),
+            (
+                "any left: over the limit",
+                |k| (k.tokens_used, k.token_limit) = (150, Some(100)),
+                Charge::MESSAGE,
+                true,
+                Err(AdmissionRefusal::QuotaExhausted {
+                    used: 150,
+                    limit: 100,
+                }),
+            ),
+            (
+                "any left: unlimited",
+                |k| k.tokens_used = u64::MAX,
+                Charge::MESSAGE,
+                true,
+                Ok(WindowStep::Same(960)),
+            ),
+            (
+                "reserve: fits below",
+                |k| (k.tokens_used, k.token_limit) = (500, Some(1000)),
+                reserve(Some(1000), 400),
+                true,
+                Ok(WindowStep::Same(960)),
+            ),
+            (
+                "reserve: fits exactly",
+                |k| (k.tokens_used, k.token_limit) = (600, Some(1000)),
+                reserve(Some(1000), 400),
+                true,
+                Ok(WindowStep::Same(960)),
+            ),
+            (
+                "reserve: one token over",
+                |k| (k.tokens_used, k.token_limit) = (601, Some(1000)),
+                reserve(Some(1000), 400),
+                true,
+                Err(AdmissionRefusal::WorstCaseExceedsQuota {
+                    worst: 400,
+                    left: 399,
+                }),
+            ),
+            (
+                "reserve: already over",
+                |k| (k.tokens_used, k.token_limit) = (1200, Some(1000)),
+                reserve(Some(1000), 400),
+                true,
+                Err(AdmissionRefusal::WorstCaseExceedsQuota {
+                    worst: 400,
+                    left: 0,
+                }),
+            ),
+            (
+                "reserve: unlimited",
+                |k| k.tokens_used = 10_000,
+                reserve(None, 400),
+                true,
+                Ok(WindowStep::Same(960)),
+            ),
+            (
+                "same window, full",
+                |k| k.rate_window = Some((960, 10)),
+                Charge::MESSAGE,
+                true,
+                Err(AdmissionRefusal::RateLimited { retry_after: 20 }),
+            ),
+            (
+                "same window, last slot",
+                |k| k.rate_window = Some((960, 9)),
+                Charge::MESSAGE,
+                true,
+                Ok(WindowStep::Same(960)),
+            ),
+            (
+                "a window ahead on another clock, with room",
+                |k| k.rate_window = Some((1020, 3)),
+                Charge::MESSAGE,
+                true,
+                Ok(WindowStep::Same(1020)),
+            ),
+            (
+                "a window ahead on another clock, full",
+                |k| k.rate_window = Some((1020, 10)),
+                Charge::MESSAGE,
+                true,
+                Err(AdmissionRefusal::RateLimited { retry_after: 60 }),
+            ),
+            (
+                "an older window opens a new one",
+                |k| k.rate_window = Some((900, 10)),
+                Charge::MESSAGE,
+                true,
+                Ok(WindowStep::New(960)),
+            ),
+            (
+                "no window yet",
+                |k| k.rate_window = None,
+                Charge::MESSAGE,
+                true,
+                Ok(WindowStep::New(960)),
+            ),
+            (
+                "a batch larger than what is left of the window",
+                |k| k.rate_window = Some((960, 2)),
+                Charge {
+                    requests: 9,
+                    quota: QuotaRule::AnyLeft,
+                },
+                true,
+                Err(AdmissionRefusal::RateLimited { retry_after: 20 }),
+            ),
+            (
+                "a batch larger than the tier",
+                keep,
+                Charge {
+                    requests: 11,
+                    quota: QuotaRule::AnyLeft,
+                },
+                true,
+                Err(AdmissionRefusal::OverTier {
+                    requests: 11,
+                    limit: 10,
+                    period: 60,
+                }),
+            ),
+        ];
+        for (name, edit, charge, right_secret, expected) in cases {
+            let (mut old, hash) = key(0, None);
+            edit(&mut old);
+            let hash = if right_secret { hash } else { other.clone() };
+            let decided = decide(KeyState::Stored(Some(&old)), &hash, RATE, charge, now)
+                .map(|write| write.step);
+            assert_eq!(decided, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn an_absent_key_is_unknown_and_an_over_tier_charge_is_refused_unread() {
+        let (_, hash) = key(0, None);
+        assert_eq!(
+            decide(
+                KeyState::Stored(None),
+                &hash,
+                RATE,
+                Charge::MESSAGE,
+                at_1000()
+            ),
+            Err(AdmissionRefusal::UnknownKey)
+        );
+        let big = Charge {
+            requests: 11,
+            quota: QuotaRule::AnyLeft,
+        };
+        assert_eq!(
+            decide(
+                KeyState::Unread { last_window: None },
+                &hash,
+                RATE,
+                big,
+                at_1000()
+            ),
+            Err(AdmissionRefusal::OverTier {
+                requests: 11,
+                limit: 10,
+                period: 60
+            })
+        );
+    }
+
+    #[test]
+    fn the_first_write_guesses_the_window_a_cached_record_last_showed() {
+        let (_, hash) = key(0, None);
+        let first = |last_window| {
+            decide(
+                KeyState::Unread { last_window },
+                &hash,
+                RATE,
+                Charge::MESSAGE,
+                at_1000(),
+            )
+            .map(|write| write.step)
+        };
+        assert_eq!(first(Some(960)), Ok(WindowStep::Same(960)));
+        assert_eq!(first(Some(900)), Ok(WindowStep::New(960)));
+        assert_eq!(first(None), Ok(WindowStep::New(960)));
+    }
+
+    #[test]
+    fn a_reservation_follows_a_changed_limit() {
+        let (mut old, hash) = key(700, Some(1000));
+        let charge = reserve(Some(1000), 400);
+        assert_eq!(
+            decide(KeyState::Stored(Some(&old)), &hash, RATE, charge, at_1000()),
+            Err(AdmissionRefusal::WorstCaseExceedsQuota {
+                worst: 400,
+                left: 300
+            })
+        );
+        // The admin raised the limit meanwhile: the next write states it.
+        old.token_limit = Some(5000);
+        let write = decide(KeyState::Stored(Some(&old)), &hash, RATE, charge, at_1000()).unwrap();
+        assert_eq!(write.step, WindowStep::Same(960));
+        assert_eq!(write.charge, reserve(Some(5000), 400));
+        assert_eq!(write.charge.reserved(), 400);
+        // ...or removed it: nothing is reserved any more.
+        old.token_limit = None;
+        let write = decide(KeyState::Stored(Some(&old)), &hash, RATE, charge, at_1000()).unwrap();
+        assert_eq!(write.charge, reserve(None, 400));
+        assert_eq!(write.charge.reserved(), 0);
+    }
+
+    #[test]
+    fn messages_reserve_nothing() {
+        assert_eq!(Charge::MESSAGE.reserved(), 0);
+        assert_eq!(reserve(None, 400).reserved(), 0);
+        assert_eq!(reserve(Some(1), 400).reserved(), 400);
+    }
+}

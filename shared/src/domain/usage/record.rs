@@ -1,0 +1,251 @@
+//! What is recorded of relayed requests: one request's usage record, the
+//! counters a settlement adds to a key, a day and a model, the totals read
+//! back, and what a message batch's results add up to.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::TokenUsage;
+use crate::domain::key::KeyId;
+
+/// Everything recorded about one relayed request.
+#[derive(Debug, Clone)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub key_id: KeyId,
+    pub at: OffsetDateTime,
+    pub model: Option<String>,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub stream: bool,
+    pub usage: TokenUsage,
+    pub estimated: bool,
+    pub latency_ms: u64,
+    pub ttfb_ms: Option<u64>,
+    pub retries: u32,
+    pub client_ip: String,
+    pub user_agent: Option<String>,
+    pub session_id: Option<String>,
+    /// `error.type` when the answer was an error (HTTP or in-stream).
+    pub error_type: Option<String>,
+}
+
+/// What one settlement adds to the key's, a day's or a model's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub requests: u64,
+    pub usage: TokenUsage,
+    pub estimated_requests: u64,
+    pub error_requests: u64,
+}
+
+impl Counters {
+    /// One request's share: an error request is one answered with an error
+    /// status or an error event; an estimated one is one whose usage was
+    /// estimated rather than read off the answer.
+    pub fn of(record: &UsageRecord) -> Counters {
+        Counters {
+            requests: 1,
+            usage: record.usage,
+            estimated_requests: u64::from(record.estimated),
+            error_requests: u64::from(record.error_type.is_some() || record.status >= 400),
+        }
+    }
+}
+
+/// Counters settlement adds to the key, day and model items alike, as read
+/// back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct UsageTotals {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    pub estimated_requests: u64,
+    pub error_requests: u64,
+}
+
+impl UsageTotals {
+    /// The token counts as a usage (no 5m/1h split: aggregates do not keep it).
+    pub fn usage(&self) -> TokenUsage {
+        TokenUsage {
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cache_creation_input_tokens: self.cache_creation_input_tokens,
+            cache_read_input_tokens: self.cache_read_input_tokens,
+            ..TokenUsage::default()
+        }
+    }
+
+    /// Every billed token ([`TokenUsage::billed`]): what quotas count.
+    pub fn tokens(&self) -> u64 {
+        self.usage().billed()
+    }
+
+    pub fn add(&mut self, other: &UsageTotals) {
+        self.requests += other.requests;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cache_creation_input_tokens += other.cache_creation_input_tokens;
+        self.cache_read_input_tokens += other.cache_read_input_tokens;
+        self.estimated_requests += other.estimated_requests;
+        self.error_requests += other.error_requests;
+    }
+}
+
+/// What a batch's results add up to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchTally {
+    /// Usage and succeeded requests per model.
+    pub by_model: BTreeMap<String, (TokenUsage, u64)>,
+    pub succeeded: u64,
+    pub errored: u64,
+    pub canceled: u64,
+    pub expired: u64,
+    /// Not read from results: the batch's reservation, charged because its
+    /// results could no longer be read.
+    pub estimated: bool,
+}
+
+impl BatchTally {
+    /// A batch whose results can no longer be read: charged its
+    /// reservation, as input tokens of an unknown model, estimated.
+    pub fn abandoned(reserved_tokens: u64) -> BatchTally {
+        let reserved = TokenUsage {
+            input_tokens: reserved_tokens,
+            ..TokenUsage::default()
+        };
+        BatchTally {
+            by_model: BTreeMap::from([("unknown".to_owned(), (reserved, 0))]),
+            estimated: true,
+            ..BatchTally::default()
+        }
+    }
+
+    pub fn total(&self) -> TokenUsage {
+        let mut total = TokenUsage::default();
+        for (usage, _) in self.by_model.values() {
+            total += *usage;
+        }
+        total
+    }
+
+    /// The batch's share of the key's and the day's counters: the requests
+    /// answered (succeeded or errored), or, estimated, all
+    /// `request_count` the batch was created with.
+    pub fn counters(&self, request_count: u64) -> Counters {
+        let requests = if self.estimated {
+            request_count
+        } else {
+            self.succeeded + self.errored
+        };
+        Counters {
+            requests,
+            usage: self.total(),
+            estimated_requests: if self.estimated { requests } else { 0 },
+            error_requests: self.errored,
+        }
+    }
+
+    /// Each model's share of its aggregate: its succeeded requests and usage.
+    pub fn model_counters(&self) -> impl Iterator<Item = (&str, Counters)> {
+        self.by_model.iter().map(|(model, (usage, succeeded))| {
+            (
+                model.as_str(),
+                Counters {
+                    requests: *succeeded,
+                    usage: *usage,
+                    estimated_requests: 0,
+                    error_requests: 0,
+                },
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: u16, error_type: Option<&str>, estimated: bool) -> UsageRecord {
+        UsageRecord {
+            request_id: "r".into(),
+            key_id: KeyId::parse("abcdefABCDEF").unwrap(),
+            at: crate::domain::now(),
+            model: None,
+            method: "POST".into(),
+            path: "/v1/messages".into(),
+            status,
+            stream: false,
+            usage: TokenUsage::default(),
+            estimated,
+            latency_ms: 0,
+            ttfb_ms: None,
+            retries: 0,
+            client_ip: "127.0.0.1".into(),
+            user_agent: None,
+            session_id: None,
+            error_type: error_type.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn error_status_or_error_event_counts_as_an_error_request() {
+        let cases = [
+            (200, None, false, 0, 0),
+            (200, Some("overloaded_error"), false, 1, 0),
+            (400, None, false, 1, 0),
+            (529, None, true, 1, 1),
+            (200, None, true, 0, 1),
+        ];
+        for (status, error_type, estimated, errors, estimates) in cases {
+            let counters = Counters::of(&record(status, error_type, estimated));
+            assert_eq!(counters.requests, 1);
+            assert_eq!(
+                (counters.error_requests, counters.estimated_requests),
+                (errors, estimates),
+                "{status} {error_type:?} {estimated}"
+            );
+        }
+    }
+
+    #[test]
+    fn totals_count_the_billed_tokens() {
+        let totals = UsageTotals {
+            input_tokens: 1,
+            output_tokens: 2,
+            cache_creation_input_tokens: 4,
+            cache_read_input_tokens: 8,
+            ..UsageTotals::default()
+        };
+        assert_eq!(totals.tokens(), 15);
+        assert_eq!(totals.tokens(), totals.usage().billed());
+    }
+
+    #[test]
+    fn a_batch_counts_answered_requests_or_all_when_estimated() {
+        let mut tally = BatchTally {
+            succeeded: 3,
+            errored: 1,
+            canceled: 2,
+            ..BatchTally::default()
+        };
+        let counters = tally.counters(6);
+        assert_eq!(
+            (
+                counters.requests,
+                counters.error_requests,
+                counters.estimated_requests
+            ),
+            (4, 1, 0)
+        );
+        tally = BatchTally::abandoned(500);
+        let counters = tally.counters(6);
+        assert_eq!((counters.requests, counters.estimated_requests), (6, 6));
+        assert_eq!(counters.usage.billed(), 500);
+    }
+}

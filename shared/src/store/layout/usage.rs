@@ -1,0 +1,198 @@
+//! What settlement writes under a key: usage-log rows (`LOG#<at>#<request
+//! id>`, also under `gsi1` `LOG#<key>#<model>`), and the counters the key,
+//! day (`DAY#<day>`) and model (`MODEL#<model>`) items share.
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use time::OffsetDateTime;
+
+use super::super::item::{Item, get_n, get_s, n, opt_n, opt_s, s};
+use super::super::owned::BatchRecord;
+use super::super::usage_log::LogRow;
+use super::super::{StoreError, TTL_ATTRIBUTE};
+use super::{GSI1PK, GSI1SK, log_model_index, usage_log};
+use crate::domain::format_timestamp;
+use crate::domain::key::KeyId;
+use crate::domain::usage::{Counters, TokenUsage, UsageRecord, UsageTotals};
+
+/// The counters kept per key, per day and per model, named alike everywhere.
+pub(crate) fn counter_values(counters: &Counters) -> [(&'static str, u64); 7] {
+    let usage = &counters.usage;
+    [
+        ("requests", counters.requests),
+        ("input_tokens", usage.input_tokens),
+        ("output_tokens", usage.output_tokens),
+        (
+            "cache_creation_input_tokens",
+            usage.cache_creation_input_tokens,
+        ),
+        ("cache_read_input_tokens", usage.cache_read_input_tokens),
+        ("estimated_requests", counters.estimated_requests),
+        ("error_requests", counters.error_requests),
+    ]
+}
+
+/// The counters of a key, day or model item.
+pub(crate) fn totals_of(item: &Item) -> Result<UsageTotals, StoreError> {
+    Ok(UsageTotals {
+        requests: get_n(item, "requests")?,
+        input_tokens: get_n(item, "input_tokens")?,
+        output_tokens: get_n(item, "output_tokens")?,
+        cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
+        cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
+        estimated_requests: get_n(item, "estimated_requests")?,
+        error_requests: get_n(item, "error_requests")?,
+    })
+}
+
+/// The token columns of a usage-log item.
+fn token_columns(usage: &TokenUsage) -> [(String, AttributeValue); 6] {
+    [
+        ("input_tokens".to_owned(), n(usage.input_tokens)),
+        ("output_tokens".to_owned(), n(usage.output_tokens)),
+        (
+            "cache_creation_input_tokens".to_owned(),
+            n(usage.cache_creation_input_tokens),
+        ),
+        (
+            "cache_read_input_tokens".to_owned(),
+            n(usage.cache_read_input_tokens),
+        ),
+        (
+            "cache_creation_5m_input_tokens".to_owned(),
+            n(usage.cache_creation_5m),
+        ),
+        (
+            "cache_creation_1h_input_tokens".to_owned(),
+            n(usage.cache_creation_1h),
+        ),
+    ]
+}
+
+/// The log row's key, plus its `gsi1` key when it names a model: indexed
+/// by key and model, so a model-filtered log page reads only what it
+/// returns.
+fn log_row_base(key: &KeyId, at: OffsetDateTime, request_id: &str, model: Option<&str>) -> Item {
+    let row = usage_log(key, at, request_id);
+    let mut item = row.item();
+    if let Some(model) = model {
+        item.insert("model".into(), s(model));
+        item.insert(GSI1PK.into(), s(log_model_index(key, model)));
+        item.insert(GSI1SK.into(), s(row.sk));
+    }
+    item
+}
+
+/// The usage-log row of one request, kept until `expires` (epoch seconds).
+pub(crate) fn request_log_item(record: &UsageRecord, expires: u64) -> Item {
+    let mut log = log_row_base(
+        &record.key_id,
+        record.at,
+        &record.request_id,
+        record.model.as_deref(),
+    );
+    log.extend([
+        ("request_id".to_owned(), s(&record.request_id)),
+        ("key_id".to_owned(), s(record.key_id.as_str())),
+        ("at".to_owned(), s(format_timestamp(record.at))),
+        ("method".to_owned(), s(&record.method)),
+        ("path".to_owned(), s(&record.path)),
+        ("status".to_owned(), n(record.status)),
+        ("stream".to_owned(), AttributeValue::Bool(record.stream)),
+        (
+            "estimated".to_owned(),
+            AttributeValue::Bool(record.estimated),
+        ),
+        ("latency_ms".to_owned(), n(record.latency_ms)),
+        ("retries".to_owned(), n(record.retries)),
+        ("client_ip".to_owned(), s(&record.client_ip)),
+        (TTL_ATTRIBUTE.to_owned(), n(expires)),
+    ]);
+    log.extend(token_columns(&record.usage));
+    let optional = [
+        ("user_agent", record.user_agent.as_deref()),
+        ("session_id", record.session_id.as_deref()),
+        ("error_type", record.error_type.as_deref()),
+    ];
+    for (name, value) in optional {
+        if let Some(value) = value {
+            log.insert(name.into(), s(value));
+        }
+    }
+    if let Some(ttfb) = record.ttfb_ms {
+        log.insert("ttfb_ms".into(), n(ttfb));
+    }
+    log
+}
+
+/// The request id of a batch's usage-log row.
+pub(crate) fn batch_log_request_id(batch_id: &str) -> String {
+    format!("batch_{batch_id}")
+}
+
+/// The usage-log row of a whole batch (kind `batch`), settled at `at`
+/// with `counters`, naming its model when it used only one.
+pub(crate) fn batch_log_item(
+    batch: &BatchRecord,
+    at: OffsetDateTime,
+    counters: &Counters,
+    estimated: bool,
+    model: Option<&str>,
+    expires: u64,
+) -> Item {
+    let request_id = batch_log_request_id(&batch.batch_id);
+    let mut log = log_row_base(&batch.key_id, at, &request_id, model);
+    log.extend([
+        ("request_id".to_owned(), s(&request_id)),
+        ("kind".to_owned(), s("batch")),
+        ("batch_id".to_owned(), s(&batch.batch_id)),
+        ("requests".to_owned(), n(counters.requests)),
+        ("key_id".to_owned(), s(batch.key_id.as_str())),
+        ("at".to_owned(), s(format_timestamp(at))),
+        ("method".to_owned(), s("POST")),
+        ("path".to_owned(), s("/v1/messages/batches")),
+        ("status".to_owned(), n(200)),
+        ("stream".to_owned(), AttributeValue::Bool(false)),
+        ("estimated".to_owned(), AttributeValue::Bool(estimated)),
+        ("latency_ms".to_owned(), n(0)),
+        ("retries".to_owned(), n(0)),
+        ("client_ip".to_owned(), s(&batch.client_ip)),
+        (TTL_ATTRIBUTE.to_owned(), n(expires)),
+    ]);
+    log.extend(token_columns(&counters.usage));
+    log
+}
+
+impl TryFrom<&Item> for LogRow {
+    type Error = StoreError;
+
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        let flag = |name: &str| matches!(item.get(name), Some(AttributeValue::Bool(true)));
+        let owned = |v: Option<&str>| v.map(str::to_owned);
+        Ok(LogRow {
+            kind: opt_s(item, "kind")?.unwrap_or("message").to_owned(),
+            batch_id: owned(opt_s(item, "batch_id")?),
+            requests: opt_n(item, "requests")?.unwrap_or(1),
+            request_id: get_s(item, "request_id")?.to_owned(),
+            at: get_s(item, "at")?.to_owned(),
+            model: owned(opt_s(item, "model")?),
+            method: get_s(item, "method")?.to_owned(),
+            path: get_s(item, "path")?.to_owned(),
+            status: get_n(item, "status")?,
+            stream: flag("stream"),
+            input_tokens: get_n(item, "input_tokens")?,
+            output_tokens: get_n(item, "output_tokens")?,
+            cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
+            cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
+            cache_creation_5m_input_tokens: get_n(item, "cache_creation_5m_input_tokens")?,
+            cache_creation_1h_input_tokens: get_n(item, "cache_creation_1h_input_tokens")?,
+            estimated: flag("estimated"),
+            latency_ms: get_n(item, "latency_ms")?,
+            ttfb_ms: opt_n(item, "ttfb_ms")?,
+            retries: get_n(item, "retries")?,
+            client_ip: get_s(item, "client_ip")?.to_owned(),
+            user_agent: owned(opt_s(item, "user_agent")?),
+            session_id: owned(opt_s(item, "session_id")?),
+            error_type: owned(opt_s(item, "error_type")?),
+        })
+    }
+}
