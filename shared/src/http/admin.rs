@@ -11,7 +11,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use http::request::Parts;
 use http::{StatusCode, header};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{
@@ -20,13 +20,60 @@ use super::{
 };
 use crate::admin_auth::{self, Claims};
 use crate::config::AdminConfig;
+use crate::domain::format_timestamp;
+use crate::domain::key::{ApiKeyRecord, KeyId, PresentedKey};
 use crate::domain::key::{CreateKeyInput, FieldError, KeyChanges, PatchKeyInput};
-use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::tier::{TierInput, validate_tier_name};
 use crate::domain::{self};
 use crate::error::ApiError;
 use crate::secrets::{SecretValues, Secrets, SecretsError};
 use crate::store::Store;
+
+/// What the admin API shows of a key: never the hash.
+#[derive(Debug, Serialize)]
+pub struct KeyView {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
+    pub name: String,
+    pub description: Option<String>,
+    pub prefix: String,
+    pub is_active: bool,
+    pub token_limit: Option<u64>,
+    pub tokens_used: u64,
+    pub tokens_reserved: u64,
+    pub rate_limit_tier: String,
+    pub expires_at: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub allowed_origins: Vec<String>,
+    pub allowed_models: Vec<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl KeyView {
+    /// `api_key` is set only right after creation or rotation.
+    pub fn of(record: &ApiKeyRecord, api_key: Option<String>) -> KeyView {
+        KeyView {
+            id: record.id.to_string(),
+            api_key,
+            name: record.name.clone(),
+            description: record.description.clone(),
+            prefix: record.prefix.clone(),
+            is_active: record.is_active,
+            token_limit: record.token_limit,
+            tokens_used: record.tokens_used,
+            tokens_reserved: record.tokens_reserved,
+            rate_limit_tier: record.rate_limit_tier.clone(),
+            expires_at: record.expires_at.map(format_timestamp),
+            allowed_ips: record.allowed_ips.iter().map(ToString::to_string).collect(),
+            allowed_origins: record.allowed_origins.clone(),
+            allowed_models: record.allowed_models.clone(),
+            created_at: format_timestamp(record.created_at),
+            updated_at: format_timestamp(record.updated_at),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -262,7 +309,11 @@ async fn create_key(
     let key = PresentedKey::generate();
     let record = state.store.create_key(&key, &new, domain::now()).await?;
     tracing::info!(key_id = %record.id, "API key created");
-    Ok((StatusCode::CREATED, Json(record.view(Some(key.expose())))).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(KeyView::of(&record, Some(key.expose()))),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,7 +342,7 @@ async fn list_keys(
         .list_keys(params.active, limit, params.cursor.as_deref())
         .await?
         .map_err(|e| ApiError::bad_request(format!("query parameter `cursor`: {e}")))?;
-    let data: Vec<_> = page.keys.iter().map(|k| k.view(None)).collect();
+    let data: Vec<_> = page.keys.iter().map(|k| KeyView::of(k, None)).collect();
     Ok(Json(json!({
         "data": data,
         "has_more": page.next_cursor.is_some(),
@@ -310,7 +361,7 @@ async fn get_key(
         .get_key(&id)
         .await?
         .ok_or_else(|| no_such_key(&raw))?;
-    Ok(Json(record.view(None)).into_response())
+    Ok(Json(KeyView::of(&record, None)).into_response())
 }
 
 async fn patch_key(
@@ -339,7 +390,7 @@ async fn apply_changes(
         .await?
         .ok_or_else(|| no_such_key(raw))?;
     tracing::info!(key_id = %id, "API key updated");
-    Ok(Json(record.view(None)).into_response())
+    Ok(Json(KeyView::of(&record, None)).into_response())
 }
 
 async fn set_active(state: &AdminState, raw: &str, active: bool) -> Result<Response, ApiError> {
@@ -380,7 +431,7 @@ async fn rotate_key(
         .await?
         .ok_or_else(|| no_such_key(&raw))?;
     tracing::info!(key_id = %id, "API key rotated");
-    Ok(Json(record.view(Some(key.expose()))).into_response())
+    Ok(Json(KeyView::of(&record, Some(key.expose()))).into_response())
 }
 
 async fn delete_key(

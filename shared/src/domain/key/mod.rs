@@ -9,12 +9,12 @@ pub mod material;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use time::OffsetDateTime;
 
 pub use material::{KeyId, KeyParseError, PresentedKey, SecretHash, display_prefix};
 
-use super::{format_timestamp, parse_timestamp};
+use super::parse_timestamp;
 
 const MAX_NAME: usize = 200;
 const MAX_DESCRIPTION: usize = 2000;
@@ -65,51 +65,7 @@ pub struct ApiKeyRecord {
     pub rate_window: Option<(u64, u64)>,
 }
 
-/// What the admin API shows of a key: never the hash.
-#[derive(Debug, Serialize)]
-pub struct KeyView {
-    pub id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
-    pub name: String,
-    pub description: Option<String>,
-    pub prefix: String,
-    pub is_active: bool,
-    pub token_limit: Option<u64>,
-    pub tokens_used: u64,
-    pub tokens_reserved: u64,
-    pub rate_limit_tier: String,
-    pub expires_at: Option<String>,
-    pub allowed_ips: Vec<String>,
-    pub allowed_origins: Vec<String>,
-    pub allowed_models: Vec<String>,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
 impl ApiKeyRecord {
-    /// The admin view; `api_key` is set only right after creation or rotation.
-    pub fn view(&self, api_key: Option<String>) -> KeyView {
-        KeyView {
-            id: self.id.to_string(),
-            api_key,
-            name: self.name.clone(),
-            description: self.description.clone(),
-            prefix: self.prefix.clone(),
-            is_active: self.is_active,
-            token_limit: self.token_limit,
-            tokens_used: self.tokens_used,
-            tokens_reserved: self.tokens_reserved,
-            rate_limit_tier: self.rate_limit_tier.clone(),
-            expires_at: self.expires_at.map(format_timestamp),
-            allowed_ips: self.allowed_ips.iter().map(ToString::to_string).collect(),
-            allowed_origins: self.allowed_origins.clone(),
-            allowed_models: self.allowed_models.clone(),
-            created_at: format_timestamp(self.created_at),
-            updated_at: format_timestamp(self.updated_at),
-        }
-    }
-
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
     }
