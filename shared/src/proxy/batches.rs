@@ -23,6 +23,7 @@ use tracing::Instrument;
 use super::context::Call;
 use super::{ProxyState, tier_of};
 use crate::domain::admission::{Charge, QuotaRule};
+use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::route::CanonicalPath;
 use crate::domain::usage::BatchTally;
@@ -241,102 +242,18 @@ fn worst_case(params: &str, max_tokens: u64, context_window: u64) -> u64 {
     input.saturating_add(max_tokens)
 }
 
-/// `POST /v1/messages/batches`.
+/// `POST /v1/messages/batches`: every request checked, the batch's worst
+/// case reserved in the admission write, then the creation forwarded and
+/// the batch recorded as the key's.
 pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError> {
-    let state = call.state.clone();
-    if !super::body::is_json_object(&body) {
-        return Err(ApiError::bad_request("request body must be a JSON object"));
-    }
-    let parsed: BatchBody<'_> = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("request body is not a valid batch: {e}")))?;
-    if parsed.requests.is_empty() {
-        return Err(ApiError::bad_request(
-            "`requests` must hold at least one request",
-        ));
-    }
-    let mut models: Vec<String> = Vec::new();
-    let mut sized = Vec::with_capacity(parsed.requests.len());
-    for (index, entry) in parsed.requests.iter().enumerate() {
-        let field = |name: &str| format!("requests[{index}].params.{name}");
-        if !super::body::is_json_object(entry.params.get().as_bytes()) {
-            return Err(ApiError::bad_request(format!(
-                "`requests[{index}].params` must be a JSON object"
-            )));
-        }
-        let fields: MessagesFields = serde_json::from_str(entry.params.get())
-            .map_err(|e| ApiError::bad_request(format!("`requests[{index}].params`: {e}")))?;
-        let model = fields
-            .model
-            .ok_or_else(|| ApiError::bad_request(format!("`{}` is required", field("model"))))?;
-        if let Some(problem) = model_name_problem(&model) {
-            return Err(ApiError::bad_request(format!(
-                "{}: {problem}",
-                field("model")
-            )));
-        }
-        let max_tokens = fields
-            .max_tokens
-            .as_ref()
-            .and_then(Value::as_u64)
-            .filter(|m| (1..=MAX_OUTPUT_TOKENS).contains(m))
-            .ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "`{}` is required: an integer from 1 to {MAX_OUTPUT_TOKENS}",
-                    field("max_tokens")
-                ))
-            })?;
-        if !models.contains(&model) {
-            models.push(model);
-        }
-        sized.push((entry.params.get().to_owned(), max_tokens));
-    }
-    let requests = u64::try_from(parsed.requests.len()).unwrap_or(u64::MAX);
-    let named: Vec<Option<&str>> = models.iter().map(|m| Some(m.as_str())).collect();
+    let plan = BatchPlan::read(&body)?;
+    let named: Vec<Option<&str>> = plan.models.iter().map(|m| Some(m.as_str())).collect();
     let record = call.authenticate(Some(&named)).await?;
     call.check_file_references(&body).await?;
-
     // Computed for every key: its limit may be set before the admission
     // write, which then reserves against it.
-    let long_context = call
-        .parts
-        .headers
-        .get_all("anthropic-beta")
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.contains("context-1m")));
-    let context_window = if long_context {
-        CONTEXT_WINDOW_1M
-    } else {
-        CONTEXT_WINDOW
-    };
-    let worst = tokio::task::spawn_blocking(move || {
-        sized
-            .iter()
-            .map(|(params, max_tokens)| worst_case(params, *max_tokens, context_window))
-            .fold(0u64, u64::saturating_add)
-    })
-    .await
-    .map_err(|e| ApiError::internal(e.into()))?;
-    let tier = tier_of(&state, &record.rate_limit_tier).await?;
-    let charge = Charge {
-        requests,
-        quota: QuotaRule::Reserve {
-            limit: record.token_limit,
-            tokens: worst,
-        },
-    };
-    let reserved = state
-        .0
-        .store
-        .admit_batch(
-            call.key.id(),
-            &call.key.hash(),
-            charge,
-            tier.requests,
-            tier.period,
-            call.at,
-            &call.request_id,
-        )
-        .await?;
+    let worst = worst_case_of(plan.sized, context_window(&call.parts.headers)).await?;
+    let reserved = reserve(&call, &record, plan.requests, worst).await?;
     let pending = PendingReservation {
         request_id: call.request_id.clone(),
         key_id: call.key.id().clone(),
@@ -346,12 +263,13 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
 
     // Everything after admission runs to its end even if the client hangs
     // up (a dropped request future would leave a created batch unowned).
+    let state = call.state.clone();
     let forward = call.forward(body);
     let batch = BatchRecord {
         batch_id: String::new(),
         key_id: call.key.id().clone(),
         recorded_at: String::new(),
-        request_count: requests,
+        request_count: plan.requests,
         reserved_tokens: reserved,
         client_ip: call.ip.to_string(),
         settled_at: None,
@@ -363,6 +281,138 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     )
     .await
     .map_err(|e| ApiError::internal(e.into()))?
+}
+
+/// What admitting a batch needs from its body, every request checked.
+struct BatchPlan {
+    /// Each model named, once, for the allowlist.
+    models: Vec<String>,
+    /// Each request's params and its `max_tokens`, for the worst case.
+    sized: Vec<(String, u64)>,
+    requests: u64,
+}
+
+impl BatchPlan {
+    fn read(body: &[u8]) -> Result<BatchPlan, ApiError> {
+        if !super::body::is_json_object(body) {
+            return Err(ApiError::bad_request("request body must be a JSON object"));
+        }
+        let parsed: BatchBody<'_> = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(format!("request body is not a valid batch: {e}"))
+        })?;
+        if parsed.requests.is_empty() {
+            return Err(ApiError::bad_request(
+                "`requests` must hold at least one request",
+            ));
+        }
+        let mut models: Vec<String> = Vec::new();
+        let mut sized = Vec::with_capacity(parsed.requests.len());
+        for (index, entry) in parsed.requests.iter().enumerate() {
+            let (model, max_tokens) = read_request(index, entry.params.get())?;
+            if !models.contains(&model) {
+                models.push(model);
+            }
+            sized.push((entry.params.get().to_owned(), max_tokens));
+        }
+        Ok(BatchPlan {
+            models,
+            sized,
+            requests: u64::try_from(parsed.requests.len()).unwrap_or(u64::MAX),
+        })
+    }
+}
+
+/// One batch request's model and `max_tokens`, both required and checked.
+fn read_request(index: usize, params: &str) -> Result<(String, u64), ApiError> {
+    let field = |name: &str| format!("requests[{index}].params.{name}");
+    if !super::body::is_json_object(params.as_bytes()) {
+        return Err(ApiError::bad_request(format!(
+            "`requests[{index}].params` must be a JSON object"
+        )));
+    }
+    let fields: MessagesFields = serde_json::from_str(params)
+        .map_err(|e| ApiError::bad_request(format!("`requests[{index}].params`: {e}")))?;
+    let model = fields
+        .model
+        .ok_or_else(|| ApiError::bad_request(format!("`{}` is required", field("model"))))?;
+    if let Some(problem) = model_name_problem(&model) {
+        return Err(ApiError::bad_request(format!(
+            "{}: {problem}",
+            field("model")
+        )));
+    }
+    let max_tokens = fields
+        .max_tokens
+        .as_ref()
+        .and_then(Value::as_u64)
+        .filter(|m| (1..=MAX_OUTPUT_TOKENS).contains(m))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "`{}` is required: an integer from 1 to {MAX_OUTPUT_TOKENS}",
+                field("max_tokens")
+            ))
+        })?;
+    Ok((model, max_tokens))
+}
+
+/// The context window a request may fill: 1M tokens with the long-context
+/// beta, else the standard one.
+fn context_window(headers: &http::HeaderMap) -> u64 {
+    let long_context = headers
+        .get_all("anthropic-beta")
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.contains("context-1m")));
+    if long_context {
+        CONTEXT_WINDOW_1M
+    } else {
+        CONTEXT_WINDOW
+    }
+}
+
+/// The batch's worst case in tokens (tokenizing is CPU work, off the async
+/// threads).
+async fn worst_case_of(sized: Vec<(String, u64)>, context_window: u64) -> Result<u64, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        sized
+            .iter()
+            .map(|(params, max_tokens)| worst_case(params, *max_tokens, context_window))
+            .fold(0u64, u64::saturating_add)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.into()))
+}
+
+/// The admission write of a batch: its requests counted in the tier's
+/// window and its worst case reserved, with the reservation recorded as
+/// pending under the request id. Returns the tokens reserved.
+async fn reserve(
+    call: &Call,
+    record: &ApiKeyRecord,
+    requests: u64,
+    worst: u64,
+) -> Result<u64, ApiError> {
+    let state = &call.state;
+    let tier = tier_of(state, &record.rate_limit_tier).await?;
+    let charge = Charge {
+        requests,
+        quota: QuotaRule::Reserve {
+            limit: record.token_limit,
+            tokens: worst,
+        },
+    };
+    Ok(state
+        .0
+        .store
+        .admit_batch(
+            call.key.id(),
+            &call.key.hash(),
+            charge,
+            tier.requests,
+            tier.period,
+            call.at,
+            &call.request_id,
+        )
+        .await?)
 }
 
 /// Whether a failed creation may still have made a batch upstream.
