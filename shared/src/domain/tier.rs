@@ -54,16 +54,6 @@ pub fn tier_in_force(name: &str, stored: Option<Tier>) -> Result<Tier, Tier> {
     named_tier(name, stored).ok_or_else(default_tier)
 }
 
-/// Body of `PUT /admin/tiers/{name}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TierInput {
-    pub requests: u64,
-    pub period: u64,
-    #[serde(default)]
-    pub tokens_per_minute: Option<u64>,
-}
-
 pub fn validate_tier_name(name: &str) -> Result<(), FieldError> {
     let ok = (1..=32).contains(&name.len())
         && name
@@ -79,22 +69,28 @@ pub fn validate_tier_name(name: &str) -> Result<(), FieldError> {
     }
 }
 
-impl TierInput {
-    pub fn into_tier(self, name: &str) -> Result<Tier, FieldError> {
+impl Tier {
+    /// A tier an admin defines, its name and every number checked.
+    pub fn validated(
+        name: &str,
+        requests: u64,
+        period: u64,
+        tokens_per_minute: Option<u64>,
+    ) -> Result<Tier, FieldError> {
         validate_tier_name(name)?;
-        if !(1..=1_000_000_000).contains(&self.requests) {
+        if !(1..=1_000_000_000).contains(&requests) {
             return Err(FieldError::new(
                 "requests",
                 "must be between 1 and 1000000000",
             ));
         }
-        if !(1..=86_400).contains(&self.period) {
+        if !(1..=86_400).contains(&period) {
             return Err(FieldError::new(
                 "period",
                 "must be between 1 and 86400 seconds",
             ));
         }
-        if let Some(tpm) = self.tokens_per_minute
+        if let Some(tpm) = tokens_per_minute
             && !(1..=1_000_000_000_000).contains(&tpm)
         {
             return Err(FieldError::new(
@@ -104,9 +100,9 @@ impl TierInput {
         }
         Ok(Tier {
             name: name.to_owned(),
-            requests: self.requests,
-            period: self.period,
-            tokens_per_minute: self.tokens_per_minute,
+            requests,
+            period,
+            tokens_per_minute,
         })
     }
 }
@@ -124,22 +120,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tier_input_rejects_out_of_range_values_naming_the_field() {
-        let err = TierInput {
-            requests: 0,
-            period: 60,
-            tokens_per_minute: None,
-        }
-        .into_tier("x")
-        .unwrap_err();
+    fn a_tier_out_of_range_is_refused_naming_the_field() {
+        let err = Tier::validated("x", 0, 60, None).unwrap_err();
         assert_eq!(err.field, "requests");
-        let err = TierInput {
-            requests: 5,
-            period: 0,
-            tokens_per_minute: None,
-        }
-        .into_tier("x")
-        .unwrap_err();
+        let err = Tier::validated("x", 5, 0, None).unwrap_err();
         assert_eq!(err.field, "period");
         assert_eq!(validate_tier_name("Bad Name").unwrap_err().field, "name");
     }

@@ -38,7 +38,7 @@ const FUNCTIONS: [(&str, &str, &str); 3] = [
 const EVENT_EMITTERS: [&str; 3] = [
     include_str!("../../../shared/src/proxy/mod.rs"),
     include_str!("../../../shared/src/proxy/finish.rs"),
-    include_str!("../../../shared/src/http/admin.rs"),
+    include_str!("../../../shared/src/http/admin/mod.rs"),
 ];
 
 fn template() -> Value {

@@ -1,6 +1,9 @@
 //! The admin function's routes: login, key management and tiers. Everything
 //! but login requires an admin JWT; every route, login included, answers only
-//! callers inside `ADMIN_ALLOWED_CIDRS` when that is set.
+//! callers inside `ADMIN_ALLOWED_CIDRS` when that is set. Request and answer
+//! shapes are in `shapes`.
+
+mod shapes;
 
 use std::sync::Arc;
 
@@ -11,69 +14,23 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use http::request::Parts;
 use http::{StatusCode, header};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
+pub use self::shapes::{CreateKeyInput, KeyView, PatchKeyInput, TierInput};
 use super::{
     ClientIp, JsonBody, NoParams, PageParams, QueryParams, bearer_token, method_not_allowed,
     not_found, page_json, unknown_page_anchor,
 };
 use crate::admin_auth::{self, Claims};
 use crate::config::AdminConfig;
-use crate::domain::format_timestamp;
-use crate::domain::key::{ApiKeyRecord, KeyId, PresentedKey};
-use crate::domain::key::{CreateKeyInput, FieldError, KeyChanges, PatchKeyInput};
-use crate::domain::tier::{TierInput, validate_tier_name};
+use crate::domain::key::{FieldError, KeyChanges};
+use crate::domain::key::{KeyId, PresentedKey};
+use crate::domain::tier::validate_tier_name;
 use crate::domain::{self};
 use crate::error::ApiError;
 use crate::secrets::{SecretValues, Secrets, SecretsError};
 use crate::store::Store;
-
-/// What the admin API shows of a key: never the hash.
-#[derive(Debug, Serialize)]
-pub struct KeyView {
-    pub id: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub api_key: Option<String>,
-    pub name: String,
-    pub description: Option<String>,
-    pub prefix: String,
-    pub is_active: bool,
-    pub token_limit: Option<u64>,
-    pub tokens_used: u64,
-    pub tokens_reserved: u64,
-    pub rate_limit_tier: String,
-    pub expires_at: Option<String>,
-    pub allowed_ips: Vec<String>,
-    pub allowed_origins: Vec<String>,
-    pub allowed_models: Vec<String>,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
-impl KeyView {
-    /// `api_key` is set only right after creation or rotation.
-    pub fn of(record: &ApiKeyRecord, api_key: Option<String>) -> KeyView {
-        KeyView {
-            id: record.id.to_string(),
-            api_key,
-            name: record.name.clone(),
-            description: record.description.clone(),
-            prefix: record.prefix.clone(),
-            is_active: record.is_active,
-            token_limit: record.token_limit,
-            tokens_used: record.tokens_used,
-            tokens_reserved: record.tokens_reserved,
-            rate_limit_tier: record.rate_limit_tier.clone(),
-            expires_at: record.expires_at.map(format_timestamp),
-            allowed_ips: record.allowed_ips.iter().map(ToString::to_string).collect(),
-            allowed_origins: record.allowed_origins.clone(),
-            allowed_models: record.allowed_models.clone(),
-            created_at: format_timestamp(record.created_at),
-            updated_at: format_timestamp(record.updated_at),
-        }
-    }
-}
 
 #[derive(Clone)]
 pub struct AdminState {
