@@ -21,7 +21,7 @@
 //! attributes (conditions, update expressions with their placeholders,
 //! projections), and this file the key attributes' conditions and queries.
 //! The operation modules (`admission`, `settlement`, …) choose what to run,
-//! in which transaction, with which retries; a test here checks that no
+//! in which transaction, with which retries; `tests_spelling` checks that no
 //! string of theirs names an attribute.
 
 pub(crate) mod api_key;
