@@ -1,23 +1,20 @@
 //! The admission write: one conditional update of the key item that checks
 //! secret, status, expiry, quota and the rate window together (or, for a
 //! batch that reserves tokens, one transaction that also records the
-//! reservation as pending). The rules are `domain::admission`'s; this
-//! module states them as a DynamoDB condition and runs it.
+//! reservation as pending). The rules are `domain::admission`'s, stated as
+//! a DynamoDB condition by `layout::api_key::admission_update`; this module
+//! runs it, and judges again what a refused write saw.
 
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::builders::UpdateBuilder;
-use aws_sdk_dynamodb::types::{
-    AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure, Update,
-};
+use aws_sdk_dynamodb::types::{ReturnValue, ReturnValuesOnConditionCheckFailure, Update};
 use time::OffsetDateTime;
 
-use super::item::{Item, n, s};
+use super::item::Item;
+use super::layout::api_key::admission_update;
 use super::layout::owned::pending_item;
 use super::{Store, StoreError, classify, conflict_pause, layout, transact_put, transact_update};
-use crate::domain::admission::{
-    AdmissionRefusal, AdmissionWrite, Charge, KeyState, QuotaRule, RateLimit, WindowStep, decide,
-};
-use crate::domain::format_timestamp;
+use crate::domain::admission::{AdmissionRefusal, Charge, KeyState, RateLimit, decide};
 use crate::domain::key::{ApiKeyRecord, KeyId, SecretHash};
 
 /// Why a request was not admitted: a refusal the rules gave, or a store
@@ -28,71 +25,6 @@ pub enum AdmissionError {
     Refused(#[from] AdmissionRefusal),
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// The secret and status checks of `domain::admission::decide` (secret,
-/// then `key_status`), as a condition on the stored key item.
-const KEY_CHECKS: &str = "attribute_exists(pk) AND secret_hash = :h AND is_active = :t \
-     AND (attribute_not_exists(expires_at) OR expires_at > :now)";
-
-/// The admission update of the key item: expression, condition, values.
-fn admission_update(
-    write: &AdmissionWrite,
-    rate: RateLimit,
-    hash: &SecretHash,
-    now: OffsetDateTime,
-) -> (String, String, Item) {
-    let charge = &write.charge;
-    let mut values = Item::from([
-        (":h".to_owned(), s(hash.to_hex())),
-        (":t".to_owned(), AttributeValue::Bool(true)),
-        (":now".to_owned(), s(format_timestamp(now))),
-        (":n".to_owned(), n(charge.requests)),
-    ]);
-    let (mut expression, window_condition) = match write.step {
-        WindowStep::Same(w) => {
-            values.insert(":w".into(), n(w));
-            // rl_count + requests <= limit, without arithmetic in a condition.
-            values.insert(
-                ":room".into(),
-                n(rate.requests.saturating_sub(charge.requests)),
-            );
-            (
-                "SET rl_count = rl_count + :n".to_owned(),
-                "rl_window = :w AND rl_count <= :room",
-            )
-        }
-        WindowStep::New(w) => {
-            values.insert(":w".into(), n(w));
-            (
-                "SET rl_window = :w, rl_count = :n".to_owned(),
-                "(attribute_not_exists(rl_window) OR rl_window < :w)",
-            )
-        }
-    };
-    // `domain::admission::quota_admits`, stated on the stored attributes.
-    let quota_condition = match charge.quota {
-        QuotaRule::AnyLeft => {
-            "(attribute_not_exists(token_limit) OR tokens_used < token_limit)".to_owned()
-        }
-        QuotaRule::Reserve { limit: None, .. } => "attribute_not_exists(token_limit)".to_owned(),
-        QuotaRule::Reserve {
-            limit: Some(token_limit),
-            tokens,
-        } => {
-            values.insert(":tl".into(), n(token_limit));
-            // tokens_used + tokens <= token_limit, stated on the stored
-            // limit; negative when the worst case exceeds the whole limit,
-            // so the write fails and the decision says by how much.
-            let ceiling = i128::from(token_limit) - i128::from(tokens);
-            values.insert(":ceiling".into(), n(ceiling));
-            values.insert(":r".into(), n(tokens));
-            expression.push_str(" ADD tokens_used :r, tokens_reserved :r");
-            "token_limit = :tl AND tokens_used <= :ceiling".to_owned()
-        }
-    };
-    let condition = format!("{KEY_CHECKS} AND {quota_condition} AND {window_condition}");
-    (expression, condition, values)
 }
 
 impl Store {
@@ -252,7 +184,7 @@ impl Store {
     ) -> Result<Result<(), Refused>, StoreError> {
         let items = vec![
             transact_update(update)?,
-            transact_put(self.table(), put, Some("attribute_not_exists(pk)"))?,
+            transact_put(self.table(), put, Some(layout::ITEM_ABSENT))?,
         ];
         Ok(match self.transact(items).await? {
             Ok(()) => Ok(()),
@@ -282,70 +214,5 @@ impl Refused {
             Refused::Condition(item) => Some(item),
             Refused::Conflict => None,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::key::PresentedKey;
-
-    fn number(values: &Item, name: &str) -> String {
-        match &values[name] {
-            AttributeValue::N(n) => n.clone(),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    const RATE: RateLimit = RateLimit {
-        requests: 10,
-        period: 60,
-    };
-
-    #[test]
-    fn a_reservation_is_added_in_the_admission_write_and_bounded_by_the_limit() {
-        let hash = PresentedKey::generate().hash();
-        let charge = Charge {
-            requests: 3,
-            quota: QuotaRule::Reserve {
-                limit: Some(1000),
-                tokens: 400,
-            },
-        };
-        let now = crate::domain::now();
-        let write = AdmissionWrite {
-            step: WindowStep::Same(60),
-            charge,
-        };
-        let (expression, condition, values) = admission_update(&write, RATE, &hash, now);
-        assert!(expression.contains("ADD tokens_used :r, tokens_reserved :r"));
-        assert!(condition.contains("token_limit = :tl AND tokens_used <= :ceiling"));
-        assert_eq!(number(&values, ":ceiling"), "600");
-        assert_eq!(
-            number(&values, ":room"),
-            "7",
-            "3 more requests fit under 10"
-        );
-        // A worst case over the whole limit can never pass the condition.
-        let too_big = AdmissionWrite {
-            step: WindowStep::New(60),
-            charge: Charge {
-                requests: 1,
-                quota: QuotaRule::Reserve {
-                    limit: Some(100),
-                    tokens: 500,
-                },
-            },
-        };
-        let (_, _, values) = admission_update(&too_big, RATE, &hash, now);
-        assert_eq!(number(&values, ":ceiling"), "-400");
-        // Messages reserve nothing and need only some quota left.
-        let message = AdmissionWrite {
-            step: WindowStep::New(60),
-            charge: Charge::MESSAGE,
-        };
-        let (expression, condition, _) = admission_update(&message, RATE, &hash, now);
-        assert!(!expression.contains("ADD"));
-        assert!(condition.contains("tokens_used < token_limit"));
     }
 }

@@ -1,17 +1,16 @@
-//! API key items (see `layout`), listed newest first through `gsi1`.
-
-use std::collections::HashMap;
+//! API key items (their layout and the expressions on them:
+//! `layout::api_key`), listed newest first through `gsi1`.
 
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use time::OffsetDateTime;
 
-use super::item::{Item, list, n, s};
+use super::item::s;
 use super::{GSI1, Store, StoreError, classify, layout};
 use crate::domain::key::{ApiKeyRecord, KeyChanges, NewKey};
 use crate::domain::key::{KeyId, PresentedKey, SecretHash, display_prefix};
-use crate::domain::{format_timestamp, parse_timestamp};
+use crate::domain::parse_timestamp;
 
 /// One page of a key listing and the opaque cursor of the next one.
 #[derive(Debug)]
@@ -70,7 +69,7 @@ impl Store {
             .put_item()
             .table_name(self.table())
             .set_item(Some(item))
-            .condition_expression("attribute_not_exists(pk)")
+            .condition_expression(layout::ITEM_ABSENT)
             .send()
             .await
             .map_err(|err| {
@@ -115,14 +114,14 @@ impl Store {
                 .query()
                 .table_name(self.table())
                 .index_name(GSI1)
-                .key_condition_expression("gsi1pk = :p")
+                .key_condition_expression(layout::IN_INDEX_PARTITION)
                 .expression_attribute_values(":p", s(layout::KEYS_INDEX))
                 .scan_index_forward(false)
                 .limit(i32::try_from(limit + 1 - keys.len()).unwrap_or(i32::MAX))
                 .set_exclusive_start_key(start_key.take());
             if let Some(active) = active {
                 query = query
-                    .filter_expression("is_active = :a")
+                    .filter_expression(layout::api_key::ACTIVE_IS)
                     .expression_attribute_values(":a", AttributeValue::Bool(active));
             }
             let output = query.send().await.map_err(|err| {
@@ -153,60 +152,7 @@ impl Store {
         changes: &KeyChanges,
         now: OffsetDateTime,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        // Every attribute goes through a `#name` placeholder: some of ours
-        // (`name`) are DynamoDB reserved words.
-        let mut sets = vec!["#updated_at = :updated_at".to_owned()];
-        let mut names = HashMap::from([("#updated_at".to_owned(), "updated_at".to_owned())]);
-        let mut removes = Vec::new();
-        let mut values = Item::from([(":updated_at".to_owned(), s(format_timestamp(now)))]);
-        let mut set = |name: &str, value: AttributeValue| {
-            sets.push(format!("#{name} = :{name}"));
-            names.insert(format!("#{name}"), name.to_owned());
-            values.insert(format!(":{name}"), value);
-        };
-        if let Some(name) = &changes.name {
-            set("name", s(name));
-        }
-        if let Some(tier) = &changes.rate_limit_tier {
-            set("rate_limit_tier", s(tier));
-        }
-        if let Some(active) = changes.is_active {
-            set("is_active", AttributeValue::Bool(active));
-        }
-        if let Some(ips) = &changes.allowed_ips {
-            let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
-            set("allowed_ips", list(&ips));
-        }
-        if let Some(origins) = &changes.allowed_origins {
-            set("allowed_origins", list(origins));
-        }
-        if let Some(models) = &changes.allowed_models {
-            set("allowed_models", list(models));
-        }
-        match &changes.description {
-            Some(Some(description)) => set("description", s(description)),
-            Some(None) => removes.push("description"),
-            None => {}
-        }
-        match changes.token_limit {
-            Some(Some(limit)) => set("token_limit", n(limit)),
-            Some(None) => removes.push("token_limit"),
-            None => {}
-        }
-        match changes.expires_at {
-            Some(Some(at)) => set("expires_at", s(format_timestamp(at))),
-            Some(None) => removes.push("expires_at"),
-            None => {}
-        }
-        let mut expression = format!("SET {}", sets.join(", "));
-        if !removes.is_empty() {
-            for name in &removes {
-                names.insert(format!("#{name}"), (*name).to_owned());
-            }
-            let placeholders: Vec<String> = removes.iter().map(|n| format!("#{n}")).collect();
-            expression.push_str(&format!(" REMOVE {}", placeholders.join(", ")));
-        }
-        self.update_existing(id, expression, Some(names), values)
+        self.update_existing(id, layout::api_key::patch(changes, now))
             .await
     }
 
@@ -217,35 +163,25 @@ impl Store {
         new_hash: &SecretHash,
         now: OffsetDateTime,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
-        let values = Item::from([
-            (":now".to_owned(), s(format_timestamp(now))),
-            (":h".to_owned(), s(new_hash.to_hex())),
-        ]);
-        self.update_existing(
-            id,
-            "SET secret_hash = :h, updated_at = :now".into(),
-            None,
-            values,
-        )
-        .await
+        self.update_existing(id, layout::api_key::rotation(new_hash, now))
+            .await
     }
 
+    /// Applies `change` to the key, if it exists.
     async fn update_existing(
         &self,
         id: &KeyId,
-        expression: String,
-        names: Option<HashMap<String, String>>,
-        values: Item,
+        change: layout::Change,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let result = self
             .client
             .update_item()
             .table_name(self.table())
             .set_key(Some(layout::api_key(id).item()))
-            .update_expression(expression)
-            .condition_expression("attribute_exists(pk)")
-            .set_expression_attribute_names(names)
-            .set_expression_attribute_values(Some(values))
+            .update_expression(change.expression)
+            .condition_expression(layout::ITEM_EXISTS)
+            .set_expression_attribute_names(change.names)
+            .set_expression_attribute_values(Some(change.values))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;

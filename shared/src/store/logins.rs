@@ -2,8 +2,8 @@
 //! by every Lambda instance so the lockout holds across them and across
 //! concurrent requests.
 //!
-//! The item holds `window_start` (when the window opened) and `failures`:
-//! the password checks taken in the window. A check's slot is taken before
+//! The item holds when the window opened and the password checks taken in
+//! it (its attributes and the expressions on them: `layout::login`). A check's slot is taken before
 //! bcrypt runs, so a check still running counts too; a successful login
 //! deletes the item, which forgives every check before it. The policy
 //! (how many checks, how long a window) is `domain::login`'s.
@@ -14,7 +14,7 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure;
 
 use super::item::n;
-use super::{Store, StoreError, TTL_ATTRIBUTE, classify, layout};
+use super::{Store, StoreError, classify, layout};
 use crate::domain::login::{
     LoginWindow, MAX_LOGIN_FAILURES, SlotStep, locked_for, slot_step, window_cutoff, window_end,
 };
@@ -72,19 +72,17 @@ impl Store {
                 );
             let request = match step {
                 SlotStep::Open => request
-                    .update_expression("SET failures = :one, window_start = :now, #ttl = :ttl")
-                    .condition_expression(
-                        "attribute_not_exists(window_start) OR window_start <= :cutoff",
-                    )
-                    .expression_attribute_names("#ttl", TTL_ATTRIBUTE)
+                    .update_expression(layout::login::OPEN_WINDOW)
+                    .condition_expression(layout::login::WINDOW_EXPIRED)
+                    .expression_attribute_names(layout::login::TTL_NAME, layout::TTL_ATTRIBUTE)
                     .expression_attribute_values(":now", n(now))
                     .expression_attribute_values(":cutoff", n(cutoff))
                     .expression_attribute_values(":ttl", n(window_end(now))),
                 // The window must be the one seen: if it was cleared or
                 // reopened meanwhile, this write is refused and judged again.
                 SlotStep::Add { window_start } => request
-                    .update_expression("ADD failures :one")
-                    .condition_expression("window_start = :start AND failures < :max")
+                    .update_expression(layout::login::ADD_CHECK)
+                    .condition_expression(layout::login::SAME_WINDOW_BELOW_MAX)
                     .expression_attribute_values(":start", n(window_start))
                     .expression_attribute_values(":max", n(MAX_LOGIN_FAILURES)),
             };

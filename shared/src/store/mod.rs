@@ -1,6 +1,7 @@
 //! DynamoDB persistence: the only module that sees `AttributeValue`. One
 //! table holds keys, tiers, rate windows, usage logs and daily aggregates,
-//! told apart by their `pk`/`sk` prefixes (all of them in `layout`). Modules
+//! told apart by their `pk`/`sk` prefixes (all of them, and every attribute
+//! name, in `layout`). Modules
 //! are named after what they store: `api_keys`, `tiers`, `logins`, `owned`
 //! (batches, files and the collector's queue), `usage_log` (reading what
 //! settlement wrote); and after the proxy's two writes, `admission` and
@@ -29,10 +30,10 @@ use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 
 pub use api_keys::KeyPage;
+pub use layout::TTL_ATTRIBUTE;
 
-/// Partition/sort attribute names and the listing index, as in template.yaml.
+/// The listing index, as in template.yaml (its key attributes: `layout`).
 pub const GSI1: &str = "gsi1";
-pub const TTL_ATTRIBUTE: &str = "ttl";
 
 /// Why a store call failed: the distinction decides between a 503 (retry
 /// later) and a 500.
@@ -269,7 +270,7 @@ impl Store {
                 .query()
                 .table_name(self.table())
                 .index_name(GSI1)
-                .key_condition_expression("gsi1pk = :p")
+                .key_condition_expression(layout::IN_INDEX_PARTITION)
                 .expression_attribute_values(":p", item::s(&partition)),
             &format!("{GSI1} partition {partition}"),
         )

@@ -2,23 +2,24 @@
 //! through `gsi1` (newest first); and the batch queue the collector works
 //! through: one open-batch item per batch whose usage is not recorded yet,
 //! one pending item per batch creation whose reservation is not yet tied
-//! to a batch (their items: `layout`).
+//! to a batch (their items, and the expressions on them:
+//! `layout::owned`).
 
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{Delete, TransactWriteItem, Update};
 use time::OffsetDateTime;
 
-use super::item::{Item, get_s, n, s};
+use super::item::{Item, get_s, s};
 use super::layout::owned::QueueEntry;
 use super::settlement::SettleOutcome;
 use super::{
     GSI1, Store, StoreError, classify, conflict_pause, layout, query_all, transact_put,
     transact_update,
 };
+use crate::domain::epoch_seconds;
 use crate::domain::key::KeyId;
 use crate::domain::usage::{BatchTally, Counters};
-use crate::domain::{epoch_seconds, format_timestamp};
 
 /// A pending reservation outlives any request that could still claim it
 /// (Lambda stops at 15 minutes); past this, the collector gives it back.
@@ -115,14 +116,14 @@ impl Store {
             let item = layout::owned::batch_item(&record, now);
             let open = layout::owned::open_batch_item(&record, now);
             let mut items = vec![
-                transact_put(self.table(), item, Some("attribute_not_exists(pk)"))?,
+                transact_put(self.table(), item, Some(layout::ITEM_ABSENT))?,
                 transact_put(self.table(), open, None)?,
             ];
             if record.reserved_tokens > 0 {
                 items.push(delete(
                     self.table(),
                     layout::pending(request_id),
-                    Some("attribute_exists(pk)"),
+                    Some(layout::ITEM_EXISTS),
                 )?);
             }
             match self.transact(items).await? {
@@ -160,17 +161,17 @@ impl Store {
             let mut items = vec![delete(
                 self.table(),
                 layout::pending(&pending.request_id),
-                Some("attribute_exists(pk)"),
+                Some(layout::ITEM_EXISTS),
             )?];
             if with_key {
-                let back = -i64::try_from(pending.reserved_tokens).unwrap_or(i64::MAX);
+                let change = layout::api_key::reservation_release(pending.reserved_tokens);
                 items.push(transact_update(
                     Update::builder()
                         .table_name(self.table())
                         .set_key(Some(layout::api_key(&pending.key_id).item()))
-                        .update_expression("ADD tokens_used :back, tokens_reserved :back")
-                        .condition_expression("attribute_exists(pk)")
-                        .expression_attribute_values(":back", n(back)),
+                        .update_expression(change.expression)
+                        .condition_expression(layout::ITEM_EXISTS)
+                        .set_expression_attribute_values(Some(change.values)),
                 )?);
             }
             match self.transact(items).await? {
@@ -241,8 +242,11 @@ impl Store {
             .map(|id| layout::file(key, id).item())
             .collect();
         let mut owned = std::collections::HashSet::new();
-        for item in self.batch_get(keys, "file_id", &[], true).await? {
-            owned.insert(get_s(&item, "file_id")?.to_owned());
+        for item in self
+            .batch_get(keys, layout::owned::FILE_ID_PROJECTION, &[], true)
+            .await?
+        {
+            owned.insert(layout::owned::file_id(&item)?.to_owned());
         }
         Ok(file_ids
             .iter()
@@ -272,7 +276,8 @@ impl Store {
 
     async fn delete_owned(&self, item: layout::ItemKey) -> Result<(), StoreError> {
         let item = delete(self.table(), item, None)?;
-        self.transact_one(item, "forgetting an object").await
+        self.transact_one(item, "forgetting a batch or a file")
+            .await
     }
 
     /// One write as a transaction of one item, retried on conflicts.
@@ -375,15 +380,15 @@ impl Store {
             .limit(i32::try_from(limit + 1).unwrap_or(i32::MAX));
         query = match (&from, anchor) {
             (PageFrom::Before(_), Some(anchor)) => query
-                .key_condition_expression("gsi1pk = :p AND gsi1sk > :a")
+                .key_condition_expression(layout::IN_INDEX_PARTITION_AFTER)
                 .expression_attribute_values(":a", s(anchor))
                 .scan_index_forward(true),
             (_, Some(anchor)) => query
-                .key_condition_expression("gsi1pk = :p AND gsi1sk < :a")
+                .key_condition_expression(layout::IN_INDEX_PARTITION_BEFORE)
                 .expression_attribute_values(":a", s(anchor))
                 .scan_index_forward(false),
             (_, None) => query
-                .key_condition_expression("gsi1pk = :p")
+                .key_condition_expression(layout::IN_INDEX_PARTITION)
                 .scan_index_forward(false),
         };
         let output = query.send().await.map_err(|err| {
@@ -406,7 +411,7 @@ impl Store {
             self.client
                 .query()
                 .table_name(self.table())
-                .key_condition_expression("pk = :p")
+                .key_condition_expression(layout::IN_PARTITION)
                 .expression_attribute_values(":p", s(layout::queue_partition()))
                 .consistent_read(true),
             layout::queue_partition(),
@@ -470,7 +475,6 @@ impl Store {
         retention: Duration,
         with_key: bool,
     ) -> Result<Vec<TransactWriteItem>, StoreError> {
-        let at_text = format_timestamp(at);
         let totals = tally.counters(batch.request_count);
         let usage = totals.usage;
         let single_model = match tally.by_model.keys().collect::<Vec<_>>().as_slice() {
@@ -478,14 +482,14 @@ impl Store {
             _ => None,
         };
 
+        let settled = layout::owned::batch_settled(at, usage.billed());
         let mut items = vec![transact_update(
             Update::builder()
                 .table_name(self.table())
                 .set_key(Some(layout::batch(&batch.key_id, &batch.batch_id).item()))
-                .update_expression("SET settled_at = :at, settled_tokens = :t")
-                .condition_expression("attribute_exists(pk) AND attribute_not_exists(settled_at)")
-                .expression_attribute_values(":at", s(&at_text))
-                .expression_attribute_values(":t", n(usage.billed())),
+                .update_expression(settled.expression)
+                .condition_expression(layout::owned::NOT_SETTLED)
+                .set_expression_attribute_values(Some(settled.values)),
         )?];
 
         let expires = epoch_seconds(at) + retention.as_secs();
@@ -497,25 +501,15 @@ impl Store {
             single_model,
             expires,
         );
-        items.push(transact_put(
-            self.table(),
-            log,
-            Some("attribute_not_exists(pk)"),
-        )?);
+        items.push(transact_put(self.table(), log, Some(layout::ITEM_ABSENT))?);
 
         if with_key {
             // The real figure replaces the reservation taken at admission.
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
             let reserved = i64::try_from(batch.reserved_tokens).unwrap_or(i64::MAX);
-            items.push(self.key_counters_update(
-                &batch.key_id,
-                &totals,
-                &[
-                    ("tokens_used", billed - reserved),
-                    ("tokens_reserved", -reserved),
-                ],
-                at,
-            )?);
+            let change =
+                layout::api_key::settlement(&totals, billed - reserved, Some(-reserved), at);
+            items.push(self.key_counters_update(&batch.key_id, change)?);
         }
         items.push(self.day_counters_update(&batch.key_id, &totals, at)?);
 

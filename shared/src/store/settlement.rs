@@ -1,5 +1,6 @@
 //! The proxy's settlement: one idempotent transaction recording the usage
-//! log, the key's counters and the aggregates of each relayed request.
+//! log, the key's counters and the aggregates of each relayed request (the
+//! items and updates it writes: `layout::usage`, `layout::api_key`).
 
 use std::time::Duration;
 
@@ -7,11 +8,10 @@ use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
 use time::OffsetDateTime;
 
-use super::item::{Item, n, s};
 use super::{Store, StoreError, conflict_pause, layout, transact_put, transact_update};
+use crate::domain::day_of;
 use crate::domain::key::KeyId;
 use crate::domain::usage::{Counters, UsageRecord};
-use crate::domain::{day_of, format_timestamp};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {
@@ -20,31 +20,6 @@ pub enum SettleOutcome {
     AlreadyRecorded,
     /// The key no longer exists: the log and aggregates were recorded.
     RecordedWithoutKey,
-}
-
-/// `ADD requests :requests, …` with its values, plus the extra clauses.
-/// Extra adds may be negative (a reservation given back).
-pub(crate) fn counters_update(
-    counters: &Counters,
-    extra_add: &[(&str, i64)],
-    set: &str,
-) -> (String, Item) {
-    let mut values = Item::new();
-    let mut adds = Vec::new();
-    for (name, value) in layout::usage::counter_values(counters) {
-        adds.push(format!("{name} :{name}"));
-        values.insert(format!(":{name}"), n(value));
-    }
-    for (name, value) in extra_add {
-        adds.push(format!("{name} :{name}"));
-        values.insert(format!(":{name}"), n(value));
-    }
-    let mut expression = format!("ADD {}", adds.join(", "));
-    if !set.is_empty() {
-        expression.push_str(" SET ");
-        expression.push_str(set);
-    }
-    (expression, values)
 }
 
 impl Store {
@@ -92,21 +67,13 @@ impl Store {
         let usage = &record.usage;
         let expires = crate::domain::epoch_seconds(record.at) + retention.as_secs();
         let log = layout::usage::request_log_item(record, expires);
-        let mut items = vec![transact_put(
-            self.table(),
-            log,
-            Some("attribute_not_exists(pk)"),
-        )?];
+        let mut items = vec![transact_put(self.table(), log, Some(layout::ITEM_ABSENT))?];
 
         let counters = Counters::of(record);
         if with_key {
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
-            items.push(self.key_counters_update(
-                &record.key_id,
-                &counters,
-                &[("tokens_used", billed)],
-                record.at,
-            )?);
+            let change = layout::api_key::settlement(&counters, billed, None, record.at);
+            items.push(self.key_counters_update(&record.key_id, change)?);
         }
         items.push(self.day_counters_update(&record.key_id, &counters, record.at)?);
         let model = record.model.as_deref().unwrap_or("unknown");
@@ -114,26 +81,17 @@ impl Store {
         Ok(items)
     }
 
-    /// The key item's share of a settlement; `extra` adds to other
-    /// attributes (`tokens_used`, `tokens_reserved`). The key may have been
-    /// deleted meanwhile: then this item fails its condition and the
-    /// settlement retries without it.
+    /// The key item's share of a settlement (a `layout::api_key::settlement`).
+    /// The key may have been deleted meanwhile: then this item fails its
+    /// condition and the settlement retries without it.
     pub(crate) fn key_counters_update(
         &self,
         key_id: &KeyId,
-        counters: &Counters,
-        extra: &[(&str, i64)],
-        at: OffsetDateTime,
+        change: layout::Change,
     ) -> Result<TransactWriteItem, StoreError> {
-        let (expression, mut values) = counters_update(
-            counters,
-            extra,
-            "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
-        );
-        values.insert(":at".into(), s(format_timestamp(at)));
         transact_update(
-            self.counters_item_update(layout::api_key(key_id), expression, values)
-                .condition_expression("attribute_exists(pk)"),
+            self.counters_item_update(layout::api_key(key_id), change)
+                .condition_expression(layout::ITEM_EXISTS),
         )
     }
 
@@ -146,20 +104,8 @@ impl Store {
     ) -> Result<TransactWriteItem, StoreError> {
         let day = day_of(at);
         let item = layout::day(key_id, &day);
-        let (expression, mut values) = counters_update(
-            counters,
-            &[],
-            "gsi1pk = :gpk, gsi1sk = :gsk, key_id = :kid, #day = :day, first_at = if_not_exists(first_at, :at), last_at = :at",
-        );
-        values.insert(":gpk".into(), s(layout::day_index(&day)));
-        values.insert(":gsk".into(), s(&item.pk));
-        values.insert(":kid".into(), s(key_id.as_str()));
-        values.insert(":day".into(), s(&day));
-        values.insert(":at".into(), s(format_timestamp(at)));
-        transact_update(
-            self.counters_item_update(item, expression, values)
-                .expression_attribute_names("#day", "day"),
-        )
+        let change = layout::usage::day_settlement(key_id, &item, &day, counters, at);
+        transact_update(self.counters_item_update(item, change))
     }
 
     /// A model aggregate's share.
@@ -170,28 +116,22 @@ impl Store {
         counters: &Counters,
         at: OffsetDateTime,
     ) -> Result<TransactWriteItem, StoreError> {
-        let (expression, mut values) = counters_update(
-            counters,
-            &[],
-            "model = :model, first_at = if_not_exists(first_at, :at), last_at = :at",
-        );
-        values.insert(":model".into(), s(model));
-        values.insert(":at".into(), s(format_timestamp(at)));
-        transact_update(self.counters_item_update(layout::model(key_id, model), expression, values))
+        let change = layout::usage::model_settlement(model, counters, at);
+        transact_update(self.counters_item_update(layout::model(key_id, model), change))
     }
 
     /// One counters update of the settle transaction (key, day or model
-    /// item); the caller adds its condition or attribute names.
+    /// item); the caller adds its condition.
     pub(crate) fn counters_item_update(
         &self,
         item: layout::ItemKey,
-        expression: String,
-        values: Item,
+        change: layout::Change,
     ) -> UpdateBuilder {
         Update::builder()
             .table_name(self.table())
             .set_key(Some(item.item()))
-            .update_expression(expression)
-            .set_expression_attribute_values(Some(values))
+            .update_expression(change.expression)
+            .set_expression_attribute_names(change.names)
+            .set_expression_attribute_values(Some(change.values))
     }
 }

@@ -1,7 +1,8 @@
 //! Reading what settlement wrote: a key's totals and per-model totals, its
 //! daily aggregates, its usage logs page by page, and one day's aggregates
 //! across keys. Queries and GetItems only; a page reads at most one item
-//! more than it returns.
+//! more than it returns. (The queries' key conditions and the readers of
+//! what they return: `layout::usage`, `layout::api_key`.)
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -132,15 +133,7 @@ impl Store {
     ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
         let (low, high) = layout::model_range();
         let items = self.query_partition(id, &low, &high).await?;
-        items
-            .iter()
-            .map(|item| {
-                Ok((
-                    get_s(item, "model")?.to_owned(),
-                    layout::usage::totals_of(item)?,
-                ))
-            })
-            .collect()
+        items.iter().map(layout::usage::model_totals).collect()
     }
 
     /// Daily aggregates for `from..=to` (`yyyy-mm-dd`), only days with traffic.
@@ -152,15 +145,7 @@ impl Store {
     ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
         let (low, high) = layout::day_range(from, to);
         let items = self.query_partition(id, &low, &high).await?;
-        items
-            .iter()
-            .map(|item| {
-                Ok((
-                    get_s(item, "day")?.to_owned(),
-                    layout::usage::totals_of(item)?,
-                ))
-            })
-            .collect()
+        items.iter().map(layout::usage::day_totals).collect()
     }
 
     /// All items of the key's partition with sort keys in `[low, high]`.
@@ -175,7 +160,7 @@ impl Store {
             self.client
                 .query()
                 .table_name(self.table())
-                .key_condition_expression("pk = :pk AND sk BETWEEN :low AND :high")
+                .key_condition_expression(layout::usage::AGGREGATES_BETWEEN)
                 .expression_attribute_values(":pk", s(layout::key_partition(id)))
                 .expression_attribute_values(":low", s(low))
                 .expression_attribute_values(":high", s(high)),
@@ -219,10 +204,10 @@ impl Store {
         let request = match model {
             Some(model) => request
                 .index_name(GSI1)
-                .key_condition_expression("gsi1pk = :p AND gsi1sk BETWEEN :low AND :high")
+                .key_condition_expression(layout::usage::MODEL_LOGS_BETWEEN)
                 .expression_attribute_values(":p", s(layout::log_model_index(id, model))),
             None => request
-                .key_condition_expression("pk = :p AND sk BETWEEN :low AND :high")
+                .key_condition_expression(layout::usage::LOGS_BETWEEN)
                 .expression_attribute_values(":p", s(layout::key_partition(id))),
         };
         let output = request
@@ -259,12 +244,7 @@ impl Store {
         self.index_partition(layout::day_index(day))
             .await?
             .iter()
-            .map(|item| {
-                Ok((
-                    get_s(item, "key_id")?.to_owned(),
-                    layout::usage::totals_of(item)?,
-                ))
-            })
+            .map(layout::usage::key_day_totals)
             .collect()
     }
 
@@ -276,13 +256,16 @@ impl Store {
         let keys: Vec<Item> = ids.iter().map(|id| layout::api_key(id).item()).collect();
         let mut names = std::collections::HashMap::new();
         for item in self
-            .batch_get(keys, "id, #n", &[("#n", "name")], false)
+            .batch_get(
+                keys,
+                layout::api_key::NAME_PROJECTION,
+                layout::api_key::NAME_PROJECTION_NAMES,
+                false,
+            )
             .await?
         {
-            names.insert(
-                get_s(&item, "id")?.to_owned(),
-                get_s(&item, "name")?.to_owned(),
-            );
+            let (id, name) = layout::api_key::id_and_name(&item)?;
+            names.insert(id, name);
         }
         Ok(names)
     }

@@ -1,5 +1,10 @@
 //! The API key item (`KEY#<id>` / `META`): the key's record, its rate
-//! window and the counters settlement adds to it.
+//! window and the counters settlement adds to it; and the expressions on
+//! it: the admission update (`store::admission`), an admin's patch and
+//! rotation (`store::api_keys`), a settlement's counters and a reservation
+//! given back (`store::settlement`, `store::owned`).
+
+use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use time::OffsetDateTime;
@@ -9,8 +14,10 @@ use super::super::item::{
     Item, get_bool, get_list, get_n, get_s, invalid, list, n, opt_n, opt_s, s,
 };
 use super::super::usage_log::KeyUsage;
-use super::{GSI1PK, GSI1SK, KEYS_INDEX, api_key, created_sort_key};
-use crate::domain::key::{ApiKeyRecord, KeyId, SecretHash};
+use super::{Change, GSI1PK, GSI1SK, KEYS_INDEX, api_key, created_sort_key};
+use crate::domain::admission::{AdmissionWrite, QuotaRule, RateLimit, WindowStep};
+use crate::domain::key::{ApiKeyRecord, KeyChanges, KeyId, SecretHash};
+use crate::domain::usage::Counters;
 use crate::domain::{format_timestamp, parse_timestamp};
 
 impl TryFrom<&Item> for ApiKeyRecord {
@@ -108,4 +115,260 @@ pub(crate) fn listing_start(sort_key: String, id: &KeyId) -> Item {
     start.insert(GSI1PK.to_owned(), s(KEYS_INDEX));
     start.insert(GSI1SK.to_owned(), s(sort_key));
     start
+}
+
+/// The secret and status checks of `domain::admission::decide` (secret,
+/// then `key_status`), as a condition on the stored key item.
+pub(crate) const KEY_CHECKS: &str = "attribute_exists(pk) AND secret_hash = :h AND is_active = :t \
+     AND (attribute_not_exists(expires_at) OR expires_at > :now)";
+
+/// The admission update of the key item: expression, condition, values.
+pub(crate) fn admission_update(
+    write: &AdmissionWrite,
+    rate: RateLimit,
+    hash: &SecretHash,
+    now: OffsetDateTime,
+) -> (String, String, Item) {
+    let charge = &write.charge;
+    let mut values = Item::from([
+        (":h".to_owned(), s(hash.to_hex())),
+        (":t".to_owned(), AttributeValue::Bool(true)),
+        (":now".to_owned(), s(format_timestamp(now))),
+        (":n".to_owned(), n(charge.requests)),
+    ]);
+    let (mut expression, window_condition) = match write.step {
+        WindowStep::Same(w) => {
+            values.insert(":w".into(), n(w));
+            // rl_count + requests <= limit, without arithmetic in a condition.
+            values.insert(
+                ":room".into(),
+                n(rate.requests.saturating_sub(charge.requests)),
+            );
+            (
+                "SET rl_count = rl_count + :n".to_owned(),
+                "rl_window = :w AND rl_count <= :room",
+            )
+        }
+        WindowStep::New(w) => {
+            values.insert(":w".into(), n(w));
+            (
+                "SET rl_window = :w, rl_count = :n".to_owned(),
+                "(attribute_not_exists(rl_window) OR rl_window < :w)",
+            )
+        }
+    };
+    // `domain::admission::quota_admits`, stated on the stored attributes.
+    let quota_condition = match charge.quota {
+        QuotaRule::AnyLeft => {
+            "(attribute_not_exists(token_limit) OR tokens_used < token_limit)".to_owned()
+        }
+        QuotaRule::Reserve { limit: None, .. } => "attribute_not_exists(token_limit)".to_owned(),
+        QuotaRule::Reserve {
+            limit: Some(token_limit),
+            tokens,
+        } => {
+            values.insert(":tl".into(), n(token_limit));
+            // tokens_used + tokens <= token_limit, stated on the stored
+            // limit; negative when the worst case exceeds the whole limit,
+            // so the write fails and the decision says by how much.
+            let ceiling = i128::from(token_limit) - i128::from(tokens);
+            values.insert(":ceiling".into(), n(ceiling));
+            values.insert(":r".into(), n(tokens));
+            expression.push_str(" ADD tokens_used :r, tokens_reserved :r");
+            "token_limit = :tl AND tokens_used <= :ceiling".to_owned()
+        }
+    };
+    let condition = format!("{KEY_CHECKS} AND {quota_condition} AND {window_condition}");
+    (expression, condition, values)
+}
+
+/// Filter of a key listing: only keys whose `is_active` is `:a`.
+pub(crate) const ACTIVE_IS: &str = "is_active = :a";
+
+/// An admin's validated changes at `now`, as one update of the key item.
+pub(crate) fn patch(changes: &KeyChanges, now: OffsetDateTime) -> Change {
+    // Every attribute goes through a `#name` placeholder: some of ours
+    // (`name`) are DynamoDB reserved words.
+    let mut sets = vec!["#updated_at = :updated_at".to_owned()];
+    let mut names = HashMap::from([("#updated_at".to_owned(), "updated_at".to_owned())]);
+    let mut removes = Vec::new();
+    let mut values = Item::from([(":updated_at".to_owned(), s(format_timestamp(now)))]);
+    let mut set = |name: &str, value: AttributeValue| {
+        sets.push(format!("#{name} = :{name}"));
+        names.insert(format!("#{name}"), name.to_owned());
+        values.insert(format!(":{name}"), value);
+    };
+    if let Some(name) = &changes.name {
+        set("name", s(name));
+    }
+    if let Some(tier) = &changes.rate_limit_tier {
+        set("rate_limit_tier", s(tier));
+    }
+    if let Some(active) = changes.is_active {
+        set("is_active", AttributeValue::Bool(active));
+    }
+    if let Some(ips) = &changes.allowed_ips {
+        let ips: Vec<String> = ips.iter().map(ToString::to_string).collect();
+        set("allowed_ips", list(&ips));
+    }
+    if let Some(origins) = &changes.allowed_origins {
+        set("allowed_origins", list(origins));
+    }
+    if let Some(models) = &changes.allowed_models {
+        set("allowed_models", list(models));
+    }
+    match &changes.description {
+        Some(Some(description)) => set("description", s(description)),
+        Some(None) => removes.push("description"),
+        None => {}
+    }
+    match changes.token_limit {
+        Some(Some(limit)) => set("token_limit", n(limit)),
+        Some(None) => removes.push("token_limit"),
+        None => {}
+    }
+    match changes.expires_at {
+        Some(Some(at)) => set("expires_at", s(format_timestamp(at))),
+        Some(None) => removes.push("expires_at"),
+        None => {}
+    }
+    let mut expression = format!("SET {}", sets.join(", "));
+    if !removes.is_empty() {
+        for name in &removes {
+            names.insert(format!("#{name}"), (*name).to_owned());
+        }
+        let placeholders: Vec<String> = removes.iter().map(|n| format!("#{n}")).collect();
+        expression.push_str(&format!(" REMOVE {}", placeholders.join(", ")));
+    }
+    Change {
+        expression,
+        names: Some(names),
+        values,
+    }
+}
+
+/// A rotation at `now`: the secret's hash replaced by `new_hash`.
+pub(crate) fn rotation(new_hash: &SecretHash, now: OffsetDateTime) -> Change {
+    Change {
+        expression: "SET secret_hash = :h, updated_at = :now".into(),
+        names: None,
+        values: Item::from([
+            (":now".to_owned(), s(format_timestamp(now))),
+            (":h".to_owned(), s(new_hash.to_hex())),
+        ]),
+    }
+}
+
+/// A key's share of a settlement at `at`: its counters, `tokens_used`
+/// moved by `tokens_used` and, for a batch, `tokens_reserved` by
+/// `tokens_reserved` (negative: a reservation given back).
+pub(crate) fn settlement(
+    counters: &Counters,
+    tokens_used: i64,
+    tokens_reserved: Option<i64>,
+    at: OffsetDateTime,
+) -> Change {
+    let mut extra = vec![("tokens_used", tokens_used)];
+    extra.extend(tokens_reserved.map(|reserved| ("tokens_reserved", reserved)));
+    let (expression, mut values) = super::usage::counters_update(
+        counters,
+        &extra,
+        "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
+    );
+    values.insert(":at".into(), s(format_timestamp(at)));
+    Change {
+        expression,
+        names: None,
+        values,
+    }
+}
+
+/// A reservation of `tokens` given back: taken off `tokens_used` and
+/// `tokens_reserved` alike.
+pub(crate) fn reservation_release(tokens: u64) -> Change {
+    let back = -i64::try_from(tokens).unwrap_or(i64::MAX);
+    Change {
+        expression: "ADD tokens_used :back, tokens_reserved :back".into(),
+        names: None,
+        values: Item::from([(":back".to_owned(), n(back))]),
+    }
+}
+
+/// What a listing of names reads of a key item (`name` is a reserved word).
+pub(crate) const NAME_PROJECTION: &str = "id, #n";
+/// The placeholders of [`NAME_PROJECTION`].
+pub(crate) const NAME_PROJECTION_NAMES: &[(&str, &str)] = &[("#n", "name")];
+
+/// A key's id and name, from an item read with [`NAME_PROJECTION`].
+pub(crate) fn id_and_name(item: &Item) -> Result<(String, String), StoreError> {
+    Ok((
+        get_s(item, "id")?.to_owned(),
+        get_s(item, "name")?.to_owned(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::admission::Charge;
+    use crate::domain::key::PresentedKey;
+
+    fn number(values: &Item, name: &str) -> String {
+        match &values[name] {
+            AttributeValue::N(n) => n.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    const RATE: RateLimit = RateLimit {
+        requests: 10,
+        period: 60,
+    };
+
+    #[test]
+    fn a_reservation_is_added_in_the_admission_write_and_bounded_by_the_limit() {
+        let hash = PresentedKey::generate().hash();
+        let charge = Charge {
+            requests: 3,
+            quota: QuotaRule::Reserve {
+                limit: Some(1000),
+                tokens: 400,
+            },
+        };
+        let now = crate::domain::now();
+        let write = AdmissionWrite {
+            step: WindowStep::Same(60),
+            charge,
+        };
+        let (expression, condition, values) = admission_update(&write, RATE, &hash, now);
+        assert!(expression.contains("ADD tokens_used :r, tokens_reserved :r"));
+        assert!(condition.contains("token_limit = :tl AND tokens_used <= :ceiling"));
+        assert_eq!(number(&values, ":ceiling"), "600");
+        assert_eq!(
+            number(&values, ":room"),
+            "7",
+            "3 more requests fit under 10"
+        );
+        // A worst case over the whole limit can never pass the condition.
+        let too_big = AdmissionWrite {
+            step: WindowStep::New(60),
+            charge: Charge {
+                requests: 1,
+                quota: QuotaRule::Reserve {
+                    limit: Some(100),
+                    tokens: 500,
+                },
+            },
+        };
+        let (_, _, values) = admission_update(&too_big, RATE, &hash, now);
+        assert_eq!(number(&values, ":ceiling"), "-400");
+        // Messages reserve nothing and need only some quota left.
+        let message = AdmissionWrite {
+            step: WindowStep::New(60),
+            charge: Charge::MESSAGE,
+        };
+        let (expression, condition, _) = admission_update(&message, RATE, &hash, now);
+        assert!(!expression.contains("ADD"));
+        assert!(condition.contains("tokens_used < token_limit"));
+    }
 }

@@ -15,6 +15,14 @@
 //! | pending reservation  | `BATCHQUEUE`        | `PENDING#<request id>`     |                       |
 //! | tier                 | `TIER#<name>`       | `META`                     | `TIERS`               |
 //! | login failures       | `LOGINFAIL#<ip>`    | `META`                     |                       |
+//!
+//! Attribute names are spelt here too, and only here: each item kind's file
+//! holds its conversions and the expressions that read or change its
+//! attributes (conditions, update expressions with their placeholders,
+//! projections), and this file the key attributes' conditions and queries.
+//! The operation modules (`admission`, `settlement`, …) choose what to run,
+//! in which transaction, with which retries; `tests_spelling` checks that no
+//! string of theirs names an attribute.
 
 pub(crate) mod api_key;
 pub(crate) mod login;
@@ -22,6 +30,10 @@ pub(crate) mod owned;
 pub(crate) mod tier;
 pub(crate) mod usage;
 
+#[cfg(test)]
+mod tests_spelling;
+
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -35,6 +47,23 @@ pub(crate) const PK: &str = "pk";
 pub(crate) const SK: &str = "sk";
 pub(crate) const GSI1PK: &str = "gsi1pk";
 pub(crate) const GSI1SK: &str = "gsi1sk";
+/// The attribute DynamoDB expires items by (epoch seconds), as in
+/// template.yaml.
+pub const TTL_ATTRIBUTE: &str = "ttl";
+
+/// Condition: the item exists.
+pub(crate) const ITEM_EXISTS: &str = "attribute_exists(pk)";
+/// Condition: there is no such item yet.
+pub(crate) const ITEM_ABSENT: &str = "attribute_not_exists(pk)";
+
+/// Key condition: every item of partition `:p`.
+pub(crate) const IN_PARTITION: &str = "pk = :p";
+/// Key condition: every item of `gsi1` partition `:p`.
+pub(crate) const IN_INDEX_PARTITION: &str = "gsi1pk = :p";
+/// Key condition: the items of `gsi1` partition `:p` sorted after `:a`.
+pub(crate) const IN_INDEX_PARTITION_AFTER: &str = "gsi1pk = :p AND gsi1sk > :a";
+/// Key condition: the items of `gsi1` partition `:p` sorted before `:a`.
+pub(crate) const IN_INDEX_PARTITION_BEFORE: &str = "gsi1pk = :p AND gsi1sk < :a";
 
 /// The sort key of an entity's own item (a key, a tier, a login counter).
 const META: &str = "META";
@@ -44,6 +73,17 @@ const OPEN: &str = "OPEN#";
 const LOG: &str = "LOG#";
 /// Above every character a sort key holds: the top of a prefix range.
 const TOP: char = '\u{10FFFF}';
+
+/// An update expression with the placeholders it uses.
+#[derive(Debug)]
+pub(crate) struct Change {
+    pub expression: String,
+    /// Its `#name` placeholders; `None` when it uses none (DynamoDB refuses
+    /// an empty map).
+    pub names: Option<HashMap<String, String>>,
+    /// Its `:value` placeholders.
+    pub values: Item,
+}
 
 /// Where an item lives: its partition and sort key.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,19 +1,20 @@
 //! What keys own upstream: batch items (`BATCH#<id>`, listed under `gsi1`
 //! `BATCHES#<key>`) and file items (`FILE#<id>`, under `FILES#<key>`), and
 //! the collector's queue (`BATCHQUEUE`: `OPEN#<batch id>`,
-//! `PENDING#<request id>`).
+//! `PENDING#<request id>`); and the expressions on a batch item (its
+//! settlement) and a file item (its ownership check).
 
 use time::OffsetDateTime;
 
+use super::super::StoreError;
 use super::super::item::{Item, corrupt, get_n, get_s, invalid, n, opt_s, s};
 use super::super::owned::{BatchRecord, FileRecord, OpenBatch, PendingReservation};
-use super::super::{StoreError, TTL_ATTRIBUTE};
 use super::{
-    GSI1PK, GSI1SK, SK, batch, batches_index, created_sort_key, file, files_index, is_open_batch,
-    open_batch, pending,
+    Change, GSI1PK, GSI1SK, SK, TTL_ATTRIBUTE, batch, batches_index, created_sort_key, file,
+    files_index, is_open_batch, open_batch, pending,
 };
-use crate::domain::epoch_seconds;
 use crate::domain::key::KeyId;
+use crate::domain::{epoch_seconds, format_timestamp};
 
 /// Batch records outlive the upstream's 29 days of results by a day.
 pub(crate) const BATCH_RETENTION_SECS: u64 = 30 * 86_400;
@@ -154,4 +155,28 @@ pub(crate) fn file_item(record: &FileRecord) -> Item {
         ("object".to_owned(), s(record.object.to_string())),
     ]);
     item
+}
+
+/// Condition of a batch's settlement: the batch is recorded and not
+/// settled yet.
+pub(crate) const NOT_SETTLED: &str = "attribute_exists(pk) AND attribute_not_exists(settled_at)";
+
+/// A batch marked settled at `at`, `tokens` billed.
+pub(crate) fn batch_settled(at: OffsetDateTime, tokens: u64) -> Change {
+    Change {
+        expression: "SET settled_at = :at, settled_tokens = :t".into(),
+        names: None,
+        values: Item::from([
+            (":at".to_owned(), s(format_timestamp(at))),
+            (":t".to_owned(), n(tokens)),
+        ]),
+    }
+}
+
+/// What an ownership check reads of a file item.
+pub(crate) const FILE_ID_PROJECTION: &str = "file_id";
+
+/// The file id of an item read with [`FILE_ID_PROJECTION`].
+pub(crate) fn file_id(item: &Item) -> Result<&str, StoreError> {
+    get_s(item, "file_id")
 }

@@ -1,15 +1,21 @@
 //! What settlement writes under a key: usage-log rows (`LOG#<at>#<request
 //! id>`, also under `gsi1` `LOG#<key>#<model>`), and the counters the key,
-//! day (`DAY#<day>`) and model (`MODEL#<model>`) items share.
+//! day (`DAY#<day>`) and model (`MODEL#<model>`) items share; the updates
+//! that add to those counters, and the queries and readers of
+//! `store::usage_log`.
+
+use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use time::OffsetDateTime;
 
+use super::super::StoreError;
 use super::super::item::{Item, get_n, get_s, n, opt_n, opt_s, s};
 use super::super::owned::BatchRecord;
 use super::super::usage_log::LogRow;
-use super::super::{StoreError, TTL_ATTRIBUTE};
-use super::{GSI1PK, GSI1SK, log_model_index, usage_log};
+use super::{
+    Change, GSI1PK, GSI1SK, ItemKey, TTL_ATTRIBUTE, day_index, log_model_index, usage_log,
+};
 use crate::domain::format_timestamp;
 use crate::domain::key::KeyId;
 use crate::domain::usage::{Counters, TokenUsage, UsageRecord, UsageTotals};
@@ -42,6 +48,96 @@ pub(crate) fn totals_of(item: &Item) -> Result<UsageTotals, StoreError> {
         estimated_requests: get_n(item, "estimated_requests")?,
         error_requests: get_n(item, "error_requests")?,
     })
+}
+
+/// `ADD requests :requests, …` with its values, plus the extra clauses.
+/// Extra adds may be negative (a reservation given back).
+pub(crate) fn counters_update(
+    counters: &Counters,
+    extra_add: &[(&str, i64)],
+    set: &str,
+) -> (String, Item) {
+    let mut values = Item::new();
+    let mut adds = Vec::new();
+    for (name, value) in counter_values(counters) {
+        adds.push(format!("{name} :{name}"));
+        values.insert(format!(":{name}"), n(value));
+    }
+    for (name, value) in extra_add {
+        adds.push(format!("{name} :{name}"));
+        values.insert(format!(":{name}"), n(value));
+    }
+    let mut expression = format!("ADD {}", adds.join(", "));
+    if !set.is_empty() {
+        expression.push_str(" SET ");
+        expression.push_str(set);
+    }
+    (expression, values)
+}
+
+/// The day aggregate `day`'s share of a settlement at `at`; also indexes
+/// it under `gsi1` by day, for the all-keys view.
+pub(crate) fn day_settlement(
+    key_id: &KeyId,
+    item: &ItemKey,
+    day: &str,
+    counters: &Counters,
+    at: OffsetDateTime,
+) -> Change {
+    let (expression, mut values) = counters_update(
+        counters,
+        &[],
+        "gsi1pk = :gpk, gsi1sk = :gsk, key_id = :kid, #day = :day, first_at = if_not_exists(first_at, :at), last_at = :at",
+    );
+    values.insert(":gpk".into(), s(day_index(day)));
+    values.insert(":gsk".into(), s(&item.pk));
+    values.insert(":kid".into(), s(key_id.as_str()));
+    values.insert(":day".into(), s(day));
+    values.insert(":at".into(), s(format_timestamp(at)));
+    Change {
+        expression,
+        names: Some(HashMap::from([("#day".to_owned(), "day".to_owned())])),
+        values,
+    }
+}
+
+/// A model aggregate's share of a settlement at `at`.
+pub(crate) fn model_settlement(model: &str, counters: &Counters, at: OffsetDateTime) -> Change {
+    let (expression, mut values) = counters_update(
+        counters,
+        &[],
+        "model = :model, first_at = if_not_exists(first_at, :at), last_at = :at",
+    );
+    values.insert(":model".into(), s(model));
+    values.insert(":at".into(), s(format_timestamp(at)));
+    Change {
+        expression,
+        names: None,
+        values,
+    }
+}
+
+/// Key condition: a key's aggregates (partition `:pk`) sorted `:low..=:high`.
+pub(crate) const AGGREGATES_BETWEEN: &str = "pk = :pk AND sk BETWEEN :low AND :high";
+/// Key condition: a key's log rows (partition `:p`) sorted `:low..=:high`.
+pub(crate) const LOGS_BETWEEN: &str = "pk = :p AND sk BETWEEN :low AND :high";
+/// Key condition: a key's log rows for one model (`gsi1` partition `:p`)
+/// sorted `:low..=:high`.
+pub(crate) const MODEL_LOGS_BETWEEN: &str = "gsi1pk = :p AND gsi1sk BETWEEN :low AND :high";
+
+/// A model aggregate's model and counters.
+pub(crate) fn model_totals(item: &Item) -> Result<(String, UsageTotals), StoreError> {
+    Ok((get_s(item, "model")?.to_owned(), totals_of(item)?))
+}
+
+/// A day aggregate's day and counters.
+pub(crate) fn day_totals(item: &Item) -> Result<(String, UsageTotals), StoreError> {
+    Ok((get_s(item, "day")?.to_owned(), totals_of(item)?))
+}
+
+/// A day aggregate's key id and counters (the all-keys view of a day).
+pub(crate) fn key_day_totals(item: &Item) -> Result<(String, UsageTotals), StoreError> {
+    Ok((get_s(item, "key_id")?.to_owned(), totals_of(item)?))
 }
 
 /// The token columns of a usage-log item.
