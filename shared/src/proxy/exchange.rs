@@ -12,7 +12,6 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::sync::{mpsc, oneshot};
-
 use tracing::Instrument;
 
 use super::finish::{Metering, Outcome, SettlePolicy, settle, usage_record};
@@ -48,23 +47,23 @@ pub(super) struct Exchange {
     pub started: Instant,
 }
 
+impl Exchange {
+    /// A free exchange: forwarded and streamed back, nothing metered.
+    pub(super) fn unmetered(state: ProxyState, forward: ForwardRequest, started: Instant) -> Self {
+        Exchange {
+            state,
+            forward,
+            metering: None,
+            streamed: false,
+            started,
+        }
+    }
+}
+
 /// Starts the task and answers as soon as it knows the status.
-pub(super) async fn start(
-    state: ProxyState,
-    forward: ForwardRequest,
-    metering: Option<Metering>,
-    streamed: bool,
-    started: Instant,
-) -> Response {
+pub(super) async fn start(exchange: Exchange) -> Response {
     let (head_tx, head_rx) = oneshot::channel();
     let (body_tx, body_rx) = mpsc::channel::<Chunk>(16);
-    let exchange = Exchange {
-        state,
-        forward,
-        metering,
-        streamed,
-        started,
-    };
     tokio::spawn(exchange.run(head_tx, body_tx).in_current_span());
     let body = || {
         Body::from_stream(futures_util::stream::unfold(body_rx, |mut rx| async move {

@@ -13,7 +13,7 @@ use super::batches::{read_whole, record_owned};
 use tracing::Instrument;
 
 use super::context::{Call, too_large};
-use super::exchange;
+use super::exchange::{self, Exchange};
 use crate::domain::{self, format_timestamp};
 use crate::error::ApiError;
 use crate::http::{PageParams, page_json, unknown_page_anchor};
@@ -201,7 +201,7 @@ pub(super) async fn list(call: Call) -> Result<Response, ApiError> {
 pub(super) async fn forward(call: Call, file_id: &str, body: Bytes) -> Result<Response, ApiError> {
     owned(&call, file_id).await?;
     let forward = call.forward(body);
-    Ok(exchange::start(call.state, forward, None, false, call.started).await)
+    Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
 }
 
 /// `DELETE /v1/files/{id}`: forwarded for its owner; the record goes once

@@ -10,8 +10,9 @@ use bytes::Bytes;
 
 use super::body::{self, MessagesFields};
 use super::context::Call;
+use super::exchange::{self, Exchange};
 use super::finish::Metering;
-use super::{ProxyState, exchange, tier_of};
+use super::{ProxyState, tier_of};
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::route::{Route, Treatment};
@@ -27,13 +28,13 @@ struct Admitted {
 pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, ApiError> {
     let admitted = admit(&call, route, &body).await?;
     let forward = call.forward(body);
-    Ok(exchange::start(
-        call.state,
+    Ok(exchange::start(Exchange {
+        state: call.state,
         forward,
-        admitted.metering,
-        admitted.streamed,
-        call.started,
-    )
+        metering: admitted.metering,
+        streamed: admitted.streamed,
+        started: call.started,
+    })
     .await)
 }
 

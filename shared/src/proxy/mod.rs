@@ -29,6 +29,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
 use self::context::{Begun, Call};
+use self::exchange::Exchange;
 pub use crate::config::ProxyConfig;
 use crate::domain::key::{ApiKeyRecord, KeyId};
 use crate::domain::route::Route;
@@ -122,7 +123,7 @@ async fn serve(call: Call, route: Route, body: Body) -> Result<Response, ApiErro
         Route::ListModels | Route::GetModel(_) | Route::PassThrough => {
             call.authenticate(None).await?;
             let forward = call.forward(body);
-            Ok(exchange::start(call.state, forward, None, false, call.started).await)
+            Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
         }
         Route::CreateBatch => batches::create(call, body).await,
         Route::ListBatches => batches::list(call).await,
