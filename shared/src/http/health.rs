@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use http::StatusCode;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::secrets::Secrets;
 use crate::store::Store;
@@ -20,6 +20,16 @@ pub fn routes(state: HealthState) -> Router {
     Router::new()
         .route("/health", get(health))
         .with_state(state)
+}
+
+/// `GET /health`'s answer: "ok" or "unavailable" for the whole and for
+/// each dependency.
+#[derive(Debug, Serialize)]
+pub struct HealthAnswer {
+    pub status: &'static str,
+    pub dynamodb: &'static str,
+    pub secrets: &'static str,
+    pub upstream_key_configured: bool,
 }
 
 async fn health(State(state): State<HealthState>) -> Response {
@@ -50,12 +60,12 @@ async fn health(State(state): State<HealthState>) -> Response {
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
     (
         status,
-        Json(json!({
-            "status": word(ready),
-            "dynamodb": word(dynamodb_ok),
-            "secrets": word(secrets_ok),
-            "upstream_key_configured": upstream_key,
-        })),
+        Json(HealthAnswer {
+            status: word(ready),
+            dynamodb: word(dynamodb_ok),
+            secrets: word(secrets_ok),
+            upstream_key_configured: upstream_key,
+        }),
     )
         .into_response()
 }

@@ -210,17 +210,21 @@ impl PageParams {
 
 /// Anthropic's page shape: the objects, whether more follow, and the ids
 /// of the first and last.
-pub fn page_json<S: AsRef<str>>(
-    data: Vec<serde_json::Value>,
-    ids: &[S],
-    has_more: bool,
-) -> axum::Json<serde_json::Value> {
-    axum::Json(serde_json::json!({
-        "data": data,
-        "has_more": has_more,
-        "first_id": ids.first().map(AsRef::as_ref),
-        "last_id": ids.last().map(AsRef::as_ref),
-    }))
+#[derive(Debug, serde::Serialize)]
+pub struct Page<T> {
+    pub data: Vec<T>,
+    pub has_more: bool,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+}
+
+pub fn page_json<T, S: AsRef<str>>(data: Vec<T>, ids: &[S], has_more: bool) -> axum::Json<Page<T>> {
+    axum::Json(Page {
+        data,
+        has_more,
+        first_id: ids.first().map(|id| id.as_ref().to_owned()),
+        last_id: ids.last().map(|id| id.as_ref().to_owned()),
+    })
 }
 
 /// The answer when a page's `before_id`/`after_id` is not one of the key's.

@@ -17,7 +17,10 @@ use http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
 
-pub use self::shapes::{CreateKeyInput, KeyView, PatchKeyInput, TierInput};
+pub use self::shapes::{
+    BatchView, CreateKeyInput, Deleted, KeyList, KeyView, PatchKeyInput, TierInput, TierList,
+    TokenAnswer,
+};
 use super::{
     ClientIp, JsonBody, NoParams, PageParams, QueryParams, bearer_token, method_not_allowed,
     not_found, page_json, unknown_page_anchor,
@@ -227,11 +230,11 @@ async fn login(
     let ttl = state.config.jwt_ttl;
     let token = admin_auth::issue_token(jwt_secret(&secrets)?, &user, now, ttl)
         .map_err(ApiError::internal)?;
-    Ok(Json(json!({
-        "access_token": token,
-        "token_type": "bearer",
-        "expires_in": ttl.as_secs(),
-    }))
+    Ok(Json(TokenAnswer {
+        access_token: token,
+        token_type: "bearer",
+        expires_in: ttl.as_secs(),
+    })
     .into_response())
 }
 
@@ -287,7 +290,7 @@ async fn list_keys(
     _: Admin,
     State(state): State<AdminState>,
     QueryParams(params): QueryParams<ListKeysParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     let limit = params.limit.unwrap_or(20);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!(
@@ -299,12 +302,11 @@ async fn list_keys(
         .list_keys(params.active, limit, params.cursor.as_deref())
         .await?
         .map_err(|e| ApiError::bad_request(format!("query parameter `cursor`: {e}")))?;
-    let data: Vec<_> = page.keys.iter().map(|k| KeyView::of(k, None)).collect();
-    Ok(Json(json!({
-        "data": data,
-        "has_more": page.next_cursor.is_some(),
-        "next_cursor": page.next_cursor,
-    })))
+    Ok(Json(KeyList {
+        data: page.keys.iter().map(|k| KeyView::of(k, None)).collect(),
+        has_more: page.next_cursor.is_some(),
+        next_cursor: page.next_cursor,
+    }))
 }
 
 async fn get_key(
@@ -401,15 +403,16 @@ async fn delete_key(
         return Err(no_such_key(&raw));
     }
     tracing::info!(key_id = %id, "API key deleted");
-    Ok(Json(json!({"id": id.as_str(), "deleted": true})).into_response())
+    Ok(Json(Deleted {
+        id: id.to_string(),
+        deleted: true,
+    })
+    .into_response())
 }
 
-async fn list_tiers(
-    _: Admin,
-    State(state): State<AdminState>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_tiers(_: Admin, State(state): State<AdminState>) -> Result<Json<TierList>, ApiError> {
     let tiers = state.store.list_tiers().await?;
-    Ok(Json(json!({"data": tiers})))
+    Ok(Json(TierList { data: tiers }))
 }
 
 async fn put_tier(
@@ -490,7 +493,7 @@ async fn key_batches(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
     QueryParams(params): QueryParams<PageParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::Page<BatchView>>, ApiError> {
     let id = existing_key(&state, &raw).await?;
     let (limit, from) = params.page()?;
     let page = state
@@ -502,15 +505,13 @@ async fn key_batches(
     let data = page
         .items
         .iter()
-        .map(|b| {
-            json!({
-                "id": b.batch_id,
-                "recorded_at": b.recorded_at,
-                "request_count": b.request_count,
-                "reserved_tokens": b.reserved_tokens,
-                "usage_recorded": b.settled_at.is_some(),
-                "settled_at": b.settled_at,
-            })
+        .map(|b| BatchView {
+            id: b.batch_id.clone(),
+            recorded_at: b.recorded_at.clone(),
+            request_count: b.request_count,
+            reserved_tokens: b.reserved_tokens,
+            usage_recorded: b.settled_at.is_some(),
+            settled_at: b.settled_at.clone(),
         })
         .collect();
     Ok(page_json(data, &ids, page.has_more))
@@ -523,7 +524,7 @@ async fn key_files(
     State(state): State<AdminState>,
     Path(raw): Path<String>,
     QueryParams(params): QueryParams<PageParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<super::Page<serde_json::Value>>, ApiError> {
     let id = existing_key(&state, &raw).await?;
     let (limit, from) = params.page()?;
     let page = state

@@ -188,6 +188,46 @@ impl TierInput {
     }
 }
 
+/// `POST /admin/login`'s answer.
+#[derive(Debug, Serialize)]
+pub struct TokenAnswer {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+}
+
+/// `GET /admin/api-keys`: a page of keys, by cursor.
+#[derive(Debug, Serialize)]
+pub struct KeyList {
+    pub data: Vec<KeyView>,
+    pub has_more: bool,
+    pub next_cursor: Option<String>,
+}
+
+/// `DELETE /admin/api-keys/{id}`'s answer.
+#[derive(Debug, Serialize)]
+pub struct Deleted {
+    pub id: String,
+    pub deleted: bool,
+}
+
+/// `GET /admin/tiers`.
+#[derive(Debug, Serialize)]
+pub struct TierList {
+    pub data: Vec<Tier>,
+}
+
+/// A batch a key created, as `GET /admin/api-keys/{id}/batches` shows it.
+#[derive(Debug, Serialize)]
+pub struct BatchView {
+    pub id: String,
+    pub recorded_at: String,
+    pub request_count: u64,
+    pub reserved_tokens: u64,
+    pub usage_recorded: bool,
+    pub settled_at: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
