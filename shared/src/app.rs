@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use axum::Router;
 
-use crate::config::{AdminConfig, CommonConfig, ConfigError, ProxyConfig, UpstreamConfig};
+use crate::config::{AdminConfig, CommonConfig, ConfigError, Env, ProxyConfig, UpstreamConfig};
 use crate::http::admin::AdminState;
 use crate::http::health::HealthState;
 use crate::http::usage::UsageApiState;
@@ -26,8 +26,9 @@ pub struct App {
 impl App {
     /// Everything from the environment; fails naming the variable at fault.
     pub async fn from_env() -> Result<App, ConfigError> {
-        let config = CommonConfig::from_env()?;
-        let secrets = config.secrets().await?;
+        let env = Env::process();
+        let config = CommonConfig::read(&env)?;
+        let secrets = config.secrets(&env).await?;
         Ok(App::connect(&config, secrets).await)
     }
 

@@ -252,8 +252,9 @@ impl CommonConfig {
 
     /// Secrets Manager when `RELAY_SECRET_ARN` is set, otherwise the
     /// variables `UPSTREAM_API_KEY`, `ADMIN_PASSWORD_HASH` (or
-    /// `ADMIN_PASSWORD`, hashed here) and `SECRET_KEY`.
-    pub async fn secrets(&self) -> Result<Secrets, ConfigError> {
+    /// `ADMIN_PASSWORD`, hashed here) and `SECRET_KEY`, read from `env`
+    /// (the configuration holds no secret values: it is `Debug`).
+    pub async fn secrets(&self, env: &Env) -> Result<Secrets, ConfigError> {
         if let Some(arn) = &self.secret_arn {
             return Ok(Secrets::from_secrets_manager(
                 arn,
@@ -263,7 +264,7 @@ impl CommonConfig {
             )
             .await);
         }
-        secret_values(&Env::process()).map(Secrets::fixed)
+        secret_values(env).map(Secrets::fixed)
     }
 }
 
@@ -482,9 +483,8 @@ impl MetricsConfig {
         let mode = env.text(&METRICS).unwrap_or_default();
         MetricsConfig {
             enabled: mode == "emf" || (env.in_lambda() && mode != "off"),
-            namespace: env
-                .text(&METRICS_NAMESPACE)
-                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+            // A variable with a default always has a value.
+            namespace: env.text_or_default(&METRICS_NAMESPACE).unwrap_or_default(),
         }
     }
 }
@@ -506,7 +506,7 @@ impl LogConfig {
     pub fn read(env: &Env) -> LogConfig {
         LogConfig {
             json_lines: env.in_lambda(),
-            filter: env.text(&RUST_LOG).unwrap_or_else(|| "info".into()),
+            filter: env.text_or_default(&RUST_LOG).unwrap_or_default(),
         }
     }
 }

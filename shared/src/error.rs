@@ -181,6 +181,12 @@ impl ApiError {
         ApiError::Internal(source)
     }
 
+    /// A relay key that does not match a stored one: nothing says which
+    /// part was wrong.
+    pub fn invalid_key() -> Self {
+        ApiError::unauthorized("invalid API key")
+    }
+
     /// The one mapping from error to answer.
     pub fn rendering(&self) -> Rendering {
         use ErrorKind as K;
@@ -383,6 +389,7 @@ impl IntoResponse for ApiError {
             // The whole chain goes to the log, never to the client.
             tracing::error!(
                 status = rendering.status.as_u16(),
+                side = ?rendering.side,
                 error = format!("{source:#}"),
                 "request failed"
             );
@@ -413,21 +420,32 @@ impl From<crate::store::StoreError> for ApiError {
     }
 }
 
-impl From<&crate::upstream::UpstreamError> for ApiError {
-    fn from(err: &crate::upstream::UpstreamError) -> Self {
+impl From<crate::upstream::UpstreamError> for ApiError {
+    fn from(err: crate::upstream::UpstreamError) -> Self {
         use crate::upstream::UpstreamError as U;
         match err {
             U::Unreachable { .. } => ApiError::UpstreamUnreachable,
-            U::Timeout(after) => ApiError::UpstreamTimeout(*after),
+            U::Timeout(after) => ApiError::UpstreamTimeout(after),
             U::CredentialsRejected => ApiError::UpstreamCredentialsRejected,
             U::NoCredentials => ApiError::NoUpstreamCredentials,
-            U::Secrets(e) => ApiError::unavailable(
-                "the relay's secret store is unavailable; retry shortly",
-                anyhow::anyhow!("{e}"),
-            ),
+            U::Secrets(err) => err.into(),
             U::PathMismatch(_) => ApiError::bad_request(
                 "the request path would not reach the upstream as written; send it in canonical form",
             ),
+        }
+    }
+}
+
+/// One answer for the secret store's failures, whoever read it (the proxy
+/// for the upstream key, admin for the password hash and JWT secret).
+impl From<crate::secrets::SecretsError> for ApiError {
+    fn from(err: crate::secrets::SecretsError) -> Self {
+        match err {
+            crate::secrets::SecretsError::Unavailable(source) => ApiError::unavailable(
+                "the relay's secret store is unavailable; retry shortly",
+                source,
+            ),
+            other => ApiError::internal(other.into()),
         }
     }
 }
@@ -442,7 +460,7 @@ impl From<crate::domain::admission::AdmissionRefusal> for ApiError {
     fn from(refusal: crate::domain::admission::AdmissionRefusal) -> Self {
         use crate::domain::admission::AdmissionRefusal as A;
         match refusal {
-            A::UnknownKey | A::WrongSecret => crate::http::key_holder::invalid_key(),
+            A::UnknownKey | A::WrongSecret => ApiError::invalid_key(),
             A::Disabled => crate::domain::key::access::Refusal::Disabled.into(),
             A::Expired => crate::domain::key::access::Refusal::Expired.into(),
             A::QuotaExhausted { used, limit } => ApiError::QuotaExhausted(format!(
@@ -682,6 +700,33 @@ mod tests {
             let response = err.into_response();
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert!(!String::from_utf8_lossy(&body).contains("xyz"));
+        }
+    }
+
+    #[test]
+    fn the_secret_store_fails_the_same_way_for_the_proxy_and_admin() {
+        use crate::secrets::SecretsError;
+        use crate::upstream::UpstreamError;
+        let unavailable = || SecretsError::Unavailable(anyhow::anyhow!("timeout"));
+        let malformed = || SecretsError::Malformed {
+            arn: "arn:secret".into(),
+            source: serde_json::from_str::<serde_json::Value>("{").unwrap_err(),
+        };
+        for err in [
+            ApiError::from(unavailable()),
+            ApiError::from(UpstreamError::Secrets(unavailable())),
+        ] {
+            // Transient: retried after a second.
+            assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(err.rendering().retry, Retry::After(1));
+        }
+        for err in [
+            ApiError::from(malformed()),
+            ApiError::from(UpstreamError::Secrets(malformed())),
+        ] {
+            // A broken secret is the admin's to fix: no retry helps.
+            assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(err.message(), "internal error");
         }
     }
 }

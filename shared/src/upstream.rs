@@ -346,8 +346,9 @@ impl Upstream {
         path: &CanonicalPath,
         query: Option<&str>,
         mut headers: HeaderMap,
-        body: reqwest::Body,
+        body: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        let body = reqwest::Body::wrap_stream(body);
         let url = upstream_url(&self.config.base_url, path, query)?;
         let secrets = self.secrets.current().await?;
         let key = secrets

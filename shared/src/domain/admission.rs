@@ -115,7 +115,8 @@ pub enum KeyState<'a> {
 
 /// The quota predicate, stated once: may a key that has used `used` of
 /// `limit` tokens (`None`: unlimited) take this quota rule's charge? The
-/// store's admission condition mirrors it (`store::admission`).
+/// store's admission condition mirrors it
+/// (`store::layout::api_key::admission_update`).
 pub fn quota_admits(
     quota: QuotaRule,
     used: u64,
@@ -135,6 +136,45 @@ pub fn quota_admits(
             })
         }
         _ => Ok(()),
+    }
+}
+
+/// The rate window a key's next request counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowInForce {
+    /// Its start (epoch seconds).
+    pub start: u64,
+    /// Requests already counted in it.
+    pub used: u64,
+    /// Whether the key item holds it (else it opens with the next request).
+    pub stored: bool,
+    /// Seconds until it ends.
+    pub retry_after: u64,
+}
+
+/// The window in force for a key storing `stored` (start, count) at `now`:
+/// the stored one while it is current, or ahead (another instance's clock
+/// may be ahead: its window is then still whole); else the window `now`
+/// falls in, empty.
+pub fn window_in_force(
+    stored: Option<(u64, u64)>,
+    now: OffsetDateTime,
+    period: u64,
+) -> WindowInForce {
+    let (window, left) = window_of(epoch_seconds(now), period);
+    match stored {
+        Some((start, used)) if start >= window => WindowInForce {
+            start,
+            used,
+            stored: true,
+            retry_after: if start == window { left } else { period },
+        },
+        _ => WindowInForce {
+            start: window,
+            used: 0,
+            stored: false,
+            retry_after: left,
+        },
     }
 }
 
@@ -160,7 +200,7 @@ pub fn decide(
             period: rate.period,
         });
     }
-    let (window, retry_after) = window_of(epoch_seconds(now), rate.period);
+    let (window, _) = window_of(epoch_seconds(now), rate.period);
     let old = match state {
         KeyState::Unread { last_window } => {
             let step = if last_window == Some(window) {
@@ -187,22 +227,16 @@ pub fn decide(
         // stated on the stored one.
         *limit = old.token_limit;
     }
-    let step = match old.rate_window {
-        Some((stored, count)) if stored >= window => {
-            if count + charge.requests > rate.requests {
-                let retry_after = if stored == window {
-                    retry_after
-                } else {
-                    // Another instance's clock is ahead: its window is
-                    // still whole.
-                    rate.period
-                };
-                return Err(AdmissionRefusal::RateLimited { retry_after });
-            }
-            // Another instance's clock may be ahead: count in its window.
-            WindowStep::Same(stored)
-        }
-        _ => WindowStep::New(window),
+    let in_force = window_in_force(old.rate_window, now, rate.period);
+    if in_force.used + charge.requests > rate.requests {
+        return Err(AdmissionRefusal::RateLimited {
+            retry_after: in_force.retry_after,
+        });
+    }
+    let step = if in_force.stored {
+        WindowStep::Same(in_force.start)
+    } else {
+        WindowStep::New(in_force.start)
     };
     Ok(AdmissionWrite { step, charge })
 }
@@ -539,5 +573,29 @@ mod tests {
         assert_eq!(Charge::MESSAGE.reserved(), 0);
         assert_eq!(reserve(None, 400).reserved(), 0);
         assert_eq!(reserve(Some(1), 400).reserved(), 400);
+    }
+
+    #[test]
+    fn the_window_in_force_is_the_stored_one_while_current_or_ahead() {
+        // At 1000 s, 60-second windows: the current one opened at 960.
+        let now = at_1000();
+        let current = window_in_force(Some((960, 4)), now, 60);
+        assert_eq!(
+            current,
+            WindowInForce {
+                start: 960,
+                used: 4,
+                stored: true,
+                retry_after: 20
+            }
+        );
+        // Another instance's clock is ahead: its window is still whole.
+        let ahead = window_in_force(Some((1020, 7)), now, 60);
+        assert_eq!((ahead.start, ahead.used, ahead.retry_after), (1020, 7, 60));
+        // A past window, or none: the current one, empty, not stored yet.
+        for stored in [Some((900, 9)), None] {
+            let fresh = window_in_force(stored, now, 60);
+            assert_eq!((fresh.start, fresh.used, fresh.stored), (960, 0, false));
+        }
     }
 }

@@ -56,13 +56,10 @@ pub fn presented_key(headers: &HeaderMap) -> Result<PresentedKey, ApiError> {
         }
     }?;
     // The id only (never the secret): from here on, the request's log
-    // lines say whose request it is.
+    // lines name the key it presents (not yet verified: a forged secret
+    // is logged under the id it claims).
     tracing::Span::current().record("key_id", tracing::field::display(key.id()));
     Ok(key)
-}
-
-pub fn invalid_key() -> ApiError {
-    ApiError::unauthorized("invalid API key")
 }
 
 /// Who is calling, as a key's allowlists see it.
@@ -125,7 +122,7 @@ pub async fn authenticate(
         .get_key(key.id())
         .await?
         .filter(|r| r.secret_hash.matches(&key.hash()))
-        .ok_or_else(invalid_key)?;
+        .ok_or_else(ApiError::invalid_key)?;
     admits(&record, caller, models, now)?;
     Ok(record)
 }

@@ -56,7 +56,9 @@ pub struct RequestId(pub String);
 pub async fn request_id(mut request: Request, next: Next) -> Response {
     let id = format!("relay_{}", uuid::Uuid::new_v4().simple());
     request.extensions_mut().insert(RequestId(id.clone()));
-    let span = tracing::info_span!("request", request_id = %id, key_id = tracing::field::Empty);
+    // At error level, so that a stricter log filter (`RUST_LOG=warn`) keeps
+    // the ids on the warnings and errors it lets through.
+    let span = tracing::error_span!("request", request_id = %id, key_id = tracing::field::Empty);
     let mut response = next.run(request).instrument(span).await;
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);

@@ -11,12 +11,12 @@ use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 
 use super::key_holder::{Caller, authenticate, presented_key};
 use super::{ClientIp, NoParams, QueryParams, not_found};
+use crate::domain::admission::window_in_force;
 use crate::domain::day_of;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
-use crate::domain::tier::window_of;
 use crate::domain::usage::UsageTotals;
-use crate::domain::{epoch_seconds, format_timestamp, now, parse_timestamp};
+use crate::domain::{format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
 use crate::store::Store;
 use crate::store::usage_log::{LogQuery, LogRow};
@@ -403,14 +403,11 @@ pub async fn logs_view(store: &Store, id: &KeyId, params: LogParams) -> Result<L
 pub async fn quota_view(store: &Store, id: &KeyId) -> Result<QuotaView, ApiError> {
     let key = store.get_key(id).await?.ok_or_else(|| no_such_key(id))?;
     let tier = store.tier_in_force(&key.rate_limit_tier).await?;
-    let epoch = epoch_seconds(now());
-    let (window, _) = window_of(epoch, tier.period);
-    let used_in_window = match key.rate_window {
-        Some((start, count)) if start == window => count,
-        _ => 0,
-    };
+    // The window admission counts in (`domain::admission`), as it stands.
+    let window = window_in_force(key.rate_window, now(), tier.period);
+    let used_in_window = window.used;
     let resets_at =
-        OffsetDateTime::from_unix_timestamp(i64::try_from(window + tier.period).unwrap_or(0))
+        OffsetDateTime::from_unix_timestamp(i64::try_from(window.start + tier.period).unwrap_or(0))
             .map(format_timestamp)
             .ok();
     let remaining = key.remaining_tokens();

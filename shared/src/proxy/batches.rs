@@ -90,11 +90,6 @@ impl Buffered {
     }
 }
 
-/// The relay's answer when the upstream gave none.
-fn no_answer(err: &UpstreamError) -> ApiError {
-    ApiError::from(err)
-}
-
 async fn send_buffered(
     state: &ProxyState,
     forward: &ForwardRequest,
@@ -452,7 +447,7 @@ async fn forward_creation(
         }
         return match answer {
             Ok(buffered) => Ok(buffered.into_response()),
-            Err(err) => Err(no_answer(&err)),
+            Err(err) => Err(err.into()),
         };
     };
     batch.batch_id = batch_id.clone();
@@ -482,7 +477,7 @@ async fn forward_creation(
     );
     match answer {
         Ok(buffered) => Ok(buffered.into_response()),
-        Err(err) => Err(no_answer(&err)),
+        Err(err) => Err(err.into()),
     }
 }
 
@@ -562,7 +557,7 @@ pub(super) async fn object(call: Call, batch_id: &str, body: Bytes) -> Result<Re
     owned(&call, batch_id).await?;
     let answer = send_buffered(&call.state, &call.forward(body), RetryPolicy::Retryable)
         .await
-        .map_err(|e| no_answer(&e))?;
+        .map_err(ApiError::from)?;
     Ok(answer.into_response())
 }
 
@@ -585,7 +580,7 @@ pub(super) async fn delete(call: Call, batch_id: &str) -> Result<Response, ApiEr
         RetryPolicy::Retryable,
     )
     .await
-    .map_err(|e| no_answer(&e))?;
+    .map_err(ApiError::from)?;
     if answer.status.is_success() || answer.status == StatusCode::NOT_FOUND {
         call.state
             .0
@@ -637,7 +632,7 @@ async fn current_object(state: &ProxyState, batch_id: &str) -> Result<Option<Val
     let request = own_request(Method::GET, &path, Bytes::new())?;
     let answer = send_buffered(state, &request, RetryPolicy::Retryable)
         .await
-        .map_err(|e| no_answer(&e))?;
+        .map_err(ApiError::from)?;
     match answer.status {
         s if s.is_success() => Ok(answer.json().map(|mut object| {
             rewrite_object(&mut object);
@@ -751,6 +746,21 @@ async fn settle(
     Ok(())
 }
 
+/// Records a batch's usage once its results were read whole; else (or if
+/// DynamoDB fails) the collector will.
+async fn settle_at_read(state: &ProxyState, batch: &BatchRecord, tally: ResultsTally) {
+    match tally.finish(batch.request_count) {
+        Some(tally) => {
+            if let Err(err) = settle(state, batch, &tally).await {
+                tracing::warn!(error = %err, "batch usage not settled at read; the collector will");
+            }
+        }
+        None => {
+            tracing::warn!(batch_id = %batch.batch_id, "batch results incomplete; the collector will settle")
+        }
+    }
+}
+
 /// `GET /v1/messages/batches/{id}/results`: streamed through, added up on
 /// the side; a whole, well-formed body records the batch's usage before
 /// the answer ends.
@@ -768,33 +778,30 @@ pub(super) async fn results(call: Call, batch_id: &str) -> Result<Response, ApiE
         .upstream
         .send(&forward, RetryPolicy::Retryable)
         .await
-        .map_err(|e| no_answer(&e))?;
+        .map_err(ApiError::from)?;
     let status = response.status;
     let headers = client_response_headers(&response.headers);
     let body = if status.is_success() && batch.settled_at.is_none() {
         let state = call.state.clone();
+        // The body is read after the handler returned, outside the
+        // request's span: the settlement at its end re-enters it.
+        let span = tracing::Span::current();
         let stream = futures_util::stream::unfold(
             Some((response.body, ResultsTally::default(), state, batch)),
-            |current| async move {
-                let (mut body, mut tally, state, batch) = current?;
-                match body.next().await {
-                    Some(Ok(chunk)) => {
-                        tally.feed(&chunk);
-                        Some((Ok(chunk), Some((body, tally, state, batch))))
-                    }
-                    Some(Err(err)) => Some((Err(std::io::Error::other(err.to_string())), None)),
-                    None => {
-                        match tally.finish(batch.request_count) {
-                            Some(tally) => {
-                                if let Err(err) = settle(&state, &batch, &tally).await {
-                                    tracing::warn!(error = %err, "batch usage not settled at read; the collector will");
-                                }
-                            }
-                            None => {
-                                tracing::warn!(batch_id = %batch.batch_id, "batch results incomplete; the collector will settle")
-                            }
+            move |current| {
+                let span = span.clone();
+                async move {
+                    let (mut body, mut tally, state, batch) = current?;
+                    match body.next().await {
+                        Some(Ok(chunk)) => {
+                            tally.feed(&chunk);
+                            Some((Ok(chunk), Some((body, tally, state, batch))))
                         }
-                        None
+                        Some(Err(err)) => Some((Err(std::io::Error::other(err.to_string())), None)),
+                        None => {
+                            settle_at_read(&state, &batch, tally).instrument(span).await;
+                            None
+                        }
                     }
                 }
             },
@@ -855,7 +862,7 @@ async fn settle_from_upstream(
         .upstream
         .send(&results, RetryPolicy::Retryable)
         .await
-        .map_err(|e| no_answer(&e))?;
+        .map_err(ApiError::from)?;
     if !response.status.is_success() {
         return Err(ApiError::UpstreamFailed(format!(
             "the Anthropic API answered {} for a batch's results",

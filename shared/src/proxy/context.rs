@@ -1,6 +1,7 @@
-//! The first phase of every proxied request, and the context the later
-//! phases share: the route decided on the canonical path, the presented
-//! key, the caller, the clock, the request id.
+//! The first phase of every proxied request (route and identify), and the
+//! context the later phases share: the route decided on the canonical path,
+//! the presented key, the caller, the clock, the request id; and the
+//! authentication the second phase runs on it.
 
 use std::net::IpAddr;
 use std::time::Instant;
@@ -63,11 +64,16 @@ pub(super) fn begin(state: ProxyState, ip: IpAddr, request: Request) -> Result<B
         }
         _ => {}
     }
+    // Made once, by the request-id layer the composition root applies.
     let request_id = parts
         .extensions
         .get::<RequestId>()
         .map(|r| r.0.clone())
-        .unwrap_or_else(|| format!("relay_{}", uuid::Uuid::new_v4().simple()));
+        .ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!(
+                "no request id: the proxy router was served without the request-id layer"
+            ))
+        })?;
     let key = presented_key(&parts.headers)?;
     let max = state.0.config.max_request_bytes;
     let declared = parts

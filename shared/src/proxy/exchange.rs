@@ -14,10 +14,9 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::finish::{Metering, Outcome, SettlePolicy, settle, usage_record};
+use super::ProxyState;
+use super::finish::{Metering, Outcome, finish, usage_record};
 use super::tap::{UsageTap, error_type};
-use super::{ProxyState, SettleTiming};
-use crate::domain::usage::UsageRecord;
 use crate::error::{ApiError, ErrorKind, envelope};
 use crate::upstream::{
     BodyStream, ForwardRequest, RetryPolicy, UpstreamError, UpstreamResponse,
@@ -142,7 +141,7 @@ impl Exchange {
         let sent = self.send(&mut head, &mut client).await;
         let ttfb = self.started.elapsed();
         let outcome = match sent {
-            Err(err) => no_answer(&err, head, &mut client).await,
+            Err(err) => no_answer(err, head, &mut client).await,
             Ok(response) => self.respond(response, head, &mut client, ttfb).await,
         };
         let Exchange {
@@ -153,7 +152,7 @@ impl Exchange {
             ..
         } = self;
         if let Some(metering) = metering {
-            let record = usage_record(metering, outcome, forward.body, started.elapsed()).await;
+            let record = usage_record(metering, outcome, forward.body, started).await;
             finish(&state, record, client).await;
         }
     }
@@ -233,13 +232,14 @@ impl Exchange {
 /// The relay's own answer when the upstream gave none: an error response,
 /// or an SSE error event once the stream is committed.
 async fn no_answer(
-    err: &UpstreamError,
+    err: UpstreamError,
     head: Option<oneshot::Sender<Head>>,
     client: &mut ClientSink,
 ) -> Outcome {
+    let cause = err.to_string();
     let answer = ApiError::from(err);
     let rendering = answer.rendering();
-    tracing::warn!(error = %err, status = rendering.status.as_u16(), "no upstream answer");
+    tracing::warn!(error = %cause, status = rendering.status.as_u16(), "no upstream answer");
     let outcome = Outcome::NoAnswer {
         status: rendering.status.as_u16(),
         error_type: rendering.kind.as_str().to_owned(),
@@ -275,35 +275,6 @@ async fn error_event(
             envelope.replace('\n', "")
         )))
         .await;
-}
-
-/// Records the usage. Dropping the sink ends the client's answer. Where the
-/// host waits for after-work the answer ends first, so the settle
-/// transaction (and the metrics line) add nothing to the client's latency;
-/// otherwise it must land before the answer ends, because in Lambda nothing
-/// runs after that.
-async fn finish(state: &ProxyState, record: UsageRecord, client: ClientSink) {
-    let inner = &state.0;
-    let _after_work = match &inner.settle_timing {
-        SettleTiming::AfterAnswerEnds(in_flight) => {
-            let busy = in_flight.after_work();
-            drop(client);
-            // Let the connection write the answer's end before this task
-            // spends CPU on the metrics line and the transaction (on a
-            // one-thread runtime it would otherwise wait).
-            tokio::task::yield_now().await;
-            Some(busy)
-        }
-        SettleTiming::BeforeAnswerEnds => None,
-    };
-    crate::metrics::emit_request(&record);
-    let config = &inner.config;
-    let policy = SettlePolicy {
-        retention: config.log_retention,
-        inline: config.settle_inline,
-        background: config.settle_background,
-    };
-    settle(&inner.store, record, policy).await;
 }
 
 /// Moves the upstream body to the client chunk by chunk, feeding the tap.

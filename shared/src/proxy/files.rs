@@ -104,13 +104,13 @@ async fn send_upload(
             &call.path,
             call.parts.uri.query(),
             headers,
-            reqwest::Body::wrap_stream(body),
+            body,
         )
         .await;
     let response = match sent {
         _ if over_limit.load(std::sync::atomic::Ordering::Relaxed) => return Err(too_large(max)),
         Ok(response) => response,
-        Err(err) => return Err(ApiError::from(&err)),
+        Err(err) => return Err(err.into()),
     };
     let status = response.status;
     let upstream_headers = response.headers.clone();
@@ -214,7 +214,7 @@ pub(super) async fn delete(call: Call, file_id: &str) -> Result<Response, ApiErr
         .upstream
         .send(&call.forward(Bytes::new()), RetryPolicy::Retryable)
         .await
-        .map_err(|e| ApiError::from(&e))?;
+        .map_err(ApiError::from)?;
     let status = response.status;
     let headers = response.headers.clone();
     let answer = read_whole(response.body, 4 * 1024 * 1024).await;

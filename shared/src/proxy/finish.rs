@@ -1,8 +1,9 @@
 //! The last phase of a metered request: its usage record, built once from
-//! what admission knew (`Metering`) and what the exchange saw (`Outcome`),
-//! then settled: retried while DynamoDB is unavailable, first while the
-//! host waits, then in the background, and as a last resort logged whole
-//! for reconciliation.
+//! what admission knew (`Metering`) and what the exchange saw (`Outcome`);
+//! the answer ended before or after the record is written, as the host
+//! needs (`SettleTiming`); then settled: retried while DynamoDB is
+//! unavailable, first while the host waits, then in the background, and as
+//! a last resort logged whole for reconciliation.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use tracing::Instrument;
 
 use super::context::Call;
 use super::tap::UsageTap;
+use super::{ProxyState, SettleTiming};
 use crate::domain::key::KeyId;
 use crate::domain::usage::UsageRecord;
 use crate::domain::usage::{AnswerUsage, complete_with_estimate};
@@ -70,7 +72,7 @@ pub(super) async fn usage_record(
     metering: Metering,
     outcome: Outcome,
     request_body: bytes::Bytes,
-    latency: Duration,
+    started: Instant,
 ) -> UsageRecord {
     let (status, retries, ttfb_ms, answer, error_type) = match outcome {
         Outcome::NoAnswer { status, error_type } => (status, 0, None, None, Some(error_type)),
@@ -123,7 +125,7 @@ pub(super) async fn usage_record(
         stream,
         usage: usage.usage,
         estimated,
-        latency_ms: millis(latency),
+        latency_ms: millis(started.elapsed()),
         ttfb_ms,
         retries,
         client_ip,
@@ -142,13 +144,45 @@ async fn estimate(mut usage: AnswerUsage, request_body: bytes::Bytes) -> (Answer
     .unwrap_or_default()
 }
 
-pub(super) fn millis(duration: Duration) -> u64 {
+fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Records the usage. Dropping the sink ends the client's answer. Where the
+/// host waits for after-work the answer ends first, so the settle
+/// transaction (and the metrics line) add nothing to the client's latency;
+/// otherwise it must land before the answer ends, because in Lambda nothing
+/// runs after that.
+///
+/// `answer` is what keeps the client's answer open (the exchange's body
+/// sender): dropping it ends the answer.
+pub(super) async fn finish<A>(state: &ProxyState, record: UsageRecord, answer: A) {
+    let inner = &state.0;
+    let _after_work = match &inner.settle_timing {
+        SettleTiming::AfterAnswerEnds(in_flight) => {
+            let busy = in_flight.after_work();
+            drop(answer);
+            // Let the connection write the answer's end before this task
+            // spends CPU on the metrics line and the transaction (on a
+            // one-thread runtime it would otherwise wait).
+            tokio::task::yield_now().await;
+            Some(busy)
+        }
+        SettleTiming::BeforeAnswerEnds => None,
+    };
+    crate::metrics::emit_request(&record);
+    let config = &inner.config;
+    let policy = SettlePolicy {
+        retention: config.log_retention,
+        inline: config.settle_inline,
+        background: config.settle_background,
+    };
+    settle(&inner.store, record, policy).await;
 }
 
 /// How long settlement retries, and how long the log keeps the record.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct SettlePolicy {
+struct SettlePolicy {
     pub retention: Duration,
     /// Retrying while the host waits (bounded)…
     pub inline: Duration,
@@ -159,7 +193,7 @@ pub(super) struct SettlePolicy {
 /// Records usage, retrying while DynamoDB is unavailable: first while the
 /// host waits (bounded), then in the background (in this request's span);
 /// as a last resort the whole record goes to the error log.
-pub(super) async fn settle(store: &Store, record: UsageRecord, policy: SettlePolicy) {
+async fn settle(store: &Store, record: UsageRecord, policy: SettlePolicy) {
     if settle_until(
         store,
         &record,

@@ -1,14 +1,17 @@
 //! The proxy function. Every request runs through named phases over one
 //! request context (`context::Call`):
 //!
-//! 1. **route and authenticate** (`context::begin`): the route table
-//!    (`domain::route`) decides what is served; the presented key is taken;
-//! 2. **admit** (`messages`, `batches`, `files`): the key's rules, file
-//!    ownership, and for metered routes the admission write;
+//! 1. **route and identify** (`context::begin`): the route table
+//!    (`domain::route`) decides what is served; the presented key is
+//!    parsed (nothing is read from the store yet);
+//! 2. **authenticate and admit** (`messages`, `batches`, `files`): the key's
+//!    record and access rules (`http::key_holder`), file ownership, and for
+//!    metered routes the admission write;
 //! 3. **build the upstream request** (`Call::forward`);
 //! 4. **respond and pump** (`exchange`): the answer streams to the client
 //!    as it arrives, its usage read on the way;
-//! 5. **finish** (`finish`): the usage record is built once and settled.
+//! 5. **finish** (`finish`): the usage record is built once, the answer
+//!    ended before or after it is written as the host needs, and settled.
 
 pub mod batches;
 mod body;

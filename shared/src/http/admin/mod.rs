@@ -32,7 +32,7 @@ use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::tier::validate_tier_name;
 use crate::domain::{self};
 use crate::error::ApiError;
-use crate::secrets::{SecretValues, Secrets, SecretsError};
+use crate::secrets::{SecretValues, Secrets};
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -115,18 +115,6 @@ async fn only_from_allowed_networks(
 impl From<FieldError> for ApiError {
     fn from(err: FieldError) -> Self {
         ApiError::unprocessable(err.to_string())
-    }
-}
-
-impl From<SecretsError> for ApiError {
-    fn from(err: SecretsError) -> Self {
-        match err {
-            SecretsError::Unavailable(source) => ApiError::unavailable(
-                "the relay's secret store is unavailable; retry shortly",
-                source,
-            ),
-            other => ApiError::internal(other.into()),
-        }
     }
 }
 
