@@ -1,0 +1,532 @@
+//! Prices as data, and what a request costs: per-model prices for each
+//! token class, effective-dated (a change applies from its moment on, the
+//! history kept), with prompt-length bands and multipliers for request
+//! attributes that change the price; costs in integer micro-dollars so that
+//! counters add up exactly.
+
+use time::OffsetDateTime;
+use time::macros::datetime;
+
+use super::usage::TokenUsage;
+
+/// Millionths of a US dollar: every cost and counter is a whole number of them.
+pub type MicroUsd = u64;
+
+/// Prices of one model for each token class, in micro-dollars per million
+/// tokens (`$3 / MTok` is `3_000_000`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassPrices {
+    pub input: u64,
+    pub output: u64,
+    pub cache_write_5m: u64,
+    pub cache_write_1h: u64,
+    pub cache_read: u64,
+}
+
+impl ClassPrices {
+    /// From dollars per million tokens, as price lists state them.
+    pub const fn usd(
+        input: f64,
+        cache_write_5m: f64,
+        cache_write_1h: f64,
+        cache_read: f64,
+        output: f64,
+    ) -> Self {
+        ClassPrices {
+            input: micro(input),
+            output: micro(output),
+            cache_write_5m: micro(cache_write_5m),
+            cache_write_1h: micro(cache_write_1h),
+            cache_read: micro(cache_read),
+        }
+    }
+}
+
+/// The token classes a price list prices apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenClass {
+    Input,
+    Output,
+    CacheWrite5m,
+    CacheWrite1h,
+    CacheRead,
+}
+
+impl ClassPrices {
+    fn of(&self, class: TokenClass) -> u64 {
+        match class {
+            TokenClass::Input => self.input,
+            TokenClass::Output => self.output,
+            TokenClass::CacheWrite5m => self.cache_write_5m,
+            TokenClass::CacheWrite1h => self.cache_write_1h,
+            TokenClass::CacheRead => self.cache_read,
+        }
+    }
+}
+
+/// Dollars to micro-dollars, for prices written in the source (a const fn:
+/// the shipped table is checked at compile time, never parsed).
+const fn micro(usd: f64) -> u64 {
+    // Every shipped price has at most four decimals: the rounding is exact.
+    (usd * 1_000_000.0 + 0.5) as u64
+}
+
+/// A prompt-length band: a request whose prompt holds more than
+/// `above_prompt_tokens` tokens is priced, whole, at `prices`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Band {
+    pub above_prompt_tokens: u64,
+    pub prices: ClassPrices,
+}
+
+/// The prices of the models a pattern names, from a moment on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriceEntry {
+    /// A model id, matched exactly, or a family (`claude-opus-4-5`) that
+    /// matches ids it starts, up to a `-` or `@` (`claude-opus-4-5-20251101`).
+    pub model: String,
+    /// From when these prices apply (until a later entry for the same model).
+    pub effective_from: OffsetDateTime,
+    pub prices: ClassPrices,
+    /// Higher bands, by ascending threshold.
+    pub bands: Vec<Band>,
+}
+
+/// A request attribute that changes the price of some token classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Attribute {
+    /// A request of a Message Batch.
+    Batch,
+    /// `inference_geo: "us"`: US-only inference.
+    UsInference,
+}
+
+/// A multiplier, in thousandths (`1100` is ×1.1), per token class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Multiplier {
+    pub attribute: Attribute,
+    pub input: u64,
+    pub output: u64,
+    pub cache_write_5m: u64,
+    pub cache_write_1h: u64,
+    pub cache_read: u64,
+}
+
+impl Multiplier {
+    fn of(&self, class: TokenClass) -> u64 {
+        match class {
+            TokenClass::Input => self.input,
+            TokenClass::Output => self.output,
+            TokenClass::CacheWrite5m => self.cache_write_5m,
+            TokenClass::CacheWrite1h => self.cache_write_1h,
+            TokenClass::CacheRead => self.cache_read,
+        }
+    }
+}
+
+/// What to do with a model the table does not price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnpricedPolicy {
+    /// Refuse the request before forwarding it.
+    Refuse,
+    /// Charge it at these prices, recorded as a fallback.
+    Fallback(ClassPrices),
+}
+
+/// The whole price table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PriceTable {
+    pub entries: Vec<PriceEntry>,
+    pub multipliers: Vec<Multiplier>,
+    pub unpriced: UnpricedPolicy,
+}
+
+/// How a cost was priced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pricing {
+    /// From the table's entry for the model.
+    Table,
+    /// The model matched nothing: the fallback prices.
+    Fallback,
+}
+
+/// A request's cost, or why it has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cost {
+    Priced {
+        micro_usd: MicroUsd,
+        pricing: Pricing,
+    },
+    /// The model matched nothing and the policy refuses it.
+    Unpriced,
+}
+
+impl PriceTable {
+    /// The prices in force for `model` at `at`: the entries of the exact id
+    /// if there are any, else of the longest family it belongs to; of
+    /// those, the latest that took effect by `at`.
+    pub fn entry_for(&self, model: &str, at: OffsetDateTime) -> Option<&PriceEntry> {
+        let pattern = self
+            .entries
+            .iter()
+            .filter(|e| e.model == model)
+            .map(|e| e.model.as_str())
+            .next()
+            .or_else(|| {
+                self.entries
+                    .iter()
+                    .map(|e| e.model.as_str())
+                    .filter(|family| in_family(model, family))
+                    .max_by_key(|family| family.len())
+            })?;
+        self.entries
+            .iter()
+            .filter(|e| e.model == pattern && e.effective_from <= at)
+            .max_by_key(|e| e.effective_from)
+    }
+
+    /// What `usage` of `model` costs at `at`, with `attributes` of the
+    /// request applied.
+    pub fn cost(
+        &self,
+        model: &str,
+        usage: &TokenUsage,
+        attributes: &[Attribute],
+        at: OffsetDateTime,
+    ) -> Cost {
+        let (prices, pricing) = match (self.entry_for(model, at), self.unpriced) {
+            (Some(entry), _) => (entry.prices_for(prompt_tokens(usage)), Pricing::Table),
+            (None, UnpricedPolicy::Fallback(prices)) => (prices, Pricing::Fallback),
+            (None, UnpricedPolicy::Refuse) => return Cost::Unpriced,
+        };
+        let multipliers: Vec<&Multiplier> = self
+            .multipliers
+            .iter()
+            .filter(|m| attributes.contains(&m.attribute))
+            .collect();
+        Cost::Priced {
+            micro_usd: cost_of(usage, &prices, &multipliers),
+            pricing,
+        }
+    }
+}
+
+impl PriceEntry {
+    /// The prices of the band a prompt of `prompt` tokens falls in.
+    fn prices_for(&self, prompt: u64) -> ClassPrices {
+        self.bands
+            .iter()
+            .filter(|band| prompt > band.above_prompt_tokens)
+            .max_by_key(|band| band.above_prompt_tokens)
+            .map_or(self.prices, |band| band.prices)
+    }
+}
+
+/// Whether `model` belongs to `family`: the family is a prefix of the id
+/// ending where one of its segments ends.
+fn in_family(model: &str, family: &str) -> bool {
+    model
+        .strip_prefix(family)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', '@']))
+}
+
+/// The tokens a request's prompt held: what bands are decided on.
+pub fn prompt_tokens(usage: &TokenUsage) -> u64 {
+    usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+}
+
+/// The sum of each class's tokens times its price and multipliers, rounded
+/// once, to the nearest micro-dollar. Cache writes are priced by the 5-minute
+/// / 1-hour split the answer reported; writes it did not split (answers from
+/// before the split existed) are priced as 5-minute writes, the default TTL.
+fn cost_of(usage: &TokenUsage, prices: &ClassPrices, multipliers: &[&Multiplier]) -> MicroUsd {
+    let unsplit = usage
+        .cache_creation_input_tokens
+        .saturating_sub(usage.cache_creation_5m + usage.cache_creation_1h);
+    let classes = [
+        (usage.input_tokens, TokenClass::Input),
+        (usage.output_tokens, TokenClass::Output),
+        (usage.cache_creation_5m + unsplit, TokenClass::CacheWrite5m),
+        (usage.cache_creation_1h, TokenClass::CacheWrite1h),
+        (usage.cache_read_input_tokens, TokenClass::CacheRead),
+    ];
+    // tokens × µ$/MTok × Π(thousandths): divided by 10^6 and 10^3 per
+    // multiplier at the end, so nothing is rounded twice.
+    let scale = 1_000_000u128 * 1000u128.pow(u32::try_from(multipliers.len()).unwrap_or(0));
+    let total: u128 = classes
+        .iter()
+        .map(|&(tokens, class)| {
+            multipliers.iter().fold(
+                u128::from(tokens) * u128::from(prices.of(class)),
+                |sum, m| sum * u128::from(m.of(class)),
+            )
+        })
+        .sum();
+    u64::try_from((total + scale / 2) / scale).unwrap_or(u64::MAX)
+}
+
+/// The prices shipped with the relay (`../shared/CLAUDE_CODE.md`, Anthropic's
+/// price list): admins replace them as prices change.
+pub fn default_table() -> PriceTable {
+    let since = datetime!(2025-01-01 0:00 UTC);
+    let entry = |model: &str, prices: ClassPrices| PriceEntry {
+        model: model.to_owned(),
+        effective_from: since,
+        prices,
+        bands: Vec::new(),
+    };
+    let fable_5_1 = ClassPrices::usd(10.0, 12.5, 20.0, 0.25, 50.0);
+    let fable_5 = ClassPrices::usd(10.0, 12.5, 20.0, 1.0, 50.0);
+    let opus_5_5 = ClassPrices::usd(4.0, 5.0, 8.0, 0.2, 20.0);
+    let opus_4_5_to_5 = ClassPrices::usd(5.0, 6.25, 10.0, 0.5, 25.0);
+    let opus_4 = ClassPrices::usd(15.0, 18.75, 30.0, 1.5, 75.0);
+    let sonnet_5 = ClassPrices::usd(2.0, 2.5, 4.0, 0.2, 10.0);
+    let sonnet_4 = ClassPrices::usd(3.0, 3.75, 6.0, 0.3, 15.0);
+    let haiku_4_5 = ClassPrices::usd(1.0, 1.25, 2.0, 0.1, 5.0);
+    let mut entries = Vec::new();
+    for (family, prices) in [
+        ("claude-fable-5-1", fable_5_1),
+        ("claude-mythos-5-1", fable_5_1),
+        ("claude-fable-5", fable_5),
+        ("claude-mythos-5", fable_5),
+        ("claude-opus-5-5", opus_5_5),
+        ("claude-opus-5", opus_4_5_to_5),
+        ("claude-opus-4-8", opus_4_5_to_5),
+        ("claude-opus-4-7", opus_4_5_to_5),
+        ("claude-opus-4-6", opus_4_5_to_5),
+        ("claude-opus-4-5", opus_4_5_to_5),
+        ("claude-opus-4-1", opus_4),
+        ("claude-opus-4", opus_4),
+        ("claude-sonnet-5-5", sonnet_5),
+        ("claude-sonnet-5", sonnet_5),
+        ("claude-sonnet-4-6", sonnet_4),
+        ("claude-sonnet-4-5", sonnet_4),
+        ("claude-sonnet-4", sonnet_4),
+        ("claude-haiku-4-5", haiku_4_5),
+    ] {
+        entries.push(entry(family, prices));
+    }
+    // Sonnet 5.5's cache reads cost 0.20 until 2026-10-07, 0.10 from then.
+    entries
+        .iter_mut()
+        .filter(|e| e.model == "claude-sonnet-5-5")
+        .for_each(|e| {
+            e.prices.cache_read = micro(0.2);
+        });
+    entries.push(PriceEntry {
+        model: "claude-sonnet-5-5".into(),
+        effective_from: datetime!(2026-10-07 0:00 UTC),
+        prices: ClassPrices::usd(2.0, 2.5, 4.0, 0.1, 10.0),
+        bands: Vec::new(),
+    });
+    // Haiku 5.5: a prompt over 100K tokens prices the whole request higher.
+    entries.push(PriceEntry {
+        model: "claude-haiku-5-5".into(),
+        effective_from: since,
+        prices: ClassPrices::usd(0.1, 0.125, 0.2, 0.01, 0.5),
+        bands: vec![Band {
+            above_prompt_tokens: 100_000,
+            prices: ClassPrices::usd(0.5, 0.625, 1.0, 0.05, 2.5),
+        }],
+    });
+    PriceTable {
+        entries,
+        multipliers: vec![
+            Multiplier {
+                attribute: Attribute::Batch,
+                input: 500,
+                output: 500,
+                cache_write_5m: 1000,
+                cache_write_1h: 1000,
+                cache_read: 1000,
+            },
+            Multiplier {
+                attribute: Attribute::UsInference,
+                input: 1100,
+                output: 1100,
+                cache_write_5m: 1100,
+                cache_write_1h: 1100,
+                cache_read: 1100,
+            },
+        ],
+        unpriced: UnpricedPolicy::Refuse,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(input: u64, output: u64, write_5m: u64, write_1h: u64, read: u64) -> TokenUsage {
+        TokenUsage {
+            input_tokens: input,
+            output_tokens: output,
+            cache_creation_input_tokens: write_5m + write_1h,
+            cache_read_input_tokens: read,
+            cache_creation_5m: write_5m,
+            cache_creation_1h: write_1h,
+        }
+    }
+
+    fn priced(cost: Cost) -> MicroUsd {
+        match cost {
+            Cost::Priced { micro_usd, .. } => micro_usd,
+            Cost::Unpriced => panic!("unpriced"),
+        }
+    }
+
+    const NOW: OffsetDateTime = datetime!(2026-11-28 12:00 UTC);
+
+    #[test]
+    fn every_token_class_is_priced_at_its_own_rate() {
+        let table = default_table();
+        // Sonnet 4.5: $3 in, $15 out, $3.75 5m write, $6 1h write, $0.30 read.
+        let cases = [
+            (usage(1_000_000, 0, 0, 0, 0), 3_000_000),
+            (usage(0, 1_000_000, 0, 0, 0), 15_000_000),
+            (usage(0, 0, 1_000_000, 0, 0), 3_750_000),
+            (usage(0, 0, 0, 1_000_000, 0), 6_000_000),
+            (usage(0, 0, 0, 0, 1_000_000), 300_000),
+            // 1234 in, 567 out, 200 5m, 300 1h, 40000 read:
+            // 3702 + 8505 + 750 + 1800 + 12000 = 26757 µ$
+            (usage(1234, 567, 200, 300, 40_000), 26_757),
+        ];
+        for (usage, expected) in cases {
+            let cost = table.cost("claude-sonnet-4-5-20250929", &usage, &[], NOW);
+            assert_eq!(priced(cost), expected, "{usage:?}");
+        }
+    }
+
+    #[test]
+    fn one_hour_writes_cost_more_than_five_minute_writes_as_reported() {
+        let table = default_table();
+        let five = table.cost("claude-opus-4-5", &usage(0, 0, 10_000, 0, 0), &[], NOW);
+        let hour = table.cost("claude-opus-4-5", &usage(0, 0, 0, 10_000, 0), &[], NOW);
+        // Opus 4.5: $6.25 and $10 per million.
+        assert_eq!((priced(five), priced(hour)), (62_500, 100_000));
+        // A write the answer did not split is priced as a 5-minute write.
+        let unsplit = TokenUsage {
+            cache_creation_input_tokens: 10_000,
+            ..TokenUsage::default()
+        };
+        assert_eq!(
+            priced(table.cost("claude-opus-4-5", &unsplit, &[], NOW)),
+            62_500
+        );
+    }
+
+    #[test]
+    fn a_prompt_over_the_band_prices_the_whole_request_higher() {
+        let table = default_table();
+        // Haiku 5.5 at 100,000 prompt tokens: the low band. 100000 × $0.10 +
+        // 1000 × $0.50 = 10000 + 500 µ$.
+        let at_edge = usage(90_000, 1000, 0, 0, 10_000);
+        // 90000 × 0.10 + 10000 × 0.01 + 1000 × 0.50 = 9000 + 100 + 500
+        assert_eq!(
+            priced(table.cost("claude-haiku-5-5", &at_edge, &[], NOW)),
+            9_600
+        );
+        // One token more: every class at the high band.
+        // 90001 × 0.50 + 10000 × 0.05 + 1000 × 2.50 = 45000.5 + 500 + 2500
+        let over = usage(90_001, 1000, 0, 0, 10_000);
+        assert_eq!(
+            priced(table.cost("claude-haiku-5-5", &over, &[], NOW)),
+            48_001
+        );
+    }
+
+    #[test]
+    fn multipliers_apply_per_class_and_combine() {
+        let table = default_table();
+        let u = usage(1_000_000, 1_000_000, 0, 0, 1_000_000);
+        // Sonnet 4: 3 + 15 + 0.30 = $18.30.
+        assert_eq!(
+            priced(table.cost("claude-sonnet-4", &u, &[], NOW)),
+            18_300_000
+        );
+        // Batch: half on input and output only: 1.5 + 7.5 + 0.30.
+        assert_eq!(
+            priced(table.cost("claude-sonnet-4", &u, &[Attribute::Batch], NOW)),
+            9_300_000
+        );
+        // US inference: ×1.1 on everything: 20.13.
+        assert_eq!(
+            priced(table.cost("claude-sonnet-4", &u, &[Attribute::UsInference], NOW)),
+            20_130_000
+        );
+        // Both: (1.5 + 7.5) × 1.1 + 0.30 × 1.1 = 9.90 + 0.33.
+        assert_eq!(
+            priced(table.cost(
+                "claude-sonnet-4",
+                &u,
+                &[Attribute::Batch, Attribute::UsInference],
+                NOW
+            )),
+            10_230_000
+        );
+    }
+
+    #[test]
+    fn a_price_change_applies_from_its_moment_on() {
+        let table = default_table();
+        let reads = usage(0, 0, 0, 0, 1_000_000);
+        let before = datetime!(2026-10-06 23:59:59 UTC);
+        let after = datetime!(2026-10-07 0:00 UTC);
+        assert_eq!(
+            priced(table.cost("claude-sonnet-5-5", &reads, &[], before)),
+            200_000
+        );
+        assert_eq!(
+            priced(table.cost("claude-sonnet-5-5", &reads, &[], after)),
+            100_000
+        );
+    }
+
+    #[test]
+    fn a_model_matches_exactly_else_by_its_longest_family() {
+        let table = default_table();
+        let at = |model| table.entry_for(model, NOW).map(|e| e.model.as_str());
+        assert_eq!(at("claude-opus-4-5"), Some("claude-opus-4-5"));
+        assert_eq!(at("claude-opus-4-5-20251101"), Some("claude-opus-4-5"));
+        assert_eq!(at("claude-opus-4-20250514"), Some("claude-opus-4"));
+        assert_eq!(at("claude-opus-4-1@20250805"), Some("claude-opus-4-1"));
+        // A family ends where a segment ends: Opus 4.10 is not Opus 4.1.
+        assert_eq!(at("claude-opus-4-10"), Some("claude-opus-4"));
+        assert_eq!(at("claude-opus-45"), None);
+        assert_eq!(at("gpt-5"), None);
+    }
+
+    #[test]
+    fn an_unpriced_model_is_refused_or_charged_the_fallback_never_free() {
+        let mut table = default_table();
+        let u = usage(1_000_000, 0, 0, 0, 0);
+        assert_eq!(table.cost("mystery-model", &u, &[], NOW), Cost::Unpriced);
+        table.unpriced = UnpricedPolicy::Fallback(ClassPrices::usd(20.0, 25.0, 40.0, 2.0, 100.0));
+        assert_eq!(
+            table.cost("mystery-model", &u, &[], NOW),
+            Cost::Priced {
+                micro_usd: 20_000_000,
+                pricing: Pricing::Fallback
+            }
+        );
+    }
+
+    #[test]
+    fn costs_round_once_to_the_nearest_micro_dollar() {
+        let table = default_table();
+        // Haiku 4.5 reads at $0.10/M: 4 tokens are 0.4 µ$, 5 are 0.5 µ$.
+        assert_eq!(
+            priced(table.cost("claude-haiku-4-5", &usage(0, 0, 0, 0, 4), &[], NOW)),
+            0
+        );
+        assert_eq!(
+            priced(table.cost("claude-haiku-4-5", &usage(0, 0, 0, 0, 5), &[], NOW)),
+            1
+        );
+        // Summed before rounding: 4 reads + 1 input = 0.4 + 1 = 1.4 µ$.
+        assert_eq!(
+            priced(table.cost("claude-haiku-4-5", &usage(1, 0, 0, 0, 4), &[], NOW)),
+            1
+        );
+    }
+}
