@@ -117,6 +117,8 @@ variables! {
         "usage-log TTL";
     PASSTHROUGH_PATH_PREFIXES = Otherwise("none"),
         "path prefixes forwarded unmetered and unowned (Routes)";
+    UNPRICED_MODELS = Default("charge"),
+        "a model the price table does not price: `charge` it the fallback prices (the dearest shipped; recorded as unpriced) or `refuse` it (403) before forwarding";
     METRICS = Otherwise("on in Lambda, off elsewhere"),
         "`emf` to print EMF lines outside Lambda, `off` to silence them";
     METRICS_NAMESPACE = Default(DEFAULT_NAMESPACE),
@@ -381,6 +383,8 @@ pub struct ProxyConfig {
     pub log_retention: Duration,
     /// Path prefixes an admin opened for unmetered pass-through.
     pub pass_through: PassThrough,
+    /// Refuse, rather than charge the fallback for, models without a price.
+    pub refuse_unpriced_models: bool,
 }
 
 impl ProxyConfig {
@@ -407,6 +411,19 @@ impl ProxyConfig {
                 var: PASSTHROUGH_PATH_PREFIXES.name,
                 reason,
             })?,
+            refuse_unpriced_models: match env.text_or_default(&UNPRICED_MODELS)?.trim() {
+                "charge" => false,
+                "refuse" => true,
+                other => {
+                    return Err(ConfigError {
+                        var: UNPRICED_MODELS.name,
+                        reason: format!(
+                            "`{}` is not `charge` or `refuse`",
+                            other.chars().take(32).collect::<String>()
+                        ),
+                    });
+                }
+            },
         })
     }
 }

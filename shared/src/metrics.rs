@@ -179,6 +179,7 @@ mod tests {
             user_agent: None,
             session_id: None,
             error_type: None,
+            cost: Default::default(),
         };
         let doc = request_document("ClaudeRelay", &record);
         let directive = &doc["_aws"]["CloudWatchMetrics"][0];
@@ -225,6 +226,7 @@ mod tests {
             user_agent: None,
             session_id: None,
             error_type: Some("invalid_request_error".into()),
+            cost: Default::default(),
         };
         assert_eq!(request_document("N", &record)["Model"], "error");
         record.status = 529;

@@ -99,6 +99,7 @@ impl Default for AppOptions {
                 settle_background: Duration::from_secs(30),
                 log_retention: Duration::from_secs(30 * 86_400),
                 pass_through: Default::default(),
+                refuse_unpriced_models: false,
             },
             secrets: None,
             dynamodb_endpoint: None,

@@ -70,5 +70,6 @@ fn usage_record(key_id: &KeyId, at: OffsetDateTime, i: usize) -> UsageRecord {
         user_agent: Some("relay-bench".into()),
         session_id: None,
         error_type: None,
+        cost: Default::default(),
     }
 }

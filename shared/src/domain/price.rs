@@ -2,7 +2,8 @@
 //! token class, effective-dated (a change applies from its moment on, the
 //! history kept), with prompt-length bands and multipliers for request
 //! attributes that change the price; costs in integer micro-dollars so that
-//! counters add up exactly.
+//! counters add up exactly. A model the table does not price is refused or
+//! charged a fallback, never nothing.
 
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -124,41 +125,24 @@ impl Multiplier {
     }
 }
 
-/// What to do with a model the table does not price.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnpricedPolicy {
-    /// Refuse the request before forwarding it.
-    Refuse,
-    /// Charge it at these prices, recorded as a fallback.
-    Fallback(ClassPrices),
-}
-
 /// The whole price table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriceTable {
     pub entries: Vec<PriceEntry>,
     pub multipliers: Vec<Multiplier>,
-    pub unpriced: UnpricedPolicy,
+    /// What a model the table does not price is charged: never nothing.
+    pub fallback: ClassPrices,
+    /// Whether a request for such a model is refused before it is
+    /// forwarded (else it is charged `fallback`, recorded as unpriced).
+    pub refuse_unpriced: bool,
 }
 
-/// How a cost was priced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pricing {
-    /// From the table's entry for the model.
-    Table,
-    /// The model matched nothing: the fallback prices.
-    Fallback,
-}
-
-/// A request's cost, or why it has none.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cost {
-    Priced {
-        micro_usd: MicroUsd,
-        pricing: Pricing,
-    },
-    /// The model matched nothing and the policy refuses it.
-    Unpriced,
+/// What a request cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cost {
+    pub micro_usd: MicroUsd,
+    /// The model matched no entry: charged the fallback prices.
+    pub unpriced: bool,
 }
 
 impl PriceTable {
@@ -185,28 +169,33 @@ impl PriceTable {
             .max_by_key(|e| e.effective_from)
     }
 
-    /// What `usage` of `model` costs at `at`, with `attributes` of the
-    /// request applied.
+    /// Whether a request for `model` at `at` is refused before forwarding:
+    /// the table does not price it and says so.
+    pub fn refuses(&self, model: &str, at: OffsetDateTime) -> bool {
+        self.refuse_unpriced && self.entry_for(model, at).is_none()
+    }
+
+    /// What `usage` of `model` (`None`: the answer named none) costs at
+    /// `at`, with `attributes` of the request applied.
     pub fn cost(
         &self,
-        model: &str,
+        model: Option<&str>,
         usage: &TokenUsage,
         attributes: &[Attribute],
         at: OffsetDateTime,
     ) -> Cost {
-        let (prices, pricing) = match (self.entry_for(model, at), self.unpriced) {
-            (Some(entry), _) => (entry.prices_for(prompt_tokens(usage)), Pricing::Table),
-            (None, UnpricedPolicy::Fallback(prices)) => (prices, Pricing::Fallback),
-            (None, UnpricedPolicy::Refuse) => return Cost::Unpriced,
+        let (prices, unpriced) = match model.and_then(|m| self.entry_for(m, at)) {
+            Some(entry) => (entry.prices_for(prompt_tokens(usage)), false),
+            None => (self.fallback, usage.billed() > 0),
         };
         let multipliers: Vec<&Multiplier> = self
             .multipliers
             .iter()
             .filter(|m| attributes.contains(&m.attribute))
             .collect();
-        Cost::Priced {
+        Cost {
             micro_usd: cost_of(usage, &prices, &multipliers),
-            pricing,
+            unpriced,
         }
     }
 }
@@ -349,7 +338,10 @@ pub fn default_table() -> PriceTable {
                 cache_read: 1100,
             },
         ],
-        unpriced: UnpricedPolicy::Refuse,
+        // The dearest shipped prices (Opus 4): an unknown model is never
+        // cheaper than any known one.
+        fallback: opus_4,
+        refuse_unpriced: false,
     }
 }
 
@@ -369,10 +361,8 @@ mod tests {
     }
 
     fn priced(cost: Cost) -> MicroUsd {
-        match cost {
-            Cost::Priced { micro_usd, .. } => micro_usd,
-            Cost::Unpriced => panic!("unpriced"),
-        }
+        assert!(!cost.unpriced, "{cost:?}");
+        cost.micro_usd
     }
 
     const NOW: OffsetDateTime = datetime!(2026-11-28 12:00 UTC);
@@ -392,7 +382,7 @@ mod tests {
             (usage(1234, 567, 200, 300, 40_000), 26_757),
         ];
         for (usage, expected) in cases {
-            let cost = table.cost("claude-sonnet-4-5-20250929", &usage, &[], NOW);
+            let cost = table.cost(Some("claude-sonnet-4-5-20250929"), &usage, &[], NOW);
             assert_eq!(priced(cost), expected, "{usage:?}");
         }
     }
@@ -400,8 +390,18 @@ mod tests {
     #[test]
     fn one_hour_writes_cost_more_than_five_minute_writes_as_reported() {
         let table = default_table();
-        let five = table.cost("claude-opus-4-5", &usage(0, 0, 10_000, 0, 0), &[], NOW);
-        let hour = table.cost("claude-opus-4-5", &usage(0, 0, 0, 10_000, 0), &[], NOW);
+        let five = table.cost(
+            Some("claude-opus-4-5"),
+            &usage(0, 0, 10_000, 0, 0),
+            &[],
+            NOW,
+        );
+        let hour = table.cost(
+            Some("claude-opus-4-5"),
+            &usage(0, 0, 0, 10_000, 0),
+            &[],
+            NOW,
+        );
         // Opus 4.5: $6.25 and $10 per million.
         assert_eq!((priced(five), priced(hour)), (62_500, 100_000));
         // A write the answer did not split is priced as a 5-minute write.
@@ -410,7 +410,7 @@ mod tests {
             ..TokenUsage::default()
         };
         assert_eq!(
-            priced(table.cost("claude-opus-4-5", &unsplit, &[], NOW)),
+            priced(table.cost(Some("claude-opus-4-5"), &unsplit, &[], NOW)),
             62_500
         );
     }
@@ -423,14 +423,14 @@ mod tests {
         let at_edge = usage(90_000, 1000, 0, 0, 10_000);
         // 90000 × 0.10 + 10000 × 0.01 + 1000 × 0.50 = 9000 + 100 + 500
         assert_eq!(
-            priced(table.cost("claude-haiku-5-5", &at_edge, &[], NOW)),
+            priced(table.cost(Some("claude-haiku-5-5"), &at_edge, &[], NOW)),
             9_600
         );
         // One token more: every class at the high band.
         // 90001 × 0.50 + 10000 × 0.05 + 1000 × 2.50 = 45000.5 + 500 + 2500
         let over = usage(90_001, 1000, 0, 0, 10_000);
         assert_eq!(
-            priced(table.cost("claude-haiku-5-5", &over, &[], NOW)),
+            priced(table.cost(Some("claude-haiku-5-5"), &over, &[], NOW)),
             48_001
         );
     }
@@ -441,23 +441,23 @@ mod tests {
         let u = usage(1_000_000, 1_000_000, 0, 0, 1_000_000);
         // Sonnet 4: 3 + 15 + 0.30 = $18.30.
         assert_eq!(
-            priced(table.cost("claude-sonnet-4", &u, &[], NOW)),
+            priced(table.cost(Some("claude-sonnet-4"), &u, &[], NOW)),
             18_300_000
         );
         // Batch: half on input and output only: 1.5 + 7.5 + 0.30.
         assert_eq!(
-            priced(table.cost("claude-sonnet-4", &u, &[Attribute::Batch], NOW)),
+            priced(table.cost(Some("claude-sonnet-4"), &u, &[Attribute::Batch], NOW)),
             9_300_000
         );
         // US inference: ×1.1 on everything: 20.13.
         assert_eq!(
-            priced(table.cost("claude-sonnet-4", &u, &[Attribute::UsInference], NOW)),
+            priced(table.cost(Some("claude-sonnet-4"), &u, &[Attribute::UsInference], NOW)),
             20_130_000
         );
         // Both: (1.5 + 7.5) × 1.1 + 0.30 × 1.1 = 9.90 + 0.33.
         assert_eq!(
             priced(table.cost(
-                "claude-sonnet-4",
+                Some("claude-sonnet-4"),
                 &u,
                 &[Attribute::Batch, Attribute::UsInference],
                 NOW
@@ -473,11 +473,11 @@ mod tests {
         let before = datetime!(2026-10-06 23:59:59 UTC);
         let after = datetime!(2026-10-07 0:00 UTC);
         assert_eq!(
-            priced(table.cost("claude-sonnet-5-5", &reads, &[], before)),
+            priced(table.cost(Some("claude-sonnet-5-5"), &reads, &[], before)),
             200_000
         );
         assert_eq!(
-            priced(table.cost("claude-sonnet-5-5", &reads, &[], after)),
+            priced(table.cost(Some("claude-sonnet-5-5"), &reads, &[], after)),
             100_000
         );
     }
@@ -500,15 +500,24 @@ mod tests {
     fn an_unpriced_model_is_refused_or_charged_the_fallback_never_free() {
         let mut table = default_table();
         let u = usage(1_000_000, 0, 0, 0, 0);
-        assert_eq!(table.cost("mystery-model", &u, &[], NOW), Cost::Unpriced);
-        table.unpriced = UnpricedPolicy::Fallback(ClassPrices::usd(20.0, 25.0, 40.0, 2.0, 100.0));
+        // Charged the fallback (Opus 4's $15 input), flagged.
         assert_eq!(
-            table.cost("mystery-model", &u, &[], NOW),
-            Cost::Priced {
-                micro_usd: 20_000_000,
-                pricing: Pricing::Fallback
+            table.cost(Some("mystery-model"), &u, &[], NOW),
+            Cost {
+                micro_usd: 15_000_000,
+                unpriced: true
             }
         );
+        assert_eq!(table.cost(None, &u, &[], NOW).micro_usd, 15_000_000);
+        // Nothing used, nothing charged, nothing flagged.
+        assert_eq!(
+            table.cost(None, &TokenUsage::default(), &[], NOW),
+            Cost::default()
+        );
+        assert!(!table.refuses("mystery-model", NOW));
+        table.refuse_unpriced = true;
+        assert!(table.refuses("mystery-model", NOW));
+        assert!(!table.refuses("claude-opus-4-5-20251101", NOW));
     }
 
     #[test]
@@ -516,16 +525,16 @@ mod tests {
         let table = default_table();
         // Haiku 4.5 reads at $0.10/M: 4 tokens are 0.4 µ$, 5 are 0.5 µ$.
         assert_eq!(
-            priced(table.cost("claude-haiku-4-5", &usage(0, 0, 0, 0, 4), &[], NOW)),
+            priced(table.cost(Some("claude-haiku-4-5"), &usage(0, 0, 0, 0, 4), &[], NOW)),
             0
         );
         assert_eq!(
-            priced(table.cost("claude-haiku-4-5", &usage(0, 0, 0, 0, 5), &[], NOW)),
+            priced(table.cost(Some("claude-haiku-4-5"), &usage(0, 0, 0, 0, 5), &[], NOW)),
             1
         );
         // Summed before rounding: 4 reads + 1 input = 0.4 + 1 = 1.4 µ$.
         assert_eq!(
-            priced(table.cost("claude-haiku-4-5", &usage(1, 0, 0, 0, 4), &[], NOW)),
+            priced(table.cost(Some("claude-haiku-4-5"), &usage(1, 0, 0, 0, 4), &[], NOW)),
             1
         );
     }

@@ -106,6 +106,8 @@ pub struct TotalsView {
     pub cache_read_input_tokens: u64,
     /// All four token counts together.
     pub tokens: u64,
+    /// What they cost, in millionths of a dollar.
+    pub cost_micro_usd: u64,
     pub estimated_requests: u64,
     pub error_requests: u64,
 }
@@ -119,6 +121,7 @@ impl From<&UsageTotals> for TotalsView {
             cache_creation_input_tokens: totals.cache_creation_input_tokens,
             cache_read_input_tokens: totals.cache_read_input_tokens,
             tokens: totals.tokens(),
+            cost_micro_usd: totals.cost_micro_usd,
             estimated_requests: totals.estimated_requests,
             error_requests: totals.error_requests,
         }

@@ -244,6 +244,13 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     let plan = BatchPlan::read(&body)?;
     let named: Vec<Option<&str>> = plan.models.iter().map(|m| Some(m.as_str())).collect();
     let record = call.authenticate(Some(&named)).await?;
+    if let Some(model) = plan
+        .models
+        .iter()
+        .find(|model| call.state.0.prices.refuses(model, call.at))
+    {
+        return Err(super::messages::unpriced(model));
+    }
     call.check_file_references(&body).await?;
     // Computed for every key: its limit may be set before the admission
     // write, which then reserves against it.
@@ -731,16 +738,20 @@ impl ResultsTally {
     }
 }
 
-/// Records a batch's usage from a tally, once; logs what happened.
+/// Records a batch's usage from a tally, priced at batch prices, once;
+/// logs what happened.
 async fn settle(
     state: &ProxyState,
     batch: &BatchRecord,
     tally: &BatchTally,
 ) -> Result<(), ApiError> {
+    let at = domain::now();
+    let mut tally = tally.clone();
+    tally.price(&state.0.prices, at);
     let outcome = state
         .0
         .store
-        .settle_batch(batch, tally, domain::now(), state.0.config.log_retention)
+        .settle_batch(batch, &tally, at, state.0.config.log_retention)
         .await?;
     tracing::info!(batch_id = %batch.batch_id, key_id = %batch.key_id, ?outcome, tokens = tally.total().billed(), "batch usage settled");
     Ok(())
@@ -846,11 +857,7 @@ async fn settle_from_upstream(
 ) -> Result<Collected, ApiError> {
     let Some(object) = current_object(state, &batch.batch_id).await? else {
         tracing::error!(batch_id = %batch.batch_id, key_id = %batch.key_id, reserved = batch.reserved_tokens, "batch vanished upstream before its usage was read; its reservation is charged as an estimate");
-        state
-            .0
-            .store
-            .abandon_batch(batch, domain::now(), state.0.config.log_retention)
-            .await?;
+        settle(state, batch, &BatchTally::abandoned(batch.reserved_tokens)).await?;
         return Ok(Collected::Abandoned);
     };
     if object.get("processing_status").and_then(Value::as_str) != Some("ended") {

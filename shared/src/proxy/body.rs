@@ -1,9 +1,11 @@
 //! What the relay reads from request bodies it otherwise forwards untouched:
-//! a message request's model, `stream` and `max_tokens`, and every
+//! a message request's model, `stream`, `max_tokens` and `inference_geo`, and every
 //! `file_id` a body references.
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+
+use crate::domain::price::Attribute;
 
 /// The few fields of a Messages (or count_tokens) body the relay reads.
 /// Duplicate `model` keys are refused by serde: the relay and the upstream
@@ -16,6 +18,25 @@ pub struct MessagesFields {
     pub stream: Option<bool>,
     #[serde(default)]
     pub max_tokens: Option<serde_json::Value>,
+    /// `"us"` prices every token class higher.
+    #[serde(default)]
+    pub inference_geo: Option<serde_json::Value>,
+}
+
+impl MessagesFields {
+    /// The request attributes that change its price.
+    pub fn price_attributes(&self) -> Vec<Attribute> {
+        let us = self
+            .inference_geo
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
+            == Some("us");
+        if us {
+            vec![Attribute::UsInference]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 /// Whether `body` is a JSON object (by its first byte; the parse that

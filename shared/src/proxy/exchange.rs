@@ -152,7 +152,8 @@ impl Exchange {
             ..
         } = self;
         if let Some(metering) = metering {
-            let record = usage_record(metering, outcome, forward.body, started).await;
+            let record =
+                usage_record(metering, outcome, forward.body, started, &state.0.prices).await;
             finish(&state, record, client).await;
         }
     }

@@ -13,6 +13,7 @@ use super::context::Call;
 use super::tap::UsageTap;
 use super::{ProxyState, SettleTiming};
 use crate::domain::key::KeyId;
+use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::usage::UsageRecord;
 use crate::domain::usage::{AnswerUsage, complete_with_estimate};
 use crate::store::{Store, StoreError};
@@ -31,10 +32,17 @@ pub(crate) struct Metering {
     pub client_ip: String,
     pub user_agent: Option<String>,
     pub session_id: Option<String>,
+    /// Request attributes that change its price (US inference).
+    pub price_attributes: Vec<Attribute>,
 }
 
 impl Metering {
-    pub(super) fn of(call: &Call, model: Option<String>, stream: bool) -> Metering {
+    pub(super) fn of(
+        call: &Call,
+        model: Option<String>,
+        stream: bool,
+        price_attributes: Vec<Attribute>,
+    ) -> Metering {
         Metering {
             request_id: call.request_id.clone(),
             key_id: call.key.id().clone(),
@@ -46,6 +54,7 @@ impl Metering {
             client_ip: call.ip.to_string(),
             user_agent: call.header_text("user-agent"),
             session_id: call.header_text("x-claude-code-session-id"),
+            price_attributes,
         }
     }
 }
@@ -73,6 +82,7 @@ pub(super) async fn usage_record(
     outcome: Outcome,
     request_body: bytes::Bytes,
     started: Instant,
+    prices: &PriceTable,
 ) -> UsageRecord {
     let (status, retries, ttfb_ms, answer, error_type) = match outcome {
         Outcome::NoAnswer { status, error_type } => (status, 0, None, None, Some(error_type)),
@@ -113,12 +123,17 @@ pub(super) async fn usage_record(
         client_ip,
         user_agent,
         session_id,
+        price_attributes,
     } = metering;
+    let model = usage.model.or(model);
+    // Priced at the request's moment, from the usage the answer reported
+    // (or its estimate: then the cost is an estimate too, as flagged).
+    let cost = prices.cost(model.as_deref(), &usage.usage, &price_attributes, at);
     UsageRecord {
         request_id,
         key_id,
         at,
-        model: usage.model.or(model),
+        model,
         method,
         path,
         status,
@@ -132,6 +147,7 @@ pub(super) async fn usage_record(
         user_agent,
         session_id,
         error_type,
+        cost,
     }
 }
 

@@ -53,13 +53,29 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
         return Err(ApiError::bad_request(problem));
     }
     let record = authorize(call, charged, fields.model.as_deref()).await?;
+    if charged
+        && let Some(model) = fields.model.as_deref()
+        && call.state.0.prices.refuses(model, call.at)
+    {
+        return Err(unpriced(model));
+    }
     call.check_file_references(body).await?;
     if charged {
         admit_write(call, &record).await?;
     }
     let streamed = fields.stream.unwrap_or(false);
-    let metering = charged.then(|| Metering::of(call, fields.model, streamed));
+    let attributes = fields.price_attributes();
+    let metering = charged.then(|| Metering::of(call, fields.model, streamed, attributes));
     Ok(Admitted { streamed, metering })
+}
+
+/// The refusal of a model the price table does not price, when the relay
+/// is set to refuse those (`UNPRICED_MODELS=refuse`).
+pub(super) fn unpriced(model: &str) -> ApiError {
+    ApiError::forbidden(format!(
+        "model `{}` has no price in this relay's price table, and the relay refuses unpriced models; ask your relay admin",
+        model.chars().take(256).collect::<String>()
+    ))
 }
 
 /// The key's record if it admits this caller and model. Charged requests

@@ -35,6 +35,7 @@ use self::context::{Begun, Call};
 use self::exchange::Exchange;
 pub use crate::config::ProxyConfig;
 use crate::domain::key::{ApiKeyRecord, KeyId};
+use crate::domain::price::{PriceTable, default_table};
 use crate::domain::route::Route;
 use crate::domain::tier::Tier;
 use crate::error::ApiError;
@@ -65,6 +66,8 @@ struct Inner {
     /// (status, secret, quota and window are re-checked by the write itself).
     keys: TtlCache<KeyId, Arc<ApiKeyRecord>>,
     tiers: TtlCache<String, Tier>,
+    /// What requests cost (`domain::price`): the shipped table for now.
+    prices: PriceTable,
 }
 
 #[derive(Clone)]
@@ -78,6 +81,10 @@ impl ProxyState {
         settle_timing: SettleTiming,
     ) -> ProxyState {
         let keys = TtlCache::new(config.key_cache_ttl, 10_000);
+        let prices = PriceTable {
+            refuse_unpriced: config.refuse_unpriced_models,
+            ..default_table()
+        };
         ProxyState(Arc::new(Inner {
             store,
             upstream,
@@ -85,6 +92,7 @@ impl ProxyState {
             settle_timing,
             keys,
             tiers: TtlCache::new(Duration::from_secs(60), 1_000),
+            prices,
         }))
     }
 }

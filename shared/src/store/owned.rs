@@ -493,14 +493,11 @@ impl Store {
         )?];
 
         let expires = epoch_seconds(at) + retention.as_secs();
-        let log = layout::usage::batch_log_item(
-            batch,
-            at,
-            &totals,
-            tally.estimated,
-            single_model,
-            expires,
-        );
+        let flags = layout::usage::LogFlags {
+            estimated: tally.estimated,
+            unpriced: tally.cost_by_model.values().any(|c| c.unpriced),
+        };
+        let log = layout::usage::batch_log_item(batch, at, &totals, flags, single_model, expires);
         items.push(transact_put(self.table(), log, Some(layout::ITEM_ABSENT))?);
 
         if with_key {
@@ -533,18 +530,6 @@ impl Store {
             None,
         )?);
         Ok(items)
-    }
-
-    /// Charges a batch whose results can no longer be read its
-    /// reservation, marked estimated, and takes it out of the queue.
-    pub async fn abandon_batch(
-        &self,
-        batch: &BatchRecord,
-        at: OffsetDateTime,
-        retention: Duration,
-    ) -> Result<SettleOutcome, StoreError> {
-        let tally = BatchTally::abandoned(batch.reserved_tokens);
-        self.settle_batch(batch, &tally, at, retention).await
     }
 
     /// Drops a queue entry whose batch record is gone.

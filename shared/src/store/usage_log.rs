@@ -54,6 +54,11 @@ pub struct LogRow {
     pub user_agent: Option<String>,
     pub session_id: Option<String>,
     pub error_type: Option<String>,
+    /// What the row's usage cost, in millionths of a dollar (0 on rows
+    /// recorded before prices existed).
+    pub cost_micro_usd: u64,
+    /// The model had no price of its own: charged the fallback.
+    pub unpriced: bool,
 }
 
 /// Which logs to read: newest first, within `[from, to]` (RFC 3339 UTC

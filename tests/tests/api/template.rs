@@ -823,6 +823,7 @@ fn emitted_metrics() -> BTreeMap<String, Vec<Vec<String>>> {
         user_agent: None,
         session_id: None,
         error_type: None,
+        cost: Default::default(),
     };
     let document = request_document(DEFAULT_NAMESPACE, &record);
     let directive = &document["_aws"]["CloudWatchMetrics"][0];

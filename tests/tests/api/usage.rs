@@ -398,6 +398,7 @@ async fn daily_rows_are_zero_filled_oldest_first_and_end_today() {
         user_agent: None,
         session_id: None,
         error_type: None,
+        cost: Default::default(),
     };
     let outcome = app.store.settle(&planted, LOG_RETENTION).await.unwrap();
     assert_eq!(outcome, SettleOutcome::Recorded);
@@ -1419,4 +1420,124 @@ async fn unknown_parameters_are_400_on_the_summary_and_quota_routes_too() {
     for (reply, naming) in &replies {
         reply.error(400, "invalid_request_error", naming);
     }
+}
+
+/// What one request and the aggregates it lands in cost: each token class
+/// at its own price (5-minute and 1-hour writes apart, as reported), and a
+/// model without a price charged the fallback, flagged — never free.
+#[tokio::test]
+async fn each_request_and_every_aggregate_carries_its_cost_in_micro_dollars() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app.new_key().await.unwrap();
+    let opus = Usage {
+        input_tokens: 1000,
+        output_tokens: 2000,
+        cache_creation_input_tokens: 3000,
+        cache_read_input_tokens: 4000,
+        cache_5m: 1000,
+        cache_1h: 2000,
+    };
+    // Opus 4.5: 1000 × $5 + 2000 × $25 + 1000 × $6.25 + 2000 × $10
+    // + 4000 × $0.50 per million = 5000 + 50000 + 6250 + 20000 + 2000 µ$.
+    const OPUS_COST: u64 = 83_250;
+    // No price: the fallback (Opus 4's $15 in, $75 out): 25 × 15 + 12 × 75.
+    const UNPRICED_COST: u64 = 1_275;
+    send(&app, &key, &call("claude-opus-4-5-20251101", true, opus)).await;
+    send(
+        &app,
+        &key,
+        &call("claude-test-1", false, Usage::new(25, 12, 0, 0)),
+    )
+    .await;
+
+    let logs = app.wait_for_logs(&id, 2).await.unwrap();
+    let mut costs: Vec<(u64, bool)> = logs
+        .iter()
+        .map(|log| {
+            let unpriced = matches!(
+                log.get("unpriced"),
+                Some(aws_sdk_dynamodb::types::AttributeValue::Bool(true))
+            );
+            (relay_tests::app::num(log, "cost_micro_usd"), unpriced)
+        })
+        .collect();
+    costs.sort();
+    assert_eq!(costs, [(UNPRICED_COST, true), (OPUS_COST, false)]);
+
+    let summary = key_get(&app, &key, "/api/usage").await.ok();
+    assert_eq!(summary["cost_micro_usd"], OPUS_COST + UNPRICED_COST);
+    let by_model: Vec<(String, u64)> = summary["by_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["model"].as_str().unwrap().to_owned(),
+                m["cost_micro_usd"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        by_model.contains(&("claude-opus-4-5-20251101".to_owned(), OPUS_COST)),
+        "{by_model:?}"
+    );
+    assert!(
+        by_model.contains(&("claude-test-1".to_owned(), UNPRICED_COST)),
+        "{by_model:?}"
+    );
+    let daily = key_get(&app, &key, "/api/usage/daily?days=1").await.ok();
+    assert_eq!(
+        daily["data"][0]["cost_micro_usd"],
+        OPUS_COST + UNPRICED_COST
+    );
+    let page = key_get(&app, &key, "/api/usage/logs").await.ok();
+    let logged: u64 = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["cost_micro_usd"].as_u64().unwrap())
+        .sum();
+    assert_eq!(logged, OPUS_COST + UNPRICED_COST);
+}
+
+/// With `UNPRICED_MODELS=refuse`, a model without a price never reaches
+/// the upstream; priced ones pass.
+#[tokio::test]
+async fn unpriced_models_are_refused_before_forwarding_when_the_relay_says_so() {
+    let mut options = relay_tests::app::AppOptions::default();
+    options.proxy.refuse_unpriced_models = true;
+    let app = relay_tests::app::spawn_app_with(options).await.unwrap();
+    let (_, key) = app.new_key().await.unwrap();
+    let response = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .json(&json!({"model": "claude-test-1", "max_tokens": 8,
+                      "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let envelope: Value = response.json().await.unwrap();
+    assert_eq!(envelope["error"]["type"], "permission_error");
+    assert!(
+        envelope["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no price"),
+        "{envelope}"
+    );
+    let batch = app
+        .http
+        .post(app.url("/v1/messages/batches"))
+        .header("x-api-key", &key)
+        .json(&json!({"requests": [{"custom_id": "a", "params": {"model": "claude-test-1", "max_tokens": 8,
+                      "messages": [{"role": "user", "content": "hi"}]}}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(batch.status(), 403);
+    assert!(app.upstream.requests().is_empty(), "nothing was forwarded");
+    send(&app, &key, &call(HAIKU, false, Usage::new(10, 5, 0, 0))).await;
+    assert_eq!(app.upstream.requests().len(), 1);
 }

@@ -9,6 +9,7 @@ use time::OffsetDateTime;
 
 use super::TokenUsage;
 use crate::domain::key::KeyId;
+use crate::domain::price::{Attribute, Cost, MicroUsd, PriceTable};
 
 /// Everything recorded about one relayed request.
 #[derive(Debug, Clone)]
@@ -31,6 +32,9 @@ pub struct UsageRecord {
     pub session_id: Option<String>,
     /// `error.type` when the answer was an error (HTTP or in-stream).
     pub error_type: Option<String>,
+    /// What the usage cost (estimated when the usage was), and whether the
+    /// model had no price of its own.
+    pub cost: Cost,
 }
 
 /// What one settlement adds to the key's, a day's or a model's counters.
@@ -38,6 +42,7 @@ pub struct UsageRecord {
 pub struct Counters {
     pub requests: u64,
     pub usage: TokenUsage,
+    pub cost_micro_usd: MicroUsd,
     pub estimated_requests: u64,
     pub error_requests: u64,
 }
@@ -50,6 +55,7 @@ impl Counters {
         Counters {
             requests: 1,
             usage: record.usage,
+            cost_micro_usd: record.cost.micro_usd,
             estimated_requests: u64::from(record.estimated),
             error_requests: u64::from(record.error_type.is_some() || record.status >= 400),
         }
@@ -65,6 +71,7 @@ pub struct UsageTotals {
     pub output_tokens: u64,
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
+    pub cost_micro_usd: MicroUsd,
     pub estimated_requests: u64,
     pub error_requests: u64,
 }
@@ -92,6 +99,7 @@ impl UsageTotals {
         self.output_tokens += other.output_tokens;
         self.cache_creation_input_tokens += other.cache_creation_input_tokens;
         self.cache_read_input_tokens += other.cache_read_input_tokens;
+        self.cost_micro_usd += other.cost_micro_usd;
         self.estimated_requests += other.estimated_requests;
         self.error_requests += other.error_requests;
     }
@@ -109,6 +117,8 @@ pub struct BatchTally {
     /// Not read from results: the batch's reservation, charged because its
     /// results could no longer be read.
     pub estimated: bool,
+    /// Each model's cost at batch prices, once `price` has run.
+    pub cost_by_model: BTreeMap<String, Cost>,
 }
 
 impl BatchTally {
@@ -124,6 +134,22 @@ impl BatchTally {
             estimated: true,
             ..BatchTally::default()
         }
+    }
+
+    /// Prices each model's usage as batch requests at `at`.
+    pub fn price(&mut self, table: &PriceTable, at: OffsetDateTime) {
+        self.cost_by_model = self
+            .by_model
+            .iter()
+            .map(|(model, (usage, _))| {
+                let cost = table.cost(Some(model), usage, &[Attribute::Batch], at);
+                (model.clone(), cost)
+            })
+            .collect();
+    }
+
+    fn cost_of(&self, model: &str) -> MicroUsd {
+        self.cost_by_model.get(model).map_or(0, |c| c.micro_usd)
     }
 
     pub fn total(&self) -> TokenUsage {
@@ -146,6 +172,7 @@ impl BatchTally {
         Counters {
             requests,
             usage: self.total(),
+            cost_micro_usd: self.cost_by_model.values().map(|c| c.micro_usd).sum(),
             estimated_requests: if self.estimated { requests } else { 0 },
             error_requests: self.errored,
         }
@@ -159,6 +186,7 @@ impl BatchTally {
                 Counters {
                     requests: *succeeded,
                     usage: *usage,
+                    cost_micro_usd: self.cost_of(model),
                     estimated_requests: 0,
                     error_requests: 0,
                 },
@@ -190,6 +218,7 @@ mod tests {
             user_agent: None,
             session_id: None,
             error_type: error_type.map(str::to_owned),
+            cost: Cost::default(),
         }
     }
 
@@ -247,5 +276,56 @@ mod tests {
         let counters = tally.counters(6);
         assert_eq!((counters.requests, counters.estimated_requests), (6, 6));
         assert_eq!(counters.usage.billed(), 500);
+    }
+
+    #[test]
+    fn a_batch_is_priced_per_model_at_batch_prices() {
+        use crate::domain::price::default_table;
+        let million = |input, output| TokenUsage {
+            input_tokens: input,
+            output_tokens: output,
+            ..TokenUsage::default()
+        };
+        let mut tally = BatchTally {
+            by_model: BTreeMap::from([
+                (
+                    "claude-opus-4-5".to_owned(),
+                    (million(1_000_000, 1_000_000), 3),
+                ),
+                ("claude-haiku-4-5".to_owned(), (million(2_000_000, 0), 1)),
+            ]),
+            succeeded: 4,
+            ..BatchTally::default()
+        };
+        tally.price(&default_table(), crate::domain::now());
+        // Half of Opus 4.5's $5 + $25, and of Haiku 4.5's 2 × $1.
+        let costs: Vec<(&str, u64)> = tally
+            .model_counters()
+            .map(|(model, counters)| (model, counters.cost_micro_usd))
+            .collect();
+        assert_eq!(
+            costs,
+            [
+                ("claude-haiku-4-5", 1_000_000),
+                ("claude-opus-4-5", 15_000_000)
+            ]
+        );
+        assert_eq!(tally.counters(4).cost_micro_usd, 16_000_000);
+        // A batch whose results are lost is charged its reservation as
+        // input of no known model: the fallback, at batch prices, flagged.
+        let mut lost = BatchTally::abandoned(1_000_000);
+        lost.price(&default_table(), crate::domain::now());
+        assert_eq!(lost.counters(1).cost_micro_usd, 7_500_000);
+        assert!(lost.cost_by_model.values().all(|c| c.unpriced));
+    }
+
+    #[test]
+    fn a_request_counts_its_cost() {
+        let mut priced = record(200, None, false);
+        priced.cost = Cost {
+            micro_usd: 1234,
+            unpriced: false,
+        };
+        assert_eq!(Counters::of(&priced).cost_micro_usd, 1234);
     }
 }

@@ -104,6 +104,7 @@ fn layout_attributes() -> BTreeSet<String> {
         user_agent: Some("u".into()),
         session_id: Some("s".into()),
         error_type: Some("e".into()),
+        cost: Default::default(),
     };
     let batch = BatchRecord {
         batch_id: "b".into(),
@@ -131,7 +132,17 @@ fn layout_attributes() -> BTreeSet<String> {
         api_key::new_key_item(&record),
         tier::tier_item(&tier_record),
         usage::request_log_item(&usage_record, 1),
-        usage::batch_log_item(&batch, at, &counters, false, Some("m"), 1),
+        usage::batch_log_item(
+            &batch,
+            at,
+            &counters,
+            usage::LogFlags {
+                estimated: false,
+                unpriced: false,
+            },
+            Some("m"),
+            1,
+        ),
         owned::batch_item(&batch, at),
         owned::open_batch_item(&batch, at),
         owned::pending_item(&key, "r", 1, at),

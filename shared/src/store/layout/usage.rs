@@ -21,10 +21,11 @@ use crate::domain::key::KeyId;
 use crate::domain::usage::{Counters, TokenUsage, UsageRecord, UsageTotals};
 
 /// The counters kept per key, per day and per model, named alike everywhere.
-pub(crate) fn counter_values(counters: &Counters) -> [(&'static str, u64); 7] {
+pub(crate) fn counter_values(counters: &Counters) -> [(&'static str, u64); 8] {
     let usage = &counters.usage;
     [
         ("requests", counters.requests),
+        ("cost_micro_usd", counters.cost_micro_usd),
         ("input_tokens", usage.input_tokens),
         ("output_tokens", usage.output_tokens),
         (
@@ -45,6 +46,8 @@ pub(crate) fn totals_of(item: &Item) -> Result<UsageTotals, StoreError> {
         output_tokens: get_n(item, "output_tokens")?,
         cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
         cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
+        // Counted since prices exist: older items have none.
+        cost_micro_usd: opt_n(item, "cost_micro_usd")?.unwrap_or(0),
         estimated_requests: get_n(item, "estimated_requests")?,
         error_requests: get_n(item, "error_requests")?,
     })
@@ -164,6 +167,23 @@ fn token_columns(usage: &TokenUsage) -> [(String, AttributeValue); 6] {
     ]
 }
 
+/// The cost columns of a usage-log item.
+fn cost_columns(micro_usd: u64, unpriced: bool) -> [(String, AttributeValue); 2] {
+    [
+        ("cost_micro_usd".to_owned(), n(micro_usd)),
+        ("unpriced".to_owned(), AttributeValue::Bool(unpriced)),
+    ]
+}
+
+/// What a batch's log row says of its figures.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogFlags {
+    /// Usage estimated, not read off the results.
+    pub estimated: bool,
+    /// A model had no price of its own: charged the fallback.
+    pub unpriced: bool,
+}
+
 /// The log row's key, plus its `gsi1` key when it names a model: indexed
 /// by key and model, so a model-filtered log page reads only what it
 /// returns.
@@ -204,6 +224,7 @@ pub(crate) fn request_log_item(record: &UsageRecord, expires: u64) -> Item {
         (TTL_ATTRIBUTE.to_owned(), n(expires)),
     ]);
     log.extend(token_columns(&record.usage));
+    log.extend(cost_columns(record.cost.micro_usd, record.cost.unpriced));
     let optional = [
         ("user_agent", record.user_agent.as_deref()),
         ("session_id", record.session_id.as_deref()),
@@ -231,10 +252,14 @@ pub(crate) fn batch_log_item(
     batch: &BatchRecord,
     at: OffsetDateTime,
     counters: &Counters,
-    estimated: bool,
+    flags: LogFlags,
     model: Option<&str>,
     expires: u64,
 ) -> Item {
+    let LogFlags {
+        estimated,
+        unpriced,
+    } = flags;
     let request_id = batch_log_request_id(&batch.batch_id);
     let mut log = log_row_base(&batch.key_id, at, &request_id, model);
     log.extend([
@@ -255,6 +280,7 @@ pub(crate) fn batch_log_item(
         (TTL_ATTRIBUTE.to_owned(), n(expires)),
     ]);
     log.extend(token_columns(&counters.usage));
+    log.extend(cost_columns(counters.cost_micro_usd, unpriced));
     log
 }
 
@@ -289,6 +315,8 @@ impl TryFrom<&Item> for LogRow {
             user_agent: owned(opt_s(item, "user_agent")?),
             session_id: owned(opt_s(item, "session_id")?),
             error_type: owned(opt_s(item, "error_type")?),
+            cost_micro_usd: opt_n(item, "cost_micro_usd")?.unwrap_or(0),
+            unpriced: flag("unpriced"),
         })
     }
 }
