@@ -13,16 +13,20 @@ use super::usage::TokenUsage;
 /// Millionths of a US dollar: every cost and counter is a whole number of them.
 pub type MicroUsd = u64;
 
-/// Prices of one model for each token class, in micro-dollars per million
-/// tokens (`$3 / MTok` is `3_000_000`).
+/// One number per token class: prices (`ClassPrices`) or a multiplier's
+/// factors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClassPrices {
+pub struct PerClass {
     pub input: u64,
     pub output: u64,
     pub cache_write_5m: u64,
     pub cache_write_1h: u64,
     pub cache_read: u64,
 }
+
+/// Prices of one model for each token class, in micro-dollars per million
+/// tokens (`$3 / MTok` is `3_000_000`).
+pub type ClassPrices = PerClass;
 
 impl ClassPrices {
     /// From dollars per million tokens, as price lists state them.
@@ -53,7 +57,7 @@ enum TokenClass {
     CacheRead,
 }
 
-impl ClassPrices {
+impl PerClass {
     fn of(&self, class: TokenClass) -> u64 {
         match class {
             TokenClass::Input => self.input,
@@ -106,23 +110,7 @@ pub enum Attribute {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Multiplier {
     pub attribute: Attribute,
-    pub input: u64,
-    pub output: u64,
-    pub cache_write_5m: u64,
-    pub cache_write_1h: u64,
-    pub cache_read: u64,
-}
-
-impl Multiplier {
-    fn of(&self, class: TokenClass) -> u64 {
-        match class {
-            TokenClass::Input => self.input,
-            TokenClass::Output => self.output,
-            TokenClass::CacheWrite5m => self.cache_write_5m,
-            TokenClass::CacheWrite1h => self.cache_write_1h,
-            TokenClass::CacheRead => self.cache_read,
-        }
-    }
+    pub thousandths: PerClass,
 }
 
 /// The whole price table.
@@ -247,7 +235,7 @@ fn cost_of(usage: &TokenUsage, prices: &ClassPrices, multipliers: &[&Multiplier]
         .map(|&(tokens, class)| {
             multipliers.iter().fold(
                 u128::from(tokens) * u128::from(prices.of(class)),
-                |sum, m| sum * u128::from(m.of(class)),
+                |sum, m| sum * u128::from(m.thousandths.of(class)),
             )
         })
         .sum();
@@ -323,19 +311,23 @@ pub fn default_table() -> PriceTable {
         multipliers: vec![
             Multiplier {
                 attribute: Attribute::Batch,
-                input: 500,
-                output: 500,
-                cache_write_5m: 1000,
-                cache_write_1h: 1000,
-                cache_read: 1000,
+                thousandths: PerClass {
+                    input: 500,
+                    output: 500,
+                    cache_write_5m: 1000,
+                    cache_write_1h: 1000,
+                    cache_read: 1000,
+                },
             },
             Multiplier {
                 attribute: Attribute::UsInference,
-                input: 1100,
-                output: 1100,
-                cache_write_5m: 1100,
-                cache_write_1h: 1100,
-                cache_read: 1100,
+                thousandths: PerClass {
+                    input: 1100,
+                    output: 1100,
+                    cache_write_5m: 1100,
+                    cache_write_1h: 1100,
+                    cache_read: 1100,
+                },
             },
         ],
         // The dearest shipped prices (Opus 4): an unknown model is never

@@ -743,17 +743,16 @@ impl ResultsTally {
 async fn settle(
     state: &ProxyState,
     batch: &BatchRecord,
-    tally: &BatchTally,
+    tally: BatchTally,
 ) -> Result<(), ApiError> {
     let at = domain::now();
-    let mut tally = tally.clone();
-    tally.price(&state.0.prices, at);
+    let priced = tally.priced(&state.0.prices, at);
     let outcome = state
         .0
         .store
-        .settle_batch(batch, &tally, at, state.0.config.log_retention)
+        .settle_batch(batch, &priced, at, state.0.config.log_retention)
         .await?;
-    tracing::info!(batch_id = %batch.batch_id, key_id = %batch.key_id, ?outcome, tokens = tally.total().billed(), "batch usage settled");
+    tracing::info!(batch_id = %batch.batch_id, key_id = %batch.key_id, ?outcome, tokens = priced.tally.total().billed(), "batch usage settled");
     Ok(())
 }
 
@@ -762,7 +761,7 @@ async fn settle(
 async fn settle_at_read(state: &ProxyState, batch: &BatchRecord, tally: ResultsTally) {
     match tally.finish(batch.request_count) {
         Some(tally) => {
-            if let Err(err) = settle(state, batch, &tally).await {
+            if let Err(err) = settle(state, batch, tally).await {
                 tracing::warn!(error = %err, "batch usage not settled at read; the collector will");
             }
         }
@@ -857,7 +856,7 @@ async fn settle_from_upstream(
 ) -> Result<Collected, ApiError> {
     let Some(object) = current_object(state, &batch.batch_id).await? else {
         tracing::error!(batch_id = %batch.batch_id, key_id = %batch.key_id, reserved = batch.reserved_tokens, "batch vanished upstream before its usage was read; its reservation is charged as an estimate");
-        settle(state, batch, &BatchTally::abandoned(batch.reserved_tokens)).await?;
+        settle(state, batch, BatchTally::abandoned(batch.reserved_tokens)).await?;
         return Ok(Collected::Abandoned);
     };
     if object.get("processing_status").and_then(Value::as_str) != Some("ended") {
@@ -886,7 +885,7 @@ async fn settle_from_upstream(
     let tally = tally.finish(batch.request_count).ok_or_else(|| {
         ApiError::UpstreamFailed("the batch's results could not be read whole".into())
     })?;
-    settle(state, batch, &tally).await?;
+    settle(state, batch, tally).await?;
     Ok(Collected::Settled)
 }
 

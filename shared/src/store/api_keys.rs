@@ -6,7 +6,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use time::OffsetDateTime;
 
-use super::item::s;
+use super::item::{Item, s};
 use super::{GSI1, Store, StoreError, classify, layout};
 use crate::domain::key::{ApiKeyRecord, KeyChanges, NewKey};
 use crate::domain::key::{KeyId, PresentedKey, SecretHash, display_prefix};
@@ -81,6 +81,15 @@ impl Store {
     /// The key with this id, if it exists. Strongly consistent, so a key
     /// just disabled or rotated is seen as such.
     pub async fn get_key(&self, id: &KeyId) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.key_item(id)
+            .await?
+            .as_ref()
+            .map(ApiKeyRecord::try_from)
+            .transpose()
+    }
+
+    /// The key's item as stored (record and counters), read consistently.
+    pub(crate) async fn key_item(&self, id: &KeyId) -> Result<Option<Item>, StoreError> {
         let output = self
             .client
             .get_item()
@@ -90,7 +99,7 @@ impl Store {
             .send()
             .await
             .map_err(|err| classify(err).during(format!("GetItem {}", layout::api_key(id))))?;
-        output.item.as_ref().map(ApiKeyRecord::try_from).transpose()
+        Ok(output.item)
     }
 
     /// Keys newest first, `limit` at a time, optionally only active or only

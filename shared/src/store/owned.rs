@@ -19,7 +19,7 @@ use super::{
 };
 use crate::domain::epoch_seconds;
 use crate::domain::key::KeyId;
-use crate::domain::usage::{BatchTally, Counters};
+use crate::domain::usage::{Counters, PricedBatch};
 
 /// A pending reservation outlives any request that could still claim it
 /// (Lambda stops at 15 minutes); past this, the collector gives it back.
@@ -303,26 +303,13 @@ impl Store {
         from: PageFrom<'_>,
         limit: usize,
     ) -> Result<Option<OwnedPage<BatchRecord>>, StoreError> {
-        let Some(page) = self
-            .owned_page(
-                layout::batches_index(key),
-                |id| layout::batch(key, id),
-                from,
-                limit,
-            )
-            .await?
-        else {
-            return Ok(None);
-        };
-        let items = page
-            .items
-            .iter()
-            .map(BatchRecord::try_from)
-            .collect::<Result<_, _>>()?;
-        Ok(Some(OwnedPage {
-            items,
-            has_more: page.has_more,
-        }))
+        self.owned_records(
+            layout::batches_index(key),
+            |id| layout::batch(key, id),
+            from,
+            limit,
+        )
+        .await
     }
 
     /// A page of the key's files, newest first.
@@ -332,21 +319,34 @@ impl Store {
         from: PageFrom<'_>,
         limit: usize,
     ) -> Result<Option<OwnedPage<FileRecord>>, StoreError> {
-        let Some(page) = self
-            .owned_page(
-                layout::files_index(key),
-                |id| layout::file(key, id),
-                from,
-                limit,
-            )
-            .await?
-        else {
+        self.owned_records(
+            layout::files_index(key),
+            |id| layout::file(key, id),
+            from,
+            limit,
+        )
+        .await
+    }
+
+    /// A page of owned records of one kind, converted from their items;
+    /// `None` when the page's anchor id is not one of the key's.
+    async fn owned_records<T>(
+        &self,
+        partition: String,
+        item_of: impl Fn(&str) -> layout::ItemKey,
+        from: PageFrom<'_>,
+        limit: usize,
+    ) -> Result<Option<OwnedPage<T>>, StoreError>
+    where
+        T: for<'a> TryFrom<&'a Item, Error = StoreError>,
+    {
+        let Some(page) = self.owned_page(partition, item_of, from, limit).await? else {
             return Ok(None);
         };
         let items = page
             .items
             .iter()
-            .map(FileRecord::try_from)
+            .map(T::try_from)
             .collect::<Result<_, _>>()?;
         Ok(Some(OwnedPage {
             items,
@@ -436,13 +436,13 @@ impl Store {
     pub async fn settle_batch(
         &self,
         batch: &BatchRecord,
-        tally: &BatchTally,
+        priced: &PricedBatch,
         at: OffsetDateTime,
         retention: Duration,
     ) -> Result<SettleOutcome, StoreError> {
         let mut with_key = true;
         for attempt in 0..8 {
-            let items = self.batch_settle_items(batch, tally, at, retention, with_key)?;
+            let items = self.batch_settle_items(batch, priced, at, retention, with_key)?;
             match self.transact(items).await? {
                 Ok(()) if with_key => return Ok(SettleOutcome::Recorded),
                 Ok(()) => return Ok(SettleOutcome::RecordedWithoutKey),
@@ -470,12 +470,13 @@ impl Store {
     fn batch_settle_items(
         &self,
         batch: &BatchRecord,
-        tally: &BatchTally,
+        priced: &PricedBatch,
         at: OffsetDateTime,
         retention: Duration,
         with_key: bool,
     ) -> Result<Vec<TransactWriteItem>, StoreError> {
-        let totals = tally.counters(batch.request_count);
+        let tally = &priced.tally;
+        let totals = priced.counters(batch.request_count);
         let usage = totals.usage;
         let single_model = match tally.by_model.keys().collect::<Vec<_>>().as_slice() {
             [model] => Some(model.as_str()),
@@ -495,7 +496,7 @@ impl Store {
         let expires = epoch_seconds(at) + retention.as_secs();
         let flags = layout::usage::LogFlags {
             estimated: tally.estimated,
-            unpriced: tally.cost_by_model.values().any(|c| c.unpriced),
+            unpriced: priced.unpriced(),
         };
         let log = layout::usage::batch_log_item(batch, at, &totals, flags, single_model, expires);
         items.push(transact_put(self.table(), log, Some(layout::ITEM_ABSENT))?);
@@ -513,7 +514,7 @@ impl Store {
         // DynamoDB takes 100 items per transaction: the models past the
         // first 90 share one aggregate.
         let mut models: Vec<(String, Counters)> = Vec::new();
-        for (index, (model, counters)) in tally.model_counters().enumerate() {
+        for (index, (model, counters)) in priced.model_counters().enumerate() {
             if index < 90 {
                 models.push((model.to_owned(), counters));
             } else if let Some((_, last)) = models.last_mut() {

@@ -119,16 +119,11 @@ fn log_bounds(query: &LogQuery) -> (String, String) {
 impl Store {
     /// The key's record and lifetime totals (one consistent GetItem).
     pub async fn key_usage(&self, id: &KeyId) -> Result<Option<KeyUsage>, StoreError> {
-        let output = self
-            .client
-            .get_item()
-            .table_name(self.table())
-            .set_key(Some(layout::api_key(id).item()))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|err| classify(err).during(format!("GetItem {}", layout::api_key(id))))?;
-        output.item.as_ref().map(KeyUsage::try_from).transpose()
+        self.key_item(id)
+            .await?
+            .as_ref()
+            .map(KeyUsage::try_from)
+            .transpose()
     }
 
     /// Lifetime totals per model, by model name.

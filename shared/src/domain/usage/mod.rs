@@ -8,7 +8,7 @@ mod record;
 mod sse;
 
 pub use estimate::{complete_with_estimate, estimate_tokens, request_text};
-pub use record::{BatchTally, Counters, UsageRecord, UsageTotals};
+pub use record::{BatchTally, Counters, PricedBatch, UsageRecord, UsageTotals};
 pub use sse::{AnswerUsage, SseUsageParser, usage_from_json};
 
 /// Tokens of one request, by type. Quotas count their sum; logs and

@@ -117,8 +117,14 @@ pub struct BatchTally {
     /// Not read from results: the batch's reservation, charged because its
     /// results could no longer be read.
     pub estimated: bool,
-    /// Each model's cost at batch prices, once `price` has run.
-    pub cost_by_model: BTreeMap<String, Cost>,
+}
+
+/// A batch's tally with each model's cost at batch prices: what settlement
+/// records (it takes nothing less, so no batch is settled unpriced).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PricedBatch {
+    pub tally: BatchTally,
+    cost_by_model: BTreeMap<String, Cost>,
 }
 
 impl BatchTally {
@@ -136,9 +142,9 @@ impl BatchTally {
         }
     }
 
-    /// Prices each model's usage as batch requests at `at`.
-    pub fn price(&mut self, table: &PriceTable, at: OffsetDateTime) {
-        self.cost_by_model = self
+    /// Each model's usage priced as batch requests at `at`.
+    pub fn priced(self, table: &PriceTable, at: OffsetDateTime) -> PricedBatch {
+        let cost_by_model = self
             .by_model
             .iter()
             .map(|(model, (usage, _))| {
@@ -146,10 +152,10 @@ impl BatchTally {
                 (model.clone(), cost)
             })
             .collect();
-    }
-
-    fn cost_of(&self, model: &str) -> MicroUsd {
-        self.cost_by_model.get(model).map_or(0, |c| c.micro_usd)
+        PricedBatch {
+            tally: self,
+            cost_by_model,
+        }
     }
 
     pub fn total(&self) -> TokenUsage {
@@ -159,39 +165,50 @@ impl BatchTally {
         }
         total
     }
+}
 
+impl PricedBatch {
     /// The batch's share of the key's and the day's counters: the requests
     /// answered (succeeded or errored), or, estimated, all
     /// `request_count` the batch was created with.
     pub fn counters(&self, request_count: u64) -> Counters {
-        let requests = if self.estimated {
+        let tally = &self.tally;
+        let requests = if tally.estimated {
             request_count
         } else {
-            self.succeeded + self.errored
+            tally.succeeded + tally.errored
         };
         Counters {
             requests,
-            usage: self.total(),
+            usage: tally.total(),
             cost_micro_usd: self.cost_by_model.values().map(|c| c.micro_usd).sum(),
-            estimated_requests: if self.estimated { requests } else { 0 },
-            error_requests: self.errored,
+            estimated_requests: if tally.estimated { requests } else { 0 },
+            error_requests: tally.errored,
         }
     }
 
     /// Each model's share of its aggregate: its succeeded requests and usage.
     pub fn model_counters(&self) -> impl Iterator<Item = (&str, Counters)> {
-        self.by_model.iter().map(|(model, (usage, succeeded))| {
-            (
-                model.as_str(),
-                Counters {
-                    requests: *succeeded,
-                    usage: *usage,
-                    cost_micro_usd: self.cost_of(model),
-                    estimated_requests: 0,
-                    error_requests: 0,
-                },
-            )
-        })
+        self.tally
+            .by_model
+            .iter()
+            .map(|(model, (usage, succeeded))| {
+                (
+                    model.as_str(),
+                    Counters {
+                        requests: *succeeded,
+                        usage: *usage,
+                        cost_micro_usd: self.cost_by_model.get(model).map_or(0, |c| c.micro_usd),
+                        estimated_requests: 0,
+                        error_requests: 0,
+                    },
+                )
+            })
+    }
+
+    /// Whether a model had no price of its own (charged the fallback).
+    pub fn unpriced(&self) -> bool {
+        self.cost_by_model.values().any(|c| c.unpriced)
     }
 }
 
@@ -257,13 +274,15 @@ mod tests {
 
     #[test]
     fn a_batch_counts_answered_requests_or_all_when_estimated() {
+        use crate::domain::now;
+        use crate::domain::price::default_table;
         let mut tally = BatchTally {
             succeeded: 3,
             errored: 1,
             canceled: 2,
             ..BatchTally::default()
         };
-        let counters = tally.counters(6);
+        let counters = tally.clone().priced(&default_table(), now()).counters(6);
         assert_eq!(
             (
                 counters.requests,
@@ -273,7 +292,7 @@ mod tests {
             (4, 1, 0)
         );
         tally = BatchTally::abandoned(500);
-        let counters = tally.counters(6);
+        let counters = tally.priced(&default_table(), now()).counters(6);
         assert_eq!((counters.requests, counters.estimated_requests), (6, 6));
         assert_eq!(counters.usage.billed(), 500);
     }
@@ -286,7 +305,7 @@ mod tests {
             output_tokens: output,
             ..TokenUsage::default()
         };
-        let mut tally = BatchTally {
+        let tally = BatchTally {
             by_model: BTreeMap::from([
                 (
                     "claude-opus-4-5".to_owned(),
@@ -297,7 +316,7 @@ mod tests {
             succeeded: 4,
             ..BatchTally::default()
         };
-        tally.price(&default_table(), crate::domain::now());
+        let tally = tally.priced(&default_table(), crate::domain::now());
         // Half of Opus 4.5's $5 + $25, and of Haiku 4.5's 2 × $1.
         let costs: Vec<(&str, u64)> = tally
             .model_counters()
@@ -313,10 +332,9 @@ mod tests {
         assert_eq!(tally.counters(4).cost_micro_usd, 16_000_000);
         // A batch whose results are lost is charged its reservation as
         // input of no known model: the fallback, at batch prices, flagged.
-        let mut lost = BatchTally::abandoned(1_000_000);
-        lost.price(&default_table(), crate::domain::now());
+        let lost = BatchTally::abandoned(1_000_000).priced(&default_table(), crate::domain::now());
         assert_eq!(lost.counters(1).cost_micro_usd, 7_500_000);
-        assert!(lost.cost_by_model.values().all(|c| c.unpriced));
+        assert!(lost.unpriced());
     }
 
     #[test]
