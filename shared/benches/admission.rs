@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ipnet::IpNet;
-use relay_shared::domain::admission::{Charge, KeyState, RateLimit, decide};
+use relay_shared::domain::admission::{BudgetCheck, Charge, KeyState, RateLimit, decide};
+use relay_shared::domain::budget::{BudgetPolicy, BudgetZone, DollarLimit, Window};
 use relay_shared::domain::key::ApiKeyRecord;
 use relay_shared::domain::key::PresentedKey;
 use relay_shared::domain::key::access::{RequestFacts, check_access};
@@ -57,6 +58,25 @@ fn record_of(key: &PresentedKey) -> ApiKeyRecord {
             "claude-sonnet-*".into(),
         ],
         rate_window: Some((1_700_000_000, 17)),
+        dollar_limits: Some(vec![
+            DollarLimit {
+                window: Window::Day,
+                limit: 20_000_000,
+                models: None,
+            },
+            DollarLimit {
+                window: Window::Week,
+                limit: 50_000_000,
+                models: Some("claude-opus-*".into()),
+            },
+            DollarLimit {
+                window: Window::FiveHours,
+                limit: 5_000_000,
+                models: None,
+            },
+        ]),
+        spend: Default::default(),
+        five_hour_start: None,
     }
 }
 
@@ -84,12 +104,22 @@ fn bench(c: &mut Criterion) {
         period: 60,
     };
     stored.rate_window = None;
+    // Calendar periods in a zone with daylight saving: the dearer case.
+    let policy = BudgetPolicy {
+        default_limits: Vec::new(),
+        zone: BudgetZone::named("Europe/Paris").expect("bundled zone"),
+    };
+    let budget = BudgetCheck {
+        policy: &policy,
+        models: &["claude-opus-4-5"],
+    };
     assert!(
         decide(
             KeyState::Stored(Some(&stored)),
             &hash,
             rate,
             Charge::MESSAGE,
+            budget,
             now
         )
         .is_ok()
@@ -101,6 +131,7 @@ fn bench(c: &mut Criterion) {
                 black_box(&hash),
                 rate,
                 Charge::MESSAGE,
+                budget,
                 now,
             ))
         });

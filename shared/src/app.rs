@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::Router;
 
 use crate::config::{AdminConfig, CommonConfig, ConfigError, Env, ProxyConfig, UpstreamConfig};
+use crate::domain::budget::BudgetPolicy;
 use crate::http::admin::AdminState;
 use crate::http::health::HealthState;
 use crate::http::usage::UsageApiState;
@@ -21,6 +22,8 @@ use crate::upstream::Upstream;
 pub struct App {
     store: Store,
     secrets: Secrets,
+    /// The organisation's default dollar limits and time zone.
+    budgets: Arc<BudgetPolicy>,
 }
 
 impl App {
@@ -35,12 +38,25 @@ impl App {
     /// The store `config` names, with these secrets.
     pub async fn connect(config: &CommonConfig, secrets: Secrets) -> App {
         let store = Store::connect(&config.table_name, config.dynamodb_endpoint.as_deref()).await;
-        App::new(store, secrets)
+        App::new(store, secrets).with_budgets(config.budgets.clone())
     }
 
-    /// On a store and secrets made elsewhere (relay-local, the tests).
+    /// On a store and secrets made elsewhere (relay-local, the tests), with
+    /// no default dollar limit, calendar periods in UTC.
     pub fn new(store: Store, secrets: Secrets) -> App {
-        App { store, secrets }
+        App {
+            store,
+            secrets,
+            budgets: Arc::new(BudgetPolicy::default()),
+        }
+    }
+
+    /// With this organisation default and time zone.
+    pub fn with_budgets(self, budgets: BudgetPolicy) -> App {
+        App {
+            budgets: Arc::new(budgets),
+            ..self
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -67,6 +83,7 @@ impl App {
             self.store.clone(),
             upstream,
             proxy,
+            self.budgets.clone(),
             settle_timing,
         ))
     }
@@ -106,12 +123,14 @@ impl App {
             store: self.store.clone(),
             secrets: self.secrets.clone(),
             config: Arc::new(config),
+            budgets: self.budgets.clone(),
         }
     }
 
     fn usage_state(&self) -> UsageApiState {
         UsageApiState {
             store: self.store.clone(),
+            budgets: self.budgets.clone(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! (or, locally, from variables too). Anything missing or malformed fails at
 //! start, naming the variable.
 
+use crate::domain::budget::{BudgetPolicy, BudgetZone};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -119,6 +120,10 @@ variables! {
         "path prefixes forwarded unmetered and unowned (Routes)";
     UNPRICED_MODELS = Default("charge"),
         "a model the price table does not price: `charge` it the fallback prices (the dearest shipped; recorded as unpriced) or `refuse` it (403) before forwarding";
+    BUDGET_TIME_ZONE = Default("UTC"),
+        "IANA time zone of the dollar limits' calendar days, weeks (from Monday) and months";
+    DEFAULT_DOLLAR_LIMITS = Otherwise("none"),
+        "organisation default dollar limits of keys that set none, as the admin API's `dollar_limits` JSON (e.g. `[{\"window\":\"month\",\"limit_usd\":100}]`)";
     METRICS = Otherwise("on in Lambda, off elsewhere"),
         "`emf` to print EMF lines outside Lambda, `off` to silence them";
     METRICS_NAMESPACE = Default(DEFAULT_NAMESPACE),
@@ -235,6 +240,8 @@ pub struct CommonConfig {
     pub secret_arn: Option<String>,
     pub secretsmanager_endpoint: Option<String>,
     pub secret_ttl: Duration,
+    /// The organisation default dollar limits and the calendar's time zone.
+    pub budgets: BudgetPolicy,
 }
 
 impl CommonConfig {
@@ -249,6 +256,7 @@ impl CommonConfig {
             secret_arn: env.text(&RELAY_SECRET_ARN),
             secretsmanager_endpoint: env.text(&SECRETSMANAGER_ENDPOINT),
             secret_ttl: env.seconds(&SECRET_CACHE_TTL_SECONDS)?,
+            budgets: budget_policy(env)?,
         })
     }
 
@@ -268,6 +276,34 @@ impl CommonConfig {
         }
         secret_values(env).map(Secrets::fixed)
     }
+}
+
+/// `BUDGET_TIME_ZONE` and `DEFAULT_DOLLAR_LIMITS`, validated as the admin
+/// API validates a key's limits.
+fn budget_policy(env: &Env) -> Result<BudgetPolicy, ConfigError> {
+    let zone_name = env.text_or_default(&BUDGET_TIME_ZONE)?;
+    let zone = BudgetZone::named(zone_name.trim()).map_err(|reason| ConfigError {
+        var: BUDGET_TIME_ZONE.name,
+        reason,
+    })?;
+    let default_limits = match env.text(&DEFAULT_DOLLAR_LIMITS) {
+        None => Vec::new(),
+        Some(text) => {
+            let inputs = serde_json::from_str(&text).map_err(|e| ConfigError {
+                var: DEFAULT_DOLLAR_LIMITS.name,
+                reason: format!("is not a JSON list of dollar limits: {e}"),
+            })?;
+            crate::http::admin::shapes::validate_dollar_limits(DEFAULT_DOLLAR_LIMITS.name, inputs)
+                .map_err(|e| ConfigError {
+                var: DEFAULT_DOLLAR_LIMITS.name,
+                reason: e.to_string(),
+            })?
+        }
+    };
+    Ok(BudgetPolicy {
+        default_limits,
+        zone,
+    })
 }
 
 /// The secrets as variables (local use).

@@ -98,6 +98,11 @@ pub enum ApiError {
     /// 429 that no wait fixes: a spent quota, a worst case that cannot fit.
     #[error("quota: {0}")]
     QuotaExhausted(String),
+    /// 429 that waits for a period's reset: a spent dollar limit (its
+    /// message names the window and the reset; no `retry-after`: the wait
+    /// can be days).
+    #[error("budget: {0}")]
+    BudgetSpent(String),
     /// 502: the upstream could not be reached.
     #[error("upstream unreachable")]
     UpstreamUnreachable,
@@ -265,6 +270,13 @@ impl ApiError {
                 Downstream,
                 "quota",
             ),
+            ApiError::BudgetSpent(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                K::RateLimit,
+                Retry::Never,
+                Downstream,
+                "budget",
+            ),
             ApiError::UpstreamUnreachable => (
                 StatusCode::BAD_GATEWAY,
                 K::Api,
@@ -344,6 +356,7 @@ impl ApiError {
             | ApiError::NotFound(m)
             | ApiError::TooLarge(m)
             | ApiError::QuotaExhausted(m)
+            | ApiError::BudgetSpent(m)
             | ApiError::UpstreamFailed(m)
             | ApiError::RateLimited { message: m, .. }
             | ApiError::Unavailable { message: m, .. } => m.clone(),
@@ -475,6 +488,7 @@ impl From<crate::domain::admission::AdmissionRefusal> for ApiError {
             A::WorstCaseExceedsQuota { worst, left } => ApiError::QuotaExhausted(format!(
                 "token quota too small for this batch: its worst case is {worst} tokens (input estimate plus max_tokens of every request) and {left} are left; lower max_tokens, split the batch, or ask your relay admin to raise its token_limit"
             )),
+            A::BudgetSpent(spent) => ApiError::BudgetSpent(spent.to_string()),
             A::OverTier {
                 requests,
                 limit,
@@ -592,6 +606,14 @@ mod tests {
                 "quota",
                 Side::Downstream,
             ),
+            ApiError::BudgetSpent(_) => (
+                429,
+                "rate_limit_error",
+                None,
+                Some("false"),
+                "budget",
+                Side::Downstream,
+            ),
             ApiError::UpstreamUnreachable => {
                 (502, "api_error", None, None, "unavailable", Side::Upstream)
             }
@@ -641,6 +663,7 @@ mod tests {
             ApiError::too_large("big"),
             ApiError::rate_limited("slow down", 30),
             ApiError::QuotaExhausted("spent".into()),
+            ApiError::BudgetSpent("spent today".into()),
             ApiError::UpstreamUnreachable,
             ApiError::UpstreamTimeout(Duration::from_secs(600)),
             ApiError::UpstreamCredentialsRejected,

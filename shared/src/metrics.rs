@@ -180,6 +180,7 @@ mod tests {
             session_id: None,
             error_type: None,
             cost: Default::default(),
+            budget: Default::default(),
         };
         let doc = request_document("ClaudeRelay", &record);
         let directive = &doc["_aws"]["CloudWatchMetrics"][0];
@@ -227,6 +228,7 @@ mod tests {
             session_id: None,
             error_type: Some("invalid_request_error".into()),
             cost: Default::default(),
+            budget: Default::default(),
         };
         assert_eq!(request_document("N", &record)["Model"], "error");
         record.status = 529;

@@ -15,24 +15,40 @@ use crate::client::ms;
 use crate::report::Figures;
 use crate::stats::percentile;
 use crate::{TIER_PERIOD, TIER_REQUESTS};
+use relay_shared::domain::admission::{BudgetCheck, RateLimit};
+use relay_shared::domain::budget::BudgetPolicy;
 
 pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
     let store = &bench.stack.store;
     let calls = bench.options.store_calls;
     let key = PresentedKey::parse(&bench.stack.relay_key).context("the bench key")?;
     let hash = key.hash();
-    let mut window = None;
+    let mut last: Option<relay_shared::domain::key::ApiKeyRecord> = None;
+    let policy = BudgetPolicy::default();
     let mut admits = Vec::with_capacity(calls);
     let mut settles = Vec::with_capacity(calls);
     for i in 0..calls {
         let now = relay_shared::domain::now();
         let started = Instant::now();
         let record = store
-            .admit(key.id(), &hash, TIER_REQUESTS, TIER_PERIOD, now, window)
+            .admit(
+                key.id(),
+                &hash,
+                RateLimit {
+                    requests: TIER_REQUESTS,
+                    period: TIER_PERIOD,
+                },
+                BudgetCheck {
+                    policy: &policy,
+                    models: &[],
+                },
+                now,
+                last.as_ref(),
+            )
             .await
             .map_err(|e| anyhow::anyhow!("admission: {e}"))?;
         admits.push(ms(started.elapsed()));
-        window = record.rate_window.map(|(start, _)| start);
+        last = Some(record);
         let usage = usage_record(key.id(), now, i);
         let started = Instant::now();
         store
@@ -71,5 +87,6 @@ fn usage_record(key_id: &KeyId, at: OffsetDateTime, i: usize) -> UsageRecord {
         session_id: None,
         error_type: None,
         cost: Default::default(),
+        budget: Default::default(),
     }
 }

@@ -5,6 +5,7 @@
 
 use time::OffsetDateTime;
 
+use super::budget::{BudgetPolicy, BudgetWrite, SpentLimit, budget_write, spent_limit};
 use super::epoch_seconds;
 use super::key::ApiKeyRecord;
 use super::key::SecretHash;
@@ -29,6 +30,9 @@ pub enum AdmissionRefusal {
     WorstCaseExceedsQuota { worst: u64, left: u64 },
     #[error("rate limited")]
     RateLimited { retry_after: u64 },
+    /// A dollar limit that applies to the request has no room left.
+    #[error("{0}")]
+    BudgetSpent(SpentLimit),
     /// More requests at once than the tier allows in a whole window.
     #[error("more requests than the tier's window holds")]
     OverTier {
@@ -95,20 +99,32 @@ pub enum WindowStep {
     New(u64),
 }
 
-/// The write to attempt: the window step, and the charge as it must be
-/// stated (a reservation follows the key's stored limit).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The write to attempt: the window step, the charge as it must be
+/// stated (a reservation follows the key's stored limit), and the dollar
+/// limits' checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdmissionWrite {
     pub step: WindowStep,
     pub charge: Charge,
+    pub budget: BudgetWrite,
+}
+
+/// What the dollar limits need to know of a request: the policy (default
+/// limits, time zone) and the models it asks for (empty: every limit
+/// applies).
+#[derive(Debug, Clone, Copy)]
+pub struct BudgetCheck<'a> {
+    pub policy: &'a BudgetPolicy,
+    pub models: &'a [&'a str],
 }
 
 /// What is known of the key when deciding.
 #[derive(Debug, Clone, Copy)]
 pub enum KeyState<'a> {
-    /// Nothing read yet: only the window a cached record last showed, if
-    /// any. The write's condition checks everything else.
-    Unread { last_window: Option<u64> },
+    /// Nothing read yet: at most the record a cache holds, whose window
+    /// and dollar limits the first write is stated from. The write's
+    /// condition checks everything.
+    Unread { believed: Option<&'a ApiKeyRecord> },
     /// The key item as a refused write returned it (`None`: no such key).
     Stored(Option<&'a ApiKeyRecord>),
 }
@@ -185,12 +201,14 @@ pub fn window_in_force(
 ///
 /// Checks run in the order the refusals are reported: the charge against
 /// the tier, the key's existence, its secret, its status (`key_status`),
-/// its quota (`quota_admits`), its rate window.
+/// its quota (`quota_admits`), its dollar limits (`budget::spent_limit`),
+/// its rate window.
 pub fn decide(
     state: KeyState<'_>,
     hash: &SecretHash,
     rate: RateLimit,
     mut charge: Charge,
+    budget: BudgetCheck<'_>,
     now: OffsetDateTime,
 ) -> Result<AdmissionWrite, AdmissionRefusal> {
     if charge.requests > rate.requests {
@@ -202,13 +220,19 @@ pub fn decide(
     }
     let (window, _) = window_of(epoch_seconds(now), rate.period);
     let old = match state {
-        KeyState::Unread { last_window } => {
+        KeyState::Unread { believed } => {
+            let last_window = believed.and_then(|r| r.rate_window).map(|(start, _)| start);
             let step = if last_window == Some(window) {
                 WindowStep::Same(window)
             } else {
                 WindowStep::New(window)
             };
-            return Ok(AdmissionWrite { step, charge });
+            let budget = budget_write(believed, budget.policy, budget.models, now);
+            return Ok(AdmissionWrite {
+                step,
+                charge,
+                budget,
+            });
         }
         KeyState::Stored(None) => return Err(AdmissionRefusal::UnknownKey),
         KeyState::Stored(Some(old)) => old,
@@ -227,6 +251,12 @@ pub fn decide(
         // stated on the stored one.
         *limit = old.token_limit;
     }
+    if let Some(spent) = spent_limit(old, budget.policy, budget.models, now) {
+        return Err(AdmissionRefusal::BudgetSpent(SpentLimit::from((
+            &spent,
+            budget.policy,
+        ))));
+    }
     let in_force = window_in_force(old.rate_window, now, rate.period);
     if in_force.used + charge.requests > rate.requests {
         return Err(AdmissionRefusal::RateLimited {
@@ -238,7 +268,11 @@ pub fn decide(
     } else {
         WindowStep::New(in_force.start)
     };
-    Ok(AdmissionWrite { step, charge })
+    Ok(AdmissionWrite {
+        step,
+        charge,
+        budget: budget_write(Some(old), budget.policy, budget.models, now),
+    })
 }
 
 #[cfg(test)]
@@ -250,6 +284,15 @@ mod tests {
         requests: 10,
         period: 60,
     };
+
+    static POLICY: std::sync::LazyLock<BudgetPolicy> =
+        std::sync::LazyLock::new(BudgetPolicy::default);
+    fn no_budget() -> BudgetCheck<'static> {
+        BudgetCheck {
+            policy: &POLICY,
+            models: &[],
+        }
+    }
 
     /// 1000 s past the epoch is 40 s into the window opened at 960.
     fn at_1000() -> OffsetDateTime {
@@ -277,6 +320,9 @@ mod tests {
             allowed_origins: vec![],
             allowed_models: vec![],
             rate_window: Some((960, 2)),
+            dollar_limits: None,
+            spend: Default::default(),
+            five_hour_start: None,
         };
         (record, key.hash())
     }
@@ -487,10 +533,67 @@ mod tests {
             let (mut old, hash) = key(0, None);
             edit(&mut old);
             let hash = if right_secret { hash } else { other.clone() };
-            let decided = decide(KeyState::Stored(Some(&old)), &hash, RATE, charge, now)
-                .map(|write| write.step);
+            let decided = decide(
+                KeyState::Stored(Some(&old)),
+                &hash,
+                RATE,
+                charge,
+                no_budget(),
+                now,
+            )
+            .map(|write| write.step);
             assert_eq!(decided, expected, "{name}");
         }
+    }
+
+    #[test]
+    fn a_spent_dollar_limit_refuses_requests_for_the_models_it_covers() {
+        use crate::domain::budget::{DollarLimit, SpendCounter, Window};
+        let (mut old, hash) = key(0, None);
+        old.dollar_limits = Some(vec![DollarLimit {
+            window: Window::Week,
+            limit: 5_000_000,
+            models: Some("claude-opus-*".into()),
+        }]);
+        // 1000 s past the epoch is Thursday 1970-01-01: its week began on
+        // Monday 1969-12-29.
+        old.spend.insert(
+            SpendCounter {
+                limit: "week:claude-opus-*".into(),
+                period: "w1969-12-29".into(),
+            },
+            5_000_000,
+        );
+        let check = |old: &ApiKeyRecord, models: &'static [&'static str]| {
+            decide(
+                KeyState::Stored(Some(old)),
+                &hash,
+                RATE,
+                Charge::MESSAGE,
+                BudgetCheck {
+                    policy: &POLICY,
+                    models,
+                },
+                at_1000(),
+            )
+        };
+        match check(&old, &["claude-opus-4-5"]) {
+            Err(AdmissionRefusal::BudgetSpent(spent)) => {
+                assert_eq!(
+                    (spent.window, spent.limit, spent.used),
+                    (Window::Week, 5_000_000, 5_000_000)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Sonnet is not covered: admitted, and the write states the limits
+        // it was decided on.
+        let write = check(&old, &["claude-sonnet-4-5"]).unwrap();
+        assert_eq!(write.budget.guard, old.dollar_limits);
+        assert!(write.budget.checks.is_empty());
+        // One cent below the limit still admits (soft: room left admits).
+        old.spend.values_mut().for_each(|used| *used -= 10_000);
+        assert!(check(&old, &["claude-opus-4-5"]).is_ok());
     }
 
     #[test]
@@ -502,6 +605,7 @@ mod tests {
                 &hash,
                 RATE,
                 Charge::MESSAGE,
+                no_budget(),
                 at_1000()
             ),
             Err(AdmissionRefusal::UnknownKey)
@@ -512,10 +616,11 @@ mod tests {
         };
         assert_eq!(
             decide(
-                KeyState::Unread { last_window: None },
+                KeyState::Unread { believed: None },
                 &hash,
                 RATE,
                 big,
+                no_budget(),
                 at_1000()
             ),
             Err(AdmissionRefusal::OverTier {
@@ -528,13 +633,20 @@ mod tests {
 
     #[test]
     fn the_first_write_guesses_the_window_a_cached_record_last_showed() {
-        let (_, hash) = key(0, None);
-        let first = |last_window| {
+        let (cached, hash) = key(0, None);
+        let first = |last_window: Option<u64>| {
+            let believed = last_window.map(|start| ApiKeyRecord {
+                rate_window: Some((start, 1)),
+                ..cached.clone()
+            });
             decide(
-                KeyState::Unread { last_window },
+                KeyState::Unread {
+                    believed: believed.as_ref(),
+                },
                 &hash,
                 RATE,
                 Charge::MESSAGE,
+                no_budget(),
                 at_1000(),
             )
             .map(|write| write.step)
@@ -549,7 +661,14 @@ mod tests {
         let (mut old, hash) = key(700, Some(1000));
         let charge = reserve(Some(1000), 400);
         assert_eq!(
-            decide(KeyState::Stored(Some(&old)), &hash, RATE, charge, at_1000()),
+            decide(
+                KeyState::Stored(Some(&old)),
+                &hash,
+                RATE,
+                charge,
+                no_budget(),
+                at_1000()
+            ),
             Err(AdmissionRefusal::WorstCaseExceedsQuota {
                 worst: 400,
                 left: 300
@@ -557,13 +676,29 @@ mod tests {
         );
         // The admin raised the limit meanwhile: the next write states it.
         old.token_limit = Some(5000);
-        let write = decide(KeyState::Stored(Some(&old)), &hash, RATE, charge, at_1000()).unwrap();
+        let write = decide(
+            KeyState::Stored(Some(&old)),
+            &hash,
+            RATE,
+            charge,
+            no_budget(),
+            at_1000(),
+        )
+        .unwrap();
         assert_eq!(write.step, WindowStep::Same(960));
         assert_eq!(write.charge, reserve(Some(5000), 400));
         assert_eq!(write.charge.reserved(), 400);
         // ...or removed it: nothing is reserved any more.
         old.token_limit = None;
-        let write = decide(KeyState::Stored(Some(&old)), &hash, RATE, charge, at_1000()).unwrap();
+        let write = decide(
+            KeyState::Stored(Some(&old)),
+            &hash,
+            RATE,
+            charge,
+            no_budget(),
+            at_1000(),
+        )
+        .unwrap();
         assert_eq!(write.charge, reserve(None, 400));
         assert_eq!(write.charge.reserved(), 0);
     }

@@ -2,6 +2,8 @@
 //! the key they give Claude Code. The views here also serve the admin's
 //! per-key routes, so both see the same shapes.
 
+use std::sync::Arc;
+
 use axum::extract::{FromRequestParts, State};
 use axum::routing::{any, get};
 use axum::{Json, Router};
@@ -12,18 +14,21 @@ use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 use super::key_holder::{Caller, authenticate, presented_key};
 use super::{ClientIp, NoParams, QueryParams, not_found};
 use crate::domain::admission::window_in_force;
+use crate::domain::budget::BudgetPolicy;
 use crate::domain::day_of;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
 use crate::domain::usage::UsageTotals;
 use crate::domain::{format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
+use crate::http::admin::shapes::BudgetView;
 use crate::store::Store;
 use crate::store::usage_log::{LogQuery, LogRow};
 
 #[derive(Clone)]
 pub struct UsageApiState {
     pub store: Store,
+    pub budgets: Arc<BudgetPolicy>,
 }
 
 /// The usage function's whole router, with its own fallback.
@@ -93,7 +98,9 @@ async fn quota(
     KeyHolder(key): KeyHolder,
     QueryParams(NoParams {}): QueryParams<NoParams>,
 ) -> Result<Json<QuotaView>, ApiError> {
-    quota_view(&state.store, &key.id).await.map(Json)
+    quota_view(&state.store, &state.budgets, &key.id)
+        .await
+        .map(Json)
 }
 
 /// A set of counters as every usage view shows them.
@@ -190,6 +197,8 @@ pub struct QuotaView {
     pub percent_used: Option<f64>,
     pub rate_limit_tier: TierView,
     pub rate_window: RateWindowView,
+    /// Every dollar limit in force: used, remaining, reset.
+    pub budgets: Vec<BudgetView>,
 }
 
 /// The key's tier as the quota view shows it.
@@ -403,11 +412,16 @@ pub async fn logs_view(store: &Store, id: &KeyId, params: LogParams) -> Result<L
 
 /// `GET /api/usage/quota`: the token budget, the tier and what is left of
 /// its current window, expiry and status.
-pub async fn quota_view(store: &Store, id: &KeyId) -> Result<QuotaView, ApiError> {
+pub async fn quota_view(
+    store: &Store,
+    budgets: &BudgetPolicy,
+    id: &KeyId,
+) -> Result<QuotaView, ApiError> {
     let key = store.get_key(id).await?.ok_or_else(|| no_such_key(id))?;
+    let at = now();
     let tier = store.tier_in_force(&key.rate_limit_tier).await?;
     // The window admission counts in (`domain::admission`), as it stands.
-    let window = window_in_force(key.rate_window, now(), tier.period);
+    let window = window_in_force(key.rate_window, at, tier.period);
     let used_in_window = window.used;
     let resets_at =
         OffsetDateTime::from_unix_timestamp(i64::try_from(window.start + tier.period).unwrap_or(0))
@@ -441,6 +455,7 @@ pub async fn quota_view(store: &Store, id: &KeyId) -> Result<QuotaView, ApiError
             requests_remaining: tier.requests.saturating_sub(used_in_window),
             resets_at,
         },
+        budgets: BudgetView::all(&key, budgets, at),
     })
 }
 

@@ -22,7 +22,8 @@ use tracing::Instrument;
 
 use super::context::Call;
 use super::{ProxyState, tier_of};
-use crate::domain::admission::{Charge, QuotaRule};
+use crate::domain::admission::{BudgetCheck, Charge, QuotaRule, RateLimit};
+use crate::domain::budget::BudgetCharge;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::route::CanonicalPath;
@@ -31,6 +32,7 @@ use crate::domain::usage::{estimate_tokens, request_text, usage_from_json};
 use crate::domain::{self, format_timestamp};
 use crate::error::ApiError;
 use crate::http::{PageParams, page_json, unknown_page_anchor};
+use crate::store::admission::Terms;
 use crate::store::owned::{BatchRecord, OpenBatch, PENDING_STALE, PendingReservation};
 use crate::upstream::{
     BodyStream, ForwardRequest, RetryPolicy, UpstreamError, client_response_headers,
@@ -255,7 +257,8 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     // Computed for every key: its limit may be set before the admission
     // write, which then reserves against it.
     let worst = worst_case_of(plan.sized, context_window(&call.parts.headers)).await?;
-    let reserved = reserve(&call, &record, plan.requests, worst).await?;
+    let models: Vec<&str> = plan.models.iter().map(String::as_str).collect();
+    let reserved = reserve(&call, &record, plan.requests, &models, worst).await?;
     let pending = PendingReservation {
         request_id: call.request_id.clone(),
         key_id: call.key.id().clone(),
@@ -391,6 +394,7 @@ async fn reserve(
     call: &Call,
     record: &ApiKeyRecord,
     requests: u64,
+    models: &[&str],
     worst: u64,
 ) -> Result<u64, ApiError> {
     let state = &call.state;
@@ -408,10 +412,18 @@ async fn reserve(
         .admit_batch(
             call.key.id(),
             &call.key.hash(),
-            charge,
-            tier.requests,
-            tier.period,
-            call.at,
+            Terms {
+                charge,
+                rate: RateLimit {
+                    requests: tier.requests,
+                    period: tier.period,
+                },
+                budget: BudgetCheck {
+                    policy: &state.0.budgets,
+                    models,
+                },
+                now: call.at,
+            },
             &call.request_id,
         )
         .await?)
@@ -747,10 +759,22 @@ async fn settle(
 ) -> Result<(), ApiError> {
     let at = domain::now();
     let priced = tally.priced(&state.0.prices, at);
+    // The batch's cost counts against the dollar limits in force when it
+    // is settled, each limit taking the models it applies to.
+    let spend = match state.0.store.get_key(&batch.key_id).await? {
+        Some(record) => {
+            let costs: Vec<(&str, u64)> = priced
+                .model_counters()
+                .map(|(model, counters)| (model, counters.cost_micro_usd))
+                .collect();
+            BudgetCharge::per_counter_costs(&record, &state.0.budgets, &costs, at)
+        }
+        None => Default::default(),
+    };
     let outcome = state
         .0
         .store
-        .settle_batch(batch, &priced, at, state.0.config.log_retention)
+        .settle_batch(batch, &priced, &spend, at, state.0.config.log_retention)
         .await?;
     tracing::info!(batch_id = %batch.batch_id, key_id = %batch.key_id, ?outcome, tokens = priced.tally.total().billed(), "batch usage settled");
     Ok(())

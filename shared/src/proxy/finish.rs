@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::context::Call;
 use super::tap::UsageTap;
 use super::{ProxyState, SettleTiming};
+use crate::domain::budget::BudgetCharge;
 use crate::domain::key::KeyId;
 use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::usage::UsageRecord;
@@ -34,6 +35,8 @@ pub(crate) struct Metering {
     pub session_id: Option<String>,
     /// Request attributes that change its price (US inference).
     pub price_attributes: Vec<Attribute>,
+    /// The dollar limits' counters its cost goes to.
+    pub budget: BudgetCharge,
 }
 
 impl Metering {
@@ -42,6 +45,7 @@ impl Metering {
         model: Option<String>,
         stream: bool,
         price_attributes: Vec<Attribute>,
+        budget: BudgetCharge,
     ) -> Metering {
         Metering {
             request_id: call.request_id.clone(),
@@ -55,6 +59,7 @@ impl Metering {
             user_agent: call.header_text("user-agent"),
             session_id: call.header_text("x-claude-code-session-id"),
             price_attributes,
+            budget,
         }
     }
 }
@@ -124,6 +129,7 @@ pub(super) async fn usage_record(
         user_agent,
         session_id,
         price_attributes,
+        budget,
     } = metering;
     let model = usage.model.or(model);
     // Priced at the request's moment, from the usage the answer reported
@@ -148,6 +154,7 @@ pub(super) async fn usage_record(
         session_id,
         error_type,
         cost,
+        budget,
     }
 }
 

@@ -13,6 +13,8 @@ use super::context::Call;
 use super::exchange::{self, Exchange};
 use super::finish::Metering;
 use super::{ProxyState, tier_of};
+use crate::domain::admission::{BudgetCheck, RateLimit};
+use crate::domain::budget::BudgetCharge;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::route::{Route, Treatment};
@@ -60,12 +62,22 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
         return Err(unpriced(model));
     }
     call.check_file_references(body).await?;
-    if charged {
-        admit_write(call, &record).await?;
-    }
     let streamed = fields.stream.unwrap_or(false);
-    let attributes = fields.price_attributes();
-    let metering = charged.then(|| Metering::of(call, fields.model, streamed, attributes));
+    let metering = if charged {
+        let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
+        let admitted = admit_write(call, &record, &models).await?;
+        let budget = BudgetCharge::of(&admitted, &call.state.0.budgets, &models, call.at);
+        let attributes = fields.price_attributes();
+        Some(Metering::of(
+            call,
+            fields.model,
+            streamed,
+            attributes,
+            budget,
+        ))
+    } else {
+        None
+    };
     Ok(Admitted { streamed, metering })
 }
 
@@ -103,25 +115,37 @@ async fn authorize(
 }
 
 /// The admission write: counts the request in the tier's window and checks
-/// secret, status, expiry and quota against the stored key, atomically.
-async fn admit_write(call: &Call, record: &ApiKeyRecord) -> Result<(), ApiError> {
+/// secret, status, expiry, quota and the dollar limits that apply to
+/// `models` against the stored key, atomically. Returns the key as the
+/// write left it.
+async fn admit_write(
+    call: &Call,
+    record: &ApiKeyRecord,
+    models: &[&str],
+) -> Result<Arc<ApiKeyRecord>, ApiError> {
     let state: &ProxyState = &call.state;
     let tier = tier_of(state, &record.rate_limit_tier).await?;
+    let rate = RateLimit {
+        requests: tier.requests,
+        period: tier.period,
+    };
+    let budget = BudgetCheck {
+        policy: &state.0.budgets,
+        models,
+    };
     let admitted = state
         .0
         .store
         .admit(
             call.key.id(),
             &call.key.hash(),
-            tier.requests,
-            tier.period,
+            rate,
+            budget,
             call.at,
-            record.rate_window.map(|(start, _)| start),
+            Some(record),
         )
         .await?;
-    state
-        .0
-        .keys
-        .insert(call.key.id().clone(), Arc::new(admitted));
-    Ok(())
+    let admitted = Arc::new(admitted);
+    state.0.keys.insert(call.key.id().clone(), admitted.clone());
+    Ok(admitted)
 }

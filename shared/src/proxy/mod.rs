@@ -34,6 +34,7 @@ use axum::routing::any;
 use self::context::{Begun, Call};
 use self::exchange::Exchange;
 pub use crate::config::ProxyConfig;
+use crate::domain::budget::BudgetPolicy;
 use crate::domain::key::{ApiKeyRecord, KeyId};
 use crate::domain::price::{PriceTable, default_table};
 use crate::domain::route::Route;
@@ -68,6 +69,8 @@ struct Inner {
     tiers: TtlCache<String, Tier>,
     /// What requests cost (`domain::price`): the shipped table for now.
     prices: PriceTable,
+    /// The organisation's default dollar limits and time zone.
+    budgets: Arc<BudgetPolicy>,
 }
 
 #[derive(Clone)]
@@ -78,6 +81,7 @@ impl ProxyState {
         store: Store,
         upstream: Upstream,
         config: ProxyConfig,
+        budgets: Arc<BudgetPolicy>,
         settle_timing: SettleTiming,
     ) -> ProxyState {
         let keys = TtlCache::new(config.key_cache_ttl, 10_000);
@@ -93,6 +97,7 @@ impl ProxyState {
             keys,
             tiers: TtlCache::new(Duration::from_secs(60), 1_000),
             prices,
+            budgets,
         }))
     }
 }

@@ -14,8 +14,20 @@ use super::item::Item;
 use super::layout::api_key::admission_update;
 use super::layout::owned::pending_item;
 use super::{Store, StoreError, classify, conflict_pause, layout, transact_put, transact_update};
-use crate::domain::admission::{AdmissionRefusal, Charge, KeyState, RateLimit, decide};
+use crate::domain::admission::{
+    AdmissionRefusal, BudgetCheck, Charge, KeyState, RateLimit, decide,
+};
 use crate::domain::key::{ApiKeyRecord, KeyId, SecretHash};
+
+/// What an admission asks of a key: the charge, under the tier's rate
+/// limit and the dollar limits, at a moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Terms<'a> {
+    pub charge: Charge,
+    pub rate: RateLimit,
+    pub budget: BudgetCheck<'a>,
+    pub now: OffsetDateTime,
+}
 
 /// Why a request was not admitted: a refusal the rules gave, or a store
 /// that could not say.
@@ -29,28 +41,27 @@ pub enum AdmissionError {
 
 impl Store {
     /// Admits one message request for key `id` presenting `hash` under a
-    /// tier of `limit` requests per `period` seconds, or says why not.
+    /// tier's `rate` and the dollar limits `budget` names, or says why not;
+    /// the first write is stated from `believed` (a cached record).
     /// Atomic: a key disabled, rotated or over quota a moment ago is refused
     /// now. Returns the key as it is after counting the request.
     pub async fn admit(
         &self,
         id: &KeyId,
         hash: &SecretHash,
-        limit: u64,
-        period: u64,
+        rate: RateLimit,
+        budget: BudgetCheck<'_>,
         now: OffsetDateTime,
-        last_seen_window: Option<u64>,
+        believed: Option<&ApiKeyRecord>,
     ) -> Result<ApiKeyRecord, AdmissionError> {
-        let rate = RateLimit {
-            requests: limit,
-            period,
+        let first = KeyState::Unread { believed };
+        let terms = Terms {
+            charge: Charge::MESSAGE,
+            rate,
+            budget,
+            now,
         };
-        let first = KeyState::Unread {
-            last_window: last_seen_window,
-        };
-        let (item, _) = self
-            .admit_with(id, hash, Charge::MESSAGE, rate, now, first, None)
-            .await?;
+        let (item, _) = self.admit_with(id, hash, terms, first, None).await?;
         item.ok_or_else(|| {
             StoreError::Unexpected(anyhow::anyhow!("admission returned no item")).into()
         })
@@ -61,24 +72,16 @@ impl Store {
     /// quota in the same transaction that records the reservation as
     /// pending (a creation that dies before its batch is recorded gives the
     /// tokens back, through the collector). Returns the tokens reserved.
-    #[allow(clippy::too_many_arguments)]
     pub async fn admit_batch(
         &self,
         id: &KeyId,
         hash: &SecretHash,
-        charge: Charge,
-        limit: u64,
-        period: u64,
-        now: OffsetDateTime,
+        terms: Terms<'_>,
         request_id: &str,
     ) -> Result<u64, AdmissionError> {
-        let rate = RateLimit {
-            requests: limit,
-            period,
-        };
-        let first = KeyState::Unread { last_window: None };
+        let first = KeyState::Unread { believed: None };
         let (_, charge) = self
-            .admit_with(id, hash, charge, rate, now, first, Some(request_id))
+            .admit_with(id, hash, terms, first, Some(request_id))
             .await?;
         Ok(charge.reserved())
     }
@@ -88,26 +91,30 @@ impl Store {
     /// (a request id), one transaction that also records that reservation as
     /// pending. Returns the key as updated (plain updates only) and the
     /// charge as finally taken (the stored limit may have changed it).
-    #[allow(clippy::too_many_arguments)]
     async fn admit_with(
         &self,
         id: &KeyId,
         hash: &SecretHash,
-        charge: Charge,
-        rate: RateLimit,
-        now: OffsetDateTime,
+        terms: Terms<'_>,
         first: KeyState<'_>,
         pending_for: Option<&str>,
     ) -> Result<(Option<ApiKeyRecord>, Charge), AdmissionError> {
-        let mut write = decide(first, hash, rate, charge, now)?;
+        let Terms {
+            charge,
+            rate,
+            budget,
+            now,
+        } = terms;
+        let mut write = decide(first, hash, rate, charge, budget, now)?;
         for attempt in 0..6 {
-            let (expression, condition, values) = admission_update(&write, rate, hash, now);
+            let update = admission_update(&write, rate, hash, now);
             let update = Update::builder()
                 .table_name(self.table())
                 .set_key(Some(layout::api_key(id).item()))
-                .update_expression(expression)
-                .condition_expression(condition)
-                .set_expression_attribute_values(Some(values))
+                .update_expression(update.expression)
+                .condition_expression(update.condition)
+                .set_expression_attribute_names((!update.names.is_empty()).then_some(update.names))
+                .set_expression_attribute_values(Some(update.values))
                 .return_values_on_condition_check_failure(
                     ReturnValuesOnConditionCheckFailure::AllOld,
                 );
@@ -131,7 +138,14 @@ impl Store {
                 continue;
             };
             let old = old_item.as_ref().map(ApiKeyRecord::try_from).transpose()?;
-            write = decide(KeyState::Stored(old.as_ref()), hash, rate, charge, now)?;
+            write = decide(
+                KeyState::Stored(old.as_ref()),
+                hash,
+                rate,
+                charge,
+                budget,
+                now,
+            )?;
         }
         Err(StoreError::Unavailable(anyhow::anyhow!(
             "admission of {} kept conflicting",
@@ -155,6 +169,7 @@ impl Store {
             .set_key(Some(update.key().clone()))
             .update_expression(update.update_expression())
             .set_condition_expression(update.condition_expression().map(str::to_owned))
+            .set_expression_attribute_names(update.expression_attribute_names().cloned())
             .set_expression_attribute_values(update.expression_attribute_values().cloned())
             .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)

@@ -63,6 +63,9 @@ impl Store {
             allowed_origins: new.allowed_origins.clone(),
             allowed_models: new.allowed_models.clone(),
             rate_window: None,
+            dollar_limits: new.dollar_limits.clone(),
+            spend: Default::default(),
+            five_hour_start: None,
         };
         let item = layout::api_key::new_key_item(&record);
         self.client

@@ -5,6 +5,7 @@
 //! to a batch (their items, and the expressions on them:
 //! `layout::owned`).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::{Delete, TransactWriteItem, Update};
@@ -17,8 +18,10 @@ use super::{
     GSI1, Store, StoreError, classify, conflict_pause, layout, query_all, transact_put,
     transact_update,
 };
+use crate::domain::budget::SpendCounter;
 use crate::domain::epoch_seconds;
 use crate::domain::key::KeyId;
+use crate::domain::price::MicroUsd;
 use crate::domain::usage::{Counters, PricedBatch};
 
 /// A pending reservation outlives any request that could still claim it
@@ -437,12 +440,13 @@ impl Store {
         &self,
         batch: &BatchRecord,
         priced: &PricedBatch,
+        spend: &BTreeMap<SpendCounter, MicroUsd>,
         at: OffsetDateTime,
         retention: Duration,
     ) -> Result<SettleOutcome, StoreError> {
         let mut with_key = true;
         for attempt in 0..8 {
-            let items = self.batch_settle_items(batch, priced, at, retention, with_key)?;
+            let items = self.batch_settle_items(batch, priced, spend, at, retention, with_key)?;
             match self.transact(items).await? {
                 Ok(()) if with_key => return Ok(SettleOutcome::Recorded),
                 Ok(()) => return Ok(SettleOutcome::RecordedWithoutKey),
@@ -471,6 +475,7 @@ impl Store {
         &self,
         batch: &BatchRecord,
         priced: &PricedBatch,
+        spend: &BTreeMap<SpendCounter, MicroUsd>,
         at: OffsetDateTime,
         retention: Duration,
         with_key: bool,
@@ -505,8 +510,20 @@ impl Store {
             // The real figure replaces the reservation taken at admission.
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
             let reserved = i64::try_from(batch.reserved_tokens).unwrap_or(i64::MAX);
-            let change =
-                layout::api_key::settlement(&totals, billed - reserved, Some(-reserved), at);
+            let spend = layout::api_key::KeySpend {
+                add: spend
+                    .iter()
+                    .map(|(counter, cost)| (counter, *cost))
+                    .collect(),
+                drop: &[],
+            };
+            let change = layout::api_key::settlement(
+                &totals,
+                billed - reserved,
+                Some(-reserved),
+                &spend,
+                at,
+            );
             items.push(self.key_counters_update(&batch.key_id, change)?);
         }
         items.push(self.day_counters_update(&batch.key_id, &totals, at)?);

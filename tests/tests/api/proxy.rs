@@ -293,6 +293,7 @@ async fn settling_the_same_request_twice_counts_it_once() {
         session_id: None,
         error_type: None,
         cost: Default::default(),
+        budget: Default::default(),
     };
     let retention = Duration::from_secs(86_400);
     assert_eq!(

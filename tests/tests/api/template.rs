@@ -824,6 +824,7 @@ fn emitted_metrics() -> BTreeMap<String, Vec<Vec<String>>> {
         session_id: None,
         error_type: None,
         cost: Default::default(),
+        budget: Default::default(),
     };
     let document = request_document(DEFAULT_NAMESPACE, &record);
     let directive = &document["_aws"]["CloudWatchMetrics"][0];

@@ -399,6 +399,7 @@ async fn daily_rows_are_zero_filled_oldest_first_and_end_today() {
         session_id: None,
         error_type: None,
         cost: Default::default(),
+        budget: Default::default(),
     };
     let outcome = app.store.settle(&planted, LOG_RETENTION).await.unwrap();
     assert_eq!(outcome, SettleOutcome::Recorded);

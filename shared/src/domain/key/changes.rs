@@ -8,6 +8,7 @@ use ipnet::IpNet;
 use time::OffsetDateTime;
 
 use super::origin_host;
+use crate::domain::budget::DollarLimit;
 use crate::domain::parse_timestamp;
 
 const MAX_NAME: usize = 200;
@@ -46,6 +47,8 @@ pub struct NewKey {
     pub allowed_ips: Vec<IpNet>,
     pub allowed_origins: Vec<String>,
     pub allowed_models: Vec<String>,
+    /// `None`: the organisation default applies.
+    pub dollar_limits: Option<Vec<DollarLimit>>,
 }
 
 /// The validated form of a patch; `None` leaves a field as it is.
@@ -60,6 +63,8 @@ pub struct KeyChanges {
     pub allowed_ips: Option<Vec<IpNet>>,
     pub allowed_origins: Option<Vec<String>>,
     pub allowed_models: Option<Vec<String>>,
+    /// `Some(None)`: back to the organisation default.
+    pub dollar_limits: Option<Option<Vec<DollarLimit>>>,
 }
 
 impl KeyChanges {
@@ -73,6 +78,7 @@ impl KeyChanges {
             && self.allowed_ips.is_none()
             && self.allowed_origins.is_none()
             && self.allowed_models.is_none()
+            && self.dollar_limits.is_none()
     }
 }
 

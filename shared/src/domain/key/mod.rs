@@ -7,11 +7,14 @@ pub mod access;
 pub mod changes;
 pub mod material;
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use time::OffsetDateTime;
 
+use super::budget::{DollarLimit, SpendCounter};
+use super::price::MicroUsd;
 pub use changes::{FieldError, KeyChanges, NewKey};
 pub use material::{KeyId, KeyParseError, PresentedKey, SecretHash, display_prefix};
 
@@ -40,6 +43,13 @@ pub struct ApiKeyRecord {
     /// The proxy's fixed rate window: its start (epoch seconds) and how many
     /// requests it has admitted.
     pub rate_window: Option<(u64, u64)>,
+    /// The key's own dollar limits (`domain::budget`); `None`: the
+    /// organisation default applies, `Some(vec![])`: no dollar limit.
+    pub dollar_limits: Option<Vec<DollarLimit>>,
+    /// What each dollar limit's periods have spent, as stored.
+    pub spend: BTreeMap<SpendCounter, MicroUsd>,
+    /// The start (epoch seconds) of the key's last 5-hour window.
+    pub five_hour_start: Option<u64>,
 }
 
 impl ApiKeyRecord {
@@ -141,6 +151,9 @@ mod tests {
             allowed_origins: vec![],
             allowed_models: vec![],
             rate_window: None,
+            dollar_limits: None,
+            spend: Default::default(),
+            five_hour_start: None,
         }
     }
 

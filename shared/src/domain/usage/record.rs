@@ -8,6 +8,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::TokenUsage;
+use crate::domain::budget::BudgetCharge;
 use crate::domain::key::KeyId;
 use crate::domain::price::{Attribute, Cost, MicroUsd, PriceTable};
 
@@ -35,6 +36,8 @@ pub struct UsageRecord {
     /// What the usage cost (estimated when the usage was), and whether the
     /// model had no price of its own.
     pub cost: Cost,
+    /// The dollar limits' counters the cost is added to.
+    pub budget: BudgetCharge,
 }
 
 /// What one settlement adds to the key's, a day's or a model's counters.
@@ -236,6 +239,7 @@ mod tests {
             session_id: None,
             error_type: error_type.map(str::to_owned),
             cost: Cost::default(),
+            budget: BudgetCharge::default(),
         }
     }
 

@@ -3,7 +3,7 @@
 //! callers inside `ADMIN_ALLOWED_CIDRS` when that is set. Request and answer
 //! shapes are in `shapes`.
 
-mod shapes;
+pub(crate) mod shapes;
 
 use std::sync::Arc;
 
@@ -27,6 +27,7 @@ use super::{
 };
 use crate::admin_auth::{self, Claims};
 use crate::config::AdminConfig;
+use crate::domain::budget::BudgetPolicy;
 use crate::domain::key::{FieldError, KeyChanges};
 use crate::domain::key::{KeyId, PresentedKey};
 use crate::domain::tier::validate_tier_name;
@@ -40,6 +41,7 @@ pub struct AdminState {
     pub store: Store,
     pub secrets: Secrets,
     pub config: Arc<AdminConfig>,
+    pub budgets: Arc<BudgetPolicy>,
 }
 
 /// The admin function's whole router, with its own fallbacks.
@@ -259,7 +261,12 @@ async fn create_key(
     tracing::info!(key_id = %record.id, "API key created");
     Ok((
         StatusCode::CREATED,
-        Json(KeyView::of(&record, Some(key.expose()))),
+        Json(KeyView::of(
+            &record,
+            Some(key.expose()),
+            &state.budgets,
+            domain::now(),
+        )),
     )
         .into_response())
 }
@@ -291,7 +298,11 @@ async fn list_keys(
         .await?
         .map_err(|e| ApiError::bad_request(format!("query parameter `cursor`: {e}")))?;
     Ok(Json(KeyList {
-        data: page.keys.iter().map(|k| KeyView::of(k, None)).collect(),
+        data: page
+            .keys
+            .iter()
+            .map(|k| KeyView::of(k, None, &state.budgets, domain::now()))
+            .collect(),
         has_more: page.next_cursor.is_some(),
         next_cursor: page.next_cursor,
     }))
@@ -308,7 +319,7 @@ async fn get_key(
         .get_key(&id)
         .await?
         .ok_or_else(|| no_such_key(&raw))?;
-    Ok(Json(KeyView::of(&record, None)).into_response())
+    Ok(Json(KeyView::of(&record, None, &state.budgets, domain::now())).into_response())
 }
 
 async fn patch_key(
@@ -337,7 +348,7 @@ async fn apply_changes(
         .await?
         .ok_or_else(|| no_such_key(raw))?;
     tracing::info!(key_id = %id, "API key updated");
-    Ok(Json(KeyView::of(&record, None)).into_response())
+    Ok(Json(KeyView::of(&record, None, &state.budgets, domain::now())).into_response())
 }
 
 async fn set_active(state: &AdminState, raw: &str, active: bool) -> Result<Response, ApiError> {
@@ -378,7 +389,13 @@ async fn rotate_key(
         .await?
         .ok_or_else(|| no_such_key(&raw))?;
     tracing::info!(key_id = %id, "API key rotated");
-    Ok(Json(KeyView::of(&record, Some(key.expose()))).into_response())
+    Ok(Json(KeyView::of(
+        &record,
+        Some(key.expose()),
+        &state.budgets,
+        domain::now(),
+    ))
+    .into_response())
 }
 
 async fn delete_key(
@@ -471,7 +488,9 @@ async fn key_usage_quota(
     QueryParams(NoParams {}): QueryParams<NoParams>,
 ) -> Result<Json<super::usage::QuotaView>, ApiError> {
     let id = key_id(&raw)?;
-    super::usage::quota_view(&state.store, &id).await.map(Json)
+    super::usage::quota_view(&state.store, &state.budgets, &id)
+        .await
+        .map(Json)
 }
 
 /// `GET /admin/api-keys/{id}/batches`: the batches the key created through

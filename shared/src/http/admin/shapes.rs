@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::domain::budget::{
+    self, BudgetPolicy, DollarLimit, LimitInput, LimitStanding, standings,
+};
 use crate::domain::format_timestamp;
 use crate::domain::key::{ApiKeyRecord, FieldError, KeyChanges, NewKey, changes};
 use crate::domain::tier::Tier;
@@ -26,13 +29,85 @@ pub struct KeyView {
     pub allowed_ips: Vec<String>,
     pub allowed_origins: Vec<String>,
     pub allowed_models: Vec<String>,
+    /// The key's own dollar limits; `null`: the organisation default.
+    pub dollar_limits: Option<Vec<DollarLimitView>>,
+    /// Every dollar limit in force, with what is used and left.
+    pub budgets: Vec<BudgetView>,
     pub created_at: String,
     pub updated_at: String,
 }
 
+/// A dollar limit as set.
+#[derive(Debug, Serialize)]
+pub struct DollarLimitView {
+    pub window: &'static str,
+    /// Dollars, as a number (exact to the micro-dollar in `limit_micro_usd`).
+    pub limit_usd: f64,
+    pub limit_micro_usd: u64,
+    pub models: Option<String>,
+}
+
+impl DollarLimitView {
+    pub fn of(limit: &DollarLimit) -> DollarLimitView {
+        DollarLimitView {
+            window: limit.window.name(),
+            limit_usd: limit.limit as f64 / 1e6,
+            limit_micro_usd: limit.limit,
+            models: limit.models.clone(),
+        }
+    }
+}
+
+/// A dollar limit in force and how it stands (admin and key-holder views).
+#[derive(Debug, Serialize)]
+pub struct BudgetView {
+    #[serde(flatten)]
+    pub limit: DollarLimitView,
+    /// `key` (set on the key) or `default` (the organisation default).
+    pub source: &'static str,
+    pub used_micro_usd: u64,
+    pub remaining_micro_usd: u64,
+    /// When the current period ends; `null` for a lifetime limit or a
+    /// 5-hour window not open yet (the next request opens it).
+    pub resets_at: Option<String>,
+    /// The time zone calendar periods are counted in.
+    pub time_zone: String,
+}
+
+impl BudgetView {
+    pub fn of(standing: &LimitStanding, policy: &BudgetPolicy) -> BudgetView {
+        BudgetView {
+            limit: DollarLimitView::of(&standing.limit),
+            source: standing.source.name(),
+            used_micro_usd: standing.used,
+            remaining_micro_usd: standing.remaining(),
+            resets_at: standing.resets_at.map(format_timestamp),
+            time_zone: policy.zone.name().to_owned(),
+        }
+    }
+
+    /// Every limit in force for `record` at `now`.
+    pub fn all(
+        record: &ApiKeyRecord,
+        policy: &BudgetPolicy,
+        now: time::OffsetDateTime,
+    ) -> Vec<BudgetView> {
+        standings(record, policy, now)
+            .iter()
+            .map(|s| BudgetView::of(s, policy))
+            .collect()
+    }
+}
+
 impl KeyView {
-    /// `api_key` is set only right after creation or rotation.
-    pub fn of(record: &ApiKeyRecord, api_key: Option<String>) -> KeyView {
+    /// `api_key` is set only right after creation or rotation; `budgets`
+    /// as they stand under `policy` at `now`.
+    pub fn of(
+        record: &ApiKeyRecord,
+        api_key: Option<String>,
+        policy: &BudgetPolicy,
+        now: time::OffsetDateTime,
+    ) -> KeyView {
         KeyView {
             id: record.id.to_string(),
             api_key,
@@ -48,6 +123,11 @@ impl KeyView {
             allowed_ips: record.allowed_ips.iter().map(ToString::to_string).collect(),
             allowed_origins: record.allowed_origins.clone(),
             allowed_models: record.allowed_models.clone(),
+            dollar_limits: record
+                .dollar_limits
+                .as_ref()
+                .map(|limits| limits.iter().map(DollarLimitView::of).collect()),
+            budgets: BudgetView::all(record, policy, now),
             created_at: format_timestamp(record.created_at),
             updated_at: format_timestamp(record.updated_at),
         }
@@ -73,6 +153,36 @@ pub struct CreateKeyInput {
     pub allowed_origins: Option<Vec<String>>,
     #[serde(default)]
     pub allowed_models: Option<Vec<String>>,
+    /// Absent or `null`: the organisation default applies; `[]`: none.
+    #[serde(default)]
+    pub dollar_limits: Option<Vec<DollarLimitInput>>,
+}
+
+/// One dollar limit as the admin API takes it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DollarLimitInput {
+    pub window: String,
+    /// Dollars: a JSON number, read exactly (at most 6 decimals).
+    pub limit_usd: serde_json::Number,
+    #[serde(default)]
+    pub models: Option<String>,
+}
+
+/// Validates dollar limits given in `field`.
+pub fn validate_dollar_limits(
+    field: &str,
+    inputs: Vec<DollarLimitInput>,
+) -> Result<Vec<DollarLimit>, FieldError> {
+    let inputs = inputs
+        .into_iter()
+        .map(|input| LimitInput {
+            window: input.window,
+            limit_usd: input.limit_usd.to_string(),
+            models: input.models,
+        })
+        .collect();
+    budget::validate_limits(field, inputs)
 }
 
 /// Body of `PATCH /admin/api-keys/{id}`: absent fields stay, `null` clears
@@ -98,6 +208,9 @@ pub struct PatchKeyInput {
     pub allowed_origins: Option<Vec<String>>,
     #[serde(default)]
     pub allowed_models: Option<Vec<String>>,
+    /// `null`: back to the organisation default; `[]`: no dollar limit.
+    #[serde(default, deserialize_with = "present")]
+    pub dollar_limits: Option<Option<Vec<DollarLimitInput>>>,
 }
 
 /// Distinguishes "field absent" (outer `None`) from "field is null".
@@ -130,6 +243,10 @@ impl CreateKeyInput {
             allowed_ips: changes::validate_ips(self.allowed_ips.unwrap_or_default())?,
             allowed_origins: changes::validate_origins(self.allowed_origins.unwrap_or_default())?,
             allowed_models: changes::validate_models(self.allowed_models.unwrap_or_default())?,
+            dollar_limits: self
+                .dollar_limits
+                .map(|limits| validate_dollar_limits("dollar_limits", limits))
+                .transpose()?,
         })
     }
 }
@@ -163,6 +280,14 @@ impl PatchKeyInput {
             allowed_models: self
                 .allowed_models
                 .map(changes::validate_models)
+                .transpose()?,
+            dollar_limits: self
+                .dollar_limits
+                .map(|limits| {
+                    limits
+                        .map(|l| validate_dollar_limits("dollar_limits", l))
+                        .transpose()
+                })
                 .transpose()?,
         };
         if changes.is_empty() {

@@ -4,7 +4,7 @@
 //! rotation (`store::api_keys`), a settlement's counters and a reservation
 //! given back (`store::settlement`, `store::owned`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use time::OffsetDateTime;
@@ -16,7 +16,11 @@ use super::super::item::{
 use super::super::usage_log::KeyUsage;
 use super::{Change, GSI1PK, GSI1SK, KEYS_INDEX, api_key, created_sort_key};
 use crate::domain::admission::{AdmissionWrite, QuotaRule, RateLimit, WindowStep};
+use crate::domain::budget::{
+    BudgetCharge, DollarLimit, FIVE_HOURS, FiveHourStep, SpendCounter, Window,
+};
 use crate::domain::key::{ApiKeyRecord, KeyChanges, KeyId, SecretHash};
+use crate::domain::price::MicroUsd;
 use crate::domain::usage::Counters;
 use crate::domain::{format_timestamp, parse_timestamp};
 
@@ -53,6 +57,11 @@ impl TryFrom<&Item> for ApiKeyRecord {
             rate_window: opt_n(item, "rl_window")?
                 .map(|start| Ok::<_, StoreError>((start, get_n(item, "rl_count")?)))
                 .transpose()?,
+            dollar_limits: opt_s(item, "dollar_limits")?
+                .map(|text| decode_limits(text).ok_or_else(|| invalid(item, "dollar_limits")))
+                .transpose()?,
+            spend: spend_of(item)?,
+            five_hour_start: opt_n(item, "five_hour_start")?,
         })
     }
 }
@@ -105,7 +114,68 @@ pub(crate) fn new_key_item(record: &ApiKeyRecord) -> Item {
     item.insert("allowed_ips".into(), list(&ips));
     item.insert("allowed_origins".into(), list(&record.allowed_origins));
     item.insert("allowed_models".into(), list(&record.allowed_models));
+    if let Some(limits) = &record.dollar_limits {
+        item.insert("dollar_limits".into(), s(encode_limits(limits)));
+    }
     item
+}
+
+/// Spend counters are top-level attributes `spend|<limit id>|<period>`
+/// (`domain::budget::SpendCounter`): a settlement's `ADD` works on them
+/// whether or not they exist yet, which a nested map would not allow.
+const SPEND_PREFIX: &str = "spend|";
+
+pub(crate) fn spend_attribute(counter: &SpendCounter) -> String {
+    format!("{SPEND_PREFIX}{}|{}", counter.limit, counter.period)
+}
+
+fn spend_of(item: &Item) -> Result<BTreeMap<SpendCounter, MicroUsd>, StoreError> {
+    item.keys()
+        .filter_map(|name| {
+            let (limit, period) = name.strip_prefix(SPEND_PREFIX)?.rsplit_once('|')?;
+            Some((name, limit, period))
+        })
+        .map(|(name, limit, period)| {
+            let counter = SpendCounter {
+                limit: limit.to_owned(),
+                period: period.to_owned(),
+            };
+            Ok((counter, get_n(item, name)?))
+        })
+        .collect()
+}
+
+/// A key's dollar limits as stored: one JSON string, written only here, so
+/// the admission write can require it unchanged by comparing strings.
+pub(crate) fn encode_limits(limits: &[DollarLimit]) -> String {
+    let limits: Vec<serde_json::Value> = limits
+        .iter()
+        .map(|l| {
+            let mut value = serde_json::json!({"window": l.window.name(), "limit": l.limit});
+            if let Some(models) = &l.models {
+                value["models"] = serde_json::Value::from(models.as_str());
+            }
+            value
+        })
+        .collect();
+    serde_json::Value::from(limits).to_string()
+}
+
+fn decode_limits(text: &str) -> Option<Vec<DollarLimit>> {
+    let values: Vec<serde_json::Value> = serde_json::from_str(text).ok()?;
+    values
+        .iter()
+        .map(|v| {
+            Some(DollarLimit {
+                window: Window::parse(v.get("window")?.as_str()?)?,
+                limit: v.get("limit")?.as_u64()?,
+                models: match v.get("models") {
+                    None => None,
+                    Some(models) => Some(models.as_str()?.to_owned()),
+                },
+            })
+        })
+        .collect()
 }
 
 /// The start key resuming a key listing after the key whose listing sort
@@ -122,13 +192,22 @@ pub(crate) fn listing_start(sort_key: String, id: &KeyId) -> Item {
 pub(crate) const KEY_CHECKS: &str = "attribute_exists(pk) AND secret_hash = :h AND is_active = :t \
      AND (attribute_not_exists(expires_at) OR expires_at > :now)";
 
-/// The admission update of the key item: expression, condition, values.
+/// The admission update of the key item and its condition.
+pub(crate) struct AdmissionUpdate {
+    pub expression: String,
+    pub condition: String,
+    pub names: HashMap<String, String>,
+    pub values: Item,
+}
+
+/// The admission update of the key item: `domain::admission::decide`'s
+/// write, stated as one conditional update.
 pub(crate) fn admission_update(
     write: &AdmissionWrite,
     rate: RateLimit,
     hash: &SecretHash,
     now: OffsetDateTime,
-) -> (String, String, Item) {
+) -> AdmissionUpdate {
     let charge = &write.charge;
     let mut values = Item::from([
         (":h".to_owned(), s(hash.to_hex())),
@@ -178,8 +257,60 @@ pub(crate) fn admission_update(
             "token_limit = :tl AND tokens_used <= :ceiling".to_owned()
         }
     };
-    let condition = format!("{KEY_CHECKS} AND {quota_condition} AND {window_condition}");
-    (expression, condition, values)
+    let mut names = HashMap::new();
+    let budget_condition = budget_conditions(write, &mut expression, &mut names, &mut values);
+    let condition =
+        format!("{KEY_CHECKS} AND {quota_condition} AND {window_condition}{budget_condition}");
+    AdmissionUpdate {
+        expression,
+        condition,
+        names,
+        values,
+    }
+}
+
+/// The dollar limits' share of the admission write
+/// (`domain::budget::budget_write`): the limits as they were read, the
+/// 5-hour window, and each applicable counter below its limit.
+fn budget_conditions(
+    write: &AdmissionWrite,
+    expression: &mut String,
+    names: &mut HashMap<String, String>,
+    values: &mut Item,
+) -> String {
+    let budget = &write.budget;
+    let mut condition = match &budget.guard {
+        Some(limits) => {
+            values.insert(":dl".into(), s(encode_limits(limits)));
+            " AND dollar_limits = :dl".to_owned()
+        }
+        None => " AND attribute_not_exists(dollar_limits)".to_owned(),
+    };
+    match budget.five_hour {
+        Some(FiveHourStep::Same(start)) => {
+            values.insert(":fs".into(), n(start));
+            condition.push_str(" AND five_hour_start = :fs");
+        }
+        Some(FiveHourStep::Open(start)) => {
+            values.insert(":fs".into(), n(start));
+            values.insert(":fs_closed".into(), n(start.saturating_sub(FIVE_HOURS)));
+            expression.push_str(", five_hour_start = :fs");
+            condition.push_str(
+                " AND (attribute_not_exists(five_hour_start) OR five_hour_start <= :fs_closed)",
+            );
+        }
+        None => {}
+    }
+    // `domain::budget::LimitStanding::spent`, stated on the stored counter:
+    // room left admits.
+    for (i, (counter, limit)) in budget.checks.iter().enumerate() {
+        names.insert(format!("#sc{i}"), spend_attribute(counter));
+        values.insert(format!(":sl{i}"), n(*limit));
+        condition.push_str(&format!(
+            " AND (attribute_not_exists(#sc{i}) OR #sc{i} < :sl{i})"
+        ));
+    }
+    condition
 }
 
 /// Filter of a key listing: only keys whose `is_active` is `:a`.
@@ -232,6 +363,11 @@ pub(crate) fn patch(changes: &KeyChanges, now: OffsetDateTime) -> Change {
         Some(None) => removes.push("expires_at"),
         None => {}
     }
+    match &changes.dollar_limits {
+        Some(Some(limits)) => set("dollar_limits", s(encode_limits(limits))),
+        Some(None) => removes.push("dollar_limits"),
+        None => {}
+    }
     let mut expression = format!("SET {}", sets.join(", "));
     if !removes.is_empty() {
         for name in &removes {
@@ -266,20 +402,56 @@ pub(crate) fn settlement(
     counters: &Counters,
     tokens_used: i64,
     tokens_reserved: Option<i64>,
+    spend: &KeySpend<'_>,
     at: OffsetDateTime,
 ) -> Change {
     let mut extra = vec![("tokens_used", tokens_used)];
     extra.extend(tokens_reserved.map(|reserved| ("tokens_reserved", reserved)));
-    let (expression, mut values) = super::usage::counters_update(
-        counters,
-        &extra,
-        "last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)",
-    );
+    // The counters' `ADD` clause, which the spend counters join, then the rest.
+    let (mut expression, mut values) = super::usage::counters_update(counters, &extra, "");
     values.insert(":at".into(), s(format_timestamp(at)));
+    let mut names = HashMap::new();
+    for (i, (counter, cost)) in spend.add.iter().enumerate() {
+        names.insert(format!("#sa{i}"), spend_attribute(counter));
+        values.insert(format!(":sa{i}"), n(*cost));
+        expression.push_str(&format!(", #sa{i} :sa{i}"));
+    }
+    expression
+        .push_str(" SET last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)");
+    let drops: Vec<String> = spend
+        .drop
+        .iter()
+        .enumerate()
+        .map(|(i, counter)| {
+            names.insert(format!("#sd{i}"), spend_attribute(counter));
+            format!("#sd{i}")
+        })
+        .collect();
+    if !drops.is_empty() {
+        expression.push_str(&format!(" REMOVE {}", drops.join(", ")));
+    }
     Change {
         expression,
-        names: None,
+        names: (!names.is_empty()).then_some(names),
         values,
+    }
+}
+
+/// What a settlement adds to a key's spend counters (micro-dollars per
+/// counter) and which ended periods' counters it drops.
+#[derive(Debug, Default)]
+pub(crate) struct KeySpend<'a> {
+    pub add: Vec<(&'a SpendCounter, MicroUsd)>,
+    pub drop: &'a [SpendCounter],
+}
+
+impl<'a> KeySpend<'a> {
+    /// One request's cost added to each counter of its `charge`.
+    pub(crate) fn of(charge: &'a BudgetCharge, cost: MicroUsd) -> KeySpend<'a> {
+        KeySpend {
+            add: charge.add_to.iter().map(|c| (c, cost)).collect(),
+            drop: &charge.drop,
+        }
     }
 }
 
@@ -311,12 +483,21 @@ pub(crate) fn id_and_name(item: &Item) -> Result<(String, String), StoreError> {
 mod tests {
     use super::*;
     use crate::domain::admission::Charge;
+    use crate::domain::budget::BudgetWrite;
     use crate::domain::key::PresentedKey;
 
     fn number(values: &Item, name: &str) -> String {
         match &values[name] {
             AttributeValue::N(n) => n.clone(),
             other => panic!("{other:?}"),
+        }
+    }
+
+    fn no_budget() -> BudgetWrite {
+        BudgetWrite {
+            guard: None,
+            five_hour: None,
+            checks: vec![],
         }
     }
 
@@ -339,8 +520,14 @@ mod tests {
         let write = AdmissionWrite {
             step: WindowStep::Same(60),
             charge,
+            budget: no_budget(),
         };
-        let (expression, condition, values) = admission_update(&write, RATE, &hash, now);
+        let AdmissionUpdate {
+            expression,
+            condition,
+            values,
+            ..
+        } = admission_update(&write, RATE, &hash, now);
         assert!(expression.contains("ADD tokens_used :r, tokens_reserved :r"));
         assert!(condition.contains("token_limit = :tl AND tokens_used <= :ceiling"));
         assert_eq!(number(&values, ":ceiling"), "600");
@@ -359,15 +546,21 @@ mod tests {
                     tokens: 500,
                 },
             },
+            budget: no_budget(),
         };
-        let (_, _, values) = admission_update(&too_big, RATE, &hash, now);
+        let values = admission_update(&too_big, RATE, &hash, now).values;
         assert_eq!(number(&values, ":ceiling"), "-400");
         // Messages reserve nothing and need only some quota left.
         let message = AdmissionWrite {
             step: WindowStep::New(60),
             charge: Charge::MESSAGE,
+            budget: no_budget(),
         };
-        let (expression, condition, _) = admission_update(&message, RATE, &hash, now);
+        let AdmissionUpdate {
+            expression,
+            condition,
+            ..
+        } = admission_update(&message, RATE, &hash, now);
         assert!(!expression.contains("ADD"));
         assert!(condition.contains("tokens_used < token_limit"));
     }

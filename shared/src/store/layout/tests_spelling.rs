@@ -12,6 +12,7 @@ use super::{
     ITEM_ABSENT, ITEM_EXISTS, TTL_ATTRIBUTE, api_key, day, login, owned, tier, usage,
 };
 use crate::domain::admission::{AdmissionWrite, Charge, QuotaRule, RateLimit, WindowStep};
+use crate::domain::budget::{BudgetWrite, FiveHourStep};
 use crate::domain::key::{ApiKeyRecord, KeyChanges, KeyId, PresentedKey};
 use crate::domain::tier::Tier;
 use crate::domain::usage::{Counters, UsageRecord};
@@ -85,6 +86,9 @@ fn layout_attributes() -> BTreeSet<String> {
         allowed_origins: Vec::new(),
         allowed_models: Vec::new(),
         rate_window: None,
+        dollar_limits: Some(Vec::new()),
+        spend: Default::default(),
+        five_hour_start: None,
     };
     let usage_record = UsageRecord {
         request_id: "r".into(),
@@ -105,6 +109,7 @@ fn layout_attributes() -> BTreeSet<String> {
         session_id: Some("s".into()),
         error_type: Some("e".into()),
         cost: Default::default(),
+        budget: Default::default(),
     };
     let batch = BatchRecord {
         batch_id: "b".into(),
@@ -160,12 +165,13 @@ fn layout_attributes() -> BTreeSet<String> {
         allowed_ips: Some(Vec::new()),
         allowed_origins: Some(Vec::new()),
         allowed_models: Some(Vec::new()),
+        dollar_limits: Some(None),
     };
     let day_item = day(&key, "2026-01-02");
     let changes = [
         api_key::patch(&every_change, at),
         api_key::rotation(&PresentedKey::generate().hash(), at),
-        api_key::settlement(&counters, 1, Some(-1), at),
+        api_key::settlement(&counters, 1, Some(-1), &api_key::KeySpend::default(), at),
         api_key::reservation_release(1),
         usage::day_settlement(&key, &day_item, "2026-01-02", &counters, at),
         usage::model_settlement("m", &counters, at),
@@ -178,7 +184,22 @@ fn layout_attributes() -> BTreeSet<String> {
         period: 1,
     };
     let hash = PresentedKey::generate().hash();
-    for step in [WindowStep::Same(1), WindowStep::New(1)] {
+    let budgets = [
+        BudgetWrite {
+            guard: None,
+            five_hour: Some(FiveHourStep::Same(1)),
+            checks: Vec::new(),
+        },
+        BudgetWrite {
+            guard: Some(Vec::new()),
+            five_hour: Some(FiveHourStep::Open(1)),
+            checks: Vec::new(),
+        },
+    ];
+    for (step, budget) in [WindowStep::Same(1), WindowStep::New(1)]
+        .into_iter()
+        .zip(budgets)
+    {
         for quota in [
             QuotaRule::AnyLeft,
             QuotaRule::Reserve {
@@ -191,10 +212,14 @@ fn layout_attributes() -> BTreeSet<String> {
             },
         ] {
             let charge = Charge { requests: 1, quota };
-            let write = AdmissionWrite { step, charge };
-            let (expression, condition, _) = api_key::admission_update(&write, rate, &hash, at);
-            names.extend(expression_attributes(&expression));
-            names.extend(expression_attributes(&condition));
+            let write = AdmissionWrite {
+                step,
+                charge,
+                budget: budget.clone(),
+            };
+            let update = api_key::admission_update(&write, rate, &hash, at);
+            names.extend(expression_attributes(&update.expression));
+            names.extend(expression_attributes(&update.condition));
         }
     }
 
