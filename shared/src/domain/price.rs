@@ -131,6 +131,11 @@ pub struct Cost {
     pub micro_usd: MicroUsd,
     /// The model matched no entry: charged the fallback prices.
     pub unpriced: bool,
+    /// What prompt caching saved: the cost of the same usage with every
+    /// cache token (reads and writes of either TTL) priced as plain input,
+    /// in the same band with the same multipliers, minus `micro_usd`.
+    /// Negative when cache writes cost more than their reads saved.
+    pub saved_micro_usd: i64,
 }
 
 impl PriceTable {
@@ -181,11 +186,28 @@ impl PriceTable {
             .iter()
             .filter(|m| attributes.contains(&m.attribute))
             .collect();
+        let micro_usd = cost_of(usage, &prices, &multipliers);
+        let uncached = cost_of(&without_cache(usage), &prices, &multipliers);
         Cost {
-            micro_usd: cost_of(usage, &prices, &multipliers),
+            micro_usd,
             unpriced,
+            saved_micro_usd: signed(uncached) - signed(micro_usd),
         }
     }
+}
+
+/// The same usage had nothing been cached: every prompt token plain input.
+/// Its prompt is as long, so it falls in the same band.
+fn without_cache(usage: &TokenUsage) -> TokenUsage {
+    TokenUsage {
+        input_tokens: prompt_tokens(usage),
+        output_tokens: usage.output_tokens,
+        ..TokenUsage::default()
+    }
+}
+
+fn signed(micro_usd: MicroUsd) -> i64 {
+    i64::try_from(micro_usd).unwrap_or(i64::MAX)
 }
 
 impl PriceEntry {
@@ -497,7 +519,8 @@ mod tests {
             table.cost(Some("mystery-model"), &u, &[], NOW),
             Cost {
                 micro_usd: 15_000_000,
-                unpriced: true
+                unpriced: true,
+                saved_micro_usd: 0,
             }
         );
         assert_eq!(table.cost(None, &u, &[], NOW).micro_usd, 15_000_000);
@@ -529,5 +552,62 @@ mod tests {
             priced(table.cost(Some("claude-haiku-4-5"), &usage(1, 0, 0, 0, 4), &[], NOW)),
             1
         );
+    }
+
+    #[test]
+    fn caching_saves_the_price_of_plain_input_less_what_the_cache_cost() {
+        let table = default_table();
+        // Sonnet 4.5: $3 in, $15 out, $3.75 5m write, $6 1h write, $0.30 read.
+        // input 1000, read 50,000, 5m write 2000, 1h write 1000, output 300:
+        // real: 1000 × 3 + 50000 × 0.30 + 2000 × 3.75 + 1000 × 6 + 300 × 15
+        //     = 3000 + 15000 + 7500 + 6000 + 4500 = 36,000 µ$;
+        // uncached: (1000 + 50000 + 2000 + 1000) × 3 + 300 × 15
+        //     = 162,000 + 4500 = 166,500 µ$; saved 166,500 − 36,000 = 130,500.
+        let cost = table.cost(
+            Some("claude-sonnet-4-5-20250929"),
+            &usage(1000, 300, 2000, 1000, 50_000),
+            &[],
+            NOW,
+        );
+        assert_eq!((priced(cost), cost.saved_micro_usd), (36_000, 130_500));
+    }
+
+    #[test]
+    fn cache_writes_without_reads_save_a_negative_amount() {
+        let table = default_table();
+        // Sonnet 4.5, 10,000 written for 1 h and never read, 100 in:
+        // real 100 × 3 + 10000 × 6 = 300 + 60,000 = 60,300 µ$;
+        // uncached 10,100 × 3 = 30,300 µ$; saved 30,300 − 60,300 = −30,000.
+        let cost = table.cost(
+            Some("claude-sonnet-4-5"),
+            &usage(100, 0, 0, 10_000, 0),
+            &[],
+            NOW,
+        );
+        assert_eq!((priced(cost), cost.saved_micro_usd), (60_300, -30_000));
+        // No cache tokens, nothing saved or lost.
+        let plain = table.cost(
+            Some("claude-sonnet-4-5"),
+            &usage(100, 50, 0, 0, 0),
+            &[],
+            NOW,
+        );
+        assert_eq!(plain.saved_micro_usd, 0);
+    }
+
+    #[test]
+    fn savings_use_the_same_band_and_multipliers_as_the_cost() {
+        let table = default_table();
+        // Haiku 5.5 over 100K prompt tokens (high band: $0.50 in, $0.05
+        // read, $2.50 out), a batch (input and output halved, reads not):
+        // real: 1000 × 0.50 × 0.5 + 150,000 × 0.05 + 0 = 250 + 7500 = 7750 µ$;
+        // uncached: 151,000 × 0.50 × 0.5 = 37,750 µ$; saved 30,000.
+        let cost = table.cost(
+            Some("claude-haiku-5-5"),
+            &usage(1000, 0, 0, 0, 150_000),
+            &[Attribute::Batch],
+            NOW,
+        );
+        assert_eq!((priced(cost), cost.saved_micro_usd), (7_750, 30_000));
     }
 }

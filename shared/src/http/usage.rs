@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use time::{Date, Duration as TimeDuration, OffsetDateTime, Time};
 
 use super::key_holder::{Caller, authenticate, presented_key};
-use super::{ClientIp, NoParams, QueryParams, not_found};
+use super::{ClientIp, NoParams, Page, PageParams, QueryParams, not_found, unknown_page_anchor};
 use crate::domain::admission::window_in_force;
 use crate::domain::budget::BudgetPolicy;
 use crate::domain::day_of;
@@ -43,6 +43,7 @@ pub fn routes(state: UsageApiState) -> Router {
         .route("/api/usage/daily", get(daily))
         .route("/api/usage/logs", get(logs))
         .route("/api/usage/quota", get(quota))
+        .route("/api/usage/sessions", get(sessions))
         .route("/api/usage/", any(not_found))
         .route("/api/usage/{*rest}", any(not_found))
         .method_not_allowed_fallback(super::method_not_allowed)
@@ -103,6 +104,14 @@ async fn quota(
         .map(Json)
 }
 
+async fn sessions(
+    State(state): State<UsageApiState>,
+    KeyHolder(key): KeyHolder,
+    QueryParams(params): QueryParams<PageParams>,
+) -> Result<Json<Page<SessionTotals>>, ApiError> {
+    sessions_view(&state.store, &key.id, &params).await
+}
+
 /// A set of counters as every usage view shows them.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct TotalsView {
@@ -111,10 +120,19 @@ pub struct TotalsView {
     pub output_tokens: u64,
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
+    /// Cache writes by TTL, as the answers split them.
+    pub cache_creation_5m_input_tokens: u64,
+    pub cache_creation_1h_input_tokens: u64,
     /// All four token counts together.
     pub tokens: u64,
     /// What they cost, in millionths of a dollar.
     pub cost_micro_usd: u64,
+    /// What prompt caching saved against the same traffic uncached, in
+    /// millionths of a dollar; negative when it cost more.
+    pub cache_saved_micro_usd: i64,
+    /// `cache_read / (input + cache_creation + cache_read)`; null with no
+    /// prompt tokens.
+    pub cache_hit_ratio: Option<f64>,
     pub estimated_requests: u64,
     pub error_requests: u64,
 }
@@ -127,8 +145,12 @@ impl From<&UsageTotals> for TotalsView {
             output_tokens: totals.output_tokens,
             cache_creation_input_tokens: totals.cache_creation_input_tokens,
             cache_read_input_tokens: totals.cache_read_input_tokens,
+            cache_creation_5m_input_tokens: totals.cache_creation_5m_input_tokens,
+            cache_creation_1h_input_tokens: totals.cache_creation_1h_input_tokens,
             tokens: totals.tokens(),
             cost_micro_usd: totals.cost_micro_usd,
+            cache_saved_micro_usd: totals.cache_saved_micro_usd,
+            cache_hit_ratio: totals.cache_hit_ratio(),
             estimated_requests: totals.estimated_requests,
             error_requests: totals.error_requests,
         }
@@ -163,6 +185,16 @@ pub struct SummaryView {
 #[derive(Debug, Serialize)]
 pub struct DayTotals {
     pub date: String,
+    #[serde(flatten)]
+    pub totals: TotalsView,
+}
+
+/// One Claude Code session's row (`x-claude-code-session-id`).
+#[derive(Debug, Serialize)]
+pub struct SessionTotals {
+    pub session_id: String,
+    pub first_used_at: String,
+    pub last_used_at: String,
     #[serde(flatten)]
     pub totals: TotalsView,
 }
@@ -325,6 +357,33 @@ pub async fn daily_view(
         days,
         data: rows,
     })
+}
+
+/// `GET /api/usage/sessions`: the key's Claude Code sessions, most
+/// recently used first, paged as Anthropic's lists are (`limit`,
+/// `after_id` / `before_id` naming a session id).
+pub async fn sessions_view(
+    store: &Store,
+    id: &KeyId,
+    params: &PageParams,
+) -> Result<Json<Page<SessionTotals>>, ApiError> {
+    let (limit, from) = params.page()?;
+    let page = store
+        .sessions(id, from, limit)
+        .await?
+        .ok_or_else(unknown_page_anchor)?;
+    let ids: Vec<&str> = page.items.iter().map(|s| s.session_id.as_str()).collect();
+    let data = page
+        .items
+        .iter()
+        .map(|s| SessionTotals {
+            session_id: s.session_id.clone(),
+            first_used_at: s.first_used_at.clone(),
+            last_used_at: s.last_used_at.clone(),
+            totals: (&s.totals).into(),
+        })
+        .collect();
+    Ok(super::page_json(data, &ids, page.has_more))
 }
 
 #[derive(Debug, Deserialize)]

@@ -64,6 +64,17 @@ pub(crate) fn get_n(item: &Item, name: &str) -> Result<u64, StoreError> {
     opt_n(item, name).map(Option::unwrap_or_default)
 }
 
+/// A signed number (a counter that may go below zero); 0 when absent.
+pub(crate) fn get_signed(item: &Item, name: &str) -> Result<i64, StoreError> {
+    match item.get(name) {
+        None | Some(AttributeValue::Null(_)) => Ok(0),
+        Some(AttributeValue::N(value)) => value
+            .parse()
+            .map_err(|_| corrupt(item, name, "is not an integer")),
+        Some(_) => Err(corrupt(item, name, "is not a number")),
+    }
+}
+
 pub(crate) fn get_bool(item: &Item, name: &str) -> Result<bool, StoreError> {
     match item.get(name) {
         Some(AttributeValue::Bool(value)) => Ok(*value),

@@ -331,9 +331,9 @@ impl Store {
         .await
     }
 
-    /// A page of owned records of one kind, converted from their items;
-    /// `None` when the page's anchor id is not one of the key's.
-    async fn owned_records<T>(
+    /// A page of owned records of one kind (or sessions), converted from
+    /// their items; `None` when the page's anchor id is not one of the key's.
+    pub(super) async fn owned_records<T>(
         &self,
         partition: String,
         item_of: impl Fn(&str) -> layout::ItemKey,
@@ -535,8 +535,7 @@ impl Store {
             if index < 90 {
                 models.push((model.to_owned(), counters));
             } else if let Some((_, last)) = models.last_mut() {
-                last.requests += counters.requests;
-                last.usage += counters.usage;
+                *last += counters;
             }
         }
         for (model, counters) in &models {

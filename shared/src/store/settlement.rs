@@ -1,6 +1,7 @@
 //! The proxy's settlement: one idempotent transaction recording the usage
-//! log, the key's counters and the aggregates of each relayed request (the
-//! items and updates it writes: `layout::usage`, `layout::api_key`).
+//! log, the key's counters and the aggregates of each relayed request (day,
+//! model, and Claude Code session when it names one; the items and updates
+//! it writes: `layout::usage`, `layout::api_key`).
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use time::OffsetDateTime;
 use super::{Store, StoreError, conflict_pause, layout, transact_put, transact_update};
 use crate::domain::day_of;
 use crate::domain::key::KeyId;
-use crate::domain::usage::{Counters, UsageRecord};
+use crate::domain::usage::{Counters, SessionId, UsageRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {
@@ -26,7 +27,8 @@ impl Store {
     /// Records one request exactly once: the usage-log item (whose absence
     /// is the transaction's condition, so a repeated settle counts nothing
     /// and answers `AlreadyRecorded`),
-    /// the key's counters, the day's and the model's aggregates, in one
+    /// the key's counters, the day's and the model's aggregates, and the
+    /// session's when the request named a valid one (`SessionId`), in one
     /// transaction. Retries transaction conflicts itself.
     pub async fn settle(
         &self,
@@ -79,6 +81,19 @@ impl Store {
         items.push(self.day_counters_update(&record.key_id, &counters, record.at)?);
         let model = record.model.as_deref().unwrap_or("unknown");
         items.push(self.model_counters_update(&record.key_id, model, &counters, record.at)?);
+        // A session id that may not be a key is ignored: the log row still
+        // carries what the client sent.
+        if let Some(session) = record.session_id.as_deref().and_then(SessionId::parse) {
+            let change = layout::usage::session_settlement(
+                &record.key_id,
+                &session,
+                &counters,
+                record.at,
+                expires,
+            );
+            let item = layout::session(&record.key_id, session.as_str());
+            items.push(transact_update(self.counters_item_update(item, change))?);
+        }
         Ok(items)
     }
 

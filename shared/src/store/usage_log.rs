@@ -9,10 +9,11 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde::Serialize;
 
 use super::item::{Item, get_s, s};
+use super::owned::{OwnedPage, PageFrom};
 use super::{GSI1, Store, StoreError, classify, layout, query_all};
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
-use crate::domain::usage::UsageTotals;
+use crate::domain::usage::{SessionId, UsageTotals};
 
 /// A key with everything settled against it.
 #[derive(Debug, Clone)]
@@ -57,8 +58,20 @@ pub struct LogRow {
     /// What the row's usage cost, in millionths of a dollar (0 on rows
     /// recorded before prices existed).
     pub cost_micro_usd: u64,
+    /// What caching saved against the same usage uncached, in millionths
+    /// of a dollar; negative when it cost more (0 on older rows).
+    pub cache_saved_micro_usd: i64,
     /// The model had no price of its own: charged the fallback.
     pub unpriced: bool,
+}
+
+/// One Claude Code session's usage under a key.
+#[derive(Debug, Clone)]
+pub struct SessionUsage {
+    pub session_id: String,
+    pub first_used_at: String,
+    pub last_used_at: String,
+    pub totals: UsageTotals,
 }
 
 /// Which logs to read: newest first, within `[from, to]` (RFC 3339 UTC
@@ -233,6 +246,32 @@ impl Store {
             None
         };
         Ok(Ok((rows.into_iter().map(|(_, row)| row).collect(), next)))
+    }
+
+    /// A page of the key's Claude Code sessions, most recently used first
+    /// (through the index settlement keeps by last use); `None` when the
+    /// page's anchor is not one of the key's sessions. A session used again
+    /// between two pages moves to the front.
+    pub async fn sessions(
+        &self,
+        id: &KeyId,
+        from: PageFrom<'_>,
+        limit: usize,
+    ) -> Result<Option<OwnedPage<SessionUsage>>, StoreError> {
+        let anchor = match from {
+            PageFrom::After(session) | PageFrom::Before(session) => SessionId::parse(session),
+            PageFrom::Newest => None,
+        };
+        if anchor.is_none() && !matches!(from, PageFrom::Newest) {
+            return Ok(None);
+        }
+        self.owned_records(
+            layout::sessions_index(id),
+            |session| layout::session(id, session),
+            from,
+            limit,
+        )
+        .await
     }
 
     /// Every key's aggregate for one day (`yyyy-mm-dd`), through the index

@@ -110,16 +110,25 @@ fn count(value: &Value, field: &str) -> u64 {
 /// Sends one message through the relay as `key`, reads the answer to its
 /// end, and returns the relay's request id.
 async fn send(app: &TestApp, key: &str, call: &Call) -> String {
+    send_in_session(app, key, call, None).await
+}
+
+/// [`send`], naming a Claude Code session (`x-claude-code-session-id`).
+async fn send_in_session(app: &TestApp, key: &str, call: &Call, session: Option<&str>) -> String {
     app.upstream.push(Behavior::Message(MessageSpec {
         usage: call.usage,
         ..MessageSpec::default()
     }));
-    let response = app
+    let mut request = app
         .http
         .post(app.url("/v1/messages"))
         .header("x-api-key", key)
         .header("anthropic-version", "2023-06-01")
-        .header("user-agent", USER_AGENT)
+        .header("user-agent", USER_AGENT);
+    if let Some(session) = session {
+        request = request.header("x-claude-code-session-id", session);
+    }
+    let response = request
         .json(&json!({
             "model": call.model,
             "max_tokens": 64,
@@ -1541,4 +1550,162 @@ async fn unpriced_models_are_refused_before_forwarding_when_the_relay_says_so() 
     assert!(app.upstream.requests().is_empty(), "nothing was forwarded");
     send(&app, &key, &call(HAIKU, false, Usage::new(10, 5, 0, 0))).await;
     assert_eq!(app.upstream.requests().len(), 1);
+}
+
+/// The cache-efficiency figures of one totals row: cost, saved, 5-minute
+/// and 1-hour writes, hit ratio.
+fn efficiency(row: &Value) -> (u64, i64, u64, u64, Option<f64>) {
+    (
+        count(row, "cost_micro_usd"),
+        row["cache_saved_micro_usd"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("`cache_saved_micro_usd` in {row}")),
+        count(row, "cache_creation_5m_input_tokens"),
+        count(row, "cache_creation_1h_input_tokens"),
+        row["cache_hit_ratio"].as_f64(),
+    )
+}
+
+/// A mixed day of traffic: two Claude Code sessions, a request without
+/// one, and one whose session id may not be a key. Every view's cost,
+/// savings against no caching (negative for a write never read), writes
+/// by TTL and hit ratio equal the hand-computed figures.
+#[tokio::test]
+async fn cache_efficiency_per_key_day_and_session_equals_the_hand_computed_figures() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app.new_key().await.unwrap();
+    let usage = |input, output, write_5m, write_1h, read| Usage {
+        input_tokens: input,
+        output_tokens: output,
+        cache_creation_input_tokens: write_5m + write_1h,
+        cache_read_input_tokens: read,
+        cache_5m: write_5m,
+        cache_1h: write_1h,
+    };
+    // Sonnet 4.5 per million: $3 in, $15 out, $3.75 5m write, $6 1h write,
+    // $0.30 read. Haiku 4.5: $1 in, $5 out, $1.25, $2, $0.10.
+    // Saved = (every prompt token at the input price + output) − cost.
+    //
+    // A1 (sess-a), Sonnet, in 1000, out 300, 5m 2000, 1h 1000, read 50,000:
+    //   cost 3000 + 4500 + 7500 + 6000 + 15,000 = 36,000
+    //   uncached 54,000 × 3 + 4500 = 166,500; saved 130,500
+    let a1 = call(SONNET, true, usage(1000, 300, 2000, 1000, 50_000));
+    // B1 (sess-b), Haiku, in 200, out 100, 1h 8000, never read:
+    //   cost 200 + 500 + 16,000 = 16,700
+    //   uncached 8200 × 1 + 500 = 8700; saved 8700 − 16,700 = −8000
+    let b1 = call(HAIKU, false, usage(200, 100, 0, 8000, 0));
+    // A2 (sess-a), Sonnet, in 500, out 200, read 53,000:
+    //   cost 1500 + 3000 + 15,900 = 20,400
+    //   uncached 53,500 × 3 + 3000 = 163,500; saved 143,100
+    let a2 = call(SONNET, false, usage(500, 200, 0, 0, 53_000));
+    // N1 (no session), Sonnet, in 2000, out 100: cost 6000 + 1500 = 7500,
+    // saved 0.
+    let n1 = call(SONNET, false, usage(2000, 100, 0, 0, 0));
+    // N2 (a session id that may not be a key), Haiku, in 100, out 10,
+    // 5m 4000, read 4000:
+    //   cost 100 + 50 + 5000 + 400 = 5550
+    //   uncached 8100 × 1 + 50 = 8150; saved 2600
+    let n2 = call(HAIKU, true, usage(100, 10, 4000, 0, 4000));
+    send_in_session(&app, &key, &a1, Some("sess-a")).await;
+    send_in_session(&app, &key, &b1, Some("sess-b")).await;
+    send_in_session(&app, &key, &a2, Some("sess-a")).await;
+    send(&app, &key, &n1).await;
+    send_in_session(&app, &key, &n2, Some("not a key#SESSION")).await;
+    app.wait_for_logs(&id, 5).await.unwrap();
+
+    // The key and the day: cost 36,000 + 16,700 + 20,400 + 7500 + 5550
+    // = 86,150; saved 130,500 − 8000 + 143,100 + 0 + 2600 = 268,200;
+    // 5m 2000 + 4000 = 6000; 1h 1000 + 8000 = 9000; hit ratio
+    // reads 107,000 / (input 3800 + writes 15,000 + reads 107,000).
+    let whole_day = (86_150, 268_200, 6000, 9000, Some(107_000.0 / 125_800.0));
+    let summary = key_get(&app, &key, "/api/usage").await.ok();
+    assert_eq!(efficiency(&summary), whole_day, "{summary}");
+    let daily = key_get(&app, &key, "/api/usage/daily?days=1").await.ok();
+    assert_eq!(efficiency(&daily["data"][0]), whole_day, "{daily}");
+    // Per model: Sonnet 36,000 + 20,400 + 7500 = 63,900, saved 273,600,
+    // reads 103,000 / (3500 + 3000 + 103,000); Haiku 16,700 + 5550 =
+    // 22,250, saved −8000 + 2600 = −5400, reads 4000 / (300 + 12,000 + 4000).
+    let by_model: Vec<(String, _)> = summary["by_model"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row["model"].as_str().unwrap().to_owned(), efficiency(row)))
+        .collect();
+    assert_eq!(
+        by_model,
+        [
+            (
+                SONNET.to_owned(),
+                (63_900, 273_600, 2000, 1000, Some(103_000.0 / 109_500.0))
+            ),
+            (
+                HAIKU.to_owned(),
+                (22_250, -5400, 4000, 8000, Some(4000.0 / 16_300.0))
+            ),
+        ]
+    );
+    // The log rows carry each request's savings.
+    let logs = key_get(&app, &key, "/api/usage/logs").await.ok();
+    let mut saved: Vec<i64> = data(&logs)
+        .iter()
+        .map(|row| row["cache_saved_micro_usd"].as_i64().unwrap())
+        .collect();
+    saved.sort();
+    assert_eq!(saved, [-8000, 0, 2600, 130_500, 143_100]);
+
+    // Sessions, most recently used first (A2 came after B1); N1 and N2 in
+    // none. sess-a: cost 56,400, saved 273,600, 5m 2000, 1h 1000, reads
+    // 103,000 / (1500 + 3000 + 103,000). sess-b: cost 16,700, saved −8000,
+    // 1h 8000, reads 0 / 8200.
+    let session_a = (56_400, 273_600, 2000, 1000, Some(103_000.0 / 107_500.0));
+    let session_b = (16_700, -8000, 0, 8000, Some(0.0));
+    let sessions = key_get(&app, &key, "/api/usage/sessions").await.ok();
+    let rows: Vec<(&str, _)> = data(&sessions)
+        .iter()
+        .map(|row| (row["session_id"].as_str().unwrap(), efficiency(row)))
+        .collect();
+    assert_eq!(rows, [("sess-a", session_a), ("sess-b", session_b)]);
+    assert_eq!(sessions["has_more"], false);
+    assert_eq!(count(&data(&sessions)[0], "requests"), 2);
+    let first = &data(&sessions)[0];
+    assert!(
+        first["first_used_at"].as_str().unwrap() < first["last_used_at"].as_str().unwrap(),
+        "{first}"
+    );
+
+    // Paged one at a time, then the admin's view of the same key.
+    let page = key_get(&app, &key, "/api/usage/sessions?limit=1")
+        .await
+        .ok();
+    assert_eq!(
+        (&page["first_id"], &page["last_id"], &page["has_more"]),
+        (&json!("sess-a"), &json!("sess-a"), &json!(true))
+    );
+    let next = key_get(&app, &key, "/api/usage/sessions?limit=1&after_id=sess-a")
+        .await
+        .ok();
+    assert_eq!(
+        (&next["first_id"], &next["has_more"]),
+        (&json!("sess-b"), &json!(false))
+    );
+    key_get(&app, &key, "/api/usage/sessions?after_id=no%20such")
+        .await
+        .error(400, "invalid_request_error", "after_id");
+    let token = app.admin_token().await.unwrap();
+    let admin = admin_get(
+        &app,
+        &token,
+        &format!("/admin/api-keys/{id}/usage/sessions"),
+    )
+    .await
+    .ok();
+    assert_eq!(admin, sessions);
+
+    // Another key sees none of these sessions.
+    let (_, other) = app.new_key().await.unwrap();
+    let theirs = key_get(&app, &other, "/api/usage/sessions").await.ok();
+    assert_eq!(data(&theirs).len(), 0);
+    key_get(&app, &other, "/api/usage/sessions?after_id=sess-a")
+        .await
+        .error(400, "invalid_request_error", "after_id");
 }

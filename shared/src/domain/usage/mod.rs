@@ -1,14 +1,17 @@
 //! Token usage: the arithmetic (here), reading it from answers as they pass
 //! (`sse`: the incremental SSE parser and the JSON extractor), estimating
-//! what a cut answer did not report (`estimate`), and what a request's
-//! usage record holds (`record`).
+//! what a cut answer did not report (`estimate`), what a request's usage
+//! record holds (`record`), and the Claude Code session it names
+//! (`session`).
 
 mod estimate;
 mod record;
+mod session;
 mod sse;
 
 pub use estimate::{complete_with_estimate, estimate_tokens, request_text};
 pub use record::{BatchTally, Counters, PricedBatch, UsageRecord, UsageTotals};
+pub use session::{MAX_SESSION_ID, SessionId};
 pub use sse::{AnswerUsage, SseUsageParser, usage_from_json};
 
 /// Tokens of one request, by type. Quotas count their sum; logs and

@@ -46,8 +46,22 @@ pub struct Counters {
     pub requests: u64,
     pub usage: TokenUsage,
     pub cost_micro_usd: MicroUsd,
+    /// What caching saved against the same traffic uncached (negative:
+    /// it cost more).
+    pub cache_saved_micro_usd: i64,
     pub estimated_requests: u64,
     pub error_requests: u64,
+}
+
+impl std::ops::AddAssign for Counters {
+    fn add_assign(&mut self, other: Counters) {
+        self.requests += other.requests;
+        self.usage += other.usage;
+        self.cost_micro_usd += other.cost_micro_usd;
+        self.cache_saved_micro_usd += other.cache_saved_micro_usd;
+        self.estimated_requests += other.estimated_requests;
+        self.error_requests += other.error_requests;
+    }
 }
 
 impl Counters {
@@ -59,6 +73,7 @@ impl Counters {
             requests: 1,
             usage: record.usage,
             cost_micro_usd: record.cost.micro_usd,
+            cache_saved_micro_usd: record.cost.saved_micro_usd,
             estimated_requests: u64::from(record.estimated),
             error_requests: u64::from(record.error_type.is_some() || record.status >= 400),
         }
@@ -74,21 +89,37 @@ pub struct UsageTotals {
     pub output_tokens: u64,
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
+    /// Cache writes by TTL, as the answers split them (writes an answer
+    /// did not split are in `cache_creation_input_tokens` only).
+    pub cache_creation_5m_input_tokens: u64,
+    pub cache_creation_1h_input_tokens: u64,
     pub cost_micro_usd: MicroUsd,
+    /// What caching saved against the same traffic uncached; negative
+    /// when it cost more.
+    pub cache_saved_micro_usd: i64,
     pub estimated_requests: u64,
     pub error_requests: u64,
 }
 
 impl UsageTotals {
-    /// The token counts as a usage (no 5m/1h split: aggregates do not keep it).
+    /// The token counts as a usage.
     pub fn usage(&self) -> TokenUsage {
         TokenUsage {
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
             cache_creation_input_tokens: self.cache_creation_input_tokens,
             cache_read_input_tokens: self.cache_read_input_tokens,
-            ..TokenUsage::default()
+            cache_creation_5m: self.cache_creation_5m_input_tokens,
+            cache_creation_1h: self.cache_creation_1h_input_tokens,
         }
+    }
+
+    /// Share of prompt tokens read from the cache: `cache_read / (input +
+    /// cache_creation + cache_read)`; `None` when no prompt token was sent.
+    pub fn cache_hit_ratio(&self) -> Option<f64> {
+        let prompt =
+            self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens;
+        (prompt > 0).then(|| self.cache_read_input_tokens as f64 / prompt as f64)
     }
 
     /// Every billed token ([`TokenUsage::billed`]): what quotas count.
@@ -102,7 +133,10 @@ impl UsageTotals {
         self.output_tokens += other.output_tokens;
         self.cache_creation_input_tokens += other.cache_creation_input_tokens;
         self.cache_read_input_tokens += other.cache_read_input_tokens;
+        self.cache_creation_5m_input_tokens += other.cache_creation_5m_input_tokens;
+        self.cache_creation_1h_input_tokens += other.cache_creation_1h_input_tokens;
         self.cost_micro_usd += other.cost_micro_usd;
+        self.cache_saved_micro_usd += other.cache_saved_micro_usd;
         self.estimated_requests += other.estimated_requests;
         self.error_requests += other.error_requests;
     }
@@ -185,6 +219,7 @@ impl PricedBatch {
             requests,
             usage: tally.total(),
             cost_micro_usd: self.cost_by_model.values().map(|c| c.micro_usd).sum(),
+            cache_saved_micro_usd: self.cost_by_model.values().map(|c| c.saved_micro_usd).sum(),
             estimated_requests: if tally.estimated { requests } else { 0 },
             error_requests: tally.errored,
         }
@@ -196,12 +231,14 @@ impl PricedBatch {
             .by_model
             .iter()
             .map(|(model, (usage, succeeded))| {
+                let cost = self.cost_by_model.get(model).copied().unwrap_or_default();
                 (
                     model.as_str(),
                     Counters {
                         requests: *succeeded,
                         usage: *usage,
-                        cost_micro_usd: self.cost_by_model.get(model).map_or(0, |c| c.micro_usd),
+                        cost_micro_usd: cost.micro_usd,
+                        cache_saved_micro_usd: cost.saved_micro_usd,
                         estimated_requests: 0,
                         error_requests: 0,
                     },
@@ -347,7 +384,59 @@ mod tests {
         priced.cost = Cost {
             micro_usd: 1234,
             unpriced: false,
+            saved_micro_usd: -56,
         };
-        assert_eq!(Counters::of(&priced).cost_micro_usd, 1234);
+        let counters = Counters::of(&priced);
+        assert_eq!(
+            (counters.cost_micro_usd, counters.cache_saved_micro_usd),
+            (1234, -56)
+        );
+    }
+
+    #[test]
+    fn the_hit_ratio_is_cache_reads_over_every_prompt_token() {
+        let totals = UsageTotals {
+            input_tokens: 100,
+            cache_creation_input_tokens: 300,
+            cache_read_input_tokens: 600,
+            output_tokens: 5000,
+            ..UsageTotals::default()
+        };
+        // 600 / (100 + 300 + 600); output tokens are no prompt.
+        assert_eq!(totals.cache_hit_ratio(), Some(0.6));
+        let output_only = UsageTotals {
+            output_tokens: 10,
+            ..UsageTotals::default()
+        };
+        assert_eq!(output_only.cache_hit_ratio(), None);
+    }
+
+    #[test]
+    fn a_batch_records_each_models_savings_at_batch_prices() {
+        use crate::domain::price::default_table;
+        let cached = TokenUsage {
+            input_tokens: 1000,
+            cache_read_input_tokens: 100_000,
+            cache_creation_input_tokens: 10_000,
+            cache_creation_5m: 10_000,
+            ..TokenUsage::default()
+        };
+        let tally = BatchTally {
+            by_model: BTreeMap::from([("claude-sonnet-4-5".to_owned(), (cached, 1))]),
+            succeeded: 1,
+            ..BatchTally::default()
+        };
+        let priced = tally.priced(&default_table(), crate::domain::now());
+        // Sonnet 4.5 at batch prices ($1.50 in; reads and writes unhalved):
+        // real 1000 × 1.50 + 100,000 × 0.30 + 10,000 × 3.75
+        //    = 1500 + 30,000 + 37,500 = 69,000 µ$;
+        // uncached 111,000 × 1.50 = 166,500 µ$; saved 97,500.
+        let counters = priced.counters(1);
+        assert_eq!(
+            (counters.cost_micro_usd, counters.cache_saved_micro_usd),
+            (69_000, 97_500)
+        );
+        let (_, model) = priced.model_counters().next().unwrap();
+        assert_eq!(model.cache_saved_micro_usd, 97_500);
     }
 }

@@ -66,6 +66,10 @@ pub fn routes(state: AdminState) -> Router {
         .route("/admin/api-keys/{id}/usage/daily", get(key_usage_daily))
         .route("/admin/api-keys/{id}/usage/logs", get(key_usage_logs))
         .route("/admin/api-keys/{id}/usage/quota", get(key_usage_quota))
+        .route(
+            "/admin/api-keys/{id}/usage/sessions",
+            get(key_usage_sessions),
+        )
         .route("/admin/api-keys/{id}/batches", get(key_batches))
         .route("/admin/api-keys/{id}/files", get(key_files))
         .route("/admin/usage", get(all_usage))
@@ -479,6 +483,16 @@ async fn key_usage_logs(
     super::usage::logs_view(&state.store, &id, params)
         .await
         .map(Json)
+}
+
+async fn key_usage_sessions(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+    QueryParams(params): QueryParams<PageParams>,
+) -> Result<Json<super::Page<super::usage::SessionTotals>>, ApiError> {
+    let id = existing_key(&state, &raw).await?;
+    super::usage::sessions_view(&state.store, &id, &params).await
 }
 
 async fn key_usage_quota(

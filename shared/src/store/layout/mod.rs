@@ -9,6 +9,7 @@
 //! | usage log row        | `KEY#<id>`          | `LOG#<at>#<request id>`    | `LOG#<id>#<model>`    |
 //! | day aggregate        | `KEY#<id>`          | `DAY#<yyyy-mm-dd>`         | `DAY#<yyyy-mm-dd>`    |
 //! | model aggregate      | `KEY#<id>`          | `MODEL#<model>`            |                       |
+//! | session aggregate    | `KEY#<id>`          | `SESSION#<session id>`     | `SESSIONS#<id>`       |
 //! | batch                | `KEY#<id>`          | `BATCH#<batch id>`         | `BATCHES#<id>`        |
 //! | file                 | `KEY#<id>`          | `FILE#<file id>`           | `FILES#<id>`          |
 //! | open batch           | `BATCHQUEUE`        | `OPEN#<batch id>`          |                       |
@@ -159,6 +160,11 @@ pub(crate) fn model(key: &KeyId, model: &str) -> ItemKey {
     ItemKey::new(key_partition(key), format!("MODEL#{model}"))
 }
 
+/// A Claude Code session's aggregate (the id checked by `SessionId`).
+pub(crate) fn session(key: &KeyId, session: &str) -> ItemKey {
+    ItemKey::new(key_partition(key), format!("SESSION#{session}"))
+}
+
 pub(crate) fn batch(key: &KeyId, batch_id: &str) -> ItemKey {
     ItemKey::new(key_partition(key), format!("BATCH#{batch_id}"))
 }
@@ -195,6 +201,12 @@ pub(crate) fn day_index(day: &str) -> String {
 /// `gsi1` partition of a key's batches.
 pub(crate) fn batches_index(key: &KeyId) -> String {
     format!("BATCHES#{key}")
+}
+
+/// `gsi1` partition of a key's sessions, most recently used first by
+/// [`created_sort_key`] of their last use.
+pub(crate) fn sessions_index(key: &KeyId) -> String {
+    format!("SESSIONS#{key}")
 }
 
 /// `gsi1` partition of a key's files.
@@ -259,6 +271,8 @@ mod tests {
         );
         assert_eq!(day(&key, "2026-01-02").sk, "DAY#2026-01-02");
         assert_eq!(model(&key, "m").sk, "MODEL#m");
+        assert_eq!(session(&key, "s-1").sk, "SESSION#s-1");
+        assert_eq!(sessions_index(&key), "SESSIONS#abcdefABCDEF");
         assert_eq!(batch(&key, "b").sk, "BATCH#b");
         assert_eq!(file(&key, "f").sk, "FILE#f");
         assert_eq!(open_batch("b").to_string(), "BATCHQUEUE / OPEN#b");

@@ -175,6 +175,13 @@ fn layout_attributes() -> BTreeSet<String> {
         api_key::reservation_release(1),
         usage::day_settlement(&key, &day_item, "2026-01-02", &counters, at),
         usage::model_settlement("m", &counters, at),
+        usage::session_settlement(
+            &key,
+            &crate::domain::usage::SessionId::parse("s").unwrap(),
+            &counters,
+            at,
+            1,
+        ),
         owned::batch_settled(at, 1),
     ];
     names.extend(changes.iter().flat_map(change_attributes));

@@ -1,7 +1,8 @@
 //! What settlement writes under a key: usage-log rows (`LOG#<at>#<request
 //! id>`, also under `gsi1` `LOG#<key>#<model>`), and the counters the key,
-//! day (`DAY#<day>`) and model (`MODEL#<model>`) items share; the updates
-//! that add to those counters, and the queries and readers of
+//! day (`DAY#<day>`), model (`MODEL#<model>`) and session
+//! (`SESSION#<session id>`, also under `gsi1` `SESSIONS#<key>`) items share;
+//! the updates that add to those counters, and the queries and readers of
 //! `store::usage_log`.
 
 use std::collections::HashMap;
@@ -10,31 +11,49 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use time::OffsetDateTime;
 
 use super::super::StoreError;
-use super::super::item::{Item, get_n, get_s, n, opt_n, opt_s, s};
+use super::super::item::{Item, get_n, get_s, get_signed, n, opt_n, opt_s, s};
 use super::super::owned::BatchRecord;
-use super::super::usage_log::LogRow;
+use super::super::usage_log::{LogRow, SessionUsage};
 use super::{
-    Change, GSI1PK, GSI1SK, ItemKey, TTL_ATTRIBUTE, day_index, log_model_index, usage_log,
+    Change, GSI1PK, GSI1SK, ItemKey, TTL_ATTRIBUTE, created_sort_key, day_index, log_model_index,
+    sessions_index, usage_log,
 };
 use crate::domain::format_timestamp;
 use crate::domain::key::KeyId;
-use crate::domain::usage::{Counters, TokenUsage, UsageRecord, UsageTotals};
+use crate::domain::usage::{Counters, SessionId, TokenUsage, UsageRecord, UsageTotals};
 
-/// The counters kept per key, per day and per model, named alike everywhere.
-pub(crate) fn counter_values(counters: &Counters) -> [(&'static str, u64); 8] {
+/// The counters kept per key, day, model and session, named alike
+/// everywhere (signed: what caching saved may be negative).
+pub(crate) fn counter_values(counters: &Counters) -> [(&'static str, i128); 11] {
     let usage = &counters.usage;
+    let count = i128::from;
     [
-        ("requests", counters.requests),
-        ("cost_micro_usd", counters.cost_micro_usd),
-        ("input_tokens", usage.input_tokens),
-        ("output_tokens", usage.output_tokens),
+        ("requests", count(counters.requests)),
+        ("cost_micro_usd", count(counters.cost_micro_usd)),
+        (
+            "cache_saved_micro_usd",
+            i128::from(counters.cache_saved_micro_usd),
+        ),
+        ("input_tokens", count(usage.input_tokens)),
+        ("output_tokens", count(usage.output_tokens)),
         (
             "cache_creation_input_tokens",
-            usage.cache_creation_input_tokens,
+            count(usage.cache_creation_input_tokens),
         ),
-        ("cache_read_input_tokens", usage.cache_read_input_tokens),
-        ("estimated_requests", counters.estimated_requests),
-        ("error_requests", counters.error_requests),
+        (
+            "cache_creation_5m_input_tokens",
+            count(usage.cache_creation_5m),
+        ),
+        (
+            "cache_creation_1h_input_tokens",
+            count(usage.cache_creation_1h),
+        ),
+        (
+            "cache_read_input_tokens",
+            count(usage.cache_read_input_tokens),
+        ),
+        ("estimated_requests", count(counters.estimated_requests)),
+        ("error_requests", count(counters.error_requests)),
     ]
 }
 
@@ -46,8 +65,11 @@ pub(crate) fn totals_of(item: &Item) -> Result<UsageTotals, StoreError> {
         output_tokens: get_n(item, "output_tokens")?,
         cache_creation_input_tokens: get_n(item, "cache_creation_input_tokens")?,
         cache_read_input_tokens: get_n(item, "cache_read_input_tokens")?,
-        // Counted since prices exist: older items have none.
+        // Counted since prices exist: older items have none (read as 0).
+        cache_creation_5m_input_tokens: get_n(item, "cache_creation_5m_input_tokens")?,
+        cache_creation_1h_input_tokens: get_n(item, "cache_creation_1h_input_tokens")?,
         cost_micro_usd: opt_n(item, "cost_micro_usd")?.unwrap_or(0),
+        cache_saved_micro_usd: get_signed(item, "cache_saved_micro_usd")?,
         estimated_requests: get_n(item, "estimated_requests")?,
         error_requests: get_n(item, "error_requests")?,
     })
@@ -120,6 +142,51 @@ pub(crate) fn model_settlement(model: &str, counters: &Counters, at: OffsetDateT
     }
 }
 
+/// A session aggregate's share of a settlement at `at`, kept until
+/// `expires` (epoch seconds, pushed back by every settlement); indexed
+/// under `gsi1` by its last use, most recent first.
+pub(crate) fn session_settlement(
+    key_id: &KeyId,
+    session: &SessionId,
+    counters: &Counters,
+    at: OffsetDateTime,
+    expires: u64,
+) -> Change {
+    let (expression, mut values) = counters_update(
+        counters,
+        &[],
+        "gsi1pk = :gpk, gsi1sk = :gsk, session_id = :sid, first_at = if_not_exists(first_at, :at), last_at = :at, #ttl = :ttl",
+    );
+    let at = format_timestamp(at);
+    values.insert(":gpk".into(), s(sessions_index(key_id)));
+    values.insert(":gsk".into(), s(created_sort_key(&at, session.as_str())));
+    values.insert(":sid".into(), s(session.as_str()));
+    values.insert(":at".into(), s(at));
+    values.insert(":ttl".into(), n(expires));
+    Change {
+        expression,
+        // `ttl` is a DynamoDB reserved word.
+        names: Some(HashMap::from([(
+            "#ttl".to_owned(),
+            TTL_ATTRIBUTE.to_owned(),
+        )])),
+        values,
+    }
+}
+
+impl TryFrom<&Item> for SessionUsage {
+    type Error = StoreError;
+
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        Ok(SessionUsage {
+            session_id: get_s(item, "session_id")?.to_owned(),
+            first_used_at: get_s(item, "first_at")?.to_owned(),
+            last_used_at: get_s(item, "last_at")?.to_owned(),
+            totals: totals_of(item)?,
+        })
+    }
+}
+
 /// Key condition: a key's aggregates (partition `:pk`) sorted `:low..=:high`.
 pub(crate) const AGGREGATES_BETWEEN: &str = "pk = :pk AND sk BETWEEN :low AND :high";
 /// Key condition: a key's log rows (partition `:p`) sorted `:low..=:high`.
@@ -168,9 +235,10 @@ fn token_columns(usage: &TokenUsage) -> [(String, AttributeValue); 6] {
 }
 
 /// The cost columns of a usage-log item.
-fn cost_columns(micro_usd: u64, unpriced: bool) -> [(String, AttributeValue); 2] {
+fn cost_columns(micro_usd: u64, saved: i64, unpriced: bool) -> [(String, AttributeValue); 3] {
     [
         ("cost_micro_usd".to_owned(), n(micro_usd)),
+        ("cache_saved_micro_usd".to_owned(), n(saved)),
         ("unpriced".to_owned(), AttributeValue::Bool(unpriced)),
     ]
 }
@@ -224,7 +292,11 @@ pub(crate) fn request_log_item(record: &UsageRecord, expires: u64) -> Item {
         (TTL_ATTRIBUTE.to_owned(), n(expires)),
     ]);
     log.extend(token_columns(&record.usage));
-    log.extend(cost_columns(record.cost.micro_usd, record.cost.unpriced));
+    log.extend(cost_columns(
+        record.cost.micro_usd,
+        record.cost.saved_micro_usd,
+        record.cost.unpriced,
+    ));
     let optional = [
         ("user_agent", record.user_agent.as_deref()),
         ("session_id", record.session_id.as_deref()),
@@ -280,7 +352,11 @@ pub(crate) fn batch_log_item(
         (TTL_ATTRIBUTE.to_owned(), n(expires)),
     ]);
     log.extend(token_columns(&counters.usage));
-    log.extend(cost_columns(counters.cost_micro_usd, unpriced));
+    log.extend(cost_columns(
+        counters.cost_micro_usd,
+        counters.cache_saved_micro_usd,
+        unpriced,
+    ));
     log
 }
 
@@ -316,6 +392,7 @@ impl TryFrom<&Item> for LogRow {
             session_id: owned(opt_s(item, "session_id")?),
             error_type: owned(opt_s(item, "error_type")?),
             cost_micro_usd: opt_n(item, "cost_micro_usd")?.unwrap_or(0),
+            cache_saved_micro_usd: get_signed(item, "cache_saved_micro_usd")?,
             unpriced: flag("unpriced"),
         })
     }
