@@ -389,6 +389,36 @@ pub fn standings(
     )
 }
 
+/// What is left for a request for `models` (empty: every limit): the
+/// tightest applicable limit and the nearest reset of any of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Headroom {
+    /// The applicable limit with the least left, and what it has left.
+    pub tightest: Option<(String, MicroUsd)>,
+    /// The soonest an applicable limit's period ends.
+    pub next_reset: Option<OffsetDateTime>,
+}
+
+/// The headroom `record` has at `now` under its limits for `models`.
+pub fn headroom(
+    record: &ApiKeyRecord,
+    policy: &BudgetPolicy,
+    models: &[&str],
+    now: OffsetDateTime,
+) -> Headroom {
+    let applicable: Vec<LimitStanding> = standings(record, policy, now)
+        .into_iter()
+        .filter(|s| applies(&s.limit, models))
+        .collect();
+    Headroom {
+        tightest: applicable
+            .iter()
+            .min_by_key(|s| s.remaining())
+            .map(|s| (s.limit.id(), s.remaining())),
+        next_reset: applicable.iter().filter_map(|s| s.resets_at).min(),
+    }
+}
+
 /// How the admission write states the key's dollar limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetWrite {
@@ -901,6 +931,31 @@ mod tests {
             .into_iter()
             .find(|s| s.limit.window == Window::FiveHours)
             .unwrap()
+    }
+
+    #[test]
+    fn headroom_is_the_tightest_applicable_limit_and_the_nearest_reset() {
+        let now = at("2026-11-28T12:00:00Z");
+        let mut record = key(Some(vec![
+            limit(Window::Month, 100, None),
+            limit(Window::Day, 10, None),
+            limit(Window::Week, 50, Some("claude-opus-*")),
+        ]));
+        record.spend = BTreeMap::from([
+            (counter("month", "m2026-11"), 95_000_000),
+            (counter("day", "d2026-11-28"), 1_000_000),
+            (counter("week:claude-opus-*", "w2026-11-23"), 49_000_000),
+        ]);
+        let policy = BudgetPolicy::default();
+        // Sonnet: the month has $5 left, the day $9; the day resets first.
+        let sonnet = headroom(&record, &policy, &["claude-sonnet-4-5"], now);
+        assert_eq!(sonnet.tightest, Some(("month".to_owned(), 5_000_000)));
+        assert_eq!(sonnet.next_reset, Some(at("2026-11-29T00:00:00Z")));
+        // Opus: its week has only $1 left.
+        let opus = headroom(&record, &policy, &["claude-opus-4-5"], now);
+        assert_eq!(opus.tightest, Some(("week:claude-opus-*".to_owned(), 1_000_000)));
+        let none = headroom(&key(Some(vec![])), &policy, &[], now);
+        assert_eq!((none.tightest, none.next_reset), (None, None));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use http::HeaderMap;
 use futures_util::StreamExt;
 use http::{Method, StatusCode};
 use serde_json::Value;
@@ -201,7 +202,8 @@ pub(super) async fn list(call: Call) -> Result<Response, ApiError> {
 pub(super) async fn forward(call: Call, file_id: &str, body: Bytes) -> Result<Response, ApiError> {
     owned(&call, file_id).await?;
     let forward = call.forward(body);
-    Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
+    let exchange = Exchange::unmetered(call.state, forward, call.started, HeaderMap::new());
+    Ok(exchange::start(exchange).await)
 }
 
 /// `DELETE /v1/files/{id}`: forwarded for its owner; the record goes once

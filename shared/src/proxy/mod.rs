@@ -20,6 +20,7 @@ mod exchange;
 mod files;
 mod finish;
 mod messages;
+mod standing;
 pub mod tap;
 
 use std::sync::Arc;
@@ -137,9 +138,11 @@ async fn serve(call: Call, route: Route, body: Body) -> Result<Response, ApiErro
     match route {
         Route::Messages | Route::CountTokens => messages::messages(call, &route, body).await,
         Route::ListModels | Route::GetModel(_) | Route::PassThrough => {
-            call.authenticate(None).await?;
+            let record = call.authenticate(None).await?;
+            let standing = standing::headers(&record, &call.state.0.budgets, &[], call.at);
             let forward = call.forward(body);
-            Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
+            let exchange = Exchange::unmetered(call.state, forward, call.started, standing);
+            Ok(exchange::start(exchange).await)
         }
         Route::CreateBatch => batches::create(call, body).await,
         Route::ListBatches => batches::list(call).await,
