@@ -244,10 +244,11 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     let plan = BatchPlan::read(&body)?;
     let named: Vec<Option<&str>> = plan.models.iter().map(|m| Some(m.as_str())).collect();
     let record = call.authenticate(Some(&named)).await?;
+    let prices = call.state.prices().await?;
     if let Some(model) = plan
         .models
         .iter()
-        .find(|model| call.state.0.prices.refuses(model, call.at))
+        .find(|model| prices.refuses(model, call.at))
     {
         return Err(super::messages::unpriced(model));
     }
@@ -746,7 +747,8 @@ async fn settle(
     tally: BatchTally,
 ) -> Result<(), ApiError> {
     let at = domain::now();
-    let priced = tally.priced(&state.0.prices, at);
+    let prices = state.prices().await?;
+    let priced = tally.priced(&prices, at);
     let outcome = state
         .0
         .store
