@@ -38,7 +38,6 @@ impl Serialize for Decimal {
         let whole = self.0.trunc();
         if whole == self.0 && (0.0..=MAX_DOLLARS).contains(&whole) {
             // Exact: a whole number this small is an integer as a double.
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             serializer.serialize_u64(whole as u64)
         } else {
             serializer.serialize_f64(self.0)
@@ -140,7 +139,6 @@ fn micro_usd(amount: f64) -> Option<MicroUsd> {
     }
     let micro = (amount * 1_000_000.0).round();
     // In range: at most 10^12, which a double and a u64 hold exactly.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     (micro / 1_000_000.0 == amount).then_some(micro as u64)
 }
 
@@ -150,18 +148,15 @@ fn thousandths(factor: f64) -> Option<u64> {
         return None;
     }
     let scaled = (factor * 1000.0).round();
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     (scaled / 1000.0 == factor).then_some(scaled as u64)
 }
 
 /// Micro-dollars back to dollars: the double nearest to the decimal, which
 /// `micro_usd` reads back to the same integer.
-#[allow(clippy::cast_precision_loss)]
 fn dollars(micro: MicroUsd) -> Decimal {
     Decimal(micro as f64 / 1_000_000.0)
 }
 
-#[allow(clippy::cast_precision_loss)]
 fn factor(thousandths: u64) -> Decimal {
     Decimal(thousandths as f64 / 1000.0)
 }
@@ -327,7 +322,7 @@ impl PriceList {
             if let Some(first) = seen.insert((entry.model.clone(), entry.effective_from), i) {
                 return Err(FieldError::new(
                     format!("{path}.effective_from"),
-                    format!("entries[{first}] prices the same model from the same moment"),
+                    format!("same `model` and `effective_from` as entries[{first}]"),
                 ));
             }
             entries.push(entry);
@@ -488,7 +483,9 @@ mod tests {
                 .unwrap()
                 .push(json!({"above_prompt_tokens": 100000, "prices": prices()}))
         });
-        with("entries[0].model", &|t| t["entries"][0]["model"] = json!(""));
+        with("entries[0].model", &|t| {
+            t["entries"][0]["model"] = json!("")
+        });
         with("entries[0].model", &|t| {
             t["entries"][0]["model"] = json!("claude opus")
         });
@@ -530,7 +527,10 @@ mod tests {
         for (list, field) in cases {
             let err = refusal(&list);
             assert_eq!(err.field, field, "{err}");
-            assert!(err.to_string().starts_with(&format!("`{field}`: ")), "{err}");
+            assert!(
+                err.to_string().starts_with(&format!("`{field}`: ")),
+                "{err}"
+            );
         }
     }
 

@@ -25,7 +25,10 @@ pub struct StoredPrices {
 pub enum PricesStored {
     Stored(StoredPrices),
     /// Its JSON is `bytes` long, over what one item holds.
-    TooLarge { bytes: usize, limit: usize },
+    TooLarge {
+        bytes: usize,
+        limit: usize,
+    },
 }
 
 /// One page of stored versions, newest first.

@@ -116,11 +116,7 @@ pub(super) async fn price_history(
         ));
     }
     let page = state.store.price_versions(from, limit).await?;
-    let ids: Vec<String> = page
-        .versions
-        .iter()
-        .map(|v| v.updated_at.clone())
-        .collect();
+    let ids: Vec<String> = page.versions.iter().map(|v| v.updated_at.clone()).collect();
     let data = page
         .versions
         .into_iter()
