@@ -120,6 +120,8 @@ variables! {
         "path prefixes forwarded unmetered and unowned (Routes)";
     UNPRICED_MODELS = Default("charge"),
         "a model the price table does not price: `charge` it the fallback prices (the dearest shipped; recorded as unpriced) or `refuse` it (403) before forwarding";
+    PRICE_CACHE_SECONDS = Default("60"),
+        "how long the proxy keeps the price table (`PUT /admin/prices`) before reading it again";
     BUDGET_TIME_ZONE = Default("UTC"),
         "IANA time zone of the dollar limits' calendar days, weeks (from Monday) and months";
     DEFAULT_DOLLAR_LIMITS = Otherwise("none"),
@@ -341,6 +343,8 @@ pub struct AdminConfig {
     /// Where the admin API may be called from (`ADMIN_ALLOWED_CIDRS`);
     /// empty: from every address.
     pub allowed_networks: Vec<IpNet>,
+    /// `UNPRICED_MODELS`, shown with the price table (the proxy applies it).
+    pub refuse_unpriced_models: bool,
 }
 
 impl AdminConfig {
@@ -362,6 +366,7 @@ impl AdminConfig {
             allowed_networks: Self::parse_allowed_networks(
                 env.text(&ADMIN_ALLOWED_CIDRS).as_deref().unwrap_or(""),
             )?,
+            refuse_unpriced_models: refuse_unpriced_models(env)?,
         })
     }
 
@@ -421,6 +426,24 @@ pub struct ProxyConfig {
     pub pass_through: PassThrough,
     /// Refuse, rather than charge the fallback for, models without a price.
     pub refuse_unpriced_models: bool,
+    /// How long the price table read from the store is used before it is
+    /// read again.
+    pub price_cache_ttl: Duration,
+}
+
+/// `UNPRICED_MODELS`: whether a model without a price is refused.
+fn refuse_unpriced_models(env: &Env) -> Result<bool, ConfigError> {
+    match env.text_or_default(&UNPRICED_MODELS)?.trim() {
+        "charge" => Ok(false),
+        "refuse" => Ok(true),
+        other => Err(ConfigError {
+            var: UNPRICED_MODELS.name,
+            reason: format!(
+                "`{}` is not `charge` or `refuse`",
+                other.chars().take(32).collect::<String>()
+            ),
+        }),
+    }
 }
 
 impl ProxyConfig {
@@ -447,19 +470,8 @@ impl ProxyConfig {
                 var: PASSTHROUGH_PATH_PREFIXES.name,
                 reason,
             })?,
-            refuse_unpriced_models: match env.text_or_default(&UNPRICED_MODELS)?.trim() {
-                "charge" => false,
-                "refuse" => true,
-                other => {
-                    return Err(ConfigError {
-                        var: UNPRICED_MODELS.name,
-                        reason: format!(
-                            "`{}` is not `charge` or `refuse`",
-                            other.chars().take(32).collect::<String>()
-                        ),
-                    });
-                }
-            },
+            refuse_unpriced_models: refuse_unpriced_models(env)?,
+            price_cache_ttl: env.seconds(&PRICE_CACHE_SECONDS)?,
         })
     }
 }
@@ -630,6 +642,7 @@ mod tests {
         assert_eq!(proxy.settle_inline, Duration::from_secs(3));
         assert_eq!(proxy.settle_background, Duration::from_secs(300));
         assert_eq!(proxy.log_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(proxy.price_cache_ttl, Duration::from_secs(60));
 
         let upstream = UpstreamConfig::read(&nothing_set()).unwrap();
         assert_eq!(upstream.base_url, "https://api.anthropic.com");
@@ -645,6 +658,7 @@ mod tests {
         assert_eq!(admin.admin_username, "admin");
         assert_eq!(admin.jwt_ttl, Duration::from_secs(3600));
         assert!(admin.allowed_networks.is_empty());
+        assert!(!admin.refuse_unpriced_models);
 
         let metrics = MetricsConfig::read(&nothing_set());
         assert!(!metrics.enabled, "off outside Lambda");

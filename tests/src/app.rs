@@ -100,6 +100,7 @@ impl Default for AppOptions {
                 log_retention: Duration::from_secs(30 * 86_400),
                 pass_through: Default::default(),
                 refuse_unpriced_models: false,
+                price_cache_ttl: Duration::from_secs(60),
             },
             secrets: None,
             dynamodb_endpoint: None,
@@ -169,6 +170,7 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
         admin_username: ADMIN_USER.into(),
         jwt_ttl: Duration::from_secs(3600),
         allowed_networks: AdminConfig::parse_allowed_networks(&options.admin_allowed_cidrs)?,
+        refuse_unpriced_models: options.proxy.refuse_unpriced_models,
     };
     // relay-local's app: every function on one port.
     let mut app = relay.local_router(admin, proxy_state.clone(), axum::Router::new());

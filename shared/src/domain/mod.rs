@@ -1,6 +1,6 @@
 //! Pure business rules: key records and their validation, tiers, allowlists,
 //! the admission decision, the login lockout, usage records and arithmetic,
-//! prices and what a request costs.
+//! prices and what a request costs, and the price table as admins write it.
 //! No I/O and no transport types live here: the store executes these rules.
 
 pub mod admission;
@@ -8,6 +8,7 @@ pub mod budget;
 pub mod key;
 pub mod login;
 pub mod price;
+pub mod price_list;
 pub mod route;
 pub mod tier;
 pub mod usage;

@@ -69,11 +69,13 @@ pub async fn request_id(mut request: Request, next: Next) -> Response {
 /// Admin and usage bodies are small; anything larger is a mistake.
 pub const MAX_JSON_BODY: usize = 64 * 1024;
 
-/// A JSON body parsed strictly: `application/json` only, size-capped, and
-/// errors that name the offending field.
-pub struct JsonBody<T>(pub T);
+/// A JSON body parsed strictly: `application/json` only, at most `LIMIT`
+/// bytes, and errors that name the offending field.
+pub struct JsonBody<T, const LIMIT: usize = MAX_JSON_BODY>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned, S: Send + Sync, const LIMIT: usize> FromRequest<S>
+    for JsonBody<T, LIMIT>
+{
     type Rejection = ApiError;
 
     async fn from_request(request: Request, _: &S) -> Result<Self, ApiError> {
@@ -88,7 +90,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
                 "content-type must be application/json".into(),
             ));
         }
-        let body = read_limited(request.into_body(), MAX_JSON_BODY).await?;
+        let body = read_limited(request.into_body(), LIMIT).await?;
         // serde would read a struct from an array, field by field in order:
         // our bodies are objects, and anything else is a mistake.
         if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {

@@ -246,10 +246,11 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     let plan = BatchPlan::read(&body)?;
     let named: Vec<Option<&str>> = plan.models.iter().map(|m| Some(m.as_str())).collect();
     let record = call.authenticate(Some(&named)).await?;
+    let prices = call.state.prices().await?;
     if let Some(model) = plan
         .models
         .iter()
-        .find(|model| call.state.0.prices.refuses(model, call.at))
+        .find(|model| prices.refuses(model, call.at))
     {
         return Err(super::messages::unpriced(model));
     }
@@ -758,7 +759,8 @@ async fn settle(
     tally: BatchTally,
 ) -> Result<(), ApiError> {
     let at = domain::now();
-    let priced = tally.priced(&state.0.prices, at);
+    let prices = state.prices().await?;
+    let priced = tally.priced(&prices, at);
     // The batch's cost counts against the dollar limits in force when it
     // is settled, each limit taking the models it applies to.
     let spend = match state.0.store.get_key(&batch.key_id).await? {

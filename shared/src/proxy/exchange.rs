@@ -170,8 +170,8 @@ impl Exchange {
             ..
         } = self;
         if let Some(metering) = metering {
-            let record =
-                usage_record(metering, outcome, forward.body, started, &state.0.prices).await;
+            let prices = state.prices_at_settlement().await;
+            let record = usage_record(metering, outcome, forward.body, started, &prices).await;
             finish(&state, record, client).await;
         }
     }

@@ -60,7 +60,7 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     let record = authorize(call, charged, fields.model.as_deref()).await?;
     if charged
         && let Some(model) = fields.model.as_deref()
-        && call.state.0.prices.refuses(model, call.at)
+        && call.state.prices().await?.refuses(model, call.at)
     {
         return Err(unpriced(model));
     }

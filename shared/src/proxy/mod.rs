@@ -20,6 +20,7 @@ mod exchange;
 mod files;
 mod finish;
 mod messages;
+mod prices;
 mod standing;
 pub mod tap;
 
@@ -34,10 +35,10 @@ use axum::routing::any;
 
 use self::context::{Begun, Call};
 use self::exchange::Exchange;
+use self::prices::PriceCache;
 pub use crate::config::ProxyConfig;
 use crate::domain::budget::BudgetPolicy;
 use crate::domain::key::{ApiKeyRecord, KeyId};
-use crate::domain::price::{PriceTable, default_table};
 use crate::domain::route::Route;
 use crate::domain::tier::Tier;
 use crate::error::ApiError;
@@ -68,8 +69,8 @@ struct Inner {
     /// (status, secret, quota and window are re-checked by the write itself).
     keys: TtlCache<KeyId, Arc<ApiKeyRecord>>,
     tiers: TtlCache<String, Tier>,
-    /// What requests cost (`domain::price`): the shipped table for now.
-    prices: PriceTable,
+    /// What requests cost (`domain::price`), through `ProxyState::prices`.
+    prices: PriceCache,
     /// The organisation's default dollar limits and time zone.
     budgets: Arc<BudgetPolicy>,
 }
@@ -86,10 +87,7 @@ impl ProxyState {
         settle_timing: SettleTiming,
     ) -> ProxyState {
         let keys = TtlCache::new(config.key_cache_ttl, 10_000);
-        let prices = PriceTable {
-            refuse_unpriced: config.refuse_unpriced_models,
-            ..default_table()
-        };
+        let prices = PriceCache::new(config.price_cache_ttl, config.refuse_unpriced_models);
         ProxyState(Arc::new(Inner {
             store,
             upstream,

@@ -13,6 +13,7 @@ mod item;
 mod layout;
 mod logins;
 pub mod owned;
+pub mod prices;
 pub mod schema;
 pub mod settlement;
 mod tiers;

@@ -1588,6 +1588,7 @@ fn admin_config_matches_ipv4_mapped_ipv6_callers_as_ipv4() {
         admin_username: ADMIN_USER.into(),
         jwt_ttl: Duration::from_secs(3600),
         allowed_networks: AdminConfig::parse_allowed_networks("10.0.0.0/8").unwrap(),
+        refuse_unpriced_models: false,
     };
     let open = AdminConfig {
         allowed_networks: Vec::new(),

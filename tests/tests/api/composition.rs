@@ -60,6 +60,7 @@ async fn function_apps() -> (Router, Router, Router) {
         admin_username: "admin".into(),
         jwt_ttl: Duration::from_secs(3600),
         allowed_networks: Vec::new(),
+        refuse_unpriced_models: false,
     });
     (app.proxy_router(proxy), admin, app.usage_router())
 }

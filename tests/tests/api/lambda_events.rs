@@ -131,6 +131,7 @@ impl Functions {
             admin_username: ADMIN_USER.into(),
             jwt_ttl: Duration::from_secs(3600),
             allowed_networks: Vec::new(),
+            refuse_unpriced_models: false,
         });
         let usage = app.usage_router();
         let proxy_state = app

@@ -10,6 +10,7 @@ mod composition;
 mod faults;
 mod isolation;
 mod lambda_events;
+mod prices;
 mod proxy;
 mod template;
 mod usage;

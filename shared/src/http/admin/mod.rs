@@ -1,8 +1,9 @@
-//! The admin function's routes: login, key management and tiers. Everything
+//! The admin function's routes: login, key management, tiers and prices. Everything
 //! but login requires an admin JWT; every route, login included, answers only
 //! callers inside `ADMIN_ALLOWED_CIDRS` when that is set. Request and answer
 //! shapes are in `shapes`.
 
+mod prices;
 pub(crate) mod shapes;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
 
+pub use self::prices::{MAX_PRICE_LIST_BODY, PriceVersionView, PricesView};
 pub use self::shapes::{
     BatchView, CreateKeyInput, Deleted, KeyList, KeyView, PatchKeyInput, TierInput, TierList,
     TokenAnswer,
@@ -76,6 +78,11 @@ pub fn routes(state: AdminState) -> Router {
         .route("/admin/metrics", get(metrics))
         .route("/admin/tiers", get(list_tiers))
         .route("/admin/tiers/{name}", put(put_tier))
+        .route(
+            "/admin/prices",
+            get(prices::get_prices).put(prices::put_prices),
+        )
+        .route("/admin/prices/history", get(prices::price_history))
         // Unknown admin paths stay here (404), never reaching the proxy.
         .route("/admin", axum::routing::any(not_found))
         .route("/admin/", axum::routing::any(not_found))

@@ -16,6 +16,8 @@
 //! | pending reservation  | `BATCHQUEUE`        | `PENDING#<request id>`     |                       |
 //! | tier                 | `TIER#<name>`       | `META`                     | `TIERS`               |
 //! | login failures       | `LOGINFAIL#<ip>`    | `META`                     |                       |
+//! | price table in force | `PRICES`            | `CURRENT`                  |                       |
+//! | price table version  | `PRICES#VERSIONS`   | `V#<updated_at>`           |                       |
 //!
 //! Attribute names are spelt here too, and only here: each item kind's file
 //! holds its conversions and the expressions that read or change its
@@ -28,6 +30,7 @@
 pub(crate) mod api_key;
 pub(crate) mod login;
 pub(crate) mod owned;
+pub(crate) mod prices;
 pub(crate) mod tier;
 pub(crate) mod usage;
 

@@ -9,7 +9,7 @@ use super::super::item::Item;
 use super::super::owned::{BatchRecord, FileRecord};
 use super::{
     Change, IN_INDEX_PARTITION, IN_INDEX_PARTITION_AFTER, IN_INDEX_PARTITION_BEFORE, IN_PARTITION,
-    ITEM_ABSENT, ITEM_EXISTS, TTL_ATTRIBUTE, api_key, day, login, owned, tier, usage,
+    ITEM_ABSENT, ITEM_EXISTS, TTL_ATTRIBUTE, api_key, day, login, owned, prices, tier, usage,
 };
 use crate::domain::admission::{AdmissionWrite, Charge, QuotaRule, RateLimit, WindowStep};
 use crate::domain::budget::{BudgetWrite, FiveHourStep};
@@ -26,6 +26,7 @@ const OPERATION_FILES: &[(&str, &str)] = &[
     ("logins.rs", include_str!("../logins.rs")),
     ("mod.rs", include_str!("../mod.rs")),
     ("owned.rs", include_str!("../owned.rs")),
+    ("prices.rs", include_str!("../prices.rs")),
     ("settlement.rs", include_str!("../settlement.rs")),
     ("tiers.rs", include_str!("../tiers.rs")),
     ("usage_log.rs", include_str!("../usage_log.rs")),
@@ -152,6 +153,7 @@ fn layout_attributes() -> BTreeSet<String> {
         owned::open_batch_item(&batch, at),
         owned::pending_item(&key, "r", 1, at),
         owned::file_item(&file),
+        prices::prices_item(prices::current(), "{}", "2026-01-02T03:04:05.006Z"),
     ];
     let mut names: BTreeSet<String> = items.iter().flat_map(|i| i.keys().cloned()).collect();
 
@@ -249,6 +251,9 @@ fn layout_attributes() -> BTreeSet<String> {
         login::WINDOW_EXPIRED,
         login::ADD_CHECK,
         login::SAME_WINDOW_BELOW_MAX,
+        prices::OLDER_OR_ABSENT,
+        prices::VERSIONS_BEFORE,
+        prices::VERSIONS_AFTER,
     ];
     names.extend(expressions.iter().flat_map(|e| expression_attributes(e)));
     names.extend(
@@ -330,6 +335,7 @@ fn the_layout_gathers_the_attribute_names_it_uses() {
         "failures",
         "file_id",
         "name",
+        "price_list",
     ] {
         assert!(names.contains(expected), "{expected} in {names:?}");
     }
