@@ -14,6 +14,7 @@ use anyhow::Context;
 use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
 use relay_shared::app::App;
 use relay_shared::config::{self, AdminConfig, Env, ProxyConfig, UpstreamConfig};
+use relay_shared::domain::budget::BudgetPolicy;
 use relay_shared::domain::key::KeyId;
 use relay_shared::in_flight::InFlight;
 use relay_shared::proxy::{self, SettleTiming};
@@ -74,6 +75,9 @@ pub struct AppOptions {
     /// The admin routes' `ADMIN_ALLOWED_CIDRS`, in that variable's syntax;
     /// empty (the default): every address.
     pub admin_allowed_cidrs: String,
+    /// The organisation default dollar limits and time zone
+    /// (`DEFAULT_DOLLAR_LIMITS`, `BUDGET_TIME_ZONE`); none and UTC.
+    pub budgets: BudgetPolicy,
 }
 
 impl Default for AppOptions {
@@ -106,6 +110,7 @@ impl Default for AppOptions {
             dynamodb_endpoint: None,
             hold_answers_until_settled: true,
             admin_allowed_cidrs: String::new(),
+            budgets: BudgetPolicy::default(),
         }
     }
 }
@@ -159,7 +164,7 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     upstream_config.base_url = upstream.base_url();
     // What a function's `main` builds from the environment, here on the
     // test's own table, secrets and configuration.
-    let relay = App::new(store.clone(), secrets);
+    let relay = App::new(store.clone(), secrets).with_budgets(options.budgets.clone());
     let in_flight = InFlight::new();
     let proxy_state = relay.proxy_state(
         upstream_config,

@@ -630,7 +630,7 @@ pub fn validate_limits(
 pub fn usd(micro: MicroUsd) -> String {
     let whole = micro / 1_000_000;
     let fraction = micro % 1_000_000;
-    if fraction % 10_000 == 0 {
+    if fraction.is_multiple_of(10_000) {
         format!("{whole}.{:02}", fraction / 10_000)
     } else {
         let digits = format!("{fraction:06}");
@@ -953,7 +953,10 @@ mod tests {
         assert_eq!(sonnet.next_reset, Some(at("2026-11-29T00:00:00Z")));
         // Opus: its week has only $1 left.
         let opus = headroom(&record, &policy, &["claude-opus-4-5"], now);
-        assert_eq!(opus.tightest, Some(("week:claude-opus-*".to_owned(), 1_000_000)));
+        assert_eq!(
+            opus.tightest,
+            Some(("week:claude-opus-*".to_owned(), 1_000_000))
+        );
         let none = headroom(&key(Some(vec![])), &policy, &[], now);
         assert_eq!((none.tightest, none.next_reset), (None, None));
     }

@@ -5,8 +5,8 @@
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::HeaderMap;
 use futures_util::StreamExt;
+use http::HeaderMap;
 use http::{Method, StatusCode};
 use serde_json::Value;
 
