@@ -17,7 +17,7 @@ use time::OffsetDateTime;
 
 use super::epoch_seconds;
 use super::key::{ApiKeyRecord, FieldError};
-use super::price::MicroUsd;
+use super::price::{MicroUsd, exact_micro_usd};
 
 /// How long a 5-hour window lasts, in seconds.
 pub const FIVE_HOURS: u64 = 5 * 3600;
@@ -25,9 +25,9 @@ pub const FIVE_HOURS: u64 = 5 * 3600;
 /// Most dollar limits one key (or the default) may hold.
 pub const MAX_LIMITS: usize = 16;
 
-/// Largest dollar limit accepted: a billion dollars, in micro-dollars
-/// (well inside what DynamoDB numbers and JSON doubles hold exactly).
-pub const MAX_LIMIT: MicroUsd = 1_000_000_000 * 1_000_000;
+/// Largest dollar limit accepted: a billion dollars (well inside what
+/// DynamoDB numbers and JSON doubles hold exactly in micro-dollars).
+pub const MAX_LIMIT_USD: f64 = 1e9;
 
 /// The period a dollar limit counts over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -553,11 +553,11 @@ impl BudgetCharge {
 }
 
 /// A dollar limit as an admin writes it, before validation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LimitInput {
     pub window: String,
-    /// The JSON number's text (`20`, `12.5`): parsed exactly.
-    pub limit_usd: String,
+    /// Dollars (`20`, `12.5`): exact to the micro-dollar.
+    pub limit_usd: f64,
     pub models: Option<String>,
 }
 
@@ -582,7 +582,7 @@ pub fn validate_limits(
             let window = Window::parse(input.window.trim()).ok_or_else(|| {
                 FieldError::new(at("window"), "must be one of `5h`, `day`, `week`, `month`, `lifetime`")
             })?;
-            let limit = parse_usd(input.limit_usd.trim(), MAX_LIMIT)
+            let limit = exact_micro_usd(input.limit_usd, MAX_LIMIT_USD)
                 .filter(|micro| *micro > 0)
                 .ok_or_else(|| {
                     FieldError::new(
@@ -688,27 +688,6 @@ impl fmt::Display for SpentLimit {
             ),
         }
     }
-}
-
-/// Dollars written by an admin (a JSON number's text: `20`, `12.5`,
-/// `0.000001`) as micro-dollars, exactly; `None` for a negative number,
-/// more than six decimals, an exponent or a value past `max`.
-pub fn parse_usd(text: &str, max: MicroUsd) -> Option<MicroUsd> {
-    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
-    if whole.is_empty()
-        || !whole.bytes().all(|b| b.is_ascii_digit())
-        || !fraction.bytes().all(|b| b.is_ascii_digit())
-    {
-        return None;
-    }
-    let fraction = fraction.trim_end_matches('0');
-    if fraction.len() > 6 {
-        return None;
-    }
-    let whole: u64 = whole.parse().ok()?;
-    let fraction: u64 = format!("{fraction:0<6}").parse().ok()?;
-    let micro = whole.checked_mul(1_000_000)?.checked_add(fraction)?;
-    (micro <= max).then_some(micro)
 }
 
 #[cfg(test)]
@@ -1076,16 +1055,16 @@ mod tests {
 
     #[test]
     fn limits_are_validated_naming_the_entry_and_field() {
-        let input = |window: &str, usd: &str, models: Option<&str>| LimitInput {
+        let input = |window: &str, usd: f64, models: Option<&str>| LimitInput {
             window: window.into(),
-            limit_usd: usd.into(),
+            limit_usd: usd,
             models: models.map(str::to_owned),
         };
         let ok = validate_limits(
             "dollar_limits",
             vec![
-                input("day", "20", None),
-                input("week", "12.5", Some("claude-opus-*")),
+                input("day", 20.0, None),
+                input("week", 12.5, Some("claude-opus-*")),
             ],
         )
         .unwrap();
@@ -1102,24 +1081,24 @@ mod tests {
         );
         for (inputs, field) in [
             (
-                vec![input("fortnight", "1", None)],
+                vec![input("fortnight", 1.0, None)],
                 "dollar_limits[0].window",
             ),
             (
-                vec![input("day", "1", None), input("day", "0", None)],
+                vec![input("day", 1.0, None), input("day", 0.0, None)],
                 "dollar_limits[1].limit_usd",
             ),
-            (vec![input("day", "-3", None)], "dollar_limits[0].limit_usd"),
+            (vec![input("day", -3.0, None)], "dollar_limits[0].limit_usd"),
             (
-                vec![input("day", "0.0000001", None)],
+                vec![input("day", 0.0000001, None)],
                 "dollar_limits[0].limit_usd",
             ),
             (
-                vec![input("day", "1", Some("claude opus"))],
+                vec![input("day", 1.0, Some("claude opus"))],
                 "dollar_limits[0].models",
             ),
             (
-                vec![input("day", "1", None), input("day", "2", None)],
+                vec![input("day", 1.0, None), input("day", 2.0, None)],
                 "dollar_limits[1].window",
             ),
         ] {
@@ -1129,7 +1108,7 @@ mod tests {
             );
         }
         let many = (0..=MAX_LIMITS)
-            .map(|i| input("day", "1", Some(&format!("m{i}"))))
+            .map(|i| input("day", 1.0, Some(&format!("m{i}"))))
             .collect();
         assert_eq!(
             validate_limits("dollar_limits", many).unwrap_err().field,
@@ -1138,19 +1117,10 @@ mod tests {
     }
 
     #[test]
-    fn dollars_parse_exactly_and_print_readably() {
-        assert_eq!(parse_usd("20", MAX_LIMIT), Some(20_000_000));
-        assert_eq!(parse_usd("12.5", MAX_LIMIT), Some(12_500_000));
-        assert_eq!(parse_usd("0.000001", MAX_LIMIT), Some(1));
-        assert_eq!(parse_usd("0.1", MAX_LIMIT), Some(100_000));
-        assert_eq!(parse_usd("1.2500000", MAX_LIMIT), Some(1_250_000));
-        for bad in ["-1", "0.0000001", "1e3", "", ".5", "1.2.3", "20000000000"] {
-            assert_eq!(
-                parse_usd(bad, 1_000_000_000 * 1_000_000 / 100),
-                None,
-                "{bad}"
-            );
-        }
+    fn dollars_print_readably() {
+        // Read exactly: `price::exact_micro_usd`, tested with the price list.
+        assert_eq!(exact_micro_usd(12.5, MAX_LIMIT_USD), Some(12_500_000));
+        assert_eq!(exact_micro_usd(2e9, MAX_LIMIT_USD), None);
         assert_eq!(usd(20_000_000), "20.00");
         assert_eq!(usd(12_345_678), "12.345678");
         assert_eq!(usd(1_200_000), "1.20");

@@ -69,6 +69,20 @@ impl PerClass {
     }
 }
 
+/// Dollars an admin wrote (a price, a dollar limit) to micro-dollars,
+/// exactly: the amount must be the double nearest to a whole number of
+/// micro-dollars (so `0.3` is `300_000`, and `1e-7` is refused rather than
+/// rounded away), from 0 to `max_dollars` (at most 10^9: within what a
+/// double holds exactly in micro-dollars).
+pub fn exact_micro_usd(dollars: f64, max_dollars: f64) -> Option<MicroUsd> {
+    if !dollars.is_finite() || !(0.0..=max_dollars.min(1e9)).contains(&dollars) {
+        return None;
+    }
+    let micro = (dollars * 1_000_000.0).round();
+    // In range: at most 10^15 < 2^53, which a double and a u64 hold exactly.
+    (micro / 1_000_000.0 == dollars).then_some(micro as u64)
+}
+
 /// Dollars to micro-dollars, for prices written in the source (a const fn:
 /// the shipped table is checked at compile time, never parsed).
 const fn micro(usd: f64) -> u64 {

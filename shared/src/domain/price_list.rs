@@ -11,6 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::key::FieldError;
 use super::key::access::model_name_problem;
+use super::price::exact_micro_usd;
 use super::price::{
     Attribute, Band, ClassPrices, MicroUsd, Multiplier, PerClass, PriceEntry, PriceTable,
 };
@@ -130,16 +131,9 @@ pub struct PriceList {
 const PRICE_RULE: &str =
     "must be a non-negative number of dollars per million tokens with at most 6 decimals";
 
-/// Dollars to micro-dollars, exactly: the amount must be the double nearest
-/// to a whole number of micro-dollars (so `0.3` is `300_000`, and `1e-7` is
-/// refused rather than rounded away).
+/// Prices to micro-dollars, exactly (`price::exact_micro_usd`).
 fn micro_usd(amount: f64) -> Option<MicroUsd> {
-    if !amount.is_finite() || !(0.0..=MAX_DOLLARS).contains(&amount) {
-        return None;
-    }
-    let micro = (amount * 1_000_000.0).round();
-    // In range: at most 10^12, which a double and a u64 hold exactly.
-    (micro / 1_000_000.0 == amount).then_some(micro as u64)
+    exact_micro_usd(amount, MAX_DOLLARS)
 }
 
 /// A factor to thousandths, exactly (`1.1` is `1100`; `1.0005` is refused).

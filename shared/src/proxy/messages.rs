@@ -57,10 +57,18 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     if let Some(problem) = fields.model.as_deref().and_then(model_name_problem) {
         return Err(ApiError::bad_request(problem));
     }
-    let record = authorize(call, charged, fields.model.as_deref()).await?;
-    if charged
-        && let Some(model) = fields.model.as_deref()
-        && call.state.prices().await?.refuses(model, call.at)
+    // An instance's first charged request reads the price table while the
+    // key is read, not after it.
+    let prices = async {
+        match charged {
+            true => call.state.prices().await.map(Some),
+            false => Ok(None),
+        }
+    };
+    let (record, prices) = tokio::join!(authorize(call, charged, fields.model.as_deref()), prices);
+    let record = record?;
+    if let (Some(prices), Some(model)) = (prices?, fields.model.as_deref())
+        && prices.refuses(model, call.at)
     {
         return Err(unpriced(model));
     }

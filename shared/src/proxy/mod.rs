@@ -70,7 +70,7 @@ struct Inner {
     keys: TtlCache<KeyId, Arc<ApiKeyRecord>>,
     tiers: TtlCache<String, Tier>,
     /// What requests cost (`domain::price`), through `ProxyState::prices`.
-    prices: PriceCache,
+    prices: Arc<PriceCache>,
     /// The organisation's default dollar limits and time zone.
     budgets: Arc<BudgetPolicy>,
 }
@@ -87,7 +87,10 @@ impl ProxyState {
         settle_timing: SettleTiming,
     ) -> ProxyState {
         let keys = TtlCache::new(config.key_cache_ttl, 10_000);
-        let prices = PriceCache::new(config.price_cache_ttl, config.refuse_unpriced_models);
+        let prices = Arc::new(PriceCache::new(
+            config.price_cache_ttl,
+            config.refuse_unpriced_models,
+        ));
         ProxyState(Arc::new(Inner {
             store,
             upstream,

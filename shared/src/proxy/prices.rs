@@ -1,7 +1,9 @@
 //! The price table in force, as the proxy prices with it: the one admins
 //! stored (`PUT /admin/prices`), else the shipped one, with
 //! `UNPRICED_MODELS` applied; read from the store at most once per
-//! `PRICE_CACHE_SECONDS` per instance, never once per request.
+//! `PRICE_CACHE_SECONDS` per instance, never once per request. Only an
+//! instance's first priced request waits for the read: after that a table
+//! past its TTL is still used while a background read replaces it.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,9 +18,9 @@ pub(super) struct PriceCache {
     refuse_unpriced: bool,
     /// The table last read, and when.
     last: Mutex<Option<(Instant, Arc<PriceTable>)>>,
-    /// Held while the table is read: requests arriving meanwhile wait for
-    /// that read instead of each making their own.
-    reading: tokio::sync::Mutex<()>,
+    /// Held while the table is read: one read at a time, and requests that
+    /// have no table yet wait for it instead of each making their own.
+    reading: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl PriceCache {
@@ -27,7 +29,7 @@ impl PriceCache {
             ttl,
             refuse_unpriced,
             last: Mutex::new(None),
-            reading: tokio::sync::Mutex::new(()),
+            reading: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -40,34 +42,41 @@ impl PriceCache {
             .map(|(_, table)| Arc::clone(table))
     }
 
-    async fn get(&self, store: &Store) -> Result<Arc<PriceTable>, ApiError> {
+    async fn get(self: &Arc<Self>, store: &Store) -> Result<Arc<PriceTable>, ApiError> {
         if let Some(table) = self.last(true) {
             return Ok(table);
+        }
+        if let Some(stale) = self.last(false) {
+            // Past its TTL: used once more while one background read
+            // replaces it, so no request waits on the store for prices.
+            if let Ok(reading) = Arc::clone(&self.reading).try_lock_owned() {
+                let (cache, store) = (Arc::clone(self), store.clone());
+                tokio::spawn(async move {
+                    let _reading = reading;
+                    if let Err(err) = cache.read(&store).await {
+                        tracing::warn!(error = %err, "price table not read; using the one read before");
+                    }
+                });
+            }
+            return Ok(stale);
         }
         let _reading = self.reading.lock().await;
-        if let Some(table) = self.last(true) {
+        if let Some(table) = self.last(false) {
             return Ok(table);
         }
-        match store.stored_prices().await {
-            Ok(stored) => {
-                let table = Arc::new(PriceTable {
-                    refuse_unpriced: self.refuse_unpriced,
-                    ..stored.map_or_else(default_table, |stored| stored.table)
-                });
-                let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-                *last = Some((Instant::now(), Arc::clone(&table)));
-                Ok(table)
-            }
-            // Prices change rarely: the last table read is a better answer
-            // than none while the store is unreachable (read again next time).
-            Err(err) => match self.last(false) {
-                Some(table) => {
-                    tracing::warn!(error = %err, "price table not read; using the one read before");
-                    Ok(table)
-                }
-                None => Err(err.into()),
-            },
-        }
+        Ok(self.read(store).await?)
+    }
+
+    /// Reads the table in force and keeps it.
+    async fn read(&self, store: &Store) -> Result<Arc<PriceTable>, crate::store::StoreError> {
+        let stored = store.stored_prices().await?;
+        let table = Arc::new(PriceTable {
+            refuse_unpriced: self.refuse_unpriced,
+            ..stored.map_or_else(default_table, |stored| stored.table)
+        });
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        *last = Some((Instant::now(), Arc::clone(&table)));
+        Ok(table)
     }
 }
 

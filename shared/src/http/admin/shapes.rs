@@ -164,7 +164,7 @@ pub struct CreateKeyInput {
 pub struct DollarLimitInput {
     pub window: String,
     /// Dollars: a JSON number, read exactly (at most 6 decimals).
-    pub limit_usd: serde_json::Number,
+    pub limit_usd: f64,
     #[serde(default)]
     pub models: Option<String>,
 }
@@ -178,7 +178,7 @@ pub fn validate_dollar_limits(
         .into_iter()
         .map(|input| LimitInput {
             window: input.window,
-            limit_usd: input.limit_usd.to_string(),
+            limit_usd: input.limit_usd,
             models: input.models,
         })
         .collect();
