@@ -26,6 +26,7 @@ use crate::domain::admission::{BudgetCheck, Charge, QuotaRule, RateLimit};
 use crate::domain::budget::BudgetCharge;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
+use crate::domain::price::Attribute;
 use crate::domain::route::CanonicalPath;
 use crate::domain::usage::BatchTally;
 use crate::domain::usage::{estimate_tokens, request_text, usage_from_json};
@@ -279,6 +280,7 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
         reserved_tokens: reserved,
         client_ip: call.ip.to_string(),
         settled_at: None,
+        price_attributes: plan.price_attributes,
     };
     let request_id = call.request_id.clone();
     tokio::spawn(
@@ -296,6 +298,10 @@ struct BatchPlan {
     /// Each request's params and its `max_tokens`, for the worst case.
     sized: Vec<(String, u64)>,
     requests: u64,
+    /// What changes the price of its results: US inference if any request
+    /// asks for it. Results do not say which request ran where, so one
+    /// such request prices the whole batch at US rates: never under.
+    price_attributes: Vec<Attribute>,
 }
 
 impl BatchPlan {
@@ -313,10 +319,16 @@ impl BatchPlan {
         }
         let mut models: Vec<String> = Vec::new();
         let mut sized = Vec::with_capacity(parsed.requests.len());
+        let mut price_attributes = Vec::new();
         for (index, entry) in parsed.requests.iter().enumerate() {
-            let (model, max_tokens) = read_request(index, entry.params.get())?;
+            let (model, max_tokens, attributes) = read_request(index, entry.params.get())?;
             if !models.contains(&model) {
                 models.push(model);
+            }
+            for attribute in attributes {
+                if !price_attributes.contains(&attribute) {
+                    price_attributes.push(attribute);
+                }
             }
             sized.push((entry.params.get().to_owned(), max_tokens));
         }
@@ -324,12 +336,14 @@ impl BatchPlan {
             models,
             sized,
             requests: u64::try_from(parsed.requests.len()).unwrap_or(u64::MAX),
+            price_attributes,
         })
     }
 }
 
-/// One batch request's model and `max_tokens`, both required and checked.
-fn read_request(index: usize, params: &str) -> Result<(String, u64), ApiError> {
+/// One batch request's model and `max_tokens`, both required and checked,
+/// and the attributes that change its price.
+fn read_request(index: usize, params: &str) -> Result<(String, u64, Vec<Attribute>), ApiError> {
     let field = |name: &str| format!("requests[{index}].params.{name}");
     if !super::body::is_json_object(params.as_bytes()) {
         return Err(ApiError::bad_request(format!(
@@ -338,6 +352,7 @@ fn read_request(index: usize, params: &str) -> Result<(String, u64), ApiError> {
     }
     let fields: MessagesFields = serde_json::from_str(params)
         .map_err(|e| ApiError::bad_request(format!("`requests[{index}].params`: {e}")))?;
+    let attributes = fields.price_attributes();
     let model = fields
         .model
         .ok_or_else(|| ApiError::bad_request(format!("`{}` is required", field("model"))))?;
@@ -358,7 +373,7 @@ fn read_request(index: usize, params: &str) -> Result<(String, u64), ApiError> {
                 field("max_tokens")
             ))
         })?;
-    Ok((model, max_tokens))
+    Ok((model, max_tokens, attributes))
 }
 
 /// The context window a request may fill: 1M tokens with the long-context
@@ -760,7 +775,7 @@ async fn settle(
 ) -> Result<(), ApiError> {
     let at = domain::now();
     let prices = state.prices().await?;
-    let priced = tally.priced(&prices, at);
+    let priced = tally.priced(&prices, &batch.price_attributes, at);
     // The batch's cost counts against the dollar limits in force when it
     // is settled, each limit taking the models it applies to.
     let spend = match state.0.store.get_key(&batch.key_id).await? {

@@ -83,6 +83,15 @@ pub(crate) fn get_bool(item: &Item, name: &str) -> Result<bool, StoreError> {
     }
 }
 
+/// A boolean that may be absent (items written before it existed).
+pub(crate) fn opt_bool(item: &Item, name: &str) -> Result<Option<bool>, StoreError> {
+    match item.get(name) {
+        None | Some(AttributeValue::Null(_)) => Ok(None),
+        Some(AttributeValue::Bool(value)) => Ok(Some(*value)),
+        Some(_) => Err(corrupt(item, name, "is not a boolean")),
+    }
+}
+
 pub(crate) fn get_list(item: &Item, name: &str) -> Result<Vec<String>, StoreError> {
     match item.get(name) {
         None | Some(AttributeValue::Null(_)) => Ok(Vec::new()),

@@ -21,6 +21,7 @@ use super::{
 use crate::domain::budget::SpendCounter;
 use crate::domain::epoch_seconds;
 use crate::domain::key::KeyId;
+use crate::domain::price::Attribute;
 use crate::domain::price::MicroUsd;
 use crate::domain::usage::{Counters, PricedBatch};
 
@@ -41,6 +42,9 @@ pub struct BatchRecord {
     pub client_ip: String,
     /// Set once its usage is recorded.
     pub settled_at: Option<String>,
+    /// Request attributes that change the price of its results (beyond
+    /// the batch discount): US inference if any request asked for it.
+    pub price_attributes: Vec<Attribute>,
 }
 
 /// A file as the relay recorded it at upload: the upstream's file object.

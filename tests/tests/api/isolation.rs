@@ -981,3 +981,67 @@ async fn a_batch_that_vanished_upstream_is_charged_its_reservation_as_an_estimat
         Default::default()
     );
 }
+
+#[tokio::test]
+async fn a_batch_asking_for_us_inference_is_priced_so_and_counts_against_dollar_limits() {
+    use relay_shared::domain::price::{Attribute, default_table};
+    use relay_shared::domain::usage::TokenUsage;
+    let app = spawn_app().await.unwrap();
+    app.upstream.set_batch_duration(Duration::from_secs(3600));
+    let (id, key) = app
+        .new_key_with(
+            json!({"name": "b", "dollar_limits": [{"window": "lifetime", "limit_usd": 100}]}),
+        )
+        .await
+        .unwrap();
+    let mut body = batch("claude-haiku-5-5", 3, 100);
+    body["requests"][1]["params"]["inference_geo"] = json!("us");
+    let (status, created) = post_json(&app, &key, "/v1/messages/batches", &body).await;
+    assert_eq!(status, 200, "{created}");
+    let batch_id = created["id"].as_str().unwrap().to_owned();
+    app.upstream.end_batch(&batch_id);
+    let usage = app.upstream.batch_results_usage(&batch_id).unwrap();
+    let (status, _) = call(
+        &app,
+        "GET",
+        &key,
+        &format!("/v1/messages/batches/{batch_id}/results"),
+    )
+    .await;
+    assert_eq!(status, 200);
+
+    // Results do not say which request ran in the US: one asked, so the
+    // whole batch is priced at batch and US-inference rates (never under).
+    let usage = TokenUsage {
+        input_tokens: usage.input_tokens,
+        output_tokens: usage.output_tokens,
+        cache_creation_input_tokens: usage.cache_creation_input_tokens,
+        cache_read_input_tokens: usage.cache_read_input_tokens,
+        ..TokenUsage::default()
+    };
+    let table = default_table();
+    let now = relay_shared::domain::now();
+    let expected = table
+        .cost(
+            Some("claude-haiku-5-5"),
+            &usage,
+            &[Attribute::Batch, Attribute::UsInference],
+            now,
+        )
+        .micro_usd;
+    let batch_only = table
+        .cost(Some("claude-haiku-5-5"), &usage, &[Attribute::Batch], now)
+        .micro_usd;
+    assert!(expected > batch_only, "{expected} vs {batch_only}");
+    let logs = batch_logs(&app, &id).await;
+    assert_eq!(num(&logs[0], "cost_micro_usd"), expected);
+    // And the lifetime dollar limit counted it.
+    let spent: Vec<u64> = app
+        .key_record(&id)
+        .await
+        .unwrap()
+        .spend
+        .into_values()
+        .collect();
+    assert_eq!(spent, vec![expected]);
+}

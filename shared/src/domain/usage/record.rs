@@ -179,13 +179,23 @@ impl BatchTally {
         }
     }
 
-    /// Each model's usage priced as batch requests at `at`.
-    pub fn priced(self, table: &PriceTable, at: OffsetDateTime) -> PricedBatch {
+    /// Each model's usage priced as batch requests at `at`, with the
+    /// batch's own price `attributes` (US inference) on top.
+    pub fn priced(
+        self,
+        table: &PriceTable,
+        attributes: &[Attribute],
+        at: OffsetDateTime,
+    ) -> PricedBatch {
+        let mut attributes = attributes.to_vec();
+        if !attributes.contains(&Attribute::Batch) {
+            attributes.push(Attribute::Batch);
+        }
         let cost_by_model = self
             .by_model
             .iter()
             .map(|(model, (usage, _))| {
-                let cost = table.cost(Some(model), usage, &[Attribute::Batch], at);
+                let cost = table.cost(Some(model), usage, &attributes, at);
                 (model.clone(), cost)
             })
             .collect();
@@ -323,7 +333,10 @@ mod tests {
             canceled: 2,
             ..BatchTally::default()
         };
-        let counters = tally.clone().priced(&default_table(), now()).counters(6);
+        let counters = tally
+            .clone()
+            .priced(&default_table(), &[], now())
+            .counters(6);
         assert_eq!(
             (
                 counters.requests,
@@ -333,7 +346,7 @@ mod tests {
             (4, 1, 0)
         );
         tally = BatchTally::abandoned(500);
-        let counters = tally.priced(&default_table(), now()).counters(6);
+        let counters = tally.priced(&default_table(), &[], now()).counters(6);
         assert_eq!((counters.requests, counters.estimated_requests), (6, 6));
         assert_eq!(counters.usage.billed(), 500);
     }
@@ -357,7 +370,7 @@ mod tests {
             succeeded: 4,
             ..BatchTally::default()
         };
-        let tally = tally.priced(&default_table(), crate::domain::now());
+        let tally = tally.priced(&default_table(), &[], crate::domain::now());
         // Half of Opus 4.5's $5 + $25, and of Haiku 4.5's 2 × $1.
         let costs: Vec<(&str, u64)> = tally
             .model_counters()
@@ -373,7 +386,8 @@ mod tests {
         assert_eq!(tally.counters(4).cost_micro_usd, 16_000_000);
         // A batch whose results are lost is charged its reservation as
         // input of no known model: the fallback, at batch prices, flagged.
-        let lost = BatchTally::abandoned(1_000_000).priced(&default_table(), crate::domain::now());
+        let lost =
+            BatchTally::abandoned(1_000_000).priced(&default_table(), &[], crate::domain::now());
         assert_eq!(lost.counters(1).cost_micro_usd, 7_500_000);
         assert!(lost.unpriced());
     }
@@ -426,7 +440,7 @@ mod tests {
             succeeded: 1,
             ..BatchTally::default()
         };
-        let priced = tally.priced(&default_table(), crate::domain::now());
+        let priced = tally.priced(&default_table(), &[], crate::domain::now());
         // Sonnet 4.5 at batch prices ($1.50 in; reads and writes unhalved):
         // real 1000 × 1.50 + 100,000 × 0.30 + 10,000 × 3.75
         //    = 1500 + 30,000 + 37,500 = 69,000 µ$;

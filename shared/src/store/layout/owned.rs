@@ -4,16 +4,18 @@
 //! `PENDING#<request id>`); and the expressions on a batch item (its
 //! settlement) and a file item (its ownership check).
 
+use aws_sdk_dynamodb::types::AttributeValue;
 use time::OffsetDateTime;
 
 use super::super::StoreError;
-use super::super::item::{Item, corrupt, get_n, get_s, invalid, n, opt_s, s};
+use super::super::item::{Item, corrupt, get_n, get_s, invalid, n, opt_bool, opt_s, s};
 use super::super::owned::{BatchRecord, FileRecord, OpenBatch, PendingReservation};
 use super::{
     Change, GSI1PK, GSI1SK, SK, TTL_ATTRIBUTE, batch, batches_index, created_sort_key, file,
     files_index, is_open_batch, open_batch, pending,
 };
 use crate::domain::key::KeyId;
+use crate::domain::price::Attribute;
 use crate::domain::{epoch_seconds, format_timestamp};
 
 /// Batch records outlive the upstream's 29 days of results by a day.
@@ -35,6 +37,12 @@ impl TryFrom<&Item> for BatchRecord {
             reserved_tokens: get_n(item, "reserved_tokens")?,
             client_ip: get_s(item, "client_ip")?.to_owned(),
             settled_at: opt_s(item, "settled_at")?.map(str::to_owned),
+            // Absent on batches recorded before US inference was priced.
+            price_attributes: if opt_bool(item, "us_inference")?.unwrap_or(false) {
+                vec![Attribute::UsInference]
+            } else {
+                Vec::new()
+            },
         })
     }
 }
@@ -95,6 +103,10 @@ pub(crate) fn batch_item(record: &BatchRecord, now: OffsetDateTime) -> Item {
         ("request_count".to_owned(), n(record.request_count)),
         ("reserved_tokens".to_owned(), n(record.reserved_tokens)),
         ("client_ip".to_owned(), s(&record.client_ip)),
+        (
+            "us_inference".to_owned(),
+            AttributeValue::Bool(record.price_attributes.contains(&Attribute::UsInference)),
+        ),
         (
             TTL_ATTRIBUTE.to_owned(),
             n(epoch_seconds(now) + BATCH_RETENTION_SECS),

@@ -120,6 +120,7 @@ fn layout_attributes() -> BTreeSet<String> {
         reserved_tokens: 1,
         client_ip: "127.0.0.1".into(),
         settled_at: None,
+        price_attributes: vec![crate::domain::price::Attribute::UsInference],
     };
     let file = FileRecord {
         file_id: "f".into(),
