@@ -111,8 +111,13 @@ impl DollarLimit {
 }
 
 /// `*` matches any run of characters (also none); everything else matches
-/// itself, case-sensitively (model ids are lower case).
+/// itself, ignoring ASCII case: a client that spells a model id in
+/// capitals must not slip past a limit on it.
 pub fn glob_matches(pattern: &str, text: &str) -> bool {
+    glob_matches_exactly(&pattern.to_ascii_lowercase(), &text.to_ascii_lowercase())
+}
+
+fn glob_matches_exactly(pattern: &str, text: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");
     let Some(mut rest) = text.strip_prefix(first) else {
@@ -755,6 +760,8 @@ mod tests {
             ("claude-sonnet-4-5", "claude-sonnet-4-50", false),
             ("a*a", "a", false),
             ("*", "", true),
+            ("claude-opus-*", "CLAUDE-Opus-4-5", true),
+            ("*claude-opus-*", "us.anthropic.claude-opus-4-5-v1:0", true),
         ] {
             assert_eq!(glob_matches(pattern, text), expected, "{pattern} ~ {text}");
         }
