@@ -77,6 +77,7 @@ fn record_of(key: &PresentedKey) -> ApiKeyRecord {
         ]),
         spend: Default::default(),
         five_hour_start: None,
+        budget_alerts: Default::default(),
     }
 }
 

@@ -100,6 +100,7 @@ impl Default for AppOptions {
                 log_retention: Duration::from_secs(30 * 86_400),
                 pass_through: Default::default(),
                 refuse_unpriced_models: false,
+                budget_alerts: Default::default(),
             },
             secrets: None,
             dynamodb_endpoint: None,
