@@ -58,9 +58,7 @@ impl AlertPublisher {
                 endpoint,
                 client,
             } => {
-                let client = client
-                    .get_or_init(|| sns_client(endpoint.as_deref()))
-                    .await;
+                let client = client.get_or_init(|| sns_client(endpoint.as_deref())).await;
                 let threshold = MessageAttributeValue::builder()
                     .data_type("Number")
                     .string_value(alert.threshold_percent.to_string())

@@ -161,9 +161,7 @@ impl BudgetAlert {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{
-        BudgetCharge, BudgetPolicy, BudgetZone, FIVE_HOURS, Window, epoch_seconds,
-    };
+    use super::super::{BudgetCharge, BudgetPolicy, BudgetZone, FIVE_HOURS, Window, epoch_seconds};
     use super::*;
     use crate::domain::key::{ApiKeyRecord, PresentedKey};
     use crate::domain::parse_timestamp;
@@ -342,10 +340,7 @@ mod tests {
         };
         let watches = BudgetCharge::alert_watches(&record, &policy, now);
         assert_eq!(watches.len(), 1);
-        assert_eq!(
-            (watches[0].used_before, watches[0].alerted),
-            (pct(70), 50)
-        );
+        assert_eq!((watches[0].used_before, watches[0].alerted), (pct(70), 50));
     }
 
     #[test]

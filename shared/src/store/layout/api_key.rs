@@ -613,4 +613,42 @@ mod tests {
         assert!(!expression.contains("ADD"));
         assert!(condition.contains("tokens_used < token_limit"));
     }
+
+    #[test]
+    fn an_ended_period_loses_its_spend_counter_and_its_alert_marker_together() {
+        let ended = SpendCounter {
+            limit: "day".into(),
+            period: "d2026-11-27".into(),
+        };
+        let current = SpendCounter {
+            limit: "day".into(),
+            period: "d2026-11-28".into(),
+        };
+        let spend = KeySpend {
+            add: vec![(&current, 5)],
+            drop: std::slice::from_ref(&ended),
+        };
+        let change = settlement(&Counters::default(), 1, None, &spend, crate::domain::now());
+        let names = change.names.unwrap();
+        let removed: Vec<&str> = change
+            .expression
+            .split(" REMOVE ")
+            .nth(1)
+            .unwrap()
+            .split(", ")
+            .map(|placeholder| names[placeholder].as_str())
+            .collect();
+        assert_eq!(removed, ["spend|day|d2026-11-27", "alert|day|d2026-11-27"]);
+        // The claim of a threshold: raised only past the marker, and only
+        // once the settled counter has reached the amount.
+        let claim = alert_claim(&current, 80, 8_000_000);
+        let claim_names = claim.names.unwrap();
+        assert_eq!(claim_names["#alert"], "alert|day|d2026-11-28");
+        assert_eq!(claim_names["#spend"], "spend|day|d2026-11-28");
+        assert_eq!(number(&claim.values, ":amount"), "8000000");
+        assert_eq!(
+            ALERT_CLAIM_CONDITION,
+            "(attribute_not_exists(#alert) OR #alert < :threshold) AND #spend >= :amount"
+        );
+    }
 }
