@@ -642,7 +642,7 @@ pub fn validate_limits(
 pub fn usd(micro: MicroUsd) -> String {
     let whole = micro / 1_000_000;
     let fraction = micro % 1_000_000;
-    if fraction % 10_000 == 0 {
+    if fraction.is_multiple_of(10_000) {
         format!("{whole}.{:02}", fraction / 10_000)
     } else {
         let digits = format!("{fraction:06}");
