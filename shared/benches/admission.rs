@@ -77,6 +77,7 @@ fn record_of(key: &PresentedKey) -> ApiKeyRecord {
         ]),
         spend: Default::default(),
         five_hour_start: None,
+        budget_alerts: Default::default(),
     }
 }
 
@@ -105,9 +106,12 @@ fn bench(c: &mut Criterion) {
     };
     stored.rate_window = None;
     // Calendar periods in a zone with daylight saving: the dearer case.
+    let Ok(zone) = BudgetZone::named("Europe/Paris") else {
+        panic!("Europe/Paris is in the bundled tz database");
+    };
     let policy = BudgetPolicy {
         default_limits: Vec::new(),
-        zone: BudgetZone::named("Europe/Paris").unwrap_or_else(|_| BudgetZone::utc()),
+        zone,
     };
     let budget = BudgetCheck {
         policy: &policy,

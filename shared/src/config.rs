@@ -126,6 +126,10 @@ variables! {
         "IANA time zone of the dollar limits' calendar days, weeks (from Monday) and months";
     DEFAULT_DOLLAR_LIMITS = Otherwise("none"),
         "organisation default dollar limits of keys that set none, as the admin API's `dollar_limits` JSON (e.g. `[{\"window\":\"month\",\"limit_usd\":100}]`)";
+    BUDGET_ALERT_TOPIC_ARN = Otherwise("unset: budget alerts are logged (target `budget_alert`)"),
+        "SNS topic budget alerts (50, 80 and 100 % of a dollar limit, once per limit and period) are published to";
+    SNS_ENDPOINT = Otherwise("unset"),
+        "an SNS emulator's address (moto)";
     METRICS = Otherwise("on in Lambda, off elsewhere"),
         "`emf` to print EMF lines outside Lambda, `off` to silence them";
     METRICS_NAMESPACE = Default(DEFAULT_NAMESPACE),
@@ -429,6 +433,8 @@ pub struct ProxyConfig {
     /// How long the price table read from the store is used before it is
     /// read again.
     pub price_cache_ttl: Duration,
+    /// Where budget alerts go.
+    pub budget_alerts: AlertTarget,
 }
 
 /// `UNPRICED_MODELS`: whether a model without a price is refused.
@@ -444,6 +450,14 @@ fn refuse_unpriced_models(env: &Env) -> Result<bool, ConfigError> {
             ),
         }),
     }
+}
+
+/// Where budget alerts are published: an SNS topic, or (none) the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AlertTarget {
+    pub topic_arn: Option<String>,
+    /// An SNS emulator's address; `None`: AWS.
+    pub sns_endpoint: Option<String>,
 }
 
 impl ProxyConfig {
@@ -472,6 +486,10 @@ impl ProxyConfig {
             })?,
             refuse_unpriced_models: refuse_unpriced_models(env)?,
             price_cache_ttl: env.seconds(&PRICE_CACHE_SECONDS)?,
+            budget_alerts: AlertTarget {
+                topic_arn: env.text(&BUDGET_ALERT_TOPIC_ARN),
+                sns_endpoint: env.text(&SNS_ENDPOINT),
+            },
         })
     }
 }

@@ -2,6 +2,7 @@
 //! DynamoDB store, secrets, and the axum routers each function serves.
 
 pub mod admin_auth;
+pub mod alerts;
 pub mod app;
 pub mod config;
 pub mod domain;

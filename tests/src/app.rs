@@ -105,6 +105,7 @@ impl Default for AppOptions {
                 pass_through: Default::default(),
                 refuse_unpriced_models: false,
                 price_cache_ttl: Duration::from_secs(60),
+                budget_alerts: Default::default(),
             },
             secrets: None,
             dynamodb_endpoint: None,

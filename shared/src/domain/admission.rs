@@ -323,6 +323,7 @@ mod tests {
             dollar_limits: None,
             spend: Default::default(),
             five_hour_start: None,
+            budget_alerts: Default::default(),
         };
         (record, key.hash())
     }

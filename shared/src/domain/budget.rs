@@ -10,6 +10,8 @@
 //! new period starts from nothing without a reset write. A reservation
 //! (a worst case held while a request runs) can sit beside each counter.
 
+pub mod alerts;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -494,11 +496,14 @@ pub fn spent_limit(
 /// What a settlement does to the key's spend counters for one admitted
 /// request: adds its cost to each counter of a limit that applies to it,
 /// and drops counters of periods that have ended (so a key item does not
-/// grow with every day it is used).
+/// grow with every day it is used), with their alert markers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BudgetCharge {
     pub add_to: Vec<SpendCounter>,
     pub drop: Vec<SpendCounter>,
+    /// The `add_to` counters as budget alerts judge them once the cost is
+    /// settled (`alerts::AlertWatch`), from the same admitted record.
+    pub alerts: Vec<alerts::AlertWatch>,
 }
 
 impl BudgetCharge {
@@ -517,19 +522,42 @@ impl BudgetCharge {
         };
         let standings = standings_with(admitted, policy, now, step);
         let current: BTreeSet<&SpendCounter> = standings.iter().map(|s| &s.counter).collect();
+        let applicable: Vec<&LimitStanding> = standings
+            .iter()
+            .filter(|s| applies(&s.limit, models))
+            .collect();
+        // Counters and alert markers of ended periods (a marker outlives
+        // its counter only if an earlier drop lost a race: dropped too).
+        let ended: BTreeSet<&SpendCounter> = admitted
+            .spend
+            .keys()
+            .chain(admitted.budget_alerts.keys())
+            .filter(|counter| !current.contains(counter))
+            .collect();
         BudgetCharge {
-            add_to: standings
+            add_to: applicable.iter().map(|s| s.counter.clone()).collect(),
+            drop: ended.into_iter().cloned().collect(),
+            alerts: applicable
                 .iter()
-                .filter(|s| applies(&s.limit, models))
-                .map(|s| s.counter.clone())
-                .collect(),
-            drop: admitted
-                .spend
-                .keys()
-                .filter(|counter| !current.contains(counter))
-                .cloned()
+                .map(|s| alert_watch(admitted, s))
                 .collect(),
         }
+    }
+
+    /// The counters in force for `record` at `now` (as
+    /// [`BudgetCharge::per_counter_costs`] charges a batch), as budget
+    /// alerts judge them.
+    pub fn alert_watches(
+        record: &ApiKeyRecord,
+        policy: &BudgetPolicy,
+        now: OffsetDateTime,
+    ) -> Vec<alerts::AlertWatch> {
+        let step = five_hour_step(record.five_hour_start, now);
+        standings_with(record, policy, now, step)
+            .iter()
+            .filter(|s| !s.not_open)
+            .map(|s| alert_watch(record, s))
+            .collect()
     }
 
     /// The counters a batch's per-model costs add to: each limit's counter
@@ -554,6 +582,20 @@ impl BudgetCharge {
             })
             .filter(|(_, cost)| *cost > 0)
             .collect()
+    }
+}
+
+fn alert_watch(record: &ApiKeyRecord, standing: &LimitStanding) -> alerts::AlertWatch {
+    alerts::AlertWatch {
+        counter: standing.counter.clone(),
+        limit: standing.limit.clone(),
+        used_before: standing.used,
+        alerted: record
+            .budget_alerts
+            .get(&standing.counter)
+            .copied()
+            .unwrap_or(0),
+        resets_at: standing.resets_at,
     }
 }
 
@@ -737,6 +779,7 @@ mod tests {
             dollar_limits: limits,
             spend: BTreeMap::new(),
             five_hour_start: None,
+            budget_alerts: Default::default(),
         }
     }
 

@@ -35,6 +35,7 @@ use crate::error::ApiError;
 use crate::http::{PageParams, page_json, unknown_page_anchor};
 use crate::store::admission::Terms;
 use crate::store::owned::{BatchRecord, OpenBatch, PENDING_STALE, PendingReservation};
+use crate::store::settlement::SettleOutcome;
 use crate::upstream::{
     BodyStream, ForwardRequest, RetryPolicy, UpstreamError, client_response_headers,
 };
@@ -778,13 +779,16 @@ async fn settle(
     let priced = tally.priced(&prices, &batch.price_attributes, at);
     // The batch's cost counts against the dollar limits in force when it
     // is settled, each limit taking the models it applies to.
-    let spend = match state.0.store.get_key(&batch.key_id).await? {
+    let (spend, watches) = match state.0.store.get_key(&batch.key_id).await? {
         Some(record) => {
             let costs: Vec<(&str, u64)> = priced
                 .model_counters()
                 .map(|(model, counters)| (model, counters.cost_micro_usd))
                 .collect();
-            BudgetCharge::per_counter_costs(&record, &state.0.budgets, &costs, at)
+            (
+                BudgetCharge::per_counter_costs(&record, &state.0.budgets, &costs, at),
+                BudgetCharge::alert_watches(&record, &state.0.budgets, at),
+            )
         }
         None => Default::default(),
     };
@@ -794,6 +798,17 @@ async fn settle(
         .settle_batch(batch, &priced, &spend, at, state.0.config.log_retention)
         .await?;
     tracing::info!(batch_id = %batch.batch_id, key_id = %batch.key_id, ?outcome, tokens = priced.tally.total().billed(), "batch usage settled");
+    // The budget alerts the batch's cost made due, judged from the key as
+    // read before its settlement.
+    if outcome == SettleOutcome::Recorded {
+        let due: Vec<_> = watches
+            .iter()
+            .flat_map(|watch| watch.due(spend.get(&watch.counter).copied().unwrap_or(0)))
+            .collect();
+        if !due.is_empty() {
+            super::alerting(state).send(&batch.key_id, due).await;
+        }
+    }
     Ok(())
 }
 

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
+use super::alerts::Alerting;
 use super::context::Call;
 use super::tap::UsageTap;
 use super::{ProxyState, SettleTiming};
@@ -17,6 +18,7 @@ use crate::domain::key::KeyId;
 use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::usage::UsageRecord;
 use crate::domain::usage::{AnswerUsage, complete_with_estimate};
+use crate::store::settlement::SettleOutcome;
 use crate::store::{Store, StoreError};
 
 /// What is known of a metered request when it is admitted.
@@ -200,7 +202,7 @@ pub(super) async fn finish<A>(state: &ProxyState, record: UsageRecord, answer: A
         inline: config.settle_inline,
         background: config.settle_background,
     };
-    settle(&inner.store, record, policy).await;
+    settle(&inner.store, record, policy, super::alerting(state)).await;
 }
 
 /// How long settlement retries, and how long the log keeps the record.
@@ -215,9 +217,10 @@ struct SettlePolicy {
 
 /// Records usage, retrying while DynamoDB is unavailable: first while the
 /// host waits (bounded), then in the background (in this request's span);
-/// as a last resort the whole record goes to the error log.
-async fn settle(store: &Store, record: UsageRecord, policy: SettlePolicy) {
-    if settle_until(
+/// as a last resort the whole record goes to the error log. Once recorded,
+/// sends the budget alerts its cost made due.
+async fn settle(store: &Store, record: UsageRecord, policy: SettlePolicy, alerting: Alerting) {
+    if let Some(outcome) = settle_until(
         store,
         &record,
         policy.retention,
@@ -225,6 +228,7 @@ async fn settle(store: &Store, record: UsageRecord, policy: SettlePolicy) {
     )
     .await
     {
+        send_alerts(&alerting, &record, outcome).await;
         return;
     }
     crate::metrics::emit_event("proxy", "SettleDelayed", "store_unavailable");
@@ -232,13 +236,33 @@ async fn settle(store: &Store, record: UsageRecord, policy: SettlePolicy) {
     let deadline = Instant::now() + policy.background;
     tokio::spawn(
         async move {
-            if !settle_until(&store, &record, policy.retention, deadline).await {
-                crate::metrics::emit_event("proxy", "SettleFailures", "gave_up");
-                log_unsettled(&record);
+            match settle_until(&store, &record, policy.retention, deadline).await {
+                Some(outcome) => send_alerts(&alerting, &record, outcome).await,
+                None => {
+                    crate::metrics::emit_event("proxy", "SettleFailures", "gave_up");
+                    log_unsettled(&record);
+                }
             }
         }
         .in_current_span(),
     );
+}
+
+/// The budget alerts a newly recorded request's cost made due (none in the
+/// common case: then nothing is written or sent).
+async fn send_alerts(alerting: &Alerting, record: &UsageRecord, outcome: SettleOutcome) {
+    if outcome != SettleOutcome::Recorded {
+        return;
+    }
+    let due: Vec<_> = record
+        .budget
+        .alerts
+        .iter()
+        .flat_map(|watch| watch.due(record.cost.micro_usd))
+        .collect();
+    if !due.is_empty() {
+        alerting.send(&record.key_id, due).await;
+    }
 }
 
 fn log_unsettled(record: &UsageRecord) {
@@ -258,31 +282,31 @@ fn log_unsettled(record: &UsageRecord) {
     );
 }
 
-/// `true` once recorded (or found recorded before).
+/// The outcome once recorded (or found recorded before); `None` if not.
 async fn settle_until(
     store: &Store,
     record: &UsageRecord,
     retention: Duration,
     deadline: Instant,
-) -> bool {
+) -> Option<SettleOutcome> {
     let mut pause = Duration::from_millis(50);
     loop {
         match store.settle(record, retention).await {
             Ok(outcome) => {
                 tracing::debug!(?outcome, "settled");
-                return true;
+                return Some(outcome);
             }
             Err(StoreError::Unavailable(err)) => {
                 if Instant::now() + pause > deadline {
                     tracing::warn!(error = %format!("{err:#}"), "settle postponed");
-                    return false;
+                    return None;
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
             }
             Err(StoreError::Unexpected(err)) => {
                 tracing::error!(error = %format!("{err:#}"), "settle failed");
-                return false;
+                return None;
             }
         }
     }

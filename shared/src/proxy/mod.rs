@@ -13,6 +13,7 @@
 //! 5. **finish** (`finish`): the usage record is built once, the answer
 //!    ended before or after it is written as the host needs, and settled.
 
+mod alerts;
 pub mod batches;
 mod body;
 mod context;
@@ -36,6 +37,7 @@ use axum::routing::any;
 use self::context::{Begun, Call};
 use self::exchange::Exchange;
 use self::prices::PriceCache;
+use crate::alerts::AlertPublisher;
 pub use crate::config::ProxyConfig;
 use crate::domain::budget::BudgetPolicy;
 use crate::domain::key::{ApiKeyRecord, KeyId};
@@ -73,6 +75,8 @@ struct Inner {
     prices: Arc<PriceCache>,
     /// The organisation's default dollar limits and time zone.
     budgets: Arc<BudgetPolicy>,
+    /// Where budget alerts go (an SNS topic, or the log).
+    alerts: AlertPublisher,
 }
 
 #[derive(Clone)]
@@ -91,7 +95,9 @@ impl ProxyState {
             config.price_cache_ttl,
             config.refuse_unpriced_models,
         ));
+        let alerts = AlertPublisher::new(&config.budget_alerts);
         ProxyState(Arc::new(Inner {
+            alerts,
             store,
             upstream,
             config,
@@ -156,6 +162,15 @@ async fn serve(call: Call, route: Route, body: Body) -> Result<Response, ApiErro
         Route::Hello | Route::Complete | Route::UploadFile => Err(ApiError::internal(
             anyhow::anyhow!("route {route:?} reached the forwarding step"),
         )),
+    }
+}
+
+/// What sending budget alerts needs, for a settle task.
+fn alerting(state: &ProxyState) -> alerts::Alerting {
+    alerts::Alerting {
+        store: state.0.store.clone(),
+        publisher: state.0.alerts.clone(),
+        budgets: state.0.budgets.clone(),
     }
 }
 

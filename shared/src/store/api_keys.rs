@@ -66,6 +66,7 @@ impl Store {
             dollar_limits: new.dollar_limits.clone(),
             spend: Default::default(),
             five_hour_start: None,
+            budget_alerts: Default::default(),
         };
         let item = layout::api_key::new_key_item(&record);
         self.client

@@ -6,12 +6,14 @@
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::builders::UpdateBuilder;
-use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{ReturnValue, TransactWriteItem, Update};
 use time::OffsetDateTime;
 
-use super::{Store, StoreError, conflict_pause, layout, transact_put, transact_update};
+use super::{Store, StoreError, classify, conflict_pause, layout, transact_put, transact_update};
+use crate::domain::budget::SpendCounter;
 use crate::domain::day_of;
-use crate::domain::key::KeyId;
+use crate::domain::key::{ApiKeyRecord, KeyId};
+use crate::domain::price::MicroUsd;
 use crate::domain::usage::{Counters, SessionId, UsageRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +60,52 @@ impl Store {
             "settle of {} kept conflicting",
             record.request_id
         )))
+    }
+
+    /// Claims the budget alert of `threshold` on `counter` after a
+    /// settlement (`domain::budget::alerts`): one conditional write raising
+    /// the counter's alert marker, refused when a claim already reached the
+    /// threshold or the settled spend has not reached `amount`. Of any
+    /// number of claimants exactly one gets the key as the claim left it
+    /// (its settled spend and name, for the event); the others get `None`,
+    /// as does a claim on a key deleted meanwhile.
+    pub async fn claim_budget_alert(
+        &self,
+        key_id: &KeyId,
+        counter: &SpendCounter,
+        threshold: u8,
+        amount: MicroUsd,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        let claim = layout::api_key::alert_claim(counter, threshold, amount);
+        let result = self
+            .client
+            .update_item()
+            .table_name(self.table())
+            .set_key(Some(layout::api_key(key_id).item()))
+            .update_expression(claim.expression)
+            .condition_expression(layout::api_key::ALERT_CLAIM_CONDITION)
+            .set_expression_attribute_names(claim.names)
+            .set_expression_attribute_values(Some(claim.values))
+            .return_values(ReturnValue::AllNew)
+            .send()
+            .await;
+        match result {
+            Ok(output) => output
+                .attributes
+                .as_ref()
+                .map(ApiKeyRecord::try_from)
+                .transpose(),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(None)
+            }
+            Err(err) => {
+                Err(classify(err).during(format!("UpdateItem {}", layout::api_key(key_id))))
+            }
+        }
     }
 
     fn settle_items(

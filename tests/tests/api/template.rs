@@ -392,6 +392,72 @@ fn functions_get_their_configuration_and_the_stage_stays_out_of_paths() {
     }
 }
 
+/// Budget alerts: a topic, the proxy told its ARN and allowed to publish
+/// to it alone, e-mail and HTTPS webhook subscribers only when asked for,
+/// and the ARN as an output for further subscribers.
+#[test]
+fn budget_alerts_go_to_their_own_topic_with_optional_email_and_webhook_subscribers() {
+    let template = template();
+    assert_eq!(
+        text(at(&template, &["Resources", "BudgetAlertTopic", "Type"])),
+        "AWS::SNS::Topic"
+    );
+    let proxy = environment(&template, "ProxyFunction");
+    let arn = &proxy["BUDGET_ALERT_TOPIC_ARN"];
+    assert!(is_ref(arn, "BudgetAlertTopic"), "{arn:?}");
+    for function in ["AdminFunction", "UsageFunction"] {
+        assert!(!environment(&template, function).contains_key("BUDGET_ALERT_TOPIC_ARN"));
+    }
+    let publishes: Vec<Statement> = statements(&template, "ProxyFunction")
+        .into_iter()
+        .filter(|s| s.actions.iter().any(|a| a.starts_with("sns:")))
+        .collect();
+    assert_eq!(publishes.len(), 1);
+    assert_eq!(publishes[0].actions, ["sns:Publish"]);
+    assert!(is_ref(&publishes[0].resource, "BudgetAlertTopic"));
+    for (subscription, protocol, parameter, condition) in [
+        (
+            "BudgetAlertEmailSubscription",
+            "email",
+            "BudgetAlertEmail",
+            "HasBudgetAlertEmail",
+        ),
+        (
+            "BudgetAlertWebhookSubscription",
+            "https",
+            "BudgetAlertWebhookUrl",
+            "HasBudgetAlertWebhook",
+        ),
+    ] {
+        let resource = resource(&template, subscription);
+        assert_eq!(text(at(resource, &["Condition"])), condition);
+        let properties = at(resource, &["Properties"]);
+        assert!(is_ref(at(properties, &["TopicArn"]), "BudgetAlertTopic"));
+        assert_eq!(text(at(properties, &["Protocol"])), protocol);
+        assert!(is_ref(at(properties, &["Endpoint"]), parameter));
+        assert_eq!(
+            text(at(&template, &["Parameters", parameter, "Default"])),
+            "",
+            "{parameter}: no subscriber unless asked for"
+        );
+        // The condition is "the parameter is not empty".
+        let rendered = format!("{:?}", at(&template, &["Conditions", condition]));
+        assert!(rendered.contains(parameter), "{condition}: {rendered}");
+    }
+    let webhook = text(at(
+        &template,
+        &["Parameters", "BudgetAlertWebhookUrl", "AllowedPattern"],
+    ));
+    assert!(
+        webhook.contains("^https://"),
+        "webhooks are HTTPS: {webhook}"
+    );
+    assert!(is_ref(
+        outputs_value(&template, "BudgetAlertTopicArn"),
+        "BudgetAlertTopic"
+    ));
+}
+
 /// The parts of a `!Tag [a, b, …]` list, checking the tag.
 fn tagged_list<'a>(value: &'a Value, tag: &str) -> &'a [Value] {
     assert_eq!(
@@ -593,7 +659,15 @@ fn each_function_has_least_privilege() {
                 );
                 let table = rendered.contains("RelayTable");
                 let secret = rendered.contains("RelaySecret");
-                assert!(table || secret, "{function}: resource {rendered}");
+                let alerts = rendered.contains("BudgetAlertTopic");
+                assert!(table || secret || alerts, "{function}: resource {rendered}");
+                if statement.actions.iter().any(|a| a.starts_with("sns:")) {
+                    assert!(
+                        alerts && function == "ProxyFunction",
+                        "{function}: SNS only by the proxy, only on the budget-alert topic"
+                    );
+                    assert_eq!(statement.actions, ["sns:Publish"]);
+                }
                 if statement.actions.iter().any(|a| a.starts_with("dynamodb:")) {
                     assert!(table, "{function}: DynamoDB only on the relay table");
                 }

@@ -50,6 +50,9 @@ pub struct ApiKeyRecord {
     pub spend: BTreeMap<SpendCounter, MicroUsd>,
     /// The start (epoch seconds) of the key's last 5-hour window.
     pub five_hour_start: Option<u64>,
+    /// The highest budget-alert threshold (percent) already sent for each
+    /// spend counter (`domain::budget::alerts`); none: nothing sent yet.
+    pub budget_alerts: BTreeMap<SpendCounter, u8>,
 }
 
 impl ApiKeyRecord {
@@ -154,6 +157,7 @@ mod tests {
             dollar_limits: None,
             spend: Default::default(),
             five_hour_start: None,
+            budget_alerts: Default::default(),
         }
     }
 

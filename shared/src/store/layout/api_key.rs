@@ -62,6 +62,7 @@ impl TryFrom<&Item> for ApiKeyRecord {
                 .transpose()?,
             spend: spend_of(item)?,
             five_hour_start: opt_n(item, "five_hour_start")?,
+            budget_alerts: alerts_of(item)?,
         })
     }
 }
@@ -130,9 +131,31 @@ pub(crate) fn spend_attribute(counter: &SpendCounter) -> String {
 }
 
 fn spend_of(item: &Item) -> Result<BTreeMap<SpendCounter, MicroUsd>, StoreError> {
+    counters_of(item, SPEND_PREFIX)
+}
+
+/// Budget-alert markers are top-level attributes `alert|<limit id>|<period>`
+/// beside their spend counter, holding the highest threshold (percent)
+/// claimed for it (`domain::budget::alerts`); a settlement that drops an
+/// ended period's counter drops its marker too.
+const ALERT_PREFIX: &str = "alert|";
+
+pub(crate) fn alert_attribute(counter: &SpendCounter) -> String {
+    format!("{ALERT_PREFIX}{}|{}", counter.limit, counter.period)
+}
+
+fn alerts_of(item: &Item) -> Result<BTreeMap<SpendCounter, u8>, StoreError> {
+    Ok(counters_of(item, ALERT_PREFIX)?
+        .into_iter()
+        .map(|(counter, threshold)| (counter, u8::try_from(threshold).unwrap_or(u8::MAX)))
+        .collect())
+}
+
+/// The numbers stored under `<prefix><limit id>|<period>`, by counter.
+fn counters_of(item: &Item, prefix: &str) -> Result<BTreeMap<SpendCounter, u64>, StoreError> {
     item.keys()
         .filter_map(|name| {
-            let (limit, period) = name.strip_prefix(SPEND_PREFIX)?.rsplit_once('|')?;
+            let (limit, period) = name.strip_prefix(prefix)?.rsplit_once('|')?;
             Some((name, limit, period))
         })
         .map(|(name, limit, period)| {
@@ -144,6 +167,29 @@ fn spend_of(item: &Item) -> Result<BTreeMap<SpendCounter, MicroUsd>, StoreError>
         })
         .collect()
 }
+
+/// The claim of one budget alert: the counter's marker raised to
+/// `threshold`, only if no claim reached it yet and the counter (as settled)
+/// has reached `amount`, the threshold's share of the limit — so of
+/// concurrent claimants exactly one wins, and a claim never runs ahead of
+/// the spend it reports.
+pub(crate) fn alert_claim(counter: &SpendCounter, threshold: u8, amount: MicroUsd) -> Change {
+    Change {
+        expression: "SET #alert = :threshold".to_owned(),
+        names: Some(HashMap::from([
+            ("#alert".to_owned(), alert_attribute(counter)),
+            ("#spend".to_owned(), spend_attribute(counter)),
+        ])),
+        values: Item::from([
+            (":threshold".to_owned(), n(threshold)),
+            (":amount".to_owned(), n(amount)),
+        ]),
+    }
+}
+
+/// The condition of an [`alert_claim`] (the key must exist: its counter does).
+pub(crate) const ALERT_CLAIM_CONDITION: &str =
+    "(attribute_not_exists(#alert) OR #alert < :threshold) AND #spend >= :amount";
 
 /// A key's dollar limits as stored: one JSON string, written only here, so
 /// the admission write can require it unchanged by comparing strings.
@@ -418,13 +464,16 @@ pub(crate) fn settlement(
     }
     expression
         .push_str(" SET last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)");
+    // An ended period's counter goes with its alert marker (removing an
+    // absent attribute is no error).
     let drops: Vec<String> = spend
         .drop
         .iter()
         .enumerate()
         .map(|(i, counter)| {
             names.insert(format!("#sd{i}"), spend_attribute(counter));
-            format!("#sd{i}")
+            names.insert(format!("#ad{i}"), alert_attribute(counter));
+            format!("#sd{i}, #ad{i}")
         })
         .collect();
     if !drops.is_empty() {
@@ -438,7 +487,7 @@ pub(crate) fn settlement(
 }
 
 /// What a settlement adds to a key's spend counters (micro-dollars per
-/// counter) and which ended periods' counters it drops.
+/// counter) and which ended periods' counters (and alert markers) it drops.
 #[derive(Debug, Default)]
 pub(crate) struct KeySpend<'a> {
     pub add: Vec<(&'a SpendCounter, MicroUsd)>,
@@ -563,5 +612,43 @@ mod tests {
         } = admission_update(&message, RATE, &hash, now);
         assert!(!expression.contains("ADD"));
         assert!(condition.contains("tokens_used < token_limit"));
+    }
+
+    #[test]
+    fn an_ended_period_loses_its_spend_counter_and_its_alert_marker_together() {
+        let ended = SpendCounter {
+            limit: "day".into(),
+            period: "d2026-11-27".into(),
+        };
+        let current = SpendCounter {
+            limit: "day".into(),
+            period: "d2026-11-28".into(),
+        };
+        let spend = KeySpend {
+            add: vec![(&current, 5)],
+            drop: std::slice::from_ref(&ended),
+        };
+        let change = settlement(&Counters::default(), 1, None, &spend, crate::domain::now());
+        let names = change.names.unwrap();
+        let removed: Vec<&str> = change
+            .expression
+            .split(" REMOVE ")
+            .nth(1)
+            .unwrap()
+            .split(", ")
+            .map(|placeholder| names[placeholder].as_str())
+            .collect();
+        assert_eq!(removed, ["spend|day|d2026-11-27", "alert|day|d2026-11-27"]);
+        // The claim of a threshold: raised only past the marker, and only
+        // once the settled counter has reached the amount.
+        let claim = alert_claim(&current, 80, 8_000_000);
+        let claim_names = claim.names.unwrap();
+        assert_eq!(claim_names["#alert"], "alert|day|d2026-11-28");
+        assert_eq!(claim_names["#spend"], "spend|day|d2026-11-28");
+        assert_eq!(number(&claim.values, ":amount"), "8000000");
+        assert_eq!(
+            ALERT_CLAIM_CONDITION,
+            "(attribute_not_exists(#alert) OR #alert < :threshold) AND #spend >= :amount"
+        );
     }
 }

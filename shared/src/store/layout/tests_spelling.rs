@@ -12,7 +12,7 @@ use super::{
     ITEM_ABSENT, ITEM_EXISTS, TTL_ATTRIBUTE, api_key, day, login, owned, prices, tier, usage,
 };
 use crate::domain::admission::{AdmissionWrite, Charge, QuotaRule, RateLimit, WindowStep};
-use crate::domain::budget::{BudgetWrite, FiveHourStep};
+use crate::domain::budget::{BudgetWrite, FiveHourStep, SpendCounter};
 use crate::domain::key::{ApiKeyRecord, KeyChanges, KeyId, PresentedKey};
 use crate::domain::tier::Tier;
 use crate::domain::usage::{Counters, UsageRecord};
@@ -90,6 +90,7 @@ fn layout_attributes() -> BTreeSet<String> {
         dollar_limits: Some(Vec::new()),
         spend: Default::default(),
         five_hour_start: None,
+        budget_alerts: Default::default(),
     };
     let usage_record = UsageRecord {
         request_id: "r".into(),
@@ -171,11 +172,26 @@ fn layout_attributes() -> BTreeSet<String> {
         dollar_limits: Some(None),
     };
     let day_item = day(&key, "2026-01-02");
+    let spend_counter = SpendCounter {
+        limit: "day".into(),
+        period: "d2026-01-02".into(),
+    };
     let changes = [
         api_key::patch(&every_change, at),
         api_key::rotation(&PresentedKey::generate().hash(), at),
         api_key::settlement(&counters, 1, Some(-1), &api_key::KeySpend::default(), at),
         api_key::reservation_release(1),
+        api_key::alert_claim(&spend_counter, 80, 1),
+        api_key::settlement(
+            &counters,
+            1,
+            None,
+            &api_key::KeySpend {
+                add: vec![(&spend_counter, 1)],
+                drop: std::slice::from_ref(&spend_counter),
+            },
+            at,
+        ),
         usage::day_settlement(&key, &day_item, "2026-01-02", &counters, at),
         usage::model_settlement("m", &counters, at),
         usage::session_settlement(
@@ -243,6 +259,7 @@ fn layout_attributes() -> BTreeSet<String> {
         api_key::KEY_CHECKS,
         api_key::ACTIVE_IS,
         api_key::NAME_PROJECTION,
+        api_key::ALERT_CLAIM_CONDITION,
         usage::AGGREGATES_BETWEEN,
         usage::LOGS_BETWEEN,
         usage::MODEL_LOGS_BETWEEN,
@@ -337,6 +354,8 @@ fn the_layout_gathers_the_attribute_names_it_uses() {
         "file_id",
         "name",
         "price_list",
+        "alert|day|d2026-01-02",
+        "spend|day|d2026-01-02",
     ] {
         assert!(names.contains(expected), "{expected} in {names:?}");
     }
