@@ -300,32 +300,14 @@ mod tests {
     }
 
     fn key(used: u64, limit: Option<u64>) -> (ApiKeyRecord, SecretHash) {
-        let key = PresentedKey::generate();
-        let now = at_1000();
+        let (record, hash) = ApiKeyRecord::sample(at_1000());
         let record = ApiKeyRecord {
-            id: key.id().clone(),
-            name: "k".into(),
-            description: None,
-            prefix: String::new(),
-            secret_hash: key.hash(),
-            is_active: true,
-            created_at: now,
-            updated_at: now,
-            expires_at: None,
             token_limit: limit,
             tokens_used: used,
-            tokens_reserved: 0,
-            rate_limit_tier: "basic".into(),
-            allowed_ips: vec![],
-            allowed_origins: vec![],
-            allowed_models: vec![],
             rate_window: Some((960, 2)),
-            dollar_limits: None,
-            spend: Default::default(),
-            five_hour_start: None,
-            budget_alerts: Default::default(),
+            ..record
         };
-        (record, key.hash())
+        (record, hash)
     }
 
     fn reserve(limit: Option<u64>, tokens: u64) -> Charge {

@@ -740,7 +740,6 @@ impl fmt::Display for SpentLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::key::PresentedKey;
     use crate::domain::parse_timestamp;
 
     fn at(text: &str) -> OffsetDateTime {
@@ -756,30 +755,9 @@ mod tests {
     }
 
     fn key(limits: Option<Vec<DollarLimit>>) -> ApiKeyRecord {
-        let key = PresentedKey::generate();
-        let now = at("2026-11-28T12:00:00Z");
         ApiKeyRecord {
-            id: key.id().clone(),
-            name: "k".into(),
-            description: None,
-            prefix: String::new(),
-            secret_hash: key.hash(),
-            is_active: true,
-            created_at: now,
-            updated_at: now,
-            expires_at: None,
-            token_limit: None,
-            tokens_used: 0,
-            tokens_reserved: 0,
-            rate_limit_tier: "basic".into(),
-            allowed_ips: vec![],
-            allowed_origins: vec![],
-            allowed_models: vec![],
-            rate_window: None,
             dollar_limits: limits,
-            spend: BTreeMap::new(),
-            five_hour_start: None,
-            budget_alerts: Default::default(),
+            ..ApiKeyRecord::sample(at("2026-11-28T12:00:00Z")).0
         }
     }
 

@@ -186,13 +186,24 @@ impl Store {
         id: &KeyId,
         change: layout::Change,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.update_key_where(id, change, layout::ITEM_EXISTS).await
+    }
+
+    /// Applies `change` to the key if `condition` holds: the key as the
+    /// change left it, or `None` (the condition failed).
+    pub(super) async fn update_key_where(
+        &self,
+        id: &KeyId,
+        change: layout::Change,
+        condition: &str,
+    ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let result = self
             .client
             .update_item()
             .table_name(self.table())
             .set_key(Some(layout::api_key(id).item()))
             .update_expression(change.expression)
-            .condition_expression(layout::ITEM_EXISTS)
+            .condition_expression(condition)
             .set_expression_attribute_names(change.names)
             .set_expression_attribute_values(Some(change.values))
             .return_values(ReturnValue::AllNew)

@@ -6,10 +6,10 @@
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::builders::UpdateBuilder;
-use aws_sdk_dynamodb::types::{ReturnValue, TransactWriteItem, Update};
+use aws_sdk_dynamodb::types::{TransactWriteItem, Update};
 use time::OffsetDateTime;
 
-use super::{Store, StoreError, classify, conflict_pause, layout, transact_put, transact_update};
+use super::{Store, StoreError, conflict_pause, layout, transact_put, transact_update};
 use crate::domain::budget::SpendCounter;
 use crate::domain::day_of;
 use crate::domain::key::{ApiKeyRecord, KeyId};
@@ -77,35 +77,8 @@ impl Store {
         amount: MicroUsd,
     ) -> Result<Option<ApiKeyRecord>, StoreError> {
         let claim = layout::api_key::alert_claim(counter, threshold, amount);
-        let result = self
-            .client
-            .update_item()
-            .table_name(self.table())
-            .set_key(Some(layout::api_key(key_id).item()))
-            .update_expression(claim.expression)
-            .condition_expression(layout::api_key::ALERT_CLAIM_CONDITION)
-            .set_expression_attribute_names(claim.names)
-            .set_expression_attribute_values(Some(claim.values))
-            .return_values(ReturnValue::AllNew)
-            .send()
-            .await;
-        match result {
-            Ok(output) => output
-                .attributes
-                .as_ref()
-                .map(ApiKeyRecord::try_from)
-                .transpose(),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Ok(None)
-            }
-            Err(err) => {
-                Err(classify(err).during(format!("UpdateItem {}", layout::api_key(key_id))))
-            }
-        }
+        self.update_key_where(key_id, claim, layout::api_key::ALERT_CLAIM_CONDITION)
+            .await
     }
 
     fn settle_items(

@@ -130,21 +130,20 @@ pub(super) fn origin_host(origin: &str) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::key::PresentedKey;
-
-    fn record() -> ApiKeyRecord {
+impl ApiKeyRecord {
+    /// A usable key created at `now`, without limits or allowlists, and
+    /// its secret's hash (for tests).
+    pub(crate) fn sample(now: OffsetDateTime) -> (ApiKeyRecord, SecretHash) {
         let key = PresentedKey::generate();
-        ApiKeyRecord {
+        let record = ApiKeyRecord {
             id: key.id().clone(),
-            name: "t".into(),
+            name: "sample".into(),
             description: None,
             prefix: String::new(),
             secret_hash: key.hash(),
             is_active: true,
-            created_at: crate::domain::now(),
-            updated_at: crate::domain::now(),
+            created_at: now,
+            updated_at: now,
             expires_at: None,
             token_limit: None,
             tokens_used: 0,
@@ -155,10 +154,20 @@ mod tests {
             allowed_models: vec![],
             rate_window: None,
             dollar_limits: None,
-            spend: Default::default(),
+            spend: BTreeMap::new(),
             five_hour_start: None,
-            budget_alerts: Default::default(),
-        }
+            budget_alerts: BTreeMap::new(),
+        };
+        (record, key.hash())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> ApiKeyRecord {
+        ApiKeyRecord::sample(crate::domain::now()).0
     }
 
     #[test]
