@@ -4,6 +4,7 @@
 //! authentication the second phase runs on it.
 
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::Request;
@@ -32,6 +33,30 @@ pub(crate) struct Call {
     pub(super) at: OffsetDateTime,
     pub(super) started: Instant,
     pub(super) request_id: String,
+    /// The key as this request last saw it, and the models it asks for:
+    /// the answer's `x-relay-…` headers (`standing`) are made from it.
+    pub(super) seen: Seen,
+}
+
+/// The key record a request saw (read, or as its admission left it) and
+/// the models it names; shared with the phase that answers.
+#[derive(Clone, Default)]
+pub(super) struct Seen(Arc<Mutex<Option<SeenKey>>>);
+
+pub(super) struct SeenKey {
+    pub record: Arc<ApiKeyRecord>,
+    pub models: Vec<String>,
+}
+
+impl Seen {
+    pub(super) fn saw(&self, record: Arc<ApiKeyRecord>, models: &[&str]) {
+        let models = models.iter().map(|m| (*m).to_owned()).collect();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(SeenKey { record, models });
+    }
+
+    pub(super) fn take(&self) -> Option<SeenKey> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
 }
 
 /// What the first phase ends with.
@@ -93,6 +118,7 @@ pub(super) fn begin(state: ProxyState, ip: IpAddr, request: Request) -> Result<B
         at,
         started,
         request_id,
+        seen: Seen::default(),
     };
     Ok(Begun::Call(Box::new(call), route, body))
 }
@@ -159,14 +185,16 @@ impl Call {
         &self,
         models: NamedModels<'_>,
     ) -> Result<ApiKeyRecord, ApiError> {
-        key_holder::authenticate(
+        let record = key_holder::authenticate(
             &self.state.0.store,
             &self.key,
             &self.caller(),
             models,
             self.at,
         )
-        .await
+        .await?;
+        self.seen.saw(Arc::new(record.clone()), &[]);
+        Ok(record)
     }
 
     /// The access rules (status, expiry, IP, origin, models) on a record

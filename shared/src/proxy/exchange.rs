@@ -44,41 +44,23 @@ pub(super) struct Exchange {
     pub metering: Option<Metering>,
     pub streamed: bool,
     pub started: Instant,
-    /// The relay's own headers on the answer: what the key has left
-    /// (`standing::headers`).
-    pub standing: HeaderMap,
 }
 
 impl Exchange {
     /// A free exchange: forwarded and streamed back, nothing metered.
-    pub(super) fn unmetered(
-        state: ProxyState,
-        forward: ForwardRequest,
-        started: Instant,
-        standing: HeaderMap,
-    ) -> Self {
+    pub(super) fn unmetered(state: ProxyState, forward: ForwardRequest, started: Instant) -> Self {
         Exchange {
             state,
             forward,
             metering: None,
             streamed: false,
             started,
-            standing,
         }
     }
 }
 
 /// Starts the task and answers as soon as it knows the status.
-pub(super) async fn start(mut exchange: Exchange) -> Response {
-    let standing = std::mem::take(&mut exchange.standing);
-    let mut response = answer(exchange).await;
-    response.headers_mut().extend(standing);
-    response
-}
-
-/// The answer's status and headers as soon as they are known, its body
-/// streaming from the task.
-async fn answer(exchange: Exchange) -> Response {
+pub(super) async fn start(exchange: Exchange) -> Response {
     let (head_tx, head_rx) = oneshot::channel();
     let (body_tx, body_rx) = mpsc::channel::<Chunk>(16);
     tokio::spawn(exchange.run(head_tx, body_tx).in_current_span());

@@ -6,7 +6,6 @@ use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::HeaderMap;
 use http::{Method, StatusCode};
 use serde_json::Value;
 
@@ -202,8 +201,7 @@ pub(super) async fn list(call: Call) -> Result<Response, ApiError> {
 pub(super) async fn forward(call: Call, file_id: &str, body: Bytes) -> Result<Response, ApiError> {
     owned(&call, file_id).await?;
     let forward = call.forward(body);
-    let exchange = Exchange::unmetered(call.state, forward, call.started, HeaderMap::new());
-    Ok(exchange::start(exchange).await)
+    Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
 }
 
 /// `DELETE /v1/files/{id}`: forwarded for its owner; the record goes once

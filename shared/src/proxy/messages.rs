@@ -12,7 +12,7 @@ use super::body::{self, MessagesFields};
 use super::context::Call;
 use super::exchange::{self, Exchange};
 use super::finish::Metering;
-use super::{ProxyState, standing, tier_of};
+use super::{ProxyState, tier_of};
 use crate::domain::admission::{BudgetCheck, RateLimit};
 use crate::domain::budget::BudgetCharge;
 use crate::domain::key::ApiKeyRecord;
@@ -25,8 +25,6 @@ struct Admitted {
     streamed: bool,
     /// How the answer is metered; `None` for a free route.
     metering: Option<Metering>,
-    /// What the key has left, for the answer's headers.
-    standing: http::HeaderMap,
 }
 
 pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, ApiError> {
@@ -38,7 +36,6 @@ pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<R
         metering: admitted.metering,
         streamed: admitted.streamed,
         started: call.started,
-        standing: admitted.standing,
     })
     .await)
 }
@@ -76,21 +73,23 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     let streamed = fields.stream.unwrap_or(false);
     let policy = &call.state.0.budgets;
     let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
-    let (metering, standing) = if charged {
+    let metering = if charged {
         let admitted = admit_write(call, &record, &models).await?;
         let budget = BudgetCharge::of(&admitted, policy, &models, call.at);
-        let standing = standing::headers(&admitted, policy, &models, call.at);
+        call.seen.saw(admitted, &models);
         let attributes = fields.price_attributes();
-        let metering = Metering::of(call, fields.model.clone(), streamed, attributes, budget);
-        (Some(metering), standing)
+        Some(Metering::of(
+            call,
+            fields.model.clone(),
+            streamed,
+            attributes,
+            budget,
+        ))
     } else {
-        (None, standing::headers(&record, policy, &models, call.at))
+        call.seen.saw(record, &models);
+        None
     };
-    Ok(Admitted {
-        streamed,
-        metering,
-        standing,
-    })
+    Ok(Admitted { streamed, metering })
 }
 
 /// The refusal of a model the price table does not price, when the relay

@@ -136,8 +136,20 @@ async fn relay_request(
     })
 }
 
-/// Phases 2 to 5 for the route at hand.
+/// Phases 2 to 5 for the route at hand; the answer carries what the key
+/// has left (`standing`), as the request last saw the key.
 async fn serve(call: Call, route: Route, body: Body) -> Result<Response, ApiError> {
+    let (seen, state, at) = (call.seen.clone(), call.state.clone(), call.at);
+    let mut response = serve_route(call, route, body).await?;
+    if let Some(seen) = seen.take() {
+        let models: Vec<&str> = seen.models.iter().map(String::as_str).collect();
+        let headers = standing::headers(&seen.record, &state.0.budgets, &models, at);
+        response.headers_mut().extend(headers);
+    }
+    Ok(response)
+}
+
+async fn serve_route(call: Call, route: Route, body: Body) -> Result<Response, ApiError> {
     if route == Route::UploadFile {
         return files::upload(call, body).await;
     }
@@ -145,11 +157,9 @@ async fn serve(call: Call, route: Route, body: Body) -> Result<Response, ApiErro
     match route {
         Route::Messages | Route::CountTokens => messages::messages(call, &route, body).await,
         Route::ListModels | Route::GetModel(_) | Route::PassThrough => {
-            let record = call.authenticate(None).await?;
-            let standing = standing::headers(&record, &call.state.0.budgets, &[], call.at);
+            call.authenticate(None).await?;
             let forward = call.forward(body);
-            let exchange = Exchange::unmetered(call.state, forward, call.started, standing);
-            Ok(exchange::start(exchange).await)
+            Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
         }
         Route::CreateBatch => batches::create(call, body).await,
         Route::ListBatches => batches::list(call).await,

@@ -1,7 +1,8 @@
-//! The relay's own headers on a proxied answer: what the key has left of
-//! its token quota and dollar limits, and when the nearest dollar limit
-//! resets, as they stood when the request was admitted (its own cost is
-//! not in them yet). Documented in the README ("Headers the relay adds").
+//! The relay's own headers on every proxied answer: what the key has left
+//! of its token quota and dollar limits, and when the nearest dollar limit
+//! resets, as the request last saw the key (`context::Seen`: admitted, or
+//! read; a message's own cost is not in them yet). Documented in the
+//! README ("Headers the relay adds").
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use time::OffsetDateTime;

@@ -130,6 +130,28 @@ async fn a_daily_dollar_limit_admits_while_it_has_room_then_refuses_naming_its_r
         sent_upstream,
         "refused before forwarding"
     );
+    // Every proxied answer says so, not only messages: a model list from
+    // upstream, a file list the relay answers from its own records.
+    for path in ["/v1/models", "/v1/files"] {
+        let response = app
+            .http
+            .get(app.url(path))
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(
+            header(&response, "x-relay-budget-remaining-usd"),
+            Some("0.00"),
+            "{path}"
+        );
+        assert_eq!(
+            header(&response, "x-relay-budget-limit"),
+            Some("day"),
+            "{path}"
+        );
+    }
 
     // Both views show it spent, with its reset.
     let quota = key_quota(&app, &key).await;
