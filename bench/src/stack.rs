@@ -173,7 +173,8 @@ fn relay_env(table: &str, dynamodb_endpoint: &str, password: &str) -> Vec<(Strin
 }
 
 /// Logs in as admin, creates the `bench` tier (no throttling at c=32) and a
-/// key on it; returns the key.
+/// key on it with dollar limits a team would set (far from spent: the
+/// admission write checks them on every request); returns the key.
 async fn create_key(http: &reqwest::Client, base: &str, password: &str) -> anyhow::Result<String> {
     let login: serde_json::Value = http
         .post(format!("{base}/admin/login"))
@@ -198,7 +199,16 @@ async fn create_key(http: &reqwest::Client, base: &str, password: &str) -> anyho
     let key: serde_json::Value = http
         .post(format!("{base}/admin/api-keys"))
         .bearer_auth(&token)
-        .json(&serde_json::json!({"name": "make bench", "rate_limit_tier": "bench"}))
+        .json(&serde_json::json!({
+            "name": "make bench",
+            "rate_limit_tier": "bench",
+            "dollar_limits": [
+                {"window": "5h", "limit_usd": 100_000},
+                {"window": "day", "limit_usd": 1_000_000},
+                {"window": "week", "limit_usd": 1_000_000, "models": "claude-opus-*"},
+                {"window": "month", "limit_usd": 10_000_000}
+            ]
+        }))
         .send()
         .await?
         .error_for_status()
