@@ -179,6 +179,9 @@ def runtime(binaries, tmp_path_factory):
     )
     dynamo_client = boto3.client("dynamodb", endpoint_url=dynamodb, **aws)
     secrets_client = boto3.client("secretsmanager", endpoint_url=secretsmanager, **aws)
+    # moto serves SNS on the same endpoint: the budget alert topic.
+    sns_client = boto3.client("sns", endpoint_url=secretsmanager, **aws)
+    alert_topic = sns_client.create_topic(Name=f"relay-alerts-{uuid.uuid4().hex}")["TopicArn"]
     table = f"relay-lambda-{uuid.uuid4().hex}"
     create_table(dynamo_client, table)
     secret_arn = secrets_client.create_secret(
@@ -213,6 +216,7 @@ def runtime(binaries, tmp_path_factory):
             "LOG_RETENTION_DAYS": "30",
             "PASSTHROUGH_PATH_PREFIXES": "",
             "ADMIN_ALLOWED_CIDRS": "",
+            "BUDGET_ALERT_TOPIC_ARN": alert_topic,
         }
         functions = {}
         for binary, variables in functions_in_template().items():
@@ -223,6 +227,7 @@ def runtime(binaries, tmp_path_factory):
                 **credentials,
                 "DYNAMODB_ENDPOINT": dynamodb,
                 "SECRETSMANAGER_ENDPOINT": secretsmanager,
+                "SNS_ENDPOINT": secretsmanager,
             }
             for name, value in variables.items():
                 if isinstance(value, str):
