@@ -75,3 +75,78 @@ impl Drop for PrivateDynamo {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A DynamoDB endpoint in front of another that holds every settlement
+/// (`TransactWriteItems`) back for `delay` before passing it on: it makes
+/// "settlement trails the answer" last long enough for a test to see what
+/// a client sending its next request meanwhile gets.
+pub struct SlowSettlements {
+    pub endpoint: String,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SlowSettlements {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl SlowSettlements {
+    pub async fn start(upstream: String, delay: std::time::Duration) -> anyhow::Result<Self> {
+        use axum::body::Body;
+        use axum::extract::Request;
+        use axum::response::Response;
+
+        let client = reqwest::Client::new();
+        let forward = move |request: Request| {
+            let (client, upstream) = (client.clone(), upstream.clone());
+            async move {
+                let (parts, body) = request.into_parts();
+                let body = axum::body::to_bytes(body, usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let target = parts
+                    .headers
+                    .get("x-amz-target")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if target.ends_with(".TransactWriteItems") {
+                    tokio::time::sleep(delay).await;
+                }
+                let mut outgoing = client.request(parts.method, format!("{upstream}{}", parts.uri));
+                for (name, value) in &parts.headers {
+                    if name != http::header::HOST && name != http::header::CONTENT_LENGTH {
+                        outgoing = outgoing.header(name, value);
+                    }
+                }
+                let answer = match outgoing.body(body).send().await {
+                    Ok(answer) => answer,
+                    Err(_) => {
+                        let mut response = Response::new(Body::empty());
+                        *response.status_mut() = http::StatusCode::BAD_GATEWAY;
+                        return response;
+                    }
+                };
+                let mut response = Response::builder().status(answer.status());
+                for (name, value) in answer.headers() {
+                    if name != http::header::CONTENT_LENGTH
+                        && name != http::header::TRANSFER_ENCODING
+                    {
+                        response = response.header(name, value);
+                    }
+                }
+                let bytes = answer.bytes().await.unwrap_or_default();
+                response
+                    .body(Body::from(bytes))
+                    .unwrap_or_else(|_| Response::new(Body::empty()))
+            }
+        };
+        let app = axum::Router::new().fallback(forward);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(SlowSettlements { endpoint, server })
+    }
+}

@@ -426,6 +426,26 @@ pub fn headroom(
     }
 }
 
+/// Whether a request whose worst case is `tokens` tokens costing `cost`
+/// could use up what `record` (as its admission left it) has of its token
+/// quota or of a dollar limit covering `models`. Such a request's usage is
+/// recorded before its answer ends, so that a client's next request, sent
+/// once this answer ended, is judged on it; the others settle after their
+/// answer, adding nothing to its latency.
+pub fn may_exhaust(
+    record: &ApiKeyRecord,
+    policy: &BudgetPolicy,
+    models: &[&str],
+    tokens: u64,
+    cost: MicroUsd,
+    now: OffsetDateTime,
+) -> bool {
+    record.remaining_tokens().is_some_and(|left| tokens >= left)
+        || standings(record, policy, now)
+            .iter()
+            .any(|s| applies(&s.limit, models) && cost >= s.remaining())
+}
+
 /// How the admission write states the key's dollar limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetWrite {
@@ -966,6 +986,35 @@ mod tests {
         );
         let none = headroom(&key(Some(vec![])), &policy, &[], now);
         assert_eq!((none.tightest, none.next_reset), (None, None));
+    }
+
+    #[test]
+    fn a_request_may_exhaust_a_limit_when_its_worst_case_reaches_what_is_left() {
+        let now = at("2026-11-28T12:00:00Z");
+        let policy = BudgetPolicy::default();
+        let mut record = key(Some(vec![limit(Window::Day, 10, Some("claude-opus-*"))]));
+        record.token_limit = Some(1_000);
+        record.tokens_used = 400;
+        record.spend = BTreeMap::from([(counter("day:claude-opus-*", "d2026-11-28"), 9_000_000)]);
+        let opus = ["claude-opus-4-5"];
+        // 600 tokens are left: a worst case of 600 may use them up, 599 not.
+        assert!(may_exhaust(&record, &policy, &[], 600, 0, now));
+        assert!(!may_exhaust(&record, &policy, &[], 599, 0, now));
+        // $1 is left of the Opus day: a $1 worst case may spend it…
+        assert!(may_exhaust(&record, &policy, &opus, 1, 1_000_000, now));
+        assert!(!may_exhaust(&record, &policy, &opus, 1, 999_999, now));
+        // …but not for Sonnet, which the limit does not cover.
+        assert!(!may_exhaust(
+            &record,
+            &policy,
+            &["claude-sonnet-4-5"],
+            1,
+            5_000_000,
+            now
+        ));
+        // Nothing limited: nothing to exhaust.
+        let free = key(Some(vec![]));
+        assert!(!may_exhaust(&free, &policy, &[], u64::MAX, u64::MAX, now));
     }
 
     #[test]

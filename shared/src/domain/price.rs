@@ -182,6 +182,52 @@ impl PriceTable {
         self.refuse_unpriced && self.entry_for(model, at).is_none()
     }
 
+    /// The most a request for `model` could cost at `at`: `prompt` tokens
+    /// of its dearest input class (plain input, a cache write or a cache
+    /// read, whichever costs most in the band that prompt falls in) and
+    /// `output` tokens, with `attributes` applied. What a request that
+    /// has not been answered yet may spend, at worst.
+    pub fn worst_case(
+        &self,
+        model: Option<&str>,
+        prompt: u64,
+        output: u64,
+        attributes: &[Attribute],
+        at: OffsetDateTime,
+    ) -> MicroUsd {
+        let placements = [
+            TokenUsage {
+                input_tokens: prompt,
+                ..TokenUsage::default()
+            },
+            TokenUsage {
+                cache_creation_input_tokens: prompt,
+                cache_creation_5m: prompt,
+                ..TokenUsage::default()
+            },
+            TokenUsage {
+                cache_creation_input_tokens: prompt,
+                cache_creation_1h: prompt,
+                ..TokenUsage::default()
+            },
+            TokenUsage {
+                cache_read_input_tokens: prompt,
+                ..TokenUsage::default()
+            },
+        ];
+        placements
+            .into_iter()
+            .map(|usage| {
+                let usage = TokenUsage {
+                    output_tokens: output,
+                    ..usage
+                };
+                self.cost(model, &usage, attributes, at).micro_usd
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// What `usage` of `model` (`None`: the answer named none) costs at
     /// `at`, with `attributes` of the request applied.
     pub fn cost(
@@ -623,5 +669,33 @@ mod tests {
             NOW,
         );
         assert_eq!((priced(cost), cost.saved_micro_usd), (7_750, 30_000));
+    }
+
+    #[test]
+    fn the_worst_case_prices_the_prompt_at_its_dearest_input_class() {
+        let table = default_table();
+        // Sonnet 4.5: the 1-hour write ($6) is the dearest input class:
+        // 10,000 × 6 + 2,000 × 15 = 60,000 + 30,000 = 90,000 µ$.
+        assert_eq!(
+            table.worst_case(Some("claude-sonnet-4-5"), 10_000, 2_000, &[], NOW),
+            90_000
+        );
+        // US inference ×1.1 on every class: 99,000 µ$.
+        assert_eq!(
+            table.worst_case(
+                Some("claude-sonnet-4-5"),
+                10_000,
+                2_000,
+                &[Attribute::UsInference],
+                NOW
+            ),
+            99_000
+        );
+        // An unknown model: the fallback (Opus 4's $30 1-hour write, $75 out):
+        // 1,000 × 30 + 100 × 75 = 30,000 + 7,500 = 37,500 µ$.
+        assert_eq!(
+            table.worst_case(Some("mystery"), 1_000, 100, &[], NOW),
+            37_500
+        );
     }
 }

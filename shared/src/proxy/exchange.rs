@@ -152,9 +152,10 @@ impl Exchange {
             ..
         } = self;
         if let Some(metering) = metering {
+            let settle_first = metering.settle_before_answer_ends;
             let prices = state.prices_at_settlement().await;
             let record = usage_record(metering, outcome, forward.body, started, &prices).await;
-            finish(&state, record, client).await;
+            finish(&state, record, client, settle_first).await;
         }
     }
 

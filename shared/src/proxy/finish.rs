@@ -39,6 +39,10 @@ pub(crate) struct Metering {
     pub price_attributes: Vec<Attribute>,
     /// The dollar limits' counters its cost goes to.
     pub budget: BudgetCharge,
+    /// Its worst case may use up a limit: its usage is recorded before its
+    /// answer ends (`domain::budget::may_exhaust`), whatever the host's
+    /// settle timing.
+    pub settle_before_answer_ends: bool,
 }
 
 impl Metering {
@@ -62,6 +66,7 @@ impl Metering {
             session_id: call.header_text("x-claude-code-session-id"),
             price_attributes,
             budget,
+            settle_before_answer_ends: false,
         }
     }
 }
@@ -132,6 +137,7 @@ pub(super) async fn usage_record(
         session_id,
         price_attributes,
         budget,
+        settle_before_answer_ends: _,
     } = metering;
     let model = usage.model.or(model);
     // Priced at the request's moment, from the usage the answer reported
@@ -181,10 +187,19 @@ fn millis(duration: Duration) -> u64 {
 ///
 /// `answer` is what keeps the client's answer open (the exchange's body
 /// sender): dropping it ends the answer.
-pub(super) async fn finish<A>(state: &ProxyState, record: UsageRecord, answer: A) {
+///
+/// A request that may have used up a limit (`settle_first`) is recorded
+/// before its answer ends on every host: a client that sends its next
+/// request once this answer ended is then judged on this one's usage.
+pub(super) async fn finish<A>(
+    state: &ProxyState,
+    record: UsageRecord,
+    answer: A,
+    settle_first: bool,
+) {
     let inner = &state.0;
     let _after_work = match &inner.settle_timing {
-        SettleTiming::AfterAnswerEnds(in_flight) => {
+        SettleTiming::AfterAnswerEnds(in_flight) if !settle_first => {
             let busy = in_flight.after_work();
             drop(answer);
             // Let the connection write the answer's end before this task
@@ -193,7 +208,7 @@ pub(super) async fn finish<A>(state: &ProxyState, record: UsageRecord, answer: A
             tokio::task::yield_now().await;
             Some(busy)
         }
-        SettleTiming::BeforeAnswerEnds => None,
+        SettleTiming::AfterAnswerEnds(_) | SettleTiming::BeforeAnswerEnds => None,
     };
     crate::metrics::emit_request(&record);
     let config = &inner.config;

@@ -14,9 +14,10 @@ use super::exchange::{self, Exchange};
 use super::finish::Metering;
 use super::{ProxyState, tier_of};
 use crate::domain::admission::{BudgetCheck, RateLimit};
-use crate::domain::budget::BudgetCharge;
+use crate::domain::budget::{BudgetCharge, may_exhaust};
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
+use crate::domain::price::{Attribute, MicroUsd, PriceTable};
 use crate::domain::route::{Route, Treatment};
 use crate::error::ApiError;
 
@@ -64,7 +65,8 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     };
     let (record, prices) = tokio::join!(authorize(call, charged, fields.model.as_deref()), prices);
     let record = record?;
-    if let (Some(prices), Some(model)) = (prices?, fields.model.as_deref())
+    let prices = prices?;
+    if let (Some(prices), Some(model)) = (&prices, fields.model.as_deref())
         && prices.refuses(model, call.at)
     {
         return Err(unpriced(model));
@@ -73,23 +75,60 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     let streamed = fields.stream.unwrap_or(false);
     let policy = &call.state.0.budgets;
     let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
-    let metering = if charged {
-        let admitted = admit_write(call, &record, &models).await?;
-        let budget = BudgetCharge::of(&admitted, policy, &models, call.at);
-        call.seen.saw(admitted, &models);
-        let attributes = fields.price_attributes();
-        Some(Metering::of(
-            call,
-            fields.model.clone(),
-            streamed,
-            attributes,
-            budget,
-        ))
-    } else {
-        call.seen.saw(record, &models);
-        None
+    let metering = match prices.filter(|_| charged) {
+        Some(prices) => {
+            let admitted = admit_write(call, &record, &models).await?;
+            let budget = BudgetCharge::of(&admitted, policy, &models, call.at);
+            let attributes = fields.price_attributes();
+            let worst = worst_case(&prices, &fields, &attributes, body.len(), call.at);
+            let settle_first = may_exhaust(
+                &admitted,
+                policy,
+                &models,
+                worst.tokens,
+                worst.cost,
+                call.at,
+            );
+            call.seen.saw(admitted, &models);
+            let mut metering =
+                Metering::of(call, fields.model.clone(), streamed, attributes, budget);
+            metering.settle_before_answer_ends = settle_first;
+            Some(metering)
+        }
+        None => {
+            call.seen.saw(record, &models);
+            None
+        }
     };
     Ok(Admitted { streamed, metering })
+}
+
+/// The most a message request could use: every byte of its body a prompt
+/// token (a token is at least one byte), at its dearest input class, and
+/// all of `max_tokens` (absent or odd: the most any model writes).
+struct WorstCase {
+    tokens: u64,
+    cost: MicroUsd,
+}
+
+fn worst_case(
+    prices: &PriceTable,
+    fields: &MessagesFields,
+    attributes: &[Attribute],
+    body_len: usize,
+    at: time::OffsetDateTime,
+) -> WorstCase {
+    const MOST_OUTPUT: u64 = 1_000_000;
+    let prompt = u64::try_from(body_len).unwrap_or(u64::MAX);
+    let output = fields
+        .max_tokens
+        .as_ref()
+        .and_then(serde_json::Value::as_u64)
+        .map_or(MOST_OUTPUT, |m| m.min(MOST_OUTPUT));
+    WorstCase {
+        tokens: prompt.saturating_add(output),
+        cost: prices.worst_case(fields.model.as_deref(), prompt, output, attributes, at),
+    }
 }
 
 /// The refusal of a model the price table does not price, when the relay

@@ -6,6 +6,7 @@
 use aws_sdk_dynamodb::types::AttributeValue;
 use relay_shared::domain::budget::{BudgetPolicy, BudgetZone, DollarLimit, Window};
 use relay_tests::app::{AppOptions, TestApp, spawn_app, spawn_app_with};
+use relay_tests::dynamo::SlowSettlements;
 use relay_tests::fake_upstream::{Behavior, MessageSpec, Usage};
 use reqwest::Response;
 use serde_json::{Value, json};
@@ -430,4 +431,92 @@ async fn dollar_limits_are_validated_naming_the_field() {
     assert_eq!(status, 200);
     assert_eq!(view["dollar_limits"], Value::Null);
     assert_eq!(app.key_record(&id).await.unwrap().dollar_limits, None);
+}
+
+/// A client that sends each request once the previous answer ended, as
+/// Claude Code does, on the real settle timing (after the answer, unless
+/// the answer may use up a limit), with every settlement held back 300 ms
+/// on its way to DynamoDB: a request sent right after an answer whose
+/// settlement trails it is admitted before that usage is counted. The fake
+/// bills what the request could really use: input = body length / 4,
+/// output = min(max_tokens, 12).
+async fn sequential_app() -> (TestApp, SlowSettlements) {
+    let endpoint = relay_tests::app::dynamodb_endpoint().unwrap();
+    let slow = SlowSettlements::start(endpoint, std::time::Duration::from_millis(300))
+        .await
+        .unwrap();
+    let app = spawn_app_with(AppOptions {
+        hold_answers_until_settled: false,
+        dynamodb_endpoint: Some(slow.endpoint.clone()),
+        ..AppOptions::default()
+    })
+    .await
+    .unwrap();
+    app.upstream.set_default(Behavior::Message(MessageSpec {
+        usage_from_request: true,
+        ..MessageSpec::default()
+    }));
+    (app, slow)
+}
+
+/// Three requests one after another, each read to its end; returns how many
+/// usage rows were recorded when the third answer had ended.
+async fn three_in_a_row(app: &TestApp, id: &str, key: &str) -> usize {
+    for _ in 0..3 {
+        let response = send(app, key, "claude-sonnet-4-5").await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    app.items(id, "LOG#").await.unwrap().len()
+}
+
+/// What one such request bills (tokens, µ$), read off a probe key.
+async fn one_request(app: &TestApp) -> (u64, u64) {
+    let (probe_id, probe) = app.new_key().await.unwrap();
+    send(app, &probe, "claude-sonnet-4-5")
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    app.in_flight.idle().await;
+    let log = &app.wait_for_logs(&probe_id, 1).await.unwrap()[0];
+    (
+        relay_tests::app::num(log, "input_tokens") + relay_tests::app::num(log, "output_tokens"),
+        relay_tests::app::num(log, "cost_micro_usd"),
+    )
+}
+
+#[tokio::test]
+async fn a_sequential_client_is_refused_right_after_the_answer_that_spent_its_dollars() {
+    let (app, _slow) = sequential_app().await;
+    // A limit two requests' cost and one micro-dollar: the third is
+    // admitted (room left) and spends it.
+    let (_, cost) = one_request(&app).await;
+    let limit_usd = (2 * cost + 1) as f64 / 1e6;
+    let (id, key) = app
+        .new_key_with(json!({"name": "seq", "dollar_limits": [{"window": "lifetime", "limit_usd": limit_usd}]}))
+        .await
+        .unwrap();
+    // Each answer's worst case reaches what is left, so each is recorded
+    // before it ends: once the third answer is read, its usage is there.
+    assert_eq!(three_in_a_row(&app, &id, &key).await, 3);
+    let spent: u64 = app.key_record(&id).await.unwrap().spend.values().sum();
+    assert_eq!(spent, 3 * cost);
+    let message = refusal(send(&app, &key, "claude-sonnet-4-5").await).await;
+    assert!(message.contains("in total"), "{message}");
+}
+
+#[tokio::test]
+async fn a_sequential_client_is_refused_right_after_the_answer_that_spent_its_tokens() {
+    let (app, _slow) = sequential_app().await;
+    let (tokens, _) = one_request(&app).await;
+    let (id, key) = app
+        .new_key_with(json!({"name": "seq", "token_limit": 2 * tokens + 1}))
+        .await
+        .unwrap();
+    assert_eq!(three_in_a_row(&app, &id, &key).await, 3);
+    assert_eq!(app.key_record(&id).await.unwrap().tokens_used, 3 * tokens);
+    let response = send(&app, &key, "claude-sonnet-4-5").await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(header(&response, "x-should-retry"), Some("false"));
 }
