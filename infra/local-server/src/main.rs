@@ -1,5 +1,6 @@
 //! `make local`: every function's router on one port, against DynamoDB
-//! Local, exactly as the Lambda binaries serve them.
+//! Local, exactly as the Lambda binaries serve them; stopped gracefully by
+//! SIGINT (Ctrl-C) or SIGTERM (`kill`, systemd, containers) alike.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -15,9 +16,12 @@ use relay_shared::proxy::{self, SettleTiming};
 use relay_shared::secrets::{SecretValues, Secrets};
 use relay_shared::store::Store;
 use relay_shared::{admin_auth, telemetry};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::oneshot;
 
 /// How long to wait for settlements still running (at shutdown, and before
-/// reading the bench stats).
+/// reading the bench stats). Longer than a settlement retries while its
+/// host waits (`SETTLE_INLINE_MS`, 3 s by default).
 const SETTLEMENTS_WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::main]
@@ -55,7 +59,9 @@ async fn main() -> anyhow::Result<()> {
     let in_flight = InFlight::new();
     let proxy_state = app.proxy_state_from_env(SettleTiming::AfterAnswerEnds(in_flight.clone()))?;
     // What an EventBridge schedule does in AWS: record the usage of ended
-    // batches whose results nobody read.
+    // batches whose results nobody read. Shutdown does not wait for a pass:
+    // one cut short is redone whole by the next (`collect` is safe to run
+    // any number of times).
     tokio::spawn(proxy::batches::collect_every(
         proxy_state.clone(),
         local.batch_collect_interval,
@@ -100,21 +106,106 @@ async fn main() -> anyhow::Result<()> {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async {
-        let _ = tokio::signal::ctrl_c().await;
-    })
-    .await?;
-    if tokio::time::timeout(SETTLEMENTS_WAIT, in_flight.idle())
-        .await
-        .is_err()
-    {
-        tracing::error!("stopped with usage settlements still running");
+    // Installed before the first connection is accepted, so no answer can
+    // lose its usage to a signal's default action; until here a signal
+    // kills the process outright (nothing is in flight yet, and a startup
+    // stuck on DynamoDB stays stoppable).
+    let mut stop_signals = StopSignals::install()?;
+    // The first signal starts the graceful stop; a second one ends the
+    // process at once, for when an answer in flight would take too long.
+    let (stop_started, stop_requested) = oneshot::channel();
+    let second_signal = async move {
+        let first = stop_signals.next().await;
+        tracing::info!(
+            signal = first.name(),
+            "stopping: no new connections; waiting for the answers in flight and their settlements (a second signal exits at once)"
+        );
+        let _ = stop_started.send(());
+        stop_signals.next().await
+    };
+    let graceful_stop = async {
+        // Stops accepting, then waits until every connection has finished
+        // the answer it is writing: streams in flight run to their end.
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stop_requested.await;
+        })
+        .await?;
+        // Each answer's settlement is counted in `in_flight` before the
+        // answer ends, so none can slip past this wait.
+        tokio::time::timeout(SETTLEMENTS_WAIT, in_flight.idle())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "stopped with usage settlements still running after {SETTLEMENTS_WAIT:?}"
+                )
+            })
+    };
+    tokio::select! {
+        stopped = graceful_stop => {
+            stopped?;
+            tracing::info!("stopped: every answer ended and every settlement ran");
+            Ok(())
+        }
+        second = second_signal => {
+            tracing::warn!(
+                signal = second.name(),
+                "second signal: exiting now; the usage of requests in flight is lost"
+            );
+            std::process::exit(second.exit_code())
+        }
     }
-    Ok(())
+}
+
+/// A signal that stops relay-local.
+#[derive(Debug, Clone, Copy)]
+enum StopSignal {
+    Interrupt,
+    Terminate,
+}
+
+impl StopSignal {
+    fn name(self) -> &'static str {
+        match self {
+            StopSignal::Interrupt => "SIGINT",
+            StopSignal::Terminate => "SIGTERM",
+        }
+    }
+
+    /// The shell's convention for a process ended by the signal.
+    fn exit_code(self) -> i32 {
+        match self {
+            StopSignal::Interrupt => 128 + 2,
+            StopSignal::Terminate => 128 + 15,
+        }
+    }
+}
+
+/// SIGINT and SIGTERM as one stream, so both stop the server the same way.
+struct StopSignals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM (the streams never end while the
+    /// handles live, so a `None` is read as the signal itself).
+    async fn next(&mut self) -> StopSignal {
+        tokio::select! {
+            _ = self.interrupt.recv() => StopSignal::Interrupt,
+            _ = self.terminate.recv() => StopSignal::Terminate,
+        }
+    }
 }
 
 /// `GET /__relay/stats`: the DynamoDB round trips so far. Settlements run
