@@ -78,6 +78,7 @@ fn record_of(key: &PresentedKey) -> ApiKeyRecord {
         spend: Default::default(),
         five_hour_start: None,
         budget_alerts: Default::default(),
+        flights: Vec::new(),
     }
 }
 

@@ -122,6 +122,8 @@ variables! {
         "a model the price table does not price: `charge` it the fallback prices (the dearest shipped; recorded as unpriced) or `refuse` it (403) before forwarding";
     PRICE_CACHE_SECONDS = Default("60"),
         "how long the proxy keeps the price table (`PUT /admin/prices`) before reading it again";
+    RECONCILE_AFTER_SECONDS = Default("900"),
+        "a message request admitted this long ago and never settled (the process died) is charged an estimate by the scheduled reconciler";
     BUDGET_TIME_ZONE = Default("UTC"),
         "IANA time zone of the dollar limits' calendar days, weeks (from Monday) and months";
     DEFAULT_DOLLAR_LIMITS = Otherwise("none"),
@@ -435,6 +437,8 @@ pub struct ProxyConfig {
     pub price_cache_ttl: Duration,
     /// Where budget alerts go.
     pub budget_alerts: AlertTarget,
+    /// When an admitted request that never settled is charged an estimate.
+    pub reconcile_after: Duration,
 }
 
 /// `UNPRICED_MODELS`: whether a model without a price is refused.
@@ -490,6 +494,7 @@ impl ProxyConfig {
                 topic_arn: env.text(&BUDGET_ALERT_TOPIC_ARN),
                 sns_endpoint: env.text(&SNS_ENDPOINT),
             },
+            reconcile_after: env.seconds(&RECONCILE_AFTER_SECONDS)?,
         })
     }
 }

@@ -15,8 +15,10 @@ use crate::client::ms;
 use crate::report::Figures;
 use crate::stats::percentile;
 use crate::{TIER_PERIOD, TIER_REQUESTS};
-use relay_shared::domain::admission::{BudgetCheck, RateLimit};
+use relay_shared::domain::admission::{BudgetCheck, Charge, RateLimit};
 use relay_shared::domain::budget::BudgetPolicy;
+use relay_shared::domain::flight::Flight;
+use relay_shared::store::admission::Terms;
 
 pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
     let store = &bench.stack.store;
@@ -30,26 +32,34 @@ pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
     for i in 0..calls {
         let now = relay_shared::domain::now();
         let started = Instant::now();
+        let usage = usage_record(key.id(), now, i);
+        let terms = Terms {
+            charge: Charge::MESSAGE,
+            rate: RateLimit {
+                requests: TIER_REQUESTS,
+                period: TIER_PERIOD,
+            },
+            budget: BudgetCheck {
+                policy: &policy,
+                models: &[],
+            },
+            now,
+        };
+        // Its trace, as the proxy leaves it; the settlement removes it.
+        let flight = Flight {
+            request_id: usage.request_id.clone(),
+            admitted_at: now,
+            model: usage.model.clone(),
+            body_bytes: 1723,
+            max_tokens: 64,
+            path: usage.path.clone(),
+        };
         let record = store
-            .admit(
-                key.id(),
-                &hash,
-                RateLimit {
-                    requests: TIER_REQUESTS,
-                    period: TIER_PERIOD,
-                },
-                BudgetCheck {
-                    policy: &policy,
-                    models: &[],
-                },
-                now,
-                last.as_ref(),
-            )
+            .admit(key.id(), &hash, terms, last.as_ref(), &flight)
             .await
             .map_err(|e| anyhow::anyhow!("admission: {e}"))?;
         admits.push(ms(started.elapsed()));
         last = Some(record);
-        let usage = usage_record(key.id(), now, i);
         let started = Instant::now();
         store
             .settle(&usage, Duration::from_secs(86_400))

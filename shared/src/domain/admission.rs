@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 
 use super::budget::{BudgetPolicy, BudgetWrite, SpentLimit, budget_write, spent_limit};
 use super::epoch_seconds;
+use super::flight::Flight;
 use super::key::ApiKeyRecord;
 use super::key::SecretHash;
 use super::key::access::{KeyStatus, key_status};
@@ -107,6 +108,8 @@ pub struct AdmissionWrite {
     pub step: WindowStep,
     pub charge: Charge,
     pub budget: BudgetWrite,
+    /// The request's trace (`domain::flight`), written with it.
+    pub flight: Option<Flight>,
 }
 
 /// What the dollar limits need to know of a request: the policy (default
@@ -232,6 +235,7 @@ pub fn decide(
                 step,
                 charge,
                 budget,
+                flight: None,
             });
         }
         KeyState::Stored(None) => return Err(AdmissionRefusal::UnknownKey),
@@ -272,6 +276,7 @@ pub fn decide(
         step,
         charge,
         budget: budget_write(Some(old), budget.policy, budget.models, now),
+        flight: None,
     })
 }
 

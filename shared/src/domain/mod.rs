@@ -5,6 +5,7 @@
 
 pub mod admission;
 pub mod budget;
+pub mod flight;
 pub mod key;
 pub mod login;
 pub mod price;

@@ -894,6 +894,8 @@ pub struct CollectReport {
     pub released_reservations: u64,
     pub abandoned: u64,
     pub failures: u64,
+    /// Message requests whose settlement never came (`proxy::reconcile`).
+    pub reconciled: super::reconcile::ReconcileReport,
 }
 
 /// Whether a batch's usage was recorded by [`settle_from_upstream`].
@@ -954,7 +956,10 @@ pub async fn collect(state: &ProxyState) -> CollectReport {
 
 /// [`collect`] as if it were `now` (tests age pending reservations).
 pub async fn collect_as_of(state: &ProxyState, now: time::OffsetDateTime) -> CollectReport {
-    let mut report = CollectReport::default();
+    let mut report = CollectReport {
+        reconciled: super::reconcile::reconcile(state, now, state.0.config.reconcile_after).await,
+        ..CollectReport::default()
+    };
     let (open, pending) = match state.0.store.batch_queue().await {
         Ok(queue) => queue,
         Err(err) => {

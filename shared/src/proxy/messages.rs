@@ -13,13 +13,15 @@ use super::context::Call;
 use super::exchange::{self, Exchange};
 use super::finish::Metering;
 use super::{ProxyState, tier_of};
-use crate::domain::admission::{BudgetCheck, RateLimit};
+use crate::domain::admission::{BudgetCheck, Charge, RateLimit};
 use crate::domain::budget::{BudgetCharge, may_exhaust};
+use crate::domain::flight::Flight;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::price::{Attribute, MicroUsd, PriceTable};
 use crate::domain::route::{Route, Treatment};
 use crate::error::ApiError;
+use crate::store::admission::Terms;
 
 /// What the admission phase learnt of a message request.
 struct Admitted {
@@ -77,7 +79,19 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
     let metering = match prices.filter(|_| charged) {
         Some(prices) => {
-            let admitted = admit_write(call, &record, &models).await?;
+            let flight = Flight {
+                request_id: call.request_id.clone(),
+                admitted_at: call.at,
+                model: fields.model.clone(),
+                body_bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
+                max_tokens: fields
+                    .max_tokens
+                    .as_ref()
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+                path: call.path.to_string(),
+            };
+            let admitted = admit_write(call, &record, &models, &flight).await?;
             let budget = BudgetCharge::of(&admitted, policy, &models, call.at);
             let attributes = fields.price_attributes();
             let worst = worst_case(&prices, &fields, &attributes, body.len(), call.at);
@@ -172,6 +186,7 @@ async fn admit_write(
     call: &Call,
     record: &ApiKeyRecord,
     models: &[&str],
+    flight: &Flight,
 ) -> Result<Arc<ApiKeyRecord>, ApiError> {
     let state: &ProxyState = &call.state;
     let tier = tier_of(state, &record.rate_limit_tier).await?;
@@ -183,17 +198,16 @@ async fn admit_write(
         policy: &state.0.budgets,
         models,
     };
+    let terms = Terms {
+        charge: Charge::MESSAGE,
+        rate,
+        budget,
+        now: call.at,
+    };
     let admitted = state
         .0
         .store
-        .admit(
-            call.key.id(),
-            &call.key.hash(),
-            rate,
-            budget,
-            call.at,
-            Some(record),
-        )
+        .admit(call.key.id(), &call.key.hash(), terms, Some(record), flight)
         .await?;
     let admitted = Arc::new(admitted);
     state.0.keys.insert(call.key.id().clone(), admitted.clone());

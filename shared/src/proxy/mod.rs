@@ -22,6 +22,7 @@ mod files;
 mod finish;
 mod messages;
 mod prices;
+pub mod reconcile;
 mod standing;
 pub mod tap;
 

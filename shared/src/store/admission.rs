@@ -17,6 +17,7 @@ use super::{Store, StoreError, classify, conflict_pause, layout, transact_put, t
 use crate::domain::admission::{
     AdmissionRefusal, BudgetCheck, Charge, KeyState, RateLimit, decide,
 };
+use crate::domain::flight::Flight;
 use crate::domain::key::{ApiKeyRecord, KeyId, SecretHash};
 
 /// What an admission asks of a key: the charge, under the tier's rate
@@ -40,28 +41,25 @@ pub enum AdmissionError {
 }
 
 impl Store {
-    /// Admits one message request for key `id` presenting `hash` under a
-    /// tier's `rate` and the dollar limits `budget` names, or says why not;
-    /// the first write is stated from `believed` (a cached record).
+    /// Admits one message request (`terms.charge`: `Charge::MESSAGE`) for
+    /// key `id` presenting `hash` under the tier's rate and the dollar
+    /// limits `terms` names, or says why not, leaving `flight`, its trace,
+    /// on the key; the first write is stated from `believed` (a cached
+    /// record).
     /// Atomic: a key disabled, rotated or over quota a moment ago is refused
     /// now. Returns the key as it is after counting the request.
     pub async fn admit(
         &self,
         id: &KeyId,
         hash: &SecretHash,
-        rate: RateLimit,
-        budget: BudgetCheck<'_>,
-        now: OffsetDateTime,
+        terms: Terms<'_>,
         believed: Option<&ApiKeyRecord>,
+        flight: &Flight,
     ) -> Result<ApiKeyRecord, AdmissionError> {
         let first = KeyState::Unread { believed };
-        let terms = Terms {
-            charge: Charge::MESSAGE,
-            rate,
-            budget,
-            now,
-        };
-        let (item, _) = self.admit_with(id, hash, terms, first, None).await?;
+        let (item, _) = self
+            .admit_with(id, hash, terms, first, Trace::Flight(flight))
+            .await?;
         item.ok_or_else(|| {
             StoreError::Unexpected(anyhow::anyhow!("admission returned no item")).into()
         })
@@ -81,7 +79,7 @@ impl Store {
     ) -> Result<u64, AdmissionError> {
         let first = KeyState::Unread { believed: None };
         let (_, charge) = self
-            .admit_with(id, hash, terms, first, Some(request_id))
+            .admit_with(id, hash, terms, first, Trace::Pending(request_id))
             .await?;
         Ok(charge.reserved())
     }
@@ -97,7 +95,7 @@ impl Store {
         hash: &SecretHash,
         terms: Terms<'_>,
         first: KeyState<'_>,
-        pending_for: Option<&str>,
+        trace: Trace<'_>,
     ) -> Result<(Option<ApiKeyRecord>, Charge), AdmissionError> {
         let Terms {
             charge,
@@ -107,6 +105,9 @@ impl Store {
         } = terms;
         let mut write = decide(first, hash, rate, charge, budget, now)?;
         for attempt in 0..6 {
+            if let Trace::Flight(flight) = trace {
+                write.flight = Some(flight.clone());
+            }
             let update = admission_update(&write, rate, hash, now);
             let update = Update::builder()
                 .table_name(self.table())
@@ -119,7 +120,11 @@ impl Store {
                     ReturnValuesOnConditionCheckFailure::AllOld,
                 );
             let charge = write.charge;
-            let old_item = match pending_for.filter(|_| charge.reserved() > 0) {
+            let pending_for = match trace {
+                Trace::Pending(request_id) if charge.reserved() > 0 => Some(request_id),
+                _ => None,
+            };
+            let old_item = match pending_for {
                 None => match self.admit_update(update).await? {
                     Ok(item) => return Ok((Some(ApiKeyRecord::try_from(&item)?), charge)),
                     Err(old) => old,
@@ -212,6 +217,18 @@ impl Store {
             }
         })
     }
+}
+
+/// What an admission leaves behind so that a request that never settles
+/// is still accounted for.
+#[derive(Debug, Clone, Copy)]
+enum Trace<'a> {
+    /// A message: its trace on the key item (`domain::flight`).
+    Flight(&'a Flight),
+    /// A batch creation: its reservation recorded as pending under this
+    /// request id (given back by the collector if the batch is never
+    /// recorded).
+    Pending(&'a str),
 }
 
 /// Why an admission write did not apply.

@@ -67,6 +67,7 @@ impl Store {
             spend: Default::default(),
             five_hour_start: None,
             budget_alerts: Default::default(),
+            flights: Vec::new(),
         };
         let item = layout::api_key::new_key_item(&record);
         self.client
@@ -205,7 +206,7 @@ impl Store {
             .update_expression(change.expression)
             .condition_expression(condition)
             .set_expression_attribute_names(change.names)
-            .set_expression_attribute_values(Some(change.values))
+            .set_expression_attribute_values((!change.values.is_empty()).then_some(change.values))
             .return_values(ReturnValue::AllNew)
             .send()
             .await;

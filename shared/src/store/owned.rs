@@ -520,6 +520,7 @@ impl Store {
                     .map(|(counter, cost)| (counter, *cost))
                     .collect(),
                 drop: &[],
+                flight: None,
             };
             let change = layout::api_key::settlement(
                 &totals,

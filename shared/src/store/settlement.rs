@@ -81,6 +81,15 @@ impl Store {
             .await
     }
 
+    /// Drops the trace of request `request_id` from the key: it was
+    /// settled, and only the trace was left (`proxy::reconcile`).
+    pub async fn drop_flight(&self, key_id: &KeyId, request_id: &str) -> Result<(), StoreError> {
+        let change = layout::api_key::flight_removal(request_id);
+        self.update_key_where(key_id, change, layout::ITEM_EXISTS)
+            .await
+            .map(|_| ())
+    }
+
     fn settle_items(
         &self,
         record: &UsageRecord,
@@ -95,7 +104,11 @@ impl Store {
         let counters = Counters::of(record);
         if with_key {
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
-            let spend = layout::api_key::KeySpend::of(&record.budget, record.cost.micro_usd);
+            let spend = layout::api_key::KeySpend::of(
+                &record.budget,
+                record.cost.micro_usd,
+                &record.request_id,
+            );
             let change = layout::api_key::settlement(&counters, billed, None, &spend, record.at);
             items.push(self.key_counters_update(&record.key_id, change)?);
         }

@@ -14,5 +14,6 @@ mod isolation;
 mod lambda_events;
 mod prices;
 mod proxy;
+mod reconcile;
 mod template;
 mod usage;

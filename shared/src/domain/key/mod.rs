@@ -14,6 +14,7 @@ use ipnet::IpNet;
 use time::OffsetDateTime;
 
 use super::budget::{DollarLimit, SpendCounter};
+use super::flight::Flight;
 use super::price::MicroUsd;
 pub use changes::{FieldError, KeyChanges, NewKey};
 pub use material::{KeyId, KeyParseError, PresentedKey, SecretHash, display_prefix};
@@ -50,6 +51,8 @@ pub struct ApiKeyRecord {
     pub spend: BTreeMap<SpendCounter, MicroUsd>,
     /// The start (epoch seconds) of the key's last 5-hour window.
     pub five_hour_start: Option<u64>,
+    /// Its requests admitted and not yet settled (`domain::flight`).
+    pub flights: Vec<Flight>,
     /// The highest budget-alert threshold (percent) already sent for each
     /// spend counter (`domain::budget::alerts`); none: nothing sent yet.
     pub budget_alerts: BTreeMap<SpendCounter, u8>,
@@ -157,6 +160,7 @@ impl ApiKeyRecord {
             spend: BTreeMap::new(),
             five_hour_start: None,
             budget_alerts: BTreeMap::new(),
+            flights: Vec::new(),
         };
         (record, key.hash())
     }

@@ -19,6 +19,7 @@ use crate::domain::admission::{AdmissionWrite, QuotaRule, RateLimit, WindowStep}
 use crate::domain::budget::{
     BudgetCharge, DollarLimit, FIVE_HOURS, FiveHourStep, SpendCounter, Window,
 };
+use crate::domain::flight::Flight;
 use crate::domain::key::{ApiKeyRecord, KeyChanges, KeyId, SecretHash};
 use crate::domain::price::MicroUsd;
 use crate::domain::usage::Counters;
@@ -61,6 +62,7 @@ impl TryFrom<&Item> for ApiKeyRecord {
                 .map(|text| decode_limits(text).ok_or_else(|| invalid(item, "dollar_limits")))
                 .transpose()?,
             spend: spend_of(item)?,
+            flights: flights_of(item)?,
             five_hour_start: opt_n(item, "five_hour_start")?,
             budget_alerts: alerts_of(item)?,
         })
@@ -261,7 +263,10 @@ pub(crate) fn admission_update(
         (":now".to_owned(), s(format_timestamp(now))),
         (":n".to_owned(), n(charge.requests)),
     ]);
-    let (mut expression, window_condition) = match write.step {
+    // The update's clauses, joined at the end: each rule adds to them.
+    let mut sets: Vec<String> = Vec::new();
+    let mut adds: Vec<String> = Vec::new();
+    let window_condition = match write.step {
         WindowStep::Same(w) => {
             values.insert(":w".into(), n(w));
             // rl_count + requests <= limit, without arithmetic in a condition.
@@ -269,17 +274,13 @@ pub(crate) fn admission_update(
                 ":room".into(),
                 n(rate.requests.saturating_sub(charge.requests)),
             );
-            (
-                "SET rl_count = rl_count + :n".to_owned(),
-                "rl_window = :w AND rl_count <= :room",
-            )
+            sets.push("rl_count = rl_count + :n".to_owned());
+            "rl_window = :w AND rl_count <= :room"
         }
         WindowStep::New(w) => {
             values.insert(":w".into(), n(w));
-            (
-                "SET rl_window = :w, rl_count = :n".to_owned(),
-                "(attribute_not_exists(rl_window) OR rl_window < :w)",
-            )
+            sets.push("rl_window = :w, rl_count = :n".to_owned());
+            "(attribute_not_exists(rl_window) OR rl_window < :w)"
         }
     };
     // `domain::admission::quota_admits`, stated on the stored attributes.
@@ -299,12 +300,22 @@ pub(crate) fn admission_update(
             let ceiling = i128::from(token_limit) - i128::from(tokens);
             values.insert(":ceiling".into(), n(ceiling));
             values.insert(":r".into(), n(tokens));
-            expression.push_str(" ADD tokens_used :r, tokens_reserved :r");
+            adds.push("tokens_used :r, tokens_reserved :r".to_owned());
             "token_limit = :tl AND tokens_used <= :ceiling".to_owned()
         }
     };
     let mut names = HashMap::new();
-    let budget_condition = budget_conditions(write, &mut expression, &mut names, &mut values);
+    let budget_condition = budget_conditions(write, &mut sets, &mut names, &mut values);
+    // The request's trace, removed by its settlement (`domain::flight`).
+    if let Some(flight) = &write.flight {
+        names.insert("#fl".into(), flight_attribute(&flight.request_id));
+        values.insert(":fl".into(), s(encode_flight(flight)));
+        sets.push("#fl = :fl".to_owned());
+    }
+    let mut expression = format!("SET {}", sets.join(", "));
+    if !adds.is_empty() {
+        expression.push_str(&format!(" ADD {}", adds.join(", ")));
+    }
     let condition =
         format!("{KEY_CHECKS} AND {quota_condition} AND {window_condition}{budget_condition}");
     AdmissionUpdate {
@@ -320,7 +331,7 @@ pub(crate) fn admission_update(
 /// 5-hour window, and each applicable counter below its limit.
 fn budget_conditions(
     write: &AdmissionWrite,
-    expression: &mut String,
+    sets: &mut Vec<String>,
     names: &mut HashMap<String, String>,
     values: &mut Item,
 ) -> String {
@@ -340,7 +351,7 @@ fn budget_conditions(
         Some(FiveHourStep::Open(start)) => {
             values.insert(":fs".into(), n(start));
             values.insert(":fs_closed".into(), n(start.saturating_sub(FIVE_HOURS)));
-            expression.push_str(", five_hour_start = :fs");
+            sets.push("five_hour_start = :fs".to_owned());
             condition.push_str(
                 " AND (attribute_not_exists(five_hour_start) OR five_hour_start <= :fs_closed)",
             );
@@ -357,6 +368,69 @@ fn budget_conditions(
         ));
     }
     condition
+}
+
+/// A request's trace is the top-level attribute `flight|<request id>`
+/// (`domain::flight::Flight`, as JSON), set by its admission write and
+/// removed by its settlement, or by the reconciler that charges it when
+/// the settlement never came.
+const FLIGHT_PREFIX: &str = "flight|";
+
+pub(crate) fn flight_attribute(request_id: &str) -> String {
+    format!("{FLIGHT_PREFIX}{request_id}")
+}
+
+/// The removal of request `request_id`'s trace alone.
+pub(crate) fn flight_removal(request_id: &str) -> Change {
+    Change {
+        expression: "REMOVE #fr".into(),
+        names: Some(HashMap::from([(
+            "#fr".to_owned(),
+            flight_attribute(request_id),
+        )])),
+        values: Item::new(),
+    }
+}
+
+fn encode_flight(flight: &Flight) -> String {
+    serde_json::json!({
+        "at": format_timestamp(flight.admitted_at),
+        "model": flight.model,
+        "bytes": flight.body_bytes,
+        "max_tokens": flight.max_tokens,
+        "path": flight.path,
+    })
+    .to_string()
+}
+
+fn flights_of(item: &Item) -> Result<Vec<Flight>, StoreError> {
+    item.keys()
+        .filter_map(|name| Some((name, name.strip_prefix(FLIGHT_PREFIX)?)))
+        .map(|(name, request_id)| {
+            let value: serde_json::Value =
+                serde_json::from_str(get_s(item, name)?).map_err(|_| invalid(item, name))?;
+            let number = |field: &str| value.get(field).and_then(serde_json::Value::as_u64);
+            Ok(Flight {
+                request_id: request_id.to_owned(),
+                admitted_at: value
+                    .get("at")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(parse_timestamp)
+                    .ok_or_else(|| invalid(item, name))?,
+                model: value
+                    .get("model")
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned),
+                body_bytes: number("bytes").unwrap_or(0),
+                max_tokens: number("max_tokens").unwrap_or(0),
+                path: value
+                    .get("path")
+                    .and_then(serde_json::Value::as_str)
+                    .unwrap_or("/v1/messages")
+                    .to_owned(),
+            })
+        })
+        .collect()
 }
 
 /// Filter of a key listing: only keys whose `is_active` is `:a`.
@@ -466,7 +540,7 @@ pub(crate) fn settlement(
         .push_str(" SET last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)");
     // An ended period's counter goes with its alert marker (removing an
     // absent attribute is no error).
-    let drops: Vec<String> = spend
+    let mut drops: Vec<String> = spend
         .drop
         .iter()
         .enumerate()
@@ -476,6 +550,11 @@ pub(crate) fn settlement(
             format!("#sd{i}, #ad{i}")
         })
         .collect();
+    // The request has landed: its trace goes.
+    if let Some(request_id) = spend.flight {
+        names.insert("#fr".into(), flight_attribute(request_id));
+        drops.push("#fr".into());
+    }
     if !drops.is_empty() {
         expression.push_str(&format!(" REMOVE {}", drops.join(", ")));
     }
@@ -492,14 +571,21 @@ pub(crate) fn settlement(
 pub(crate) struct KeySpend<'a> {
     pub add: Vec<(&'a SpendCounter, MicroUsd)>,
     pub drop: &'a [SpendCounter],
+    /// The request whose trace (`flight|<request id>`) the settlement removes.
+    pub flight: Option<&'a str>,
 }
 
 impl<'a> KeySpend<'a> {
-    /// One request's cost added to each counter of its `charge`.
-    pub(crate) fn of(charge: &'a BudgetCharge, cost: MicroUsd) -> KeySpend<'a> {
+    /// Request `request_id`'s cost added to each counter of its `charge`.
+    pub(crate) fn of(
+        charge: &'a BudgetCharge,
+        cost: MicroUsd,
+        request_id: &'a str,
+    ) -> KeySpend<'a> {
         KeySpend {
             add: charge.add_to.iter().map(|c| (c, cost)).collect(),
             drop: &charge.drop,
+            flight: Some(request_id),
         }
     }
 }
@@ -570,6 +656,7 @@ mod tests {
             step: WindowStep::Same(60),
             charge,
             budget: no_budget(),
+            flight: None,
         };
         let AdmissionUpdate {
             expression,
@@ -596,6 +683,7 @@ mod tests {
                 },
             },
             budget: no_budget(),
+            flight: None,
         };
         let values = admission_update(&too_big, RATE, &hash, now).values;
         assert_eq!(number(&values, ":ceiling"), "-400");
@@ -604,6 +692,7 @@ mod tests {
             step: WindowStep::New(60),
             charge: Charge::MESSAGE,
             budget: no_budget(),
+            flight: None,
         };
         let AdmissionUpdate {
             expression,
@@ -627,6 +716,7 @@ mod tests {
         let spend = KeySpend {
             add: vec![(&current, 5)],
             drop: std::slice::from_ref(&ended),
+            flight: None,
         };
         let change = settlement(&Counters::default(), 1, None, &spend, crate::domain::now());
         let names = change.names.unwrap();

@@ -91,6 +91,7 @@ fn layout_attributes() -> BTreeSet<String> {
         spend: Default::default(),
         five_hour_start: None,
         budget_alerts: Default::default(),
+        flights: Vec::new(),
     };
     let usage_record = UsageRecord {
         request_id: "r".into(),
@@ -189,6 +190,7 @@ fn layout_attributes() -> BTreeSet<String> {
             &api_key::KeySpend {
                 add: vec![(&spend_counter, 1)],
                 drop: std::slice::from_ref(&spend_counter),
+                flight: Some("r"),
             },
             at,
         ),
@@ -242,6 +244,14 @@ fn layout_attributes() -> BTreeSet<String> {
                 step,
                 charge,
                 budget: budget.clone(),
+                flight: Some(crate::domain::flight::Flight {
+                    request_id: "r".into(),
+                    admitted_at: at,
+                    model: None,
+                    body_bytes: 1,
+                    max_tokens: 1,
+                    path: "/v1/messages".into(),
+                }),
             };
             let update = api_key::admission_update(&write, rate, &hash, at);
             names.extend(expression_attributes(&update.expression));

@@ -1,0 +1,141 @@
+//! Requests whose settlement never comes: the trace their admission left
+//! on the key, and the reconciler that charges them an estimate, exactly
+//! once, when they are overdue.
+
+use std::time::Duration;
+
+use relay_shared::domain::usage::{TokenUsage, UsageRecord};
+use relay_shared::proxy::batches::collect_as_of;
+use relay_shared::store::settlement::SettleOutcome;
+use relay_tests::app::{num, spawn_app, text};
+use relay_tests::fake_upstream::Behavior;
+use serde_json::json;
+
+#[tokio::test]
+async fn a_request_that_never_settles_is_charged_its_estimate_once_when_overdue() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app
+        .new_key_with(json!({"name": "lost", "token_limit": 1_000_000,
+            "dollar_limits": [{"window": "lifetime", "limit_usd": 100}]}))
+        .await
+        .unwrap();
+    // The upstream never answers and the client gives up: the request was
+    // admitted, and nothing settles it while the test looks.
+    app.upstream.set_default(Behavior::Hang);
+    let body = json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 300,
+        "messages": [{"role": "user", "content": "x".repeat(3_950)}]
+    });
+    let body_len = serde_json::to_vec(&body).unwrap().len() as u64;
+    let gave_up = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .timeout(Duration::from_millis(500))
+        .json(&body)
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the fake hangs");
+
+    // Its admission left a trace on the key.
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!(record.flights.len(), 1);
+    let flight = record.flights[0].clone();
+    assert_eq!(flight.body_bytes, body_len);
+    assert_eq!(flight.max_tokens, 300);
+    assert_eq!(record.tokens_used, 0);
+
+    // Not overdue yet: the reconciler leaves it.
+    let now = relay_shared::domain::now();
+    let early = collect_as_of(&app.proxy, now).await;
+    assert_eq!(early.reconciled.charged, 0);
+
+    // Fifteen minutes on, it is charged: its body at four bytes a token
+    // and all of max_tokens, as an estimated row.
+    let later = now + time::Duration::minutes(16);
+    let report = collect_as_of(&app.proxy, later).await;
+    assert_eq!(report.reconciled.charged, 1, "{report:?}");
+    let expected = body_len / 4 + 300;
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!(record.tokens_used, expected);
+    assert!(record.flights.is_empty());
+    // Sonnet 4.5: (body/4) × $3 + 300 × $15 per million.
+    let cost = (body_len / 4) * 3 + 300 * 15;
+    assert_eq!(
+        record.spend.values().copied().collect::<Vec<_>>(),
+        vec![cost]
+    );
+    let logs = app.items(&id, "LOG#").await.unwrap();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(
+        text(&logs[0], "request_id"),
+        Some(flight.request_id.as_str())
+    );
+    assert_eq!(num(&logs[0], "status"), 0);
+    assert_eq!(num(&logs[0], "cost_micro_usd"), cost);
+    assert_eq!(
+        logs[0].get("estimated").and_then(|v| v.as_bool().ok()),
+        Some(&true)
+    );
+
+    // Exactly once: another pass finds nothing, and the real settlement,
+    // should it arrive late after all, counts nothing again.
+    assert_eq!(collect_as_of(&app.proxy, later).await.reconciled.charged, 0);
+    // (The proxy records it at its admission moment, as the trace says.)
+    let late = UsageRecord {
+        request_id: flight.request_id.clone(),
+        key_id: record.id.clone(),
+        at: flight.admitted_at,
+        model: flight.model.clone(),
+        method: "POST".into(),
+        path: "/v1/messages".into(),
+        status: 200,
+        stream: false,
+        usage: TokenUsage {
+            input_tokens: 1_000,
+            output_tokens: 10,
+            ..TokenUsage::default()
+        },
+        estimated: false,
+        latency_ms: 1,
+        ttfb_ms: None,
+        retries: 0,
+        client_ip: "127.0.0.1".into(),
+        user_agent: None,
+        session_id: None,
+        error_type: None,
+        cost: Default::default(),
+        budget: Default::default(),
+    };
+    let outcome = app
+        .store
+        .settle(&late, Duration::from_secs(86_400))
+        .await
+        .unwrap();
+    assert_eq!(outcome, SettleOutcome::AlreadyRecorded);
+    assert_eq!(app.key_record(&id).await.unwrap().tokens_used, expected);
+}
+
+#[tokio::test]
+async fn a_settled_request_leaves_no_trace_for_the_reconciler() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app.new_key().await.unwrap();
+    let response = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap();
+    app.wait_for_logs(&id, 1).await.unwrap();
+    assert!(app.key_record(&id).await.unwrap().flights.is_empty());
+    let later = relay_shared::domain::now() + time::Duration::minutes(16);
+    let report = collect_as_of(&app.proxy, later).await;
+    assert_eq!(report.reconciled.charged, 0);
+    assert_eq!(app.items(&id, "LOG#").await.unwrap().len(), 1);
+}
