@@ -217,6 +217,26 @@ const MEASURES: &[Measure] = &[
         "",
     ),
     measure(
+        "DynamoDB read capacity units of one non-streamed request, known key: median",
+        "ddb_rcu_json_median",
+        "",
+    ),
+    measure(
+        "DynamoDB write capacity units of one non-streamed request, known key: median",
+        "ddb_wcu_json_median",
+        "",
+    ),
+    measure(
+        "DynamoDB read capacity units per request, mean over the c=1 non-streamed phase",
+        "ddb_rcu_json_mean",
+        "",
+    ),
+    measure(
+        "DynamoDB write capacity units per request, mean over the c=1 non-streamed phase",
+        "ddb_wcu_json_mean",
+        "",
+    ),
+    measure(
         "DynamoDB round trips per request, mean over the c=1 streamed phase",
         "ddb_calls_stream_mean",
         "",
@@ -266,11 +286,14 @@ fn measure_rows(f: &Figures) -> Vec<Row> {
         .iter()
         .map(|m| {
             let series = |name: &str| (!name.is_empty()).then(|| name.to_owned());
-            // Call counts: whole numbers, and means with more digits.
+            // Call counts: whole numbers, and means with more digits;
+            // capacity units come in halves (eventually consistent reads).
             let decimals = if m.relay.ends_with("_mean") || m.relay == "ddb_calls_c32" {
                 Some(3)
             } else if m.relay.starts_with("ddb_calls_") {
                 Some(0)
+            } else if m.relay.starts_with("ddb_rcu_") || m.relay.starts_with("ddb_wcu_") {
+                Some(1)
             } else {
                 None
             };

@@ -145,7 +145,7 @@ variables! {
     BATCH_COLLECT_INTERVAL_SECONDS = Default("300"),
         "`relay-local` only: how often the batch collector runs (in AWS: the schedule)";
     RELAY_DEBUG_STATS = Otherwise("off"),
-        "`relay-local` only: `1` serves `GET /__relay/stats` (DynamoDB round trips, for `make bench`)";
+        "`relay-local` only: `1` serves `GET /__relay/stats` (DynamoDB round trips and capacity units, for `make bench`; every DynamoDB request then asks for its consumed capacity)";
 }
 
 /// The configuration table as the README shows it (a markdown table).

@@ -1,9 +1,9 @@
 //! Latency at concurrency 1: non-streamed answers back to back, the same
 //! with each request sent once the previous one is settled, and streamed
-//! answers' time to last byte; with the relay's DynamoDB round trips and
-//! CPU per request over the same runs.
+//! answers' time to last byte; with the relay's DynamoDB round trips,
+//! capacity units and CPU per request over the same runs.
 
-use super::round_trips::round_trips;
+use super::round_trips::{dynamo_stats, round_trips};
 use super::{Bench, Side, added};
 use crate::client::Endpoint;
 use crate::procfs::CpuMark;
@@ -25,7 +25,7 @@ pub async fn non_streamed(
     for side in sides {
         let to = side.endpoint(bench, direct);
         let calls = if side == Side::Relay {
-            Some(round_trips(relay_base).await?)
+            Some(dynamo_stats(relay_base).await?)
         } else {
             None
         };
@@ -39,8 +39,15 @@ pub async fn non_streamed(
         f.push(&format!("lat_p99_{side}"), percentile(&samples, 99.0));
         if let Some(before) = calls {
             let n = o.json_requests as u64;
-            let after = round_trips(relay_base).await?;
-            f.push("ddb_calls_json_mean", (after - before) as f64 / n as f64);
+            let after = dynamo_stats(relay_base).await?;
+            let per_request = |total: f64| total / n as f64;
+            f.push(
+                "ddb_calls_json_mean",
+                per_request((after.round_trips - before.round_trips) as f64),
+            );
+            let (read, write) = after.units_since(&before);
+            f.push("ddb_rcu_json_mean", per_request(read));
+            f.push("ddb_wcu_json_mean", per_request(write));
             f.push("cpu_relay_c1", mark.per_request(relay_pid, n, ticks)?);
             f.push("cpu_ddb_c1", mark.per_request(dynamo_pid, n, ticks)?);
         }

@@ -47,7 +47,13 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 48)),
         ),
     });
-    let store = Store::connect(&local.table_name, Some(&local.dynamodb_endpoint)).await;
+    // The bench's stats also count capacity units, which makes every
+    // DynamoDB request ask for them: only then.
+    let store = if local.debug_stats {
+        Store::connect_counting_capacity(&local.table_name, Some(&local.dynamodb_endpoint)).await
+    } else {
+        Store::connect(&local.table_name, Some(&local.dynamodb_endpoint)).await
+    };
     store
         .ensure_table()
         .await
@@ -208,8 +214,9 @@ impl StopSignals {
     }
 }
 
-/// `GET /__relay/stats`: the DynamoDB round trips so far. Settlements run
-/// after the answer, so the count is read once they are done.
+/// `GET /__relay/stats`: the DynamoDB round trips and capacity units so far.
+/// Settlements run after the answer, so the counts are read once they are
+/// done.
 fn debug_stats_routes(store: Store, in_flight: InFlight) -> axum::Router {
     axum::Router::new().route(
         "/__relay/stats",
@@ -219,9 +226,14 @@ fn debug_stats_routes(store: Store, in_flight: InFlight) -> axum::Router {
             async move {
                 let _ = tokio::time::timeout(SETTLEMENTS_WAIT, in_flight.idle()).await;
                 let round_trips = store.round_trips();
+                let units = store.consumed_capacity().unwrap_or_default();
                 (
                     [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    format!("{{\"dynamodb_round_trips\":{round_trips}}}"),
+                    format!(
+                        "{{\"dynamodb_round_trips\":{round_trips},\
+                         \"dynamodb_read_units\":{},\"dynamodb_write_units\":{}}}",
+                        units.read, units.write
+                    ),
                 )
             }
         }),

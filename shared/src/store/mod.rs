@@ -9,6 +9,7 @@
 
 pub mod admission;
 mod api_keys;
+mod capacity;
 mod item;
 mod layout;
 mod logins;
@@ -31,6 +32,7 @@ use aws_sdk_dynamodb::types::builders::UpdateBuilder;
 use aws_sdk_dynamodb::types::{Put, TransactWriteItem};
 
 pub use api_keys::KeyPage;
+pub use capacity::CapacityUnits;
 pub use layout::TTL_ATTRIBUTE;
 
 /// The listing index, as in template.yaml (its key attributes: `layout`).
@@ -205,6 +207,8 @@ pub struct Store {
     client: Client,
     table: Arc<str>,
     round_trips: Arc<AtomicU64>,
+    /// Present only on a store from [`Store::connect_counting_capacity`].
+    capacity: Option<capacity::CapacityCounter>,
 }
 
 impl Store {
@@ -215,6 +219,7 @@ impl Store {
             client,
             table: table.into(),
             round_trips: Arc::default(),
+            capacity: None,
         }
     }
 
@@ -224,9 +229,31 @@ impl Store {
         self.round_trips.load(Ordering::Relaxed)
     }
 
+    /// Capacity units consumed so far by this store and its clones, when it
+    /// counts them (`relay-local` with `RELAY_DEBUG_STATS=1`); successful
+    /// calls only, as DynamoDB reports none on errors.
+    pub fn consumed_capacity(&self) -> Option<CapacityUnits> {
+        self.capacity.as_ref().map(capacity::CapacityCounter::total)
+    }
+
     /// A client from the ambient AWS configuration, pointed at `endpoint`
     /// when one is given (DynamoDB Local), with [`timeouts`].
     pub async fn connect(table: &str, endpoint: Option<&str>) -> Store {
+        Store::connect_with(table, endpoint, None).await
+    }
+
+    /// As [`Store::connect`], and every call asks DynamoDB for the capacity
+    /// it consumed ([`Store::consumed_capacity`] sums it): for the bench's
+    /// debug stats only, since it changes every request the relay sends.
+    pub async fn connect_counting_capacity(table: &str, endpoint: Option<&str>) -> Store {
+        Store::connect_with(table, endpoint, Some(capacity::CapacityCounter::default())).await
+    }
+
+    async fn connect_with(
+        table: &str,
+        endpoint: Option<&str>,
+        capacity: Option<capacity::CapacityCounter>,
+    ) -> Store {
         let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         // Stalled-stream protection watches long transfers (S3 bodies); every
         // DynamoDB body is small and `timeouts()` bounds each call, so its
@@ -241,10 +268,14 @@ impl Store {
         }
         let round_trips = Arc::new(AtomicU64::new(0));
         config = config.interceptor(RoundTripCounter(Arc::clone(&round_trips)));
+        if let Some(counter) = &capacity {
+            config = config.interceptor(counter.clone());
+        }
         Store {
             client: Client::from_conf(config.build()),
             table: table.into(),
             round_trips,
+            capacity,
         }
     }
 

@@ -22,6 +22,7 @@ use crate::domain::usage::{Counters, UsageRecord};
 const OPERATION_FILES: &[(&str, &str)] = &[
     ("admission.rs", include_str!("../admission.rs")),
     ("api_keys.rs", include_str!("../api_keys.rs")),
+    ("capacity.rs", include_str!("../capacity.rs")),
     ("item.rs", include_str!("../item.rs")),
     ("logins.rs", include_str!("../logins.rs")),
     ("mod.rs", include_str!("../mod.rs")),
