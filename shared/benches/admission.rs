@@ -78,6 +78,7 @@ fn record_of(key: &PresentedKey) -> ApiKeyRecord {
         spend: Default::default(),
         five_hour_start: None,
         budget_alerts: Default::default(),
+        tokens_per_minute: Default::default(),
     }
 }
 
@@ -103,6 +104,7 @@ fn bench(c: &mut Criterion) {
     let rate = RateLimit {
         requests: 1000,
         period: 60,
+        tokens_per_minute: None,
     };
     stored.rate_window = None;
     // Calendar periods in a zone with daylight saving: the dearer case.

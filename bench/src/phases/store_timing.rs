@@ -37,6 +37,7 @@ pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
                 RateLimit {
                     requests: TIER_REQUESTS,
                     period: TIER_PERIOD,
+                    tokens_per_minute: None,
                 },
                 BudgetCheck {
                     policy: &policy,

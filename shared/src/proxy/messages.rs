@@ -18,6 +18,7 @@ use crate::domain::budget::BudgetCharge;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::route::{Route, Treatment};
+use crate::domain::tpm::MinuteCharge;
 use crate::error::ApiError;
 
 /// What the admission phase learnt of a message request.
@@ -74,8 +75,9 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     let policy = &call.state.0.budgets;
     let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
     let metering = if charged {
-        let admitted = admit_write(call, &record, &models).await?;
-        let budget = BudgetCharge::of(&admitted, policy, &models, call.at);
+        let (admitted, tokens_per_minute) = admit_write(call, &record, &models).await?;
+        let mut budget = BudgetCharge::of(&admitted, policy, &models, call.at);
+        budget.tokens_per_minute = MinuteCharge::of(&admitted, tokens_per_minute, call.at);
         call.seen.saw(admitted, &models);
         let attributes = fields.price_attributes();
         Some(Metering::of(
@@ -126,19 +128,21 @@ async fn authorize(
 }
 
 /// The admission write: counts the request in the tier's window and checks
-/// secret, status, expiry, quota and the dollar limits that apply to
-/// `models` against the stored key, atomically. Returns the key as the
-/// write left it.
+/// secret, status, expiry, quota, the dollar limits that apply to `models`
+/// and the tier's tokens per minute against the stored key, atomically.
+/// Returns the key as the write left it, and the tier's tokens-per-minute
+/// limit (its settlement counts the tokens in the minute when there is one).
 async fn admit_write(
     call: &Call,
     record: &ApiKeyRecord,
     models: &[&str],
-) -> Result<Arc<ApiKeyRecord>, ApiError> {
+) -> Result<(Arc<ApiKeyRecord>, Option<u64>), ApiError> {
     let state: &ProxyState = &call.state;
     let tier = tier_of(state, &record.rate_limit_tier).await?;
     let rate = RateLimit {
         requests: tier.requests,
         period: tier.period,
+        tokens_per_minute: tier.tokens_per_minute,
     };
     let budget = BudgetCheck {
         policy: &state.0.budgets,
@@ -158,5 +162,5 @@ async fn admit_write(
         .await?;
     let admitted = Arc::new(admitted);
     state.0.keys.insert(call.key.id().clone(), admitted.clone());
-    Ok(admitted)
+    Ok((admitted, tier.tokens_per_minute))
 }

@@ -67,6 +67,7 @@ impl Store {
             spend: Default::default(),
             five_hour_start: None,
             budget_alerts: Default::default(),
+            tokens_per_minute: Default::default(),
         };
         let item = layout::api_key::new_key_item(&record);
         self.client

@@ -520,6 +520,8 @@ impl Store {
                     .map(|(counter, cost)| (counter, *cost))
                     .collect(),
                 drop: &[],
+                // Batches are exempt from tokens per minute (`domain::tpm`).
+                ..Default::default()
             };
             let change = layout::api_key::settlement(
                 &totals,

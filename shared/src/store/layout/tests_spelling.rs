@@ -91,6 +91,7 @@ fn layout_attributes() -> BTreeSet<String> {
         spend: Default::default(),
         five_hour_start: None,
         budget_alerts: Default::default(),
+        tokens_per_minute: Default::default(),
     };
     let usage_record = UsageRecord {
         request_id: "r".into(),
@@ -189,6 +190,8 @@ fn layout_attributes() -> BTreeSet<String> {
             &api_key::KeySpend {
                 add: vec![(&spend_counter, 1)],
                 drop: std::slice::from_ref(&spend_counter),
+                minute: Some((60, 1)),
+                drop_minutes: &[0],
             },
             at,
         ),
@@ -208,6 +211,7 @@ fn layout_attributes() -> BTreeSet<String> {
     let rate = RateLimit {
         requests: 1,
         period: 1,
+        tokens_per_minute: Some(1),
     };
     let hash = PresentedKey::generate().hash();
     let budgets = [
@@ -242,10 +246,15 @@ fn layout_attributes() -> BTreeSet<String> {
                 step,
                 charge,
                 budget: budget.clone(),
+                tpm: Some(crate::domain::tpm::MinuteCheck {
+                    minute: 60,
+                    limit: 1,
+                }),
             };
             let update = api_key::admission_update(&write, rate, &hash, at);
             names.extend(expression_attributes(&update.expression));
             names.extend(expression_attributes(&update.condition));
+            names.extend(update.names.into_values());
         }
     }
 
@@ -356,6 +365,8 @@ fn the_layout_gathers_the_attribute_names_it_uses() {
         "price_list",
         "alert|day|d2026-01-02",
         "spend|day|d2026-01-02",
+        "tpm|60",
+        "tpm|0",
     ] {
         assert!(names.contains(expected), "{expected} in {names:?}");
     }
