@@ -106,7 +106,6 @@ impl Default for AppOptions {
                 refuse_unpriced_models: false,
                 price_cache_ttl: Duration::from_secs(60),
                 budget_alerts: Default::default(),
-                tokens_per_minute: Default::default(),
             },
             secrets: None,
             dynamodb_endpoint: None,

@@ -15,4 +15,5 @@ mod lambda_events;
 mod prices;
 mod proxy;
 mod template;
+mod tpm;
 mod usage;
