@@ -95,8 +95,11 @@ impl Store {
         let counters = Counters::of(record);
         if with_key {
             let billed = i64::try_from(usage.billed()).unwrap_or(i64::MAX);
-            let spend =
-                layout::api_key::KeySpend::of(&record.budget, record.cost.micro_usd, usage.billed());
+            let spend = layout::api_key::KeySpend::of(
+                &record.budget,
+                record.cost.micro_usd,
+                usage.billed(),
+            );
             let change = layout::api_key::settlement(&counters, billed, None, &spend, record.at);
             items.push(self.key_counters_update(&record.key_id, change)?);
         }

@@ -186,7 +186,9 @@ async fn one_token_under_the_limit_admits_and_exactly_at_it_refuses() {
     // Its tokens went to the minute it was admitted in.
     let counters = app.key_record(&id).await.unwrap().tokens_per_minute;
     assert!(
-        counters.values().any(|used| *used == LIMIT - 1 + PER_ANSWER),
+        counters
+            .values()
+            .any(|used| *used == LIMIT - 1 + PER_ANSWER),
         "{counters:?}"
     );
 
@@ -233,4 +235,30 @@ async fn a_tier_without_tokens_per_minute_counts_no_minutes() {
         .await
         .unwrap();
     assert_eq!(quota["token_minute"], Value::Null);
+}
+
+#[tokio::test]
+async fn a_batch_is_admitted_on_a_key_whose_minute_is_spent() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = key_on_a_tpm_tier(&app).await;
+    set_minute_counters(&app, &id, LIMIT).await;
+    let before = app.key_record(&id).await.unwrap().tokens_per_minute;
+
+    // Messages are refused this minute; a batch, which runs upstream
+    // asynchronously, is not held to the minute.
+    transient_refusal(send(&app, &key).await).await;
+    let batch = json!({"requests": [{"custom_id": "a", "params": {
+        "model": "claude-sonnet-4-5", "max_tokens": 64,
+        "messages": [{"role": "user", "content": "hi"}]}}]});
+    let response = app
+        .http
+        .post(app.url("/v1/messages/batches"))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    assert_eq!(app.key_record(&id).await.unwrap().tokens_per_minute, before);
 }

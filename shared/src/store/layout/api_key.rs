@@ -701,7 +701,11 @@ mod tests {
         };
         let change = settlement(&Counters::default(), 1, None, &spend, crate::domain::now());
         let names = change.names.unwrap();
-        assert!(change.expression.contains(", #ta :ta"), "{}", change.expression);
+        assert!(
+            change.expression.contains(", #ta :ta"),
+            "{}",
+            change.expression
+        );
         assert_eq!(names["#ta"], "tpm|960");
         assert_eq!(number(&change.values, ":ta"), "1234");
         let removed: Vec<&str> = change
