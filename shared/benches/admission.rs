@@ -79,6 +79,7 @@ fn record_of(key: &PresentedKey) -> ApiKeyRecord {
         five_hour_start: None,
         budget_alerts: Default::default(),
         flights: Vec::new(),
+        tokens_per_minute: Default::default(),
     }
 }
 
@@ -104,6 +105,7 @@ fn bench(c: &mut Criterion) {
     let rate = RateLimit {
         requests: 1000,
         period: 60,
+        tokens_per_minute: None,
     };
     stored.rate_window = None;
     // Calendar periods in a zone with daylight saving: the dearer case.

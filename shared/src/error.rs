@@ -485,6 +485,16 @@ impl From<crate::domain::admission::AdmissionRefusal> for ApiError {
                 ),
                 retry_after,
             ),
+            A::TokensPerMinute {
+                used,
+                limit,
+                retry_after,
+            } => ApiError::rate_limited(
+                format!(
+                    "tokens-per-minute limit of this API key's tier reached ({used} of {limit} tokens this minute); retry in {retry_after} seconds"
+                ),
+                retry_after,
+            ),
             A::WorstCaseExceedsQuota { worst, left } => ApiError::QuotaExhausted(format!(
                 "token quota too small for this batch: its worst case is {worst} tokens (input estimate plus max_tokens of every request) and {left} are left; lower max_tokens, split the batch, or ask your relay admin to raise its token_limit"
             )),

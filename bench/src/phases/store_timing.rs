@@ -38,6 +38,7 @@ pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
             rate: RateLimit {
                 requests: TIER_REQUESTS,
                 period: TIER_PERIOD,
+                tokens_per_minute: None,
             },
             budget: BudgetCheck {
                 policy: &policy,

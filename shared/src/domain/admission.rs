@@ -12,6 +12,7 @@ use super::key::ApiKeyRecord;
 use super::key::SecretHash;
 use super::key::access::{KeyStatus, key_status};
 use super::tier::window_of;
+use super::tpm::{MinuteCheck, MinuteSpent, MinuteStanding, minute_of};
 
 /// Why a request was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +32,14 @@ pub enum AdmissionRefusal {
     WorstCaseExceedsQuota { worst: u64, left: u64 },
     #[error("rate limited")]
     RateLimited { retry_after: u64 },
+    /// The tier's tokens per minute are used up for the current minute
+    /// (`domain::tpm`); `retry_after` is the seconds until it ends.
+    #[error("tokens per minute used up")]
+    TokensPerMinute {
+        used: u64,
+        limit: u64,
+        retry_after: u64,
+    },
     /// A dollar limit that applies to the request has no room left.
     #[error("{0}")]
     BudgetSpent(SpentLimit),
@@ -43,11 +52,14 @@ pub enum AdmissionRefusal {
     },
 }
 
-/// The tier's rate limit: `requests` per fixed window of `period` seconds.
+/// The tier's rate limits: `requests` per fixed window of `period`
+/// seconds, and optionally tokens per minute (`domain::tpm`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
     pub requests: u64,
     pub period: u64,
+    /// `None`: no limit, or a charge exempt from it (a message batch).
+    pub tokens_per_minute: Option<u64>,
 }
 
 /// What an admission takes from the key.
@@ -101,8 +113,8 @@ pub enum WindowStep {
 }
 
 /// The write to attempt: the window step, the charge as it must be
-/// stated (a reservation follows the key's stored limit), and the dollar
-/// limits' checks.
+/// stated (a reservation follows the key's stored limit), the dollar
+/// limits' checks and the tokens-per-minute check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdmissionWrite {
     pub step: WindowStep,
@@ -110,6 +122,8 @@ pub struct AdmissionWrite {
     pub budget: BudgetWrite,
     /// The request's trace (`domain::flight`), written with it.
     pub flight: Option<Flight>,
+    /// The current minute's token counter must be below the tier's limit.
+    pub tpm: Option<MinuteCheck>,
 }
 
 /// What the dollar limits need to know of a request: the policy (default
@@ -205,7 +219,7 @@ pub fn window_in_force(
 /// Checks run in the order the refusals are reported: the charge against
 /// the tier, the key's existence, its secret, its status (`key_status`),
 /// its quota (`quota_admits`), its dollar limits (`budget::spent_limit`),
-/// its rate window.
+/// its rate window, its tokens this minute (`tpm::MinuteStanding::check`).
 pub fn decide(
     state: KeyState<'_>,
     hash: &SecretHash,
@@ -231,11 +245,18 @@ pub fn decide(
                 WindowStep::New(window)
             };
             let budget = budget_write(believed, budget.policy, budget.models, now);
+            // Whatever the cache showed, the condition checks the stored
+            // counter of the minute `now` falls in.
+            let tpm = rate.tokens_per_minute.map(|limit| MinuteCheck {
+                minute: minute_of(now).0,
+                limit,
+            });
             return Ok(AdmissionWrite {
                 step,
                 charge,
                 budget,
                 flight: None,
+                tpm,
             });
         }
         KeyState::Stored(None) => return Err(AdmissionRefusal::UnknownKey),
@@ -267,6 +288,20 @@ pub fn decide(
             retry_after: in_force.retry_after,
         });
     }
+    let tpm = MinuteStanding::of(old, rate.tokens_per_minute, now)
+        .map(|standing| standing.check())
+        .transpose()
+        .map_err(
+            |MinuteSpent {
+                 used,
+                 limit,
+                 retry_after,
+             }| AdmissionRefusal::TokensPerMinute {
+                used,
+                limit,
+                retry_after,
+            },
+        )?;
     let step = if in_force.stored {
         WindowStep::Same(in_force.start)
     } else {
@@ -277,6 +312,7 @@ pub fn decide(
         charge,
         budget: budget_write(Some(old), budget.policy, budget.models, now),
         flight: None,
+        tpm,
     })
 }
 
@@ -288,6 +324,7 @@ mod tests {
     const RATE: RateLimit = RateLimit {
         requests: 10,
         period: 60,
+        tokens_per_minute: None,
     };
 
     static POLICY: std::sync::LazyLock<BudgetPolicy> =
@@ -689,6 +726,76 @@ mod tests {
         .unwrap();
         assert_eq!(write.charge, reserve(None, 400));
         assert_eq!(write.charge.reserved(), 0);
+    }
+
+    #[test]
+    fn a_key_at_its_tokens_per_minute_is_refused_until_the_next_minute() {
+        let tpm = RateLimit {
+            tokens_per_minute: Some(100),
+            ..RATE
+        };
+        let (mut old, hash) = key(0, None);
+        let judge = |old: &ApiKeyRecord, rate: RateLimit, epoch: i64| {
+            decide(
+                KeyState::Stored(Some(old)),
+                &hash,
+                rate,
+                Charge::MESSAGE,
+                no_budget(),
+                OffsetDateTime::from_unix_timestamp(epoch).unwrap(),
+            )
+        };
+        // One token under the limit in the minute opened at 960: admitted,
+        // and the write states that minute's counter.
+        old.tokens_per_minute.insert(960, 99);
+        assert_eq!(
+            judge(&old, tpm, 1000).map(|write| write.tpm),
+            Ok(Some(MinuteCheck {
+                minute: 960,
+                limit: 100
+            }))
+        );
+        // At the limit: refused until the minute ends, 20 s after 1000 s,
+        // 60 s at its first second, 1 s at its last.
+        old.tokens_per_minute.insert(960, 100);
+        for (epoch, retry_after) in [(1000, 20), (960, 60), (1019, 1)] {
+            assert_eq!(
+                judge(&old, tpm, epoch),
+                Err(AdmissionRefusal::TokensPerMinute {
+                    used: 100,
+                    limit: 100,
+                    retry_after
+                }),
+                "at {epoch}"
+            );
+        }
+        // The next minute starts with nothing used.
+        assert_eq!(
+            judge(&old, tpm, 1020).map(|write| write.tpm),
+            Ok(Some(MinuteCheck {
+                minute: 1020,
+                limit: 100
+            }))
+        );
+        // A tier without a tokens-per-minute limit never refuses on it.
+        old.tokens_per_minute.insert(960, u64::MAX);
+        assert_eq!(judge(&old, RATE, 1000).map(|write| write.tpm), Ok(None));
+        // The first write, unread, checks the current minute's counter.
+        let first = decide(
+            KeyState::Unread { believed: None },
+            &hash,
+            tpm,
+            Charge::MESSAGE,
+            no_budget(),
+            at_1000(),
+        );
+        assert_eq!(
+            first.map(|write| write.tpm),
+            Ok(Some(MinuteCheck {
+                minute: 960,
+                limit: 100
+            }))
+        );
     }
 
     #[test]

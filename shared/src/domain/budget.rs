@@ -524,6 +524,10 @@ pub struct BudgetCharge {
     /// The `add_to` counters as budget alerts judge them once the cost is
     /// settled (`alerts::AlertWatch`), from the same admitted record.
     pub alerts: Vec<alerts::AlertWatch>,
+    /// The tokens-per-minute counters' share (`domain::tpm`): the other
+    /// per-period counters on the key a settlement moves, carried here so
+    /// one value holds all of them (set by the proxy, which knows the tier).
+    pub tokens_per_minute: super::tpm::MinuteCharge,
 }
 
 impl BudgetCharge {
@@ -561,6 +565,7 @@ impl BudgetCharge {
                 .iter()
                 .map(|s| alert_watch(admitted, s))
                 .collect(),
+            tokens_per_minute: Default::default(),
         }
     }
 

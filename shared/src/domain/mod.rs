@@ -12,6 +12,7 @@ pub mod price;
 pub mod price_list;
 pub mod route;
 pub mod tier;
+pub mod tpm;
 pub mod usage;
 
 use time::OffsetDateTime;

@@ -18,6 +18,7 @@ use crate::domain::budget::BudgetPolicy;
 use crate::domain::day_of;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
+use crate::domain::tpm::MinuteStanding;
 use crate::domain::usage::UsageTotals;
 use crate::domain::{format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
@@ -229,6 +230,9 @@ pub struct QuotaView {
     pub percent_used: Option<f64>,
     pub rate_limit_tier: TierView,
     pub rate_window: RateWindowView,
+    /// The current minute's tokens under the tier's tokens-per-minute
+    /// limit; `None` when the tier sets none.
+    pub token_minute: Option<TokenMinuteView>,
     /// Every dollar limit in force: used, remaining, reset.
     pub budgets: Vec<BudgetView>,
 }
@@ -247,6 +251,16 @@ pub struct TierView {
 pub struct RateWindowView {
     pub requests_used: u64,
     pub requests_remaining: u64,
+    pub resets_at: Option<String>,
+}
+
+/// What is left of the tier's tokens for the current minute: the tokens
+/// settled for messages admitted in it (messages still being answered are
+/// not in it yet).
+#[derive(Debug, Serialize)]
+pub struct TokenMinuteView {
+    pub tokens_used: u64,
+    pub tokens_remaining: u64,
     pub resets_at: Option<String>,
 }
 
@@ -482,10 +496,7 @@ pub async fn quota_view(
     // The window admission counts in (`domain::admission`), as it stands.
     let window = window_in_force(key.rate_window, at, tier.period);
     let used_in_window = window.used;
-    let resets_at =
-        OffsetDateTime::from_unix_timestamp(i64::try_from(window.start + tier.period).unwrap_or(0))
-            .map(format_timestamp)
-            .ok();
+    let resets_at = epoch_timestamp(window.start + tier.period);
     let remaining = key.remaining_tokens();
     let percent_used = key.token_limit.map(|limit| {
         if limit == 0 {
@@ -514,8 +525,22 @@ pub async fn quota_view(
             requests_remaining: tier.requests.saturating_sub(used_in_window),
             resets_at,
         },
+        token_minute: MinuteStanding::of(&key, tier.tokens_per_minute, at).map(|minute| {
+            TokenMinuteView {
+                tokens_used: minute.used,
+                tokens_remaining: minute.remaining(),
+                resets_at: epoch_timestamp(minute.resets_at()),
+            }
+        }),
         budgets: BudgetView::all(&key, budgets, at),
     })
+}
+
+/// A moment given in epoch seconds, as the views show moments.
+fn epoch_timestamp(epoch: u64) -> Option<String> {
+    OffsetDateTime::from_unix_timestamp(i64::try_from(epoch).unwrap_or(0))
+        .map(format_timestamp)
+        .ok()
 }
 
 #[derive(Debug, Deserialize)]

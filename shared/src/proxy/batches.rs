@@ -434,6 +434,11 @@ async fn reserve(
                 rate: RateLimit {
                     requests: tier.requests,
                     period: tier.period,
+                    // Batches are exempt from tokens per minute: they run
+                    // asynchronously upstream, outside any minute of the
+                    // key's, and their tokens are not counted in one
+                    // (`domain::tpm`).
+                    tokens_per_minute: None,
                 },
                 budget: BudgetCheck {
                     policy: &state.0.budgets,

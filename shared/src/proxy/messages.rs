@@ -20,6 +20,7 @@ use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::price::{Attribute, MicroUsd, PriceTable};
 use crate::domain::route::{Route, Treatment};
+use crate::domain::tpm::MinuteCharge;
 use crate::error::ApiError;
 use crate::store::admission::Terms;
 
@@ -91,8 +92,10 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
                     .unwrap_or(0),
                 path: call.path.to_string(),
             };
-            let admitted = admit_write(call, &record, &models, &flight).await?;
-            let budget = BudgetCharge::of(&admitted, policy, &models, call.at);
+            let (admitted, tokens_per_minute) =
+                admit_write(call, &record, &models, &flight).await?;
+            let mut budget = BudgetCharge::of(&admitted, policy, &models, call.at);
+            budget.tokens_per_minute = MinuteCharge::of(&admitted, tokens_per_minute, call.at);
             let attributes = fields.price_attributes();
             let worst = worst_case(&prices, &fields, &attributes, body.len(), call.at);
             let settle_first = may_exhaust(
@@ -179,20 +182,22 @@ async fn authorize(
 }
 
 /// The admission write: counts the request in the tier's window and checks
-/// secret, status, expiry, quota and the dollar limits that apply to
-/// `models` against the stored key, atomically. Returns the key as the
-/// write left it.
+/// secret, status, expiry, quota, the dollar limits that apply to `models`
+/// and the tier's tokens per minute against the stored key, atomically.
+/// Returns the key as the write left it, and the tier's tokens-per-minute
+/// limit (its settlement counts the tokens in the minute when there is one).
 async fn admit_write(
     call: &Call,
     record: &ApiKeyRecord,
     models: &[&str],
     flight: &Flight,
-) -> Result<Arc<ApiKeyRecord>, ApiError> {
+) -> Result<(Arc<ApiKeyRecord>, Option<u64>), ApiError> {
     let state: &ProxyState = &call.state;
     let tier = tier_of(state, &record.rate_limit_tier).await?;
     let rate = RateLimit {
         requests: tier.requests,
         period: tier.period,
+        tokens_per_minute: tier.tokens_per_minute,
     };
     let budget = BudgetCheck {
         policy: &state.0.budgets,
@@ -211,5 +216,5 @@ async fn admit_write(
         .await?;
     let admitted = Arc::new(admitted);
     state.0.keys.insert(call.key.id().clone(), admitted.clone());
-    Ok(admitted)
+    Ok((admitted, tier.tokens_per_minute))
 }

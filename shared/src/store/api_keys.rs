@@ -68,6 +68,7 @@ impl Store {
             five_hour_start: None,
             budget_alerts: Default::default(),
             flights: Vec::new(),
+            tokens_per_minute: Default::default(),
         };
         let item = layout::api_key::new_key_item(&record);
         self.client

@@ -521,6 +521,9 @@ impl Store {
                     .collect(),
                 drop: &[],
                 flight: None,
+                // Batches are exempt from tokens per minute (`domain::tpm`).
+                minute: None,
+                drop_minutes: &[],
             };
             let change = layout::api_key::settlement(
                 &totals,

@@ -107,6 +107,7 @@ impl Store {
             let spend = layout::api_key::KeySpend::of(
                 &record.budget,
                 record.cost.micro_usd,
+                usage.billed(),
                 &record.request_id,
             );
             let change = layout::api_key::settlement(&counters, billed, None, &spend, record.at);

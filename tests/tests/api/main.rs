@@ -16,4 +16,5 @@ mod prices;
 mod proxy;
 mod reconcile;
 mod template;
+mod tpm;
 mod usage;

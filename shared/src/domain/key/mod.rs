@@ -56,6 +56,10 @@ pub struct ApiKeyRecord {
     /// The highest budget-alert threshold (percent) already sent for each
     /// spend counter (`domain::budget::alerts`); none: nothing sent yet.
     pub budget_alerts: BTreeMap<SpendCounter, u8>,
+    /// Tokens settled per minute of admission (`domain::tpm`), by the
+    /// minute's start (epoch seconds), as stored: the current minute and
+    /// the few earlier ones the next settlement drops.
+    pub tokens_per_minute: BTreeMap<u64, u64>,
 }
 
 impl ApiKeyRecord {
@@ -161,6 +165,7 @@ impl ApiKeyRecord {
             five_hour_start: None,
             budget_alerts: BTreeMap::new(),
             flights: Vec::new(),
+            tokens_per_minute: BTreeMap::new(),
         };
         (record, key.hash())
     }

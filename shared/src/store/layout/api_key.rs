@@ -65,6 +65,7 @@ impl TryFrom<&Item> for ApiKeyRecord {
             flights: flights_of(item)?,
             five_hour_start: opt_n(item, "five_hour_start")?,
             budget_alerts: alerts_of(item)?,
+            tokens_per_minute: minutes_of(item)?,
         })
     }
 }
@@ -151,6 +152,22 @@ fn alerts_of(item: &Item) -> Result<BTreeMap<SpendCounter, u8>, StoreError> {
         .into_iter()
         .map(|(counter, threshold)| (counter, u8::try_from(threshold).unwrap_or(u8::MAX)))
         .collect())
+}
+
+/// Tokens-per-minute counters are top-level attributes `tpm|<minute start,
+/// epoch seconds>` (`domain::tpm`), added to by settlement like the spend
+/// counters, and dropped by a later settlement once their minute is over.
+const TPM_PREFIX: &str = "tpm|";
+
+pub(crate) fn tpm_attribute(minute: u64) -> String {
+    format!("{TPM_PREFIX}{minute}")
+}
+
+fn minutes_of(item: &Item) -> Result<BTreeMap<u64, u64>, StoreError> {
+    item.keys()
+        .filter_map(|name| Some((name, name.strip_prefix(TPM_PREFIX)?.parse::<u64>().ok()?)))
+        .map(|(name, minute)| Ok((minute, get_n(item, name)?)))
+        .collect()
 }
 
 /// The numbers stored under `<prefix><limit id>|<period>`, by counter.
@@ -316,8 +333,19 @@ pub(crate) fn admission_update(
     if !adds.is_empty() {
         expression.push_str(&format!(" ADD {}", adds.join(", ")));
     }
-    let condition =
-        format!("{KEY_CHECKS} AND {quota_condition} AND {window_condition}{budget_condition}");
+    // `domain::tpm::MinuteStanding::check`, stated on the stored counter of
+    // the current minute: room left admits.
+    let tpm_condition = match write.tpm {
+        Some(check) => {
+            names.insert("#tpm".into(), tpm_attribute(check.minute));
+            values.insert(":tpm_limit".into(), n(check.limit));
+            " AND (attribute_not_exists(#tpm) OR #tpm < :tpm_limit)"
+        }
+        None => "",
+    };
+    let condition = format!(
+        "{KEY_CHECKS} AND {quota_condition} AND {window_condition}{budget_condition}{tpm_condition}"
+    );
     AdmissionUpdate {
         expression,
         condition,
@@ -536,6 +564,11 @@ pub(crate) fn settlement(
         values.insert(format!(":sa{i}"), n(*cost));
         expression.push_str(&format!(", #sa{i} :sa{i}"));
     }
+    if let Some((minute, tokens)) = spend.minute {
+        names.insert("#ta".into(), tpm_attribute(minute));
+        values.insert(":ta".into(), n(tokens));
+        expression.push_str(", #ta :ta");
+    }
     expression
         .push_str(" SET last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)");
     // An ended period's counter goes with its alert marker (removing an
@@ -555,6 +588,11 @@ pub(crate) fn settlement(
         names.insert("#fr".into(), flight_attribute(request_id));
         drops.push("#fr".into());
     }
+    // Ended minutes' token counters, likewise.
+    drops.extend(spend.drop_minutes.iter().enumerate().map(|(i, minute)| {
+        names.insert(format!("#td{i}"), tpm_attribute(*minute));
+        format!("#td{i}")
+    }));
     if !drops.is_empty() {
         expression.push_str(&format!(" REMOVE {}", drops.join(", ")));
     }
@@ -566,26 +604,36 @@ pub(crate) fn settlement(
 }
 
 /// What a settlement adds to a key's spend counters (micro-dollars per
-/// counter) and which ended periods' counters (and alert markers) it drops.
+/// counter) and which ended periods' counters (and alert markers) it drops;
+/// likewise for the tokens-per-minute counters (`domain::tpm`).
 #[derive(Debug, Default)]
 pub(crate) struct KeySpend<'a> {
     pub add: Vec<(&'a SpendCounter, MicroUsd)>,
     pub drop: &'a [SpendCounter],
     /// The request whose trace (`flight|<request id>`) the settlement removes.
     pub flight: Option<&'a str>,
+    /// Tokens added to the counter of the minute (start) a message was
+    /// admitted in.
+    pub minute: Option<(u64, u64)>,
+    pub drop_minutes: &'a [u64],
 }
 
 impl<'a> KeySpend<'a> {
-    /// Request `request_id`'s cost added to each counter of its `charge`.
+    /// Request `request_id`'s cost added to each counter of its `charge`,
+    /// and its billed `tokens` to the minute it was admitted in.
     pub(crate) fn of(
         charge: &'a BudgetCharge,
         cost: MicroUsd,
+        tokens: u64,
         request_id: &'a str,
     ) -> KeySpend<'a> {
+        let minute = &charge.tokens_per_minute;
         KeySpend {
             add: charge.add_to.iter().map(|c| (c, cost)).collect(),
             drop: &charge.drop,
             flight: Some(request_id),
+            minute: minute.add_to.map(|start| (start, tokens)),
+            drop_minutes: &minute.drop,
         }
     }
 }
@@ -639,6 +687,7 @@ mod tests {
     const RATE: RateLimit = RateLimit {
         requests: 10,
         period: 60,
+        tokens_per_minute: None,
     };
 
     #[test]
@@ -657,6 +706,7 @@ mod tests {
             charge,
             budget: no_budget(),
             flight: None,
+            tpm: None,
         };
         let AdmissionUpdate {
             expression,
@@ -684,6 +734,7 @@ mod tests {
             },
             budget: no_budget(),
             flight: None,
+            tpm: None,
         };
         let values = admission_update(&too_big, RATE, &hash, now).values;
         assert_eq!(number(&values, ":ceiling"), "-400");
@@ -693,6 +744,7 @@ mod tests {
             charge: Charge::MESSAGE,
             budget: no_budget(),
             flight: None,
+            tpm: None,
         };
         let AdmissionUpdate {
             expression,
@@ -701,6 +753,110 @@ mod tests {
         } = admission_update(&message, RATE, &hash, now);
         assert!(!expression.contains("ADD"));
         assert!(condition.contains("tokens_used < token_limit"));
+    }
+
+    #[test]
+    fn every_set_goes_in_the_set_clause_and_every_add_in_the_add_clause() {
+        // A batch's reservation on a key whose 5-hour window opens, for a
+        // message with its trace: each SET before the one ADD clause.
+        let hash = PresentedKey::generate().hash();
+        let write = AdmissionWrite {
+            step: WindowStep::New(60),
+            charge: Charge {
+                requests: 1,
+                quota: QuotaRule::Reserve {
+                    limit: Some(1000),
+                    tokens: 10,
+                },
+            },
+            budget: BudgetWrite {
+                guard: None,
+                five_hour: Some(crate::domain::budget::FiveHourStep::Open(7200)),
+                checks: vec![],
+            },
+            flight: Some(crate::domain::flight::Flight {
+                request_id: "req_1".into(),
+                admitted_at: crate::domain::now(),
+                model: None,
+                body_bytes: 10,
+                max_tokens: 1,
+                path: "/v1/messages".into(),
+            }),
+            tpm: None,
+        };
+        let update = admission_update(&write, RATE, &hash, crate::domain::now());
+        assert_eq!(
+            update.expression,
+            "SET rl_window = :w, rl_count = :n, five_hour_start = :fs, #fl = :fl \
+             ADD tokens_used :r, tokens_reserved :r"
+        );
+        assert_eq!(update.names["#fl"], "flight|req_1");
+    }
+
+    #[test]
+    fn tokens_per_minute_are_checked_on_the_current_minute_counted_and_dropped() {
+        let hash = PresentedKey::generate().hash();
+        let write = AdmissionWrite {
+            step: WindowStep::New(960),
+            charge: Charge::MESSAGE,
+            budget: no_budget(),
+            flight: None,
+            tpm: Some(crate::domain::tpm::MinuteCheck {
+                minute: 960,
+                limit: 10_000,
+            }),
+        };
+        let update = admission_update(&write, RATE, &hash, crate::domain::now());
+        assert!(
+            update
+                .condition
+                .ends_with(" AND (attribute_not_exists(#tpm) OR #tpm < :tpm_limit)"),
+            "{}",
+            update.condition
+        );
+        assert_eq!(update.names["#tpm"], "tpm|960");
+        assert_eq!(number(&update.values, ":tpm_limit"), "10000");
+        // Without a limit the condition says nothing of minutes.
+        let unlimited = AdmissionWrite { tpm: None, ..write };
+        let update = admission_update(&unlimited, RATE, &hash, crate::domain::now());
+        assert!(!update.condition.contains("#tpm"));
+
+        // The settlement adds the billed tokens to the admitted minute and
+        // drops the earlier minutes' counters.
+        let spend = KeySpend {
+            minute: Some((960, 1234)),
+            drop_minutes: &[840, 900],
+            ..KeySpend::default()
+        };
+        let change = settlement(&Counters::default(), 1, None, &spend, crate::domain::now());
+        let names = change.names.unwrap();
+        assert!(
+            change.expression.contains(", #ta :ta"),
+            "{}",
+            change.expression
+        );
+        assert_eq!(names["#ta"], "tpm|960");
+        assert_eq!(number(&change.values, ":ta"), "1234");
+        let removed: Vec<&str> = change
+            .expression
+            .split(" REMOVE ")
+            .nth(1)
+            .unwrap()
+            .split(", ")
+            .map(|placeholder| names[placeholder].as_str())
+            .collect();
+        assert_eq!(removed, ["tpm|840", "tpm|900"]);
+
+        // And the counters are read back into the record by minute.
+        let (record, _) = ApiKeyRecord::sample(crate::domain::now());
+        let mut item = new_key_item(&record);
+        item.insert("tpm|960".into(), n(1234));
+        item.insert("tpm|900".into(), n(7));
+        let read = ApiKeyRecord::try_from(&item).unwrap();
+        assert_eq!(
+            read.tokens_per_minute,
+            BTreeMap::from([(900, 7), (960, 1234)])
+        );
     }
 
     #[test]
@@ -717,6 +873,7 @@ mod tests {
             add: vec![(&current, 5)],
             drop: std::slice::from_ref(&ended),
             flight: None,
+            ..KeySpend::default()
         };
         let change = settlement(&Counters::default(), 1, None, &spend, crate::domain::now());
         let names = change.names.unwrap();

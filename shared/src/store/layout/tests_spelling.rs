@@ -93,6 +93,7 @@ fn layout_attributes() -> BTreeSet<String> {
         five_hour_start: None,
         budget_alerts: Default::default(),
         flights: Vec::new(),
+        tokens_per_minute: Default::default(),
     };
     let usage_record = UsageRecord {
         request_id: "r".into(),
@@ -192,6 +193,8 @@ fn layout_attributes() -> BTreeSet<String> {
                 add: vec![(&spend_counter, 1)],
                 drop: std::slice::from_ref(&spend_counter),
                 flight: Some("r"),
+                minute: Some((60, 1)),
+                drop_minutes: &[0],
             },
             at,
         ),
@@ -211,6 +214,7 @@ fn layout_attributes() -> BTreeSet<String> {
     let rate = RateLimit {
         requests: 1,
         period: 1,
+        tokens_per_minute: Some(1),
     };
     let hash = PresentedKey::generate().hash();
     let budgets = [
@@ -253,10 +257,15 @@ fn layout_attributes() -> BTreeSet<String> {
                     max_tokens: 1,
                     path: "/v1/messages".into(),
                 }),
+                tpm: Some(crate::domain::tpm::MinuteCheck {
+                    minute: 60,
+                    limit: 1,
+                }),
             };
             let update = api_key::admission_update(&write, rate, &hash, at);
             names.extend(expression_attributes(&update.expression));
             names.extend(expression_attributes(&update.condition));
+            names.extend(update.names.into_values());
         }
     }
 
@@ -367,6 +376,8 @@ fn the_layout_gathers_the_attribute_names_it_uses() {
         "price_list",
         "alert|day|d2026-01-02",
         "spend|day|d2026-01-02",
+        "tpm|60",
+        "tpm|0",
     ] {
         assert!(names.contains(expected), "{expected} in {names:?}");
     }
