@@ -79,6 +79,8 @@ fn record_of(key: &PresentedKey) -> ApiKeyRecord {
         five_hour_start: None,
         budget_alerts: Default::default(),
         flights: Vec::new(),
+        max_concurrent: Some(4),
+        in_flight: 0,
         tokens_per_minute: Default::default(),
     }
 }

@@ -499,6 +499,13 @@ impl From<crate::domain::admission::AdmissionRefusal> for ApiError {
                 "token quota too small for this batch: its worst case is {worst} tokens (input estimate plus max_tokens of every request) and {left} are left; lower max_tokens, split the batch, or ask your relay admin to raise its token_limit"
             )),
             A::BudgetSpent(spent) => ApiError::BudgetSpent(spent.to_string()),
+            // A lease comes back when a request in flight settles: soon.
+            A::TooManyConcurrent { limit } => ApiError::rate_limited(
+                format!(
+                    "this API key already has {limit} requests in flight, its concurrency limit; retry in 2 seconds"
+                ),
+                2,
+            ),
             A::OverTier {
                 requests,
                 limit,

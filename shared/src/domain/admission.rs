@@ -43,6 +43,9 @@ pub enum AdmissionRefusal {
     /// A dollar limit that applies to the request has no room left.
     #[error("{0}")]
     BudgetSpent(SpentLimit),
+    /// The key's concurrent requests are all in flight.
+    #[error("too many concurrent requests")]
+    TooManyConcurrent { limit: u64 },
     /// More requests at once than the tier allows in a whole window.
     #[error("more requests than the tier's window holds")]
     OverTier {
@@ -68,6 +71,9 @@ pub struct Charge {
     /// Requests counted in the tier's window (a batch counts each of its own).
     pub requests: u64,
     pub quota: QuotaRule,
+    /// It holds one of the key's concurrent-request leases until it is
+    /// settled (a message does; a batch runs upstream, unleased).
+    pub lease: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +93,7 @@ impl Charge {
     pub const MESSAGE: Charge = Charge {
         requests: 1,
         quota: QuotaRule::AnyLeft,
+        lease: true,
     };
 
     /// Tokens this admission adds to `tokens_used` and `tokens_reserved`.
@@ -276,6 +283,12 @@ pub fn decide(
         // stated on the stored one.
         *limit = old.token_limit;
     }
+    if charge.lease
+        && let Some(limit) = old.max_concurrent
+        && old.in_flight >= i64::try_from(limit).unwrap_or(i64::MAX)
+    {
+        return Err(AdmissionRefusal::TooManyConcurrent { limit });
+    }
     if let Some(spent) = spent_limit(old, budget.policy, budget.models, now) {
         return Err(AdmissionRefusal::BudgetSpent(SpentLimit::from((
             &spent,
@@ -356,6 +369,7 @@ mod tests {
         Charge {
             requests: 1,
             quota: QuotaRule::Reserve { limit, tokens },
+            lease: false,
         }
     }
 
@@ -535,6 +549,7 @@ mod tests {
                 Charge {
                     requests: 9,
                     quota: QuotaRule::AnyLeft,
+                    lease: false,
                 },
                 true,
                 Err(AdmissionRefusal::RateLimited { retry_after: 20 }),
@@ -545,6 +560,7 @@ mod tests {
                 Charge {
                     requests: 11,
                     quota: QuotaRule::AnyLeft,
+                    lease: false,
                 },
                 true,
                 Err(AdmissionRefusal::OverTier {
@@ -569,6 +585,38 @@ mod tests {
             .map(|write| write.step);
             assert_eq!(decided, expected, "{name}");
         }
+    }
+
+    #[test]
+    fn a_message_needs_a_free_lease_a_batch_does_not() {
+        let (mut old, hash) = key(0, None);
+        old.max_concurrent = Some(2);
+        old.in_flight = 2;
+        let decided = |charge| {
+            decide(
+                KeyState::Stored(Some(&old)),
+                &hash,
+                RATE,
+                charge,
+                no_budget(),
+                at_1000(),
+            )
+        };
+        assert_eq!(
+            decided(Charge::MESSAGE),
+            Err(AdmissionRefusal::TooManyConcurrent { limit: 2 })
+        );
+        assert!(decided(reserve(None, 10)).is_ok());
+        old.in_flight = 1;
+        let decided = decide(
+            KeyState::Stored(Some(&old)),
+            &hash,
+            RATE,
+            Charge::MESSAGE,
+            no_budget(),
+            at_1000(),
+        );
+        assert!(decided.is_ok());
     }
 
     #[test]
@@ -638,6 +686,7 @@ mod tests {
         let big = Charge {
             requests: 11,
             quota: QuotaRule::AnyLeft,
+            lease: false,
         };
         assert_eq!(
             decide(

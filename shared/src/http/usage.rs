@@ -235,6 +235,10 @@ pub struct QuotaView {
     pub token_minute: Option<TokenMinuteView>,
     /// Every dollar limit in force: used, remaining, reset.
     pub budgets: Vec<BudgetView>,
+    /// Messages admitted and not yet settled (the leases held), and the
+    /// most the key may have at once (`null`: no limit).
+    pub in_flight: u64,
+    pub max_concurrent: Option<u64>,
 }
 
 /// The key's tier as the quota view shows it.
@@ -533,6 +537,8 @@ pub async fn quota_view(
             }
         }),
         budgets: BudgetView::all(&key, budgets, at),
+        in_flight: u64::try_from(key.in_flight).unwrap_or(0),
+        max_concurrent: key.max_concurrent,
     })
 }
 

@@ -422,6 +422,7 @@ async fn reserve(
             limit: record.token_limit,
             tokens: worst,
         },
+        lease: false,
     };
     Ok(state
         .0

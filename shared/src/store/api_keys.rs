@@ -68,6 +68,8 @@ impl Store {
             five_hour_start: None,
             budget_alerts: Default::default(),
             flights: Vec::new(),
+            max_concurrent: new.max_concurrent,
+            in_flight: 0,
             tokens_per_minute: Default::default(),
         };
         let item = layout::api_key::new_key_item(&record);

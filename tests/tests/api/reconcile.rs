@@ -139,3 +139,97 @@ async fn a_settled_request_leaves_no_trace_for_the_reconciler() {
     assert_eq!(report.reconciled.charged, 0);
     assert_eq!(app.items(&id, "LOG#").await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_key_limited_to_two_requests_at_once_gets_a_short_retry_for_the_third() {
+    use relay_tests::fake_upstream::MessageSpec;
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app
+        .new_key_with(json!({"name": "two", "max_concurrent": 2}))
+        .await
+        .unwrap();
+    // Answers that take a while to start: two are in flight together.
+    app.upstream.set_default(Behavior::Message(MessageSpec {
+        first_byte_delay: Duration::from_millis(600),
+        ..MessageSpec::default()
+    }));
+    let send = || {
+        app.http
+            .post(app.url("/v1/messages"))
+            .header("x-api-key", &key)
+            .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    let (first, second) = (send(), send());
+    let third = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        send().await
+    };
+    let (first, second, third) = tokio::join!(first, second, third);
+    let (first, second, third) = (first.unwrap(), second.unwrap(), third.unwrap());
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    assert_eq!(third.status(), 429);
+    assert_eq!(
+        third
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
+    assert_eq!(third.headers().get("x-should-retry"), None);
+    first.bytes().await.unwrap();
+    second.bytes().await.unwrap();
+    app.in_flight.idle().await;
+    // Settled: the leases are back, and the next request is admitted.
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!((record.in_flight, record.flights.len()), (0, 0));
+    let quota: serde_json::Value = app
+        .http
+        .get(app.url("/api/usage/quota"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (quota["in_flight"].clone(), quota["max_concurrent"].clone()),
+        (json!(0), json!(2))
+    );
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    again.bytes().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_reconciler_gives_back_the_lease_of_a_request_that_never_settled() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app
+        .new_key_with(json!({"name": "one", "max_concurrent": 1}))
+        .await
+        .unwrap();
+    app.upstream.set_default(Behavior::Hang);
+    let send = || {
+        app.http
+            .post(app.url("/v1/messages"))
+            .header("x-api-key", &key)
+            .timeout(Duration::from_millis(300))
+            .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+    };
+    assert!(send().await.is_err(), "the fake hangs");
+    // Its lease is held: the next request must wait…
+    let refused = send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(app.key_record(&id).await.unwrap().in_flight, 1);
+    // …until the reconciler charges the lost one and gives its lease back.
+    let later = relay_shared::domain::now() + time::Duration::minutes(16);
+    assert_eq!(collect_as_of(&app.proxy, later).await.reconciled.charged, 1);
+    assert_eq!(app.key_record(&id).await.unwrap().in_flight, 0);
+}

@@ -49,6 +49,8 @@ pub struct NewKey {
     pub allowed_models: Vec<String>,
     /// `None`: the organisation default applies.
     pub dollar_limits: Option<Vec<DollarLimit>>,
+    /// Most messages in flight at once (`None`: no limit).
+    pub max_concurrent: Option<u64>,
 }
 
 /// The validated form of a patch; `None` leaves a field as it is.
@@ -65,6 +67,8 @@ pub struct KeyChanges {
     pub allowed_models: Option<Vec<String>>,
     /// `Some(None)`: back to the organisation default.
     pub dollar_limits: Option<Option<Vec<DollarLimit>>>,
+    /// `Some(None)`: no concurrency limit.
+    pub max_concurrent: Option<Option<u64>>,
 }
 
 impl KeyChanges {
@@ -79,6 +83,7 @@ impl KeyChanges {
             && self.allowed_origins.is_none()
             && self.allowed_models.is_none()
             && self.dollar_limits.is_none()
+            && self.max_concurrent.is_none()
     }
 }
 
@@ -141,6 +146,20 @@ pub fn validate_token_limit(limit: u64) -> Result<u64, FieldError> {
         ));
     }
     Ok(limit)
+}
+
+/// Most concurrent requests a key may be limited to.
+const MAX_CONCURRENT: u64 = 10_000;
+
+pub fn validate_max_concurrent(most: u64) -> Result<u64, FieldError> {
+    if (1..=MAX_CONCURRENT).contains(&most) {
+        Ok(most)
+    } else {
+        Err(FieldError::new(
+            "max_concurrent",
+            format!("must be from 1 to {MAX_CONCURRENT}"),
+        ))
+    }
 }
 
 pub fn validate_tier_ref(tier: &str) -> Result<String, FieldError> {

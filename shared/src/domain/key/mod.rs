@@ -53,6 +53,12 @@ pub struct ApiKeyRecord {
     pub five_hour_start: Option<u64>,
     /// Its requests admitted and not yet settled (`domain::flight`).
     pub flights: Vec<Flight>,
+    /// Most of its messages admitted and not yet settled at once
+    /// (`None`: no limit).
+    pub max_concurrent: Option<u64>,
+    /// Its messages admitted and not yet settled, as counted by admission
+    /// (+1) and settlement or the reconciler (−1).
+    pub in_flight: i64,
     /// The highest budget-alert threshold (percent) already sent for each
     /// spend counter (`domain::budget::alerts`); none: nothing sent yet.
     pub budget_alerts: BTreeMap<SpendCounter, u8>,
@@ -166,6 +172,8 @@ impl ApiKeyRecord {
             budget_alerts: BTreeMap::new(),
             flights: Vec::new(),
             tokens_per_minute: BTreeMap::new(),
+            max_concurrent: None,
+            in_flight: 0,
         };
         (record, key.hash())
     }

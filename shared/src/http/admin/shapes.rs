@@ -33,6 +33,10 @@ pub struct KeyView {
     pub dollar_limits: Option<Vec<DollarLimitView>>,
     /// Every dollar limit in force, with what is used and left.
     pub budgets: Vec<BudgetView>,
+    /// Most messages in flight at once (`null`: no limit).
+    pub max_concurrent: Option<u64>,
+    /// Messages admitted and not yet settled (leases held).
+    pub in_flight: u64,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -128,6 +132,8 @@ impl KeyView {
                 .as_ref()
                 .map(|limits| limits.iter().map(DollarLimitView::of).collect()),
             budgets: BudgetView::all(record, policy, now),
+            max_concurrent: record.max_concurrent,
+            in_flight: u64::try_from(record.in_flight).unwrap_or(0),
             created_at: format_timestamp(record.created_at),
             updated_at: format_timestamp(record.updated_at),
         }
@@ -156,6 +162,9 @@ pub struct CreateKeyInput {
     /// Absent or `null`: the organisation default applies; `[]`: none.
     #[serde(default)]
     pub dollar_limits: Option<Vec<DollarLimitInput>>,
+    /// Most messages in flight at once; absent or `null`: no limit.
+    #[serde(default)]
+    pub max_concurrent: Option<u64>,
 }
 
 /// One dollar limit as the admin API takes it.
@@ -211,6 +220,9 @@ pub struct PatchKeyInput {
     /// `null`: back to the organisation default; `[]`: no dollar limit.
     #[serde(default, deserialize_with = "present")]
     pub dollar_limits: Option<Option<Vec<DollarLimitInput>>>,
+    /// `null`: no concurrency limit.
+    #[serde(default, deserialize_with = "present")]
+    pub max_concurrent: Option<Option<u64>>,
 }
 
 /// Distinguishes "field absent" (outer `None`) from "field is null".
@@ -246,6 +258,10 @@ impl CreateKeyInput {
             dollar_limits: self
                 .dollar_limits
                 .map(|limits| validate_dollar_limits("dollar_limits", limits))
+                .transpose()?,
+            max_concurrent: self
+                .max_concurrent
+                .map(changes::validate_max_concurrent)
                 .transpose()?,
         })
     }
@@ -288,6 +304,10 @@ impl PatchKeyInput {
                         .map(|l| validate_dollar_limits("dollar_limits", l))
                         .transpose()
                 })
+                .transpose()?,
+            max_concurrent: self
+                .max_concurrent
+                .map(|m| m.map(changes::validate_max_concurrent).transpose())
                 .transpose()?,
         };
         if changes.is_empty() {

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::super::StoreError;
 use super::super::item::{
-    Item, get_bool, get_list, get_n, get_s, invalid, list, n, opt_n, opt_s, s,
+    Item, get_bool, get_list, get_n, get_s, get_signed, invalid, list, n, opt_n, opt_s, s,
 };
 use super::super::usage_log::KeyUsage;
 use super::{Change, GSI1PK, GSI1SK, KEYS_INDEX, api_key, created_sort_key};
@@ -63,6 +63,8 @@ impl TryFrom<&Item> for ApiKeyRecord {
                 .transpose()?,
             spend: spend_of(item)?,
             flights: flights_of(item)?,
+            max_concurrent: opt_n(item, "max_concurrent")?,
+            in_flight: get_signed(item, "in_flight")?,
             five_hour_start: opt_n(item, "five_hour_start")?,
             budget_alerts: alerts_of(item)?,
             tokens_per_minute: minutes_of(item)?,
@@ -120,6 +122,9 @@ pub(crate) fn new_key_item(record: &ApiKeyRecord) -> Item {
     item.insert("allowed_models".into(), list(&record.allowed_models));
     if let Some(limits) = &record.dollar_limits {
         item.insert("dollar_limits".into(), s(encode_limits(limits)));
+    }
+    if let Some(most) = record.max_concurrent {
+        item.insert("max_concurrent".into(), n(most));
     }
     item
 }
@@ -323,6 +328,16 @@ pub(crate) fn admission_update(
     };
     let mut names = HashMap::new();
     let budget_condition = budget_conditions(write, &mut sets, &mut names, &mut values);
+    // A lease: `domain::admission::decide`'s concurrency rule, stated on
+    // the stored count and limit; settlement (or the reconciler) gives it back.
+    let lease_condition = if charge.lease {
+        values.insert(":one".into(), n(1));
+        adds.push("in_flight :one".to_owned());
+        " AND (attribute_not_exists(max_concurrent) OR attribute_not_exists(in_flight) \
+         OR in_flight < max_concurrent)"
+    } else {
+        ""
+    };
     // The request's trace, removed by its settlement (`domain::flight`).
     if let Some(flight) = &write.flight {
         names.insert("#fl".into(), flight_attribute(&flight.request_id));
@@ -344,7 +359,7 @@ pub(crate) fn admission_update(
         None => "",
     };
     let condition = format!(
-        "{KEY_CHECKS} AND {quota_condition} AND {window_condition}{budget_condition}{tpm_condition}"
+        "{KEY_CHECKS} AND {quota_condition} AND {window_condition}{budget_condition}{tpm_condition}{lease_condition}"
     );
     AdmissionUpdate {
         expression,
@@ -511,6 +526,11 @@ pub(crate) fn patch(changes: &KeyChanges, now: OffsetDateTime) -> Change {
         Some(None) => removes.push("expires_at"),
         None => {}
     }
+    match changes.max_concurrent {
+        Some(Some(most)) => set("max_concurrent", n(most)),
+        Some(None) => removes.push("max_concurrent"),
+        None => {}
+    }
     match &changes.dollar_limits {
         Some(Some(limits)) => set("dollar_limits", s(encode_limits(limits))),
         Some(None) => removes.push("dollar_limits"),
@@ -568,6 +588,11 @@ pub(crate) fn settlement(
         names.insert("#ta".into(), tpm_attribute(minute));
         values.insert(":ta".into(), n(tokens));
         expression.push_str(", #ta :ta");
+    }
+    // A settled message gives its lease back (its trace goes below).
+    if spend.flight.is_some() {
+        values.insert(":lease_back".into(), n(-1));
+        expression.push_str(", in_flight :lease_back");
     }
     expression
         .push_str(" SET last_used_at = :at, first_used_at = if_not_exists(first_used_at, :at)");
@@ -699,6 +724,7 @@ mod tests {
                 limit: Some(1000),
                 tokens: 400,
             },
+            lease: false,
         };
         let now = crate::domain::now();
         let write = AdmissionWrite {
@@ -731,6 +757,7 @@ mod tests {
                     limit: Some(100),
                     tokens: 500,
                 },
+                lease: false,
             },
             budget: no_budget(),
             flight: None,
@@ -751,7 +778,13 @@ mod tests {
             condition,
             ..
         } = admission_update(&message, RATE, &hash, now);
-        assert!(!expression.contains("ADD"));
+        assert!(!expression.contains("tokens_used"));
+        // …and take a lease, within the key's concurrency limit.
+        assert!(expression.ends_with(" ADD in_flight :one"), "{expression}");
+        assert!(
+            condition.ends_with(" OR in_flight < max_concurrent)"),
+            "{condition}"
+        );
         assert!(condition.contains("tokens_used < token_limit"));
     }
 
@@ -768,6 +801,7 @@ mod tests {
                     limit: Some(1000),
                     tokens: 10,
                 },
+                lease: false,
             },
             budget: BudgetWrite {
                 guard: None,
@@ -810,7 +844,7 @@ mod tests {
         assert!(
             update
                 .condition
-                .ends_with(" AND (attribute_not_exists(#tpm) OR #tpm < :tpm_limit)"),
+                .contains(" AND (attribute_not_exists(#tpm) OR #tpm < :tpm_limit)"),
             "{}",
             update.condition
         );

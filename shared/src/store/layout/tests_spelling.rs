@@ -93,6 +93,8 @@ fn layout_attributes() -> BTreeSet<String> {
         five_hour_start: None,
         budget_alerts: Default::default(),
         flights: Vec::new(),
+        max_concurrent: Some(4),
+        in_flight: 0,
         tokens_per_minute: Default::default(),
     };
     let usage_record = UsageRecord {
@@ -173,6 +175,7 @@ fn layout_attributes() -> BTreeSet<String> {
         allowed_origins: Some(Vec::new()),
         allowed_models: Some(Vec::new()),
         dollar_limits: Some(None),
+        max_concurrent: Some(None),
     };
     let day_item = day(&key, "2026-01-02");
     let spend_counter = SpendCounter {
@@ -244,7 +247,11 @@ fn layout_attributes() -> BTreeSet<String> {
                 tokens: 1,
             },
         ] {
-            let charge = Charge { requests: 1, quota };
+            let charge = Charge {
+                requests: 1,
+                quota,
+                lease: false,
+            };
             let write = AdmissionWrite {
                 step,
                 charge,
