@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -62,7 +63,7 @@ def slow_upstream(binaries, tmp_path_factory):
 class Relay:
     """One relay-local process on a table of its own."""
 
-    def __init__(self, relay_bin: Path, upstream: str, table: str, log: Path):
+    def __init__(self, relay_bin: Path, upstream: str, table: str, log: Path, extra_env=None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -76,6 +77,7 @@ class Relay:
             AWS_REGION=os.environ.get("AWS_REGION", "us-east-1"),
             AWS_ACCESS_KEY_ID=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
             AWS_SECRET_ACCESS_KEY=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+            **(extra_env or {}),
         )
         self.process = subprocess.Popen(
             [str(relay_bin)], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT
@@ -229,3 +231,63 @@ def test_a_second_stop_signal_exits_at_once(binaries, slow_upstream, tmp_path):
             stream.join(timeout=60)
     finally:
         relay.stop()
+
+
+def test_requests_in_flight_when_the_relay_is_killed_are_charged_by_the_reconciler(
+    binaries, slow_upstream, tmp_path
+):
+    """SIGKILL leaves no chance to settle: the restarted relay's reconciler
+    (on a one-second timer, requests overdue after one second) charges each
+    request that was in flight an estimate, once; the requests answered
+    before the kill keep their exact usage."""
+    if not os.environ.get("DYNAMODB_ENDPOINT"):
+        pytest.fail("DYNAMODB_ENDPOINT is not set: run these tests with `make test`")
+    relay_bin, _ = binaries
+    table = f"relay-killed-{uuid.uuid4().hex}"
+    relay = Relay(relay_bin, slow_upstream, table, tmp_path / "relay.out")
+    try:
+        created = relay.admin("POST", "/admin/api-keys", {"name": "killed mid-stream"})
+        # Two answered in full before the kill: their usage is exact.
+        finished = begin_streams(relay, created["api_key"], 2)
+        for stream in finished:
+            stream.join(timeout=60)
+        assert all(s.ended for s in finished)
+        wait_until(lambda: len(usage_log_items(table, created["id"])) == 2, "the first two settled")
+        streams = begin_streams(relay, created["api_key"], STREAMS)
+        os.kill(relay.process.pid, signal.SIGKILL)
+        relay.process.wait(timeout=30)
+        for stream in streams:
+            stream.join(timeout=60)
+        assert len(usage_log_items(table, created["id"])) == 2, "nothing settled the killed ones"
+    finally:
+        relay.stop()
+
+    again = Relay(
+        relay_bin,
+        slow_upstream,
+        table,
+        tmp_path / "relay-again.out",
+        {"RECONCILE_AFTER_SECONDS": "1", "BATCH_COLLECT_INTERVAL_SECONDS": "1"},
+    )
+    try:
+        wait_until(
+            lambda: len(usage_log_items(table, created["id"])) == 2 + STREAMS,
+            "the reconciler charging every request that was in flight",
+        )
+        items = usage_log_items(table, created["id"])
+        exact = [item for item in items if item["estimated"] is False]
+        estimated = [item for item in items if item["estimated"] is True]
+        assert len(exact) == 2 and len(estimated) == STREAMS
+        # The estimate: the body at four bytes a token, all of max_tokens.
+        assert {int(item["output_tokens"]) for item in estimated} == {9}
+        assert all(int(item["status"]) == 0 for item in estimated)
+        key = again.admin("GET", f"/admin/api-keys/{created['id']}")
+        total = sum(int(item["input_tokens"]) + int(item["output_tokens"]) for item in items)
+        assert key["tokens_used"] == total
+        assert key["in_flight"] == 0, "every lease given back"
+        # Exactly once: later passes charge nothing more.
+        time.sleep(2.5)
+        assert len(usage_log_items(table, created["id"])) == 2 + STREAMS
+    finally:
+        os.kill(again.process.pid, signal.SIGTERM)
+        assert again.process.wait(timeout=60) == 0
