@@ -153,3 +153,48 @@ def test_sdk_uploads_lists_and_reads_a_file_only_with_its_own_key(relay, admin):
 
     owner.beta.files.delete(uploaded.id)
     assert owner.beta.files.list().data == []
+
+
+def counting_client(relay, api_key, max_retries):
+    """An SDK client that counts the HTTP attempts it makes (through the
+    SDK's own HTTP client class, whatever library it is built on)."""
+    attempts = []
+    http_client = anthropic.DefaultHttpxClient(
+        event_hooks={"request": [lambda request: attempts.append(request.url.path)]}
+    )
+    client = anthropic.Anthropic(
+        base_url=relay["base"], api_key=api_key, max_retries=max_retries, http_client=http_client
+    )
+    return client, attempts
+
+
+def test_sdk_stops_on_a_spent_dollar_limit_and_retries_a_tokens_per_minute_429(relay, admin):
+    # A spent dollar limit: one attempt, no retry, the message names it.
+    spent = admin(
+        "POST",
+        "/admin/api-keys",
+        {"name": "tiny budget", "dollar_limits": [{"window": "day", "limit_usd": 0.000001}]},
+    )
+    client, attempts = counting_client(relay, spent["api_key"], max_retries=3)
+    client.messages.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    attempts.clear()
+    try:
+        client.messages.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    except anthropic.RateLimitError as error:
+        assert "dollar limit reached" in error.message
+        assert error.response.headers["x-should-retry"] == "false"
+    else:
+        raise AssertionError("the spent dollar limit was not enforced")
+    assert len(attempts) == 1, f"the SDK retried a final refusal: {attempts}"
+
+    # A tier whose minute of tokens one request spends: the next is a 429
+    # with retry-after (the seconds left in the minute), which the SDK
+    # waits out and retries, then succeeds.
+    admin("PUT", "/admin/tiers/one-per-minute", {"requests": 1000, "period": 60, "tokens_per_minute": 1})
+    tight = admin("POST", "/admin/api-keys", {"name": "tpm", "rate_limit_tier": "one-per-minute"})
+    client, attempts = counting_client(relay, tight["api_key"], max_retries=1)
+    client.messages.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    attempts.clear()
+    answer = client.messages.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    assert answer.usage.output_tokens == 3
+    assert len(attempts) == 2, f"refused once for the minute, then admitted: {attempts}"

@@ -75,6 +75,13 @@ impl MinuteStanding {
         })
     }
 
+    /// Whether a request that may bill `tokens` could use up what is left
+    /// of the minute (then it is settled before its answer ends, as
+    /// `budget::may_exhaust` says for the other limits).
+    pub fn may_exhaust(&self, tokens: u64) -> bool {
+        tokens >= self.remaining()
+    }
+
     pub fn remaining(&self) -> u64 {
         self.limit.saturating_sub(self.used)
     }
@@ -144,6 +151,16 @@ mod tests {
         assert_eq!(minute_of(at(960)), (960, 60));
         assert_eq!(minute_of(at(1000)), (960, 20));
         assert_eq!(minute_of(at(1019)), (960, 1));
+    }
+
+    #[test]
+    fn a_request_may_use_up_the_minute_when_its_worst_case_reaches_what_is_left() {
+        let (mut record, _) = ApiKeyRecord::sample(at(1000));
+        record.tokens_per_minute = BTreeMap::from([(960, 700)]);
+        let minute = MinuteStanding::of(&record, Some(1000), at(1000)).unwrap();
+        assert!(minute.may_exhaust(300));
+        assert!(!minute.may_exhaust(299));
+        assert!(MinuteStanding::of(&record, None, at(1000)).is_none());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::price::{Attribute, MicroUsd, PriceTable};
 use crate::domain::route::{Route, Treatment};
-use crate::domain::tpm::MinuteCharge;
+use crate::domain::tpm::{MinuteCharge, MinuteStanding};
 use crate::error::ApiError;
 use crate::store::admission::Terms;
 
@@ -105,7 +105,8 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
                 worst.tokens,
                 worst.cost,
                 call.at,
-            );
+            ) || MinuteStanding::of(&admitted, tokens_per_minute, call.at)
+                .is_some_and(|minute| minute.may_exhaust(worst.tokens));
             call.seen.saw(admitted, &models);
             let mut metering =
                 Metering::of(call, fields.model.clone(), streamed, attributes, budget);
