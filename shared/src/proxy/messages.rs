@@ -76,49 +76,60 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     }
     call.check_file_references(body).await?;
     let streamed = fields.stream.unwrap_or(false);
-    let policy = &call.state.0.budgets;
-    let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
     let metering = match prices.filter(|_| charged) {
-        Some(prices) => {
-            let flight = Flight {
-                request_id: call.request_id.clone(),
-                admitted_at: call.at,
-                model: fields.model.clone(),
-                body_bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
-                max_tokens: fields
-                    .max_tokens
-                    .as_ref()
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0),
-                path: call.path.to_string(),
-            };
-            let (admitted, tokens_per_minute) =
-                admit_write(call, &record, &models, &flight).await?;
-            let mut budget = BudgetCharge::of(&admitted, policy, &models, call.at);
-            budget.tokens_per_minute = MinuteCharge::of(&admitted, tokens_per_minute, call.at);
-            let attributes = fields.price_attributes();
-            let worst = worst_case(&prices, &fields, &attributes, body.len(), call.at);
-            let settle_first = may_exhaust(
-                &admitted,
-                policy,
-                &models,
-                worst.tokens,
-                worst.cost,
-                call.at,
-            ) || MinuteStanding::of(&admitted, tokens_per_minute, call.at)
-                .is_some_and(|minute| minute.may_exhaust(worst.tokens));
-            call.seen.saw(admitted, &models);
-            let mut metering =
-                Metering::of(call, fields.model.clone(), streamed, attributes, budget);
-            metering.settle_before_answer_ends = settle_first;
-            Some(metering)
-        }
+        Some(prices) => Some(charge(call, &record, &fields, &prices, body, streamed).await?),
         None => {
+            let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
             call.seen.saw(record, &models);
             None
         }
     };
     Ok(Admitted { streamed, metering })
+}
+
+/// The metered part of admission: the request's trace, the admission
+/// write, what its settlement will add to the key's counters, and whether
+/// it must be settled before its answer ends.
+async fn charge(
+    call: &Call,
+    record: &ApiKeyRecord,
+    fields: &MessagesFields,
+    prices: &PriceTable,
+    body: &[u8],
+    streamed: bool,
+) -> Result<Metering, ApiError> {
+    let policy = &call.state.0.budgets;
+    let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
+    let flight = Flight {
+        request_id: call.request_id.clone(),
+        admitted_at: call.at,
+        model: fields.model.clone(),
+        body_bytes: u64::try_from(body.len()).unwrap_or(u64::MAX),
+        max_tokens: fields
+            .max_tokens
+            .as_ref()
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0),
+        path: call.path.to_string(),
+    };
+    let (admitted, tokens_per_minute) = admit_write(call, record, &models, &flight).await?;
+    let mut budget = BudgetCharge::of(&admitted, policy, &models, call.at);
+    budget.tokens_per_minute = MinuteCharge::of(&admitted, tokens_per_minute, call.at);
+    let attributes = fields.price_attributes();
+    let worst = worst_case(prices, fields, &attributes, body.len(), call.at);
+    let settle_first = may_exhaust(
+        &admitted,
+        policy,
+        &models,
+        worst.tokens,
+        worst.cost,
+        call.at,
+    ) || MinuteStanding::of(&admitted, tokens_per_minute, call.at)
+        .is_some_and(|minute| minute.may_exhaust(worst.tokens));
+    call.seen.saw(admitted, &models);
+    let mut metering = Metering::of(call, fields.model.clone(), streamed, attributes, budget);
+    metering.settle_before_answer_ends = settle_first;
+    Ok(metering)
 }
 
 /// The most a message request could use: every byte of its body a prompt
