@@ -285,6 +285,31 @@ impl TestApp {
         key_items(&self.store, id, prefix).await
     }
 
+    /// `POST /v1/messages` with the key holder's `key`: a short request for
+    /// `model` (64 output tokens at most), ready to send (or to adjust).
+    pub fn message(&self, key: &str, model: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url("/v1/messages"))
+            .header("x-api-key", key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&json!({
+                "model": model,
+                "max_tokens": 64,
+                "messages": [{"role": "user", "content": "hi"}]
+            }))
+    }
+
+    /// `GET /api/usage/quota` as the holder of `key`.
+    pub async fn quota(&self, key: &str) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(self.url("/api/usage/quota"))
+            .header("x-api-key", key)
+            .send()
+            .await?;
+        Ok(response.error_for_status()?.json().await?)
+    }
+
     /// Waits (up to 10 s) until `count` usage logs exist for the key.
     pub async fn wait_for_logs(&self, id: &str, count: usize) -> anyhow::Result<Vec<RawItem>> {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

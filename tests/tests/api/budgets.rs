@@ -26,18 +26,7 @@ fn answer_costing_a_fixed_amount(app: &TestApp) {
 }
 
 async fn send(app: &TestApp, key: &str, model: &str) -> Response {
-    app.http
-        .post(app.url("/v1/messages"))
-        .header("x-api-key", key)
-        .header("anthropic-version", "2023-06-01")
-        .json(&json!({
-            "model": model,
-            "max_tokens": 64,
-            "messages": [{"role": "user", "content": "hi"}]
-        }))
-        .send()
-        .await
-        .unwrap()
+    app.message(key, model).send().await.unwrap()
 }
 
 fn header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
@@ -60,15 +49,7 @@ fn midnight_after(now: OffsetDateTime) -> String {
 }
 
 async fn key_quota(app: &TestApp, key: &str) -> Value {
-    app.http
-        .get(app.url("/api/usage/quota"))
-        .header("x-api-key", key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.quota(key).await.unwrap()
 }
 
 async fn admin(

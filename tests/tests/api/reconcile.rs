@@ -121,15 +121,7 @@ async fn a_request_that_never_settles_is_charged_its_estimate_once_when_overdue(
 async fn a_settled_request_leaves_no_trace_for_the_reconciler() {
     let app = spawn_app().await.unwrap();
     let (id, key) = app.new_key().await.unwrap();
-    let response = app
-        .http
-        .post(app.url("/v1/messages"))
-        .header("x-api-key", &key)
-        .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
-            "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
+    let response = app.message(&key, "claude-sonnet-4-5").send().await.unwrap();
     assert_eq!(response.status(), 200);
     response.bytes().await.unwrap();
     app.wait_for_logs(&id, 1).await.unwrap();
@@ -153,14 +145,7 @@ async fn a_key_limited_to_two_requests_at_once_gets_a_short_retry_for_the_third(
         first_byte_delay: Duration::from_millis(600),
         ..MessageSpec::default()
     }));
-    let send = || {
-        app.http
-            .post(app.url("/v1/messages"))
-            .header("x-api-key", &key)
-            .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
-                "messages": [{"role": "user", "content": "hi"}]}))
-            .send()
-    };
+    let send = || app.message(&key, "claude-sonnet-4-5").send();
     let (first, second) = (send(), send());
     let third = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -187,16 +172,7 @@ async fn a_key_limited_to_two_requests_at_once_gets_a_short_retry_for_the_third(
     // Settled: the leases are back, and the next request is admitted.
     let record = app.key_record(&id).await.unwrap();
     assert_eq!((record.in_flight, record.flights.len()), (0, 0));
-    let quota: serde_json::Value = app
-        .http
-        .get(app.url("/api/usage/quota"))
-        .header("x-api-key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let quota = app.quota(&key).await.unwrap();
     assert_eq!(
         (quota["in_flight"].clone(), quota["max_concurrent"].clone()),
         (json!(0), json!(2))
@@ -215,12 +191,8 @@ async fn the_reconciler_gives_back_the_lease_of_a_request_that_never_settled() {
         .unwrap();
     app.upstream.set_default(Behavior::Hang);
     let send = || {
-        app.http
-            .post(app.url("/v1/messages"))
-            .header("x-api-key", &key)
+        app.message(&key, "claude-sonnet-4-5")
             .timeout(Duration::from_millis(300))
-            .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 10,
-                "messages": [{"role": "user", "content": "hi"}]}))
             .send()
     };
     assert!(send().await.is_err(), "the fake hangs");

@@ -41,18 +41,7 @@ async fn key_on_a_tpm_tier(app: &TestApp) -> (String, String) {
 }
 
 async fn send(app: &TestApp, key: &str) -> Response {
-    app.http
-        .post(app.url("/v1/messages"))
-        .header("x-api-key", key)
-        .header("anthropic-version", "2023-06-01")
-        .json(&json!({
-            "model": "claude-sonnet-4-5",
-            "max_tokens": 64,
-            "messages": [{"role": "user", "content": "hi"}]
-        }))
-        .send()
-        .await
-        .unwrap()
+    app.message(key, "claude-sonnet-4-5").send().await.unwrap()
 }
 
 fn header<'a>(response: &'a Response, name: &str) -> Option<&'a str> {
@@ -148,16 +137,7 @@ async fn a_key_is_refused_once_its_minute_of_tokens_is_spent_and_told_when_to_re
     assert_eq!(requests_sent, admitted, "the refused request was not sent");
 
     // The key holder sees the minute spent and when it resets.
-    let quota: Value = app
-        .http
-        .get(app.url("/api/usage/quota"))
-        .header("x-api-key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let quota: Value = app.quota(&key).await.unwrap();
     assert_eq!(quota["rate_limit_tier"]["tokens_per_minute"], LIMIT);
     let (minute, _) = counters.first_key_value().unwrap();
     let now = u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap();
@@ -224,16 +204,7 @@ async fn a_tier_without_tokens_per_minute_counts_no_minutes() {
             .tokens_per_minute
             .is_empty()
     );
-    let quota: Value = app
-        .http
-        .get(app.url("/api/usage/quota"))
-        .header("x-api-key", &key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let quota: Value = app.quota(&key).await.unwrap();
     assert_eq!(quota["token_minute"], Value::Null);
 }
 
