@@ -82,6 +82,7 @@ fn record_of(key: &PresentedKey) -> ApiKeyRecord {
         max_concurrent: Some(4),
         in_flight: 0,
         tokens_per_minute: Default::default(),
+        limit_mode: relay_shared::domain::key::LimitMode::Soft,
     }
 }
 
@@ -121,6 +122,7 @@ fn bench(c: &mut Criterion) {
     let budget = BudgetCheck {
         policy: &policy,
         models: &["claude-opus-4-5"],
+        worst: None,
     };
     assert!(
         decide(

@@ -469,6 +469,10 @@ impl From<crate::domain::key::access::Refusal> for ApiError {
     }
 }
 
+/// Seconds a hard-mode request refused only for what requests in flight
+/// reserve is told to wait: most answers settle within that.
+const RESERVATION_RETRY_AFTER: u64 = 5;
+
 impl From<crate::domain::admission::AdmissionRefusal> for ApiError {
     fn from(refusal: crate::domain::admission::AdmissionRefusal) -> Self {
         use crate::domain::admission::AdmissionRefusal as A;
@@ -495,9 +499,28 @@ impl From<crate::domain::admission::AdmissionRefusal> for ApiError {
                 ),
                 retry_after,
             ),
-            A::WorstCaseExceedsQuota { worst, left } => ApiError::QuotaExhausted(format!(
-                "token quota too small for this batch: its worst case is {worst} tokens (input estimate plus max_tokens of every request) and {left} are left; lower max_tokens, split the batch, or ask your relay admin to raise its token_limit"
+            // Reservations of requests in flight come back when they
+            // settle: a worst case that fits once they do is worth a retry.
+            A::WorstCaseExceedsQuota { worst, left, held } if worst <= left.saturating_add(held) => {
+                ApiError::rate_limited(
+                    format!(
+                        "worst case of {worst} tokens (input estimate plus max_tokens) exceeds the {left} left of this API key's token_limit while {held} are reserved by its requests in flight; retry in {RESERVATION_RETRY_AFTER} seconds"
+                    ),
+                    RESERVATION_RETRY_AFTER,
+                )
+            }
+            A::WorstCaseExceedsQuota { worst, left, .. } => ApiError::QuotaExhausted(format!(
+                "worst case of {worst} tokens (input estimate plus max_tokens, of every request for a batch) exceeds the {left} left of this API key's token_limit; lower max_tokens, shorten the prompt or split the batch, or ask your relay admin to raise the token_limit"
             )),
+            A::WorstCaseOverBudget(over) if over.transient() => ApiError::rate_limited(
+                format!("{over}; retry in {RESERVATION_RETRY_AFTER} seconds"),
+                RESERVATION_RETRY_AFTER,
+            ),
+            A::WorstCaseOverBudget(over) => ApiError::BudgetSpent(over.to_string()),
+            A::LimitModeChanged => ApiError::rate_limited(
+                "this API key's limit mode changed while the request was admitted; retry in 1 second",
+                1,
+            ),
             A::BudgetSpent(spent) => ApiError::BudgetSpent(spent.to_string()),
             // A lease comes back when a request in flight settles: soon.
             A::TooManyConcurrent { limit } => ApiError::rate_limited(

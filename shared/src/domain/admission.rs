@@ -5,10 +5,14 @@
 
 use time::OffsetDateTime;
 
-use super::budget::{BudgetPolicy, BudgetWrite, SpentLimit, budget_write, spent_limit};
+use super::budget::{
+    BudgetPolicy, BudgetWrite, SpentLimit, WorstCaseOverBudget, budget_write, spent_limit,
+    worst_case_over,
+};
 use super::epoch_seconds;
-use super::flight::Flight;
-use super::key::ApiKeyRecord;
+use super::flight::{Flight, Reservation};
+use super::key::{ApiKeyRecord, LimitMode};
+use super::price::MicroUsd;
 use super::key::SecretHash;
 use super::key::access::{KeyStatus, key_status};
 use super::tier::window_of;
@@ -27,9 +31,18 @@ pub enum AdmissionRefusal {
     Expired,
     #[error("token quota exhausted")]
     QuotaExhausted { used: u64, limit: u64 },
-    /// A reservation (a batch's worst case) does not fit what is left.
+    /// A reservation (a batch's or a hard-mode message's worst case) does
+    /// not fit what is left; `held` of what is used is reserved by
+    /// messages in flight, given back when they settle.
     #[error("worst case exceeds the quota left")]
-    WorstCaseExceedsQuota { worst: u64, left: u64 },
+    WorstCaseExceedsQuota { worst: u64, left: u64, held: u64 },
+    /// A hard-mode message's worst case does not fit a dollar limit.
+    #[error("{0}")]
+    WorstCaseOverBudget(WorstCaseOverBudget),
+    /// The key turned hard-mode since it was read, and the request's worst
+    /// case was not computed: a retry is judged afresh.
+    #[error("limit mode changed")]
+    LimitModeChanged,
     #[error("rate limited")]
     RateLimited { retry_after: u64 },
     /// The tier's tokens per minute are used up for the current minute
@@ -129,17 +142,38 @@ pub struct AdmissionWrite {
     pub budget: BudgetWrite,
     /// The request's trace (`domain::flight`), written with it.
     pub flight: Option<Flight>,
+    /// The limit mode the write was stated for, which the stored key must
+    /// still have (`None`: not checked, a batch).
+    pub mode: Option<LimitMode>,
     /// The current minute's token counter must be below the tier's limit.
     pub tpm: Option<MinuteCheck>,
 }
 
 /// What the dollar limits need to know of a request: the policy (default
-/// limits, time zone) and the models it asks for (empty: every limit
-/// applies).
+/// limits, time zone), the models it asks for (empty: every limit
+/// applies) and, for a message to a hard-mode key, its worst case.
 #[derive(Debug, Clone, Copy)]
 pub struct BudgetCheck<'a> {
     pub policy: &'a BudgetPolicy,
     pub models: &'a [&'a str],
+    /// Computed when the key was believed hard-mode (`None` otherwise).
+    pub worst: Option<WorstCase>,
+}
+
+/// The most a message could use: its tokens (prompt bound plus
+/// `max_tokens`) and their cost at the dearest classes they could incur.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorstCase {
+    pub tokens: u64,
+    pub cost: MicroUsd,
+}
+
+/// How a write states the key's limit mode (a message's admission only:
+/// batches reserve their worst case in either mode).
+fn mode_of(record: Option<&ApiKeyRecord>, charge: &Charge) -> Option<LimitMode> {
+    charge
+        .lease
+        .then(|| record.map_or(LimitMode::Soft, |r| r.limit_mode))
 }
 
 /// What is known of the key when deciding.
@@ -173,6 +207,8 @@ pub fn quota_admits(
             Err(AdmissionRefusal::WorstCaseExceedsQuota {
                 worst: tokens,
                 left: limit.saturating_sub(used),
+                // What of `used` is reserved is the caller's to say.
+                held: 0,
             })
         }
         _ => Ok(()),
@@ -251,7 +287,21 @@ pub fn decide(
             } else {
                 WindowStep::New(window)
             };
-            let budget = budget_write(believed, budget.policy, budget.models, now);
+            // A key believed hard whose worst case is unknown is stated
+            // soft: the write fails on it, and the refusal says to retry.
+            let mode = match (mode_of(believed, &charge), budget.worst) {
+                (Some(LimitMode::Hard), None) => Some(LimitMode::Soft),
+                (mode, _) => mode,
+            };
+            let worst = budget.worst.filter(|_| mode == Some(LimitMode::Hard));
+            reserve_worst_tokens(&mut charge, believed.and_then(|r| r.token_limit), worst);
+            let budget = budget_write(
+                believed,
+                budget.policy,
+                budget.models,
+                now,
+                worst.map(|w| w.cost),
+            );
             // Whatever the cache showed, the condition checks the stored
             // counter of the minute `now` falls in.
             let tpm = rate.tokens_per_minute.map(|limit| MinuteCheck {
@@ -263,6 +313,7 @@ pub fn decide(
                 charge,
                 budget,
                 flight: None,
+                mode,
                 tpm,
             });
         }
@@ -277,7 +328,25 @@ pub fn decide(
         KeyStatus::Disabled => return Err(AdmissionRefusal::Disabled),
         KeyStatus::Expired => return Err(AdmissionRefusal::Expired),
     }
-    quota_admits(charge.quota, old.tokens_used, old.token_limit)?;
+    let mode = mode_of(Some(old), &charge);
+    let worst = match mode {
+        Some(LimitMode::Hard) => Some(budget.worst.ok_or(AdmissionRefusal::LimitModeChanged)?),
+        _ => None,
+    };
+    reserve_worst_tokens(&mut charge, old.token_limit, worst);
+    let (held_tokens, _) = old.held_by_flights();
+    quota_admits(charge.quota, old.tokens_used, old.token_limit).map_err(|refusal| {
+        match refusal {
+            AdmissionRefusal::WorstCaseExceedsQuota { worst, left, .. } => {
+                AdmissionRefusal::WorstCaseExceedsQuota {
+                    worst,
+                    left,
+                    held: held_tokens,
+                }
+            }
+            other => other,
+        }
+    })?;
     if let QuotaRule::Reserve { limit, .. } = &mut charge.quota {
         // The limit may have changed since it was read: the next write is
         // stated on the stored one.
@@ -289,11 +358,22 @@ pub fn decide(
     {
         return Err(AdmissionRefusal::TooManyConcurrent { limit });
     }
-    if let Some(spent) = spent_limit(old, budget.policy, budget.models, now) {
-        return Err(AdmissionRefusal::BudgetSpent(SpentLimit::from((
-            &spent,
-            budget.policy,
-        ))));
+    match worst {
+        Some(worst) => {
+            if let Some(over) =
+                worst_case_over(old, budget.policy, budget.models, worst.cost, now)
+            {
+                return Err(AdmissionRefusal::WorstCaseOverBudget(over));
+            }
+        }
+        None => {
+            if let Some(spent) = spent_limit(old, budget.policy, budget.models, now) {
+                return Err(AdmissionRefusal::BudgetSpent(SpentLimit::from((
+                    &spent,
+                    budget.policy,
+                ))));
+            }
+        }
     }
     let in_force = window_in_force(old.rate_window, now, rate.period);
     if in_force.used + charge.requests > rate.requests {
@@ -323,10 +403,49 @@ pub fn decide(
     Ok(AdmissionWrite {
         step,
         charge,
-        budget: budget_write(Some(old), budget.policy, budget.models, now),
+        budget: budget_write(
+            Some(old),
+            budget.policy,
+            budget.models,
+            now,
+            worst.map(|w| w.cost),
+        ),
         flight: None,
+        mode,
         tpm,
     })
+}
+
+/// A hard-mode message reserves its worst-case tokens against the token
+/// limit (`limit`, as read) instead of being admitted while any is left.
+fn reserve_worst_tokens(charge: &mut Charge, limit: Option<u64>, worst: Option<WorstCase>) {
+    if let Some(worst) = worst {
+        charge.quota = QuotaRule::Reserve {
+            limit,
+            tokens: worst.tokens,
+        };
+    }
+}
+
+impl AdmissionWrite {
+    /// What the write reserves (hard mode), as the request's trace records
+    /// it for its settlement (or the reconciler) to give back.
+    pub fn reservation(&self) -> Option<Reservation> {
+        if self.mode != Some(LimitMode::Hard) {
+            return None;
+        }
+        let reservation = Reservation {
+            tokens: self.charge.reserved(),
+            cost: self.budget.reserve.unwrap_or(0),
+            counters: self
+                .budget
+                .checks
+                .iter()
+                .map(|(counter, _)| counter.clone())
+                .collect(),
+        };
+        (reservation.tokens > 0 || !reservation.counters.is_empty()).then_some(reservation)
+    }
 }
 
 #[cfg(test)]
@@ -346,6 +465,7 @@ mod tests {
         BudgetCheck {
             policy: &POLICY,
             models: &[],
+            worst: None,
         }
     }
 
@@ -482,6 +602,7 @@ mod tests {
                 Err(AdmissionRefusal::WorstCaseExceedsQuota {
                     worst: 400,
                     left: 399,
+                    held: 0,
                 }),
             ),
             (
@@ -492,6 +613,7 @@ mod tests {
                 Err(AdmissionRefusal::WorstCaseExceedsQuota {
                     worst: 400,
                     left: 0,
+                    held: 0,
                 }),
             ),
             (
@@ -646,6 +768,7 @@ mod tests {
                 BudgetCheck {
                     policy: &POLICY,
                     models,
+                    worst: None,
                 },
                 at_1000(),
             )
@@ -745,7 +868,8 @@ mod tests {
             ),
             Err(AdmissionRefusal::WorstCaseExceedsQuota {
                 worst: 400,
-                left: 300
+                left: 300,
+                held: 0,
             })
         );
         // The admin raised the limit meanwhile: the next write states it.

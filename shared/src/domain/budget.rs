@@ -18,6 +18,7 @@ use std::fmt;
 use time::OffsetDateTime;
 
 use super::epoch_seconds;
+use super::flight::Reservation;
 use super::key::{ApiKeyRecord, FieldError};
 use super::price::{MicroUsd, exact_micro_usd};
 
@@ -455,18 +456,25 @@ pub struct BudgetWrite {
     pub guard: Option<Vec<DollarLimit>>,
     /// The 5-hour window to count in, when the key has a 5-hour limit.
     pub five_hour: Option<FiveHourStep>,
-    /// Counters that must be below their limit (soft: room left admits).
+    /// Counters that must be below their limit (soft: room left admits),
+    /// each with its limit.
     pub checks: Vec<(SpendCounter, MicroUsd)>,
+    /// Hard mode: the worst case (micro-dollars) every checked counter must
+    /// still hold below its limit, added to each of them by the same write.
+    pub reserve: Option<MicroUsd>,
 }
 
 /// The admission write's dollar checks for a request for `models` (empty:
 /// every limit applies), stated from `record` as known (cached, or as a
-/// refused write returned it).
+/// refused write returned it); in hard mode, `reserve` is the request's
+/// worst case, reserved on every applicable counter (a 5-hour window the
+/// request opens included: even an empty window must hold it).
 pub fn budget_write(
     record: Option<&ApiKeyRecord>,
     policy: &BudgetPolicy,
     models: &[&str],
     now: OffsetDateTime,
+    reserve: Option<MicroUsd>,
 ) -> BudgetWrite {
     let (limits, source) = match record {
         Some(record) => policy.limits_of(record),
@@ -478,7 +486,8 @@ pub fn budget_write(
         .iter()
         .filter(|limit| applies(limit, models))
         .filter(|limit| {
-            !(limit.window == Window::FiveHours && matches!(step, FiveHourStep::Open(_)))
+            reserve.is_some()
+                || !(limit.window == Window::FiveHours && matches!(step, FiveHourStep::Open(_)))
         })
         .map(|limit| {
             let period = period_of(limit.window, now, &policy.zone, step.start());
@@ -493,7 +502,82 @@ pub fn budget_write(
         guard: (source == LimitsSource::Key).then(|| limits.to_vec()),
         five_hour: has_five_hours.then_some(step),
         checks,
+        reserve,
     }
+}
+
+/// A hard-mode worst case that one of the dollar limits cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorstCaseOverBudget {
+    /// The limit, with what its period has used (reservations included).
+    pub limit: SpentLimit,
+    pub worst: MicroUsd,
+    /// What requests in flight hold in reservations (at most this much of
+    /// `used` is given back when they settle).
+    pub held: MicroUsd,
+}
+
+impl WorstCaseOverBudget {
+    /// What is left of the limit now.
+    pub fn left(&self) -> MicroUsd {
+        self.limit.limit.saturating_sub(self.limit.used)
+    }
+
+    /// Whether it may fit once the requests in flight settle (a wait of
+    /// seconds), rather than only after the period resets.
+    pub fn transient(&self) -> bool {
+        let settled = self.limit.used.saturating_sub(self.held);
+        self.worst <= self.limit.limit.saturating_sub(settled)
+    }
+}
+
+impl fmt::Display for WorstCaseOverBudget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let limit = &self.limit;
+        write!(
+            f,
+            "worst case ${} exceeds the ${} left of the ${} limit {}",
+            usd(self.worst),
+            usd(self.left()),
+            usd(limit.limit),
+            limit.window.phrase()
+        )?;
+        if let Some(models) = &limit.models {
+            write!(f, " on models `{models}`")?;
+        }
+        if self.transient() {
+            return write!(
+                f,
+                " while ${} is reserved by this key's requests in flight; retry once they end",
+                usd(self.held)
+            );
+        }
+        write!(f, "; lower max_tokens or shorten the prompt")?;
+        match limit.reset_phrase() {
+            Some(reset) => write!(f, ", or wait until {reset}"),
+            None => write!(f, ", or ask your relay admin to raise the limit"),
+        }
+    }
+}
+
+/// The first dollar limit applying to `models` that cannot hold a hard-mode
+/// request's `worst` case on `record` (as stored) at `now`.
+pub fn worst_case_over(
+    record: &ApiKeyRecord,
+    policy: &BudgetPolicy,
+    models: &[&str],
+    worst: MicroUsd,
+    now: OffsetDateTime,
+) -> Option<WorstCaseOverBudget> {
+    let (_, held) = record.held_by_flights();
+    standings(record, policy, now)
+        .into_iter()
+        .find(|s| applies(&s.limit, models) && s.used.saturating_add(worst) > s.limit.limit)
+        .map(|s| WorstCaseOverBudget {
+            limit: SpentLimit::from((&s, policy)),
+            worst,
+            held,
+        })
 }
 
 fn applies(limit: &DollarLimit, models: &[&str]) -> bool {
@@ -528,6 +612,9 @@ pub struct BudgetCharge {
     /// per-period counters on the key a settlement moves, carried here so
     /// one value holds all of them (set by the proxy, which knows the tier).
     pub tokens_per_minute: super::tpm::MinuteCharge,
+    /// Hard mode: what the admission reserved, given back by the
+    /// settlement that adds the real cost (`BudgetCharge::holding`).
+    pub reservation: Option<Reservation>,
 }
 
 impl BudgetCharge {
@@ -552,11 +639,19 @@ impl BudgetCharge {
             .collect();
         // Counters and alert markers of ended periods (a marker outlives
         // its counter only if an earlier drop lost a race: dropped too).
+        // A counter a request in flight reserved on stays until that
+        // request gives its reservation back.
+        let held: BTreeSet<&SpendCounter> = admitted
+            .flights
+            .iter()
+            .filter_map(|f| f.reservation.as_ref())
+            .flat_map(|r| &r.counters)
+            .collect();
         let ended: BTreeSet<&SpendCounter> = admitted
             .spend
             .keys()
             .chain(admitted.budget_alerts.keys())
-            .filter(|counter| !current.contains(counter))
+            .filter(|counter| !current.contains(counter) && !held.contains(counter))
             .collect();
         BudgetCharge {
             add_to: applicable.iter().map(|s| s.counter.clone()).collect(),
@@ -566,7 +661,23 @@ impl BudgetCharge {
                 .map(|s| alert_watch(admitted, s))
                 .collect(),
             tokens_per_minute: Default::default(),
+            reservation: None,
         }
+    }
+
+    /// The charge of a request that holds `reservation` (hard mode): its
+    /// settlement gives it back, and its alerts are judged on the spend
+    /// before it (the request's own reservation is not spend).
+    pub fn holding(mut self, reservation: Option<Reservation>) -> BudgetCharge {
+        if let Some(reservation) = &reservation {
+            for watch in &mut self.alerts {
+                if reservation.counters.contains(&watch.counter) {
+                    watch.used_before = watch.used_before.saturating_sub(reservation.cost);
+                }
+            }
+        }
+        self.reservation = reservation;
+        self
     }
 
     /// The counters in force for `record` at `now` (as
@@ -734,6 +845,25 @@ impl From<(&LimitStanding, &BudgetPolicy)> for SpentLimit {
     }
 }
 
+impl SpentLimit {
+    /// When the limit's period resets, as a refusal says it (`None`: never).
+    fn reset_phrase(&self) -> Option<String> {
+        match (self.window, self.resets_at) {
+            (Window::Lifetime, _) | (_, None) => None,
+            (Window::FiveHours, Some(at)) => Some(format!(
+                "the 5-hour window resets at {}",
+                super::format_timestamp(at)
+            )),
+            (_, Some(at)) => Some(format!(
+                "{} ({} calendar, {})",
+                super::format_timestamp(at),
+                self.window.name(),
+                self.zone
+            )),
+        }
+    }
+}
+
 impl fmt::Display for SpentLimit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -746,18 +876,10 @@ impl fmt::Display for SpentLimit {
         if let Some(models) = &self.models {
             write!(f, " on models `{models}`")?;
         }
-        match (self.window, self.resets_at) {
-            (Window::Lifetime, _) | (_, None) => write!(f, "; ask your relay admin to raise it"),
-            (Window::FiveHours, Some(at)) => {
-                write!(f, "; the window resets at {}", super::format_timestamp(at))
-            }
-            (_, Some(at)) => write!(
-                f,
-                "; resets at {} ({} calendar, {})",
-                super::format_timestamp(at),
-                self.window.name(),
-                self.zone
-            ),
+        match (self.window, self.reset_phrase()) {
+            (_, None) => write!(f, "; ask your relay admin to raise it"),
+            (Window::FiveHours, Some(reset)) => write!(f, "; {reset}"),
+            (_, Some(reset)) => write!(f, "; resets at {reset}"),
         }
     }
 }
@@ -1037,7 +1159,7 @@ mod tests {
             (LimitsSource::Default, true)
         );
         assert!(spent_limit(&unset, &policy, &["claude-sonnet-4-5"], now).is_some());
-        let write = budget_write(Some(&unset), &policy, &["claude-sonnet-4-5"], now);
+        let write = budget_write(Some(&unset), &policy, &["claude-sonnet-4-5"], now, None);
         assert_eq!(write.guard, None);
         assert_eq!(
             write.checks,
@@ -1049,7 +1171,7 @@ mod tests {
         assert!(standings(&opted_out, &policy, now).is_empty());
         assert_eq!(spent_limit(&opted_out, &policy, &[], now), None);
         assert_eq!(
-            budget_write(Some(&opted_out), &policy, &[], now).guard,
+            budget_write(Some(&opted_out), &policy, &[], now, None).guard,
             Some(vec![])
         );
         // A key with its own limits ignores the default.
@@ -1073,6 +1195,7 @@ mod tests {
             &BudgetPolicy::default(),
             &["claude-sonnet-4-5"],
             now,
+            None,
         );
         assert_eq!(write.guard, Some(limits));
         // No 5-hour window was open: this request opens it, and nothing
@@ -1091,7 +1214,7 @@ mod tests {
         // A key without a 5-hour limit never writes a window.
         let plain = key(Some(vec![limit(Window::Day, 10, None)]));
         assert_eq!(
-            budget_write(Some(&plain), &BudgetPolicy::default(), &[], now).five_hour,
+            budget_write(Some(&plain), &BudgetPolicy::default(), &[], now, None).five_hour,
             None
         );
     }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use super::budget::SpendCounter;
 use super::epoch_seconds;
+use super::price::MicroUsd;
 use super::usage::TokenUsage;
 
 /// How long after its admission a request is sure to have ended: Lambda
@@ -32,6 +34,19 @@ pub struct Flight {
     pub max_tokens: u64,
     /// The path it was sent to (for the usage row).
     pub path: String,
+    /// What a hard-mode admission reserved for its worst case (stated by
+    /// the admission write itself), given back by its settlement.
+    pub reservation: Option<Reservation>,
+}
+
+/// A hard-mode request's worst case, held on the key's limits while it
+/// runs: added to `tokens_used` (and `tokens_reserved`) and to each spend
+/// counter named, and replaced by the real figures when it is settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub tokens: u64,
+    pub cost: MicroUsd,
+    pub counters: Vec<SpendCounter>,
 }
 
 impl Flight {
@@ -45,10 +60,21 @@ impl Flight {
     /// as prompt at four bytes a token (what the tokenizers average on
     /// Claude Code's traffic) and all of its `max_tokens` (what it may have
     /// written), recorded as estimated.
+    ///
+    /// A hard-mode request is never charged more than it reserved (its
+    /// reservation is what its limits were checked against): the estimate
+    /// is cut to the reserved tokens, output first, each priced at most at
+    /// the class its reservation was priced at.
     pub fn estimated_usage(&self) -> TokenUsage {
+        let mut input = (self.body_bytes / 4).max(1);
+        let mut output = self.max_tokens;
+        if let Some(reservation) = &self.reservation {
+            output = output.min(reservation.tokens);
+            input = input.min(reservation.tokens - output);
+        }
         TokenUsage {
-            input_tokens: (self.body_bytes / 4).max(1),
-            output_tokens: self.max_tokens,
+            input_tokens: input,
+            output_tokens: output,
             ..TokenUsage::default()
         }
     }
@@ -66,6 +92,7 @@ mod tests {
             body_bytes: 4_003,
             max_tokens: 512,
             path: "/v1/messages".into(),
+            reservation: None,
         }
     }
 
@@ -88,5 +115,26 @@ mod tests {
             ..flight()
         };
         assert_eq!(empty.estimated_usage().input_tokens, 1);
+    }
+
+    #[test]
+    fn a_lost_hard_mode_request_is_never_charged_more_than_it_reserved() {
+        let reserved = |tokens| Flight {
+            reservation: Some(Reservation {
+                tokens,
+                cost: 1,
+                counters: Vec::new(),
+            }),
+            ..flight()
+        };
+        // Room for the whole estimate: charged as any other.
+        let usage = reserved(5_000).estimated_usage();
+        assert_eq!((usage.input_tokens, usage.output_tokens), (1_000, 512));
+        // The body estimate (1,000) is more than the 700 reserved beside
+        // max_tokens: cut to fit.
+        let usage = reserved(1_212).estimated_usage();
+        assert_eq!((usage.input_tokens, usage.output_tokens), (700, 512));
+        let usage = reserved(300).estimated_usage();
+        assert_eq!((usage.input_tokens, usage.output_tokens), (0, 300));
     }
 }

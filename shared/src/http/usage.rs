@@ -239,6 +239,21 @@ pub struct QuotaView {
     /// most the key may have at once (`null`: no limit).
     pub in_flight: u64,
     pub max_concurrent: Option<u64>,
+    /// `soft` or `hard` (`domain::key::LimitMode`).
+    pub limit_mode: &'static str,
+    /// What requests in flight hold: hard-mode reservations (tokens and
+    /// dollars, already inside `tokens_used` and each budget's `used`,
+    /// given back at settlement) and concurrency leases.
+    pub outstanding: OutstandingView,
+}
+
+/// What requests admitted and not yet settled hold of the key's limits.
+#[derive(Debug, Serialize)]
+pub struct OutstandingView {
+    pub requests: u64,
+    pub reserved_tokens: u64,
+    pub reserved_usd: String,
+    pub leases: u64,
 }
 
 /// The key's tier as the quota view shows it.
@@ -509,6 +524,7 @@ pub async fn quota_view(
             (key.tokens_used as f64 * 100.0 / limit as f64 * 100.0).round() / 100.0
         }
     });
+    let (held_tokens, held_usd) = key.held_by_flights();
     Ok(QuotaView {
         key_id: id.to_string(),
         is_active: key.is_active,
@@ -539,6 +555,13 @@ pub async fn quota_view(
         budgets: BudgetView::all(&key, budgets, at),
         in_flight: u64::try_from(key.in_flight).unwrap_or(0),
         max_concurrent: key.max_concurrent,
+        limit_mode: key.limit_mode.name(),
+        outstanding: OutstandingView {
+            requests: u64::try_from(key.flights.len()).unwrap_or(u64::MAX),
+            reserved_tokens: held_tokens,
+            reserved_usd: crate::domain::budget::usd(held_usd),
+            leases: u64::try_from(key.in_flight).unwrap_or(0),
+        },
     })
 }
 

@@ -444,6 +444,8 @@ async fn reserve(
                 budget: BudgetCheck {
                     policy: &state.0.budgets,
                     models,
+                    // A batch reserves its worst tokens in either mode.
+                    worst: None,
                 },
                 now: call.at,
             },

@@ -13,14 +13,15 @@ use super::context::Call;
 use super::exchange::{self, Exchange};
 use super::finish::Metering;
 use super::{ProxyState, tier_of};
-use crate::domain::admission::{BudgetCheck, Charge, RateLimit};
+use crate::domain::admission::{BudgetCheck, Charge, RateLimit, WorstCase};
 use crate::domain::budget::{BudgetCharge, may_exhaust};
 use crate::domain::flight::Flight;
-use crate::domain::key::ApiKeyRecord;
+use crate::domain::key::{ApiKeyRecord, LimitMode};
 use crate::domain::key::access::model_name_problem;
-use crate::domain::price::{Attribute, MicroUsd, PriceTable};
+use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::route::{Route, Treatment};
 use crate::domain::tpm::{MinuteCharge, MinuteStanding};
+use crate::domain::usage::{CONTEXT_WINDOW, LONG_CONTEXT_WINDOW, worst_prompt_tokens};
 use crate::error::ApiError;
 use crate::store::admission::Terms;
 
@@ -87,9 +88,10 @@ async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiE
     Ok(Admitted { streamed, metering })
 }
 
-/// The metered part of admission: the request's trace, the admission
-/// write, what its settlement will add to the key's counters, and whether
-/// it must be settled before its answer ends.
+/// The metered part of admission: the request's worst case, its trace,
+/// the admission write (reserving the worst case on a hard-mode key), what
+/// its settlement will add to (and give back from) the key's counters, and
+/// whether it must be settled before its answer ends.
 async fn charge(
     call: &Call,
     record: &ApiKeyRecord,
@@ -100,6 +102,15 @@ async fn charge(
 ) -> Result<Metering, ApiError> {
     let policy = &call.state.0.budgets;
     let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
+    let attributes = fields.price_attributes();
+    // A hard-mode key is judged on a tokenizer bound of the prompt; the
+    // others only need the cheap bound (every byte a token) that decides
+    // whether to settle first.
+    let prompt = match record.limit_mode {
+        LimitMode::Hard => worst_prompt_tokens(body, context_window(&call.parts.headers)),
+        LimitMode::Soft => u64::try_from(body.len()).unwrap_or(u64::MAX),
+    };
+    let worst = worst_case(prices, fields, &attributes, prompt, call.at);
     let flight = Flight {
         request_id: call.request_id.clone(),
         admitted_at: call.at,
@@ -111,12 +122,20 @@ async fn charge(
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0),
         path: call.path.to_string(),
+        // Stated by the admission write itself (`AdmissionWrite::reservation`).
+        reservation: None,
     };
-    let (admitted, tokens_per_minute) = admit_write(call, record, &models, &flight).await?;
-    let mut budget = BudgetCharge::of(&admitted, policy, &models, call.at);
+    let hard_worst = (record.limit_mode == LimitMode::Hard).then_some(worst);
+    let (admitted, tokens_per_minute) =
+        admit_write(call, record, &models, &flight, hard_worst).await?;
+    let reservation = admitted
+        .flights
+        .iter()
+        .find(|f| f.request_id == call.request_id)
+        .and_then(|f| f.reservation.clone());
+    let mut budget =
+        BudgetCharge::of(&admitted, policy, &models, call.at).holding(reservation);
     budget.tokens_per_minute = MinuteCharge::of(&admitted, tokens_per_minute, call.at);
-    let attributes = fields.price_attributes();
-    let worst = worst_case(prices, fields, &attributes, body.len(), call.at);
     let settle_first = may_exhaust(
         &admitted,
         policy,
@@ -132,23 +151,33 @@ async fn charge(
     Ok(metering)
 }
 
-/// The most a message request could use: every byte of its body a prompt
-/// token (a token is at least one byte), at its dearest input class, and
-/// all of `max_tokens` (absent or odd: the most any model writes).
-struct WorstCase {
-    tokens: u64,
-    cost: MicroUsd,
+/// The context window a request may fill: 1M tokens with the long-context
+/// beta (`context-1m-…` in `anthropic-beta`), else the standard 200K.
+fn context_window(headers: &http::HeaderMap) -> u64 {
+    let long = headers
+        .get_all("anthropic-beta")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|beta| beta.trim().starts_with("context-1m"));
+    if long {
+        LONG_CONTEXT_WINDOW
+    } else {
+        CONTEXT_WINDOW
+    }
 }
 
+/// The most a message request could use: `prompt` tokens (a bound of its
+/// prompt) at its dearest input class, and all of `max_tokens` (absent or
+/// odd: the most any model writes).
 fn worst_case(
     prices: &PriceTable,
     fields: &MessagesFields,
     attributes: &[Attribute],
-    body_len: usize,
+    prompt: u64,
     at: time::OffsetDateTime,
 ) -> WorstCase {
     const MOST_OUTPUT: u64 = 1_000_000;
-    let prompt = u64::try_from(body_len).unwrap_or(u64::MAX);
     let output = fields
         .max_tokens
         .as_ref()
@@ -203,6 +232,7 @@ async fn admit_write(
     record: &ApiKeyRecord,
     models: &[&str],
     flight: &Flight,
+    worst: Option<WorstCase>,
 ) -> Result<(Arc<ApiKeyRecord>, Option<u64>), ApiError> {
     let state: &ProxyState = &call.state;
     let tier = tier_of(state, &record.rate_limit_tier).await?;
@@ -214,6 +244,7 @@ async fn admit_write(
     let budget = BudgetCheck {
         policy: &state.0.budgets,
         models,
+        worst,
     };
     let terms = Terms {
         charge: Charge::MESSAGE,

@@ -128,6 +128,8 @@ async fn estimated_record(state: &ProxyState, key: &ApiKeyRecord, flight: &Fligh
         session_id: None,
         error_type: None,
         cost,
-        budget: BudgetCharge::of(key, &state.0.budgets, &models, at),
+        // A hard-mode reservation is given back as the estimate replaces it.
+        budget: BudgetCharge::of(key, &state.0.budgets, &models, at)
+            .holding(flight.reservation.clone()),
     }
 }

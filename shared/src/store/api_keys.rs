@@ -70,6 +70,7 @@ impl Store {
             flights: Vec::new(),
             max_concurrent: new.max_concurrent,
             in_flight: 0,
+            limit_mode: new.limit_mode,
             tokens_per_minute: Default::default(),
         };
         let item = layout::api_key::new_key_item(&record);

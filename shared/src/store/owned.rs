@@ -517,7 +517,7 @@ impl Store {
             let spend = layout::api_key::KeySpend {
                 add: spend
                     .iter()
-                    .map(|(counter, cost)| (counter, *cost))
+                    .map(|(counter, cost)| (counter, i64::try_from(*cost).unwrap_or(i64::MAX)))
                     .collect(),
                 drop: &[],
                 flight: None,

@@ -110,7 +110,20 @@ impl Store {
                 usage.billed(),
                 &record.request_id,
             );
-            let change = layout::api_key::settlement(&counters, billed, None, &spend, record.at);
+            // A hard-mode reservation is replaced by the real figure.
+            let reserved = record
+                .budget
+                .reservation
+                .as_ref()
+                .map(|r| i64::try_from(r.tokens).unwrap_or(i64::MAX))
+                .filter(|tokens| *tokens > 0);
+            let change = layout::api_key::settlement(
+                &counters,
+                billed - reserved.unwrap_or(0),
+                reserved.map(|tokens| -tokens),
+                &spend,
+                record.at,
+            );
             items.push(self.key_counters_update(&record.key_id, change)?);
         }
         items.push(self.day_counters_update(&record.key_id, &counters, record.at)?);

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use time::OffsetDateTime;
 
-use super::origin_host;
+use super::{LimitMode, origin_host};
 use crate::domain::budget::DollarLimit;
 use crate::domain::parse_timestamp;
 
@@ -51,6 +51,7 @@ pub struct NewKey {
     pub dollar_limits: Option<Vec<DollarLimit>>,
     /// Most messages in flight at once (`None`: no limit).
     pub max_concurrent: Option<u64>,
+    pub limit_mode: LimitMode,
 }
 
 /// The validated form of a patch; `None` leaves a field as it is.
@@ -69,6 +70,7 @@ pub struct KeyChanges {
     pub dollar_limits: Option<Option<Vec<DollarLimit>>>,
     /// `Some(None)`: no concurrency limit.
     pub max_concurrent: Option<Option<u64>>,
+    pub limit_mode: Option<LimitMode>,
 }
 
 impl KeyChanges {
@@ -84,6 +86,7 @@ impl KeyChanges {
             && self.allowed_models.is_none()
             && self.dollar_limits.is_none()
             && self.max_concurrent.is_none()
+            && self.limit_mode.is_none()
     }
 }
 
@@ -160,6 +163,11 @@ pub fn validate_max_concurrent(most: u64) -> Result<u64, FieldError> {
             format!("must be from 1 to {MAX_CONCURRENT}"),
         ))
     }
+}
+
+pub fn validate_limit_mode(name: &str) -> Result<LimitMode, FieldError> {
+    LimitMode::parse(name)
+        .ok_or_else(|| FieldError::new("limit_mode", "must be `soft` or `hard`"))
 }
 
 pub fn validate_tier_ref(tier: &str) -> Result<String, FieldError> {

@@ -66,11 +66,55 @@ pub struct ApiKeyRecord {
     /// minute's start (epoch seconds), as stored: the current minute and
     /// the few earlier ones the next settlement drops.
     pub tokens_per_minute: BTreeMap<u64, u64>,
+    /// How its token and dollar limits admit a request (`LimitMode`).
+    pub limit_mode: LimitMode,
+}
+
+/// How a key's token and dollar limits admit a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LimitMode {
+    /// Admitted while every limit has room; the overshoot is bounded by
+    /// what the requests already in flight use.
+    #[default]
+    Soft,
+    /// Admitted only if its worst case fits every limit: the worst case is
+    /// reserved in the admission write and replaced by the real figure at
+    /// settlement, so recorded spend never exceeds a limit.
+    Hard,
+}
+
+impl LimitMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitMode::Soft => "soft",
+            LimitMode::Hard => "hard",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<LimitMode> {
+        match name {
+            "soft" => Some(LimitMode::Soft),
+            "hard" => Some(LimitMode::Hard),
+            _ => None,
+        }
+    }
 }
 
 impl ApiKeyRecord {
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// What its hard-mode requests in flight hold of its limits (their
+    /// reservations, released when they are settled): tokens, and dollars
+    /// (each request counted once, whichever counters it reserved on).
+    pub fn held_by_flights(&self) -> (u64, MicroUsd) {
+        self.flights
+            .iter()
+            .filter_map(|f| f.reservation.as_ref())
+            .fold((0, 0), |(tokens, cost), r| {
+                (tokens.saturating_add(r.tokens), cost.saturating_add(r.cost))
+            })
     }
 
     pub fn remaining_tokens(&self) -> Option<u64> {
@@ -174,6 +218,7 @@ impl ApiKeyRecord {
             tokens_per_minute: BTreeMap::new(),
             max_concurrent: None,
             in_flight: 0,
+            limit_mode: LimitMode::Soft,
         };
         (record, key.hash())
     }

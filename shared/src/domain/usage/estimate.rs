@@ -86,3 +86,10 @@ mod tests {
         assert_eq!(state.usage.output_tokens, 0);
     }
 }
+
+// TEMP (replaced by h-est)
+pub const CONTEXT_WINDOW: u64 = 200_000;
+pub const LONG_CONTEXT_WINDOW: u64 = 1_000_000;
+pub fn worst_prompt_tokens(body: &[u8], context_window: u64) -> u64 {
+    (u64::try_from(body.len()).unwrap_or(u64::MAX)).clamp(1, context_window)
+}

@@ -9,7 +9,10 @@ mod record;
 mod session;
 mod sse;
 
-pub use estimate::{complete_with_estimate, estimate_tokens, request_text};
+pub use estimate::{
+    CONTEXT_WINDOW, LONG_CONTEXT_WINDOW, complete_with_estimate, estimate_tokens, request_text,
+    worst_prompt_tokens,
+};
 pub use record::{BatchTally, Counters, PricedBatch, UsageRecord, UsageTotals};
 pub use session::{MAX_SESSION_ID, SessionId};
 pub use sse::{AnswerUsage, SseUsageParser, usage_from_json};

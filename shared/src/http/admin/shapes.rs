@@ -37,6 +37,8 @@ pub struct KeyView {
     pub max_concurrent: Option<u64>,
     /// Messages admitted and not yet settled (leases held).
     pub in_flight: u64,
+    /// `soft` or `hard`: how the token and dollar limits admit a request.
+    pub limit_mode: &'static str,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -134,6 +136,7 @@ impl KeyView {
             budgets: BudgetView::all(record, policy, now),
             max_concurrent: record.max_concurrent,
             in_flight: u64::try_from(record.in_flight).unwrap_or(0),
+            limit_mode: record.limit_mode.name(),
             created_at: format_timestamp(record.created_at),
             updated_at: format_timestamp(record.updated_at),
         }
@@ -165,6 +168,9 @@ pub struct CreateKeyInput {
     /// Most messages in flight at once; absent or `null`: no limit.
     #[serde(default)]
     pub max_concurrent: Option<u64>,
+    /// `soft` (the default) or `hard` (`domain::key::LimitMode`).
+    #[serde(default)]
+    pub limit_mode: Option<String>,
 }
 
 /// One dollar limit as the admin API takes it.
@@ -223,6 +229,8 @@ pub struct PatchKeyInput {
     /// `null`: no concurrency limit.
     #[serde(default, deserialize_with = "present")]
     pub max_concurrent: Option<Option<u64>>,
+    #[serde(default)]
+    pub limit_mode: Option<String>,
 }
 
 /// Distinguishes "field absent" (outer `None`) from "field is null".
@@ -263,6 +271,11 @@ impl CreateKeyInput {
                 .max_concurrent
                 .map(changes::validate_max_concurrent)
                 .transpose()?,
+            limit_mode: self
+                .limit_mode
+                .map(|m| changes::validate_limit_mode(&m))
+                .transpose()?
+                .unwrap_or_default(),
         })
     }
 }
@@ -308,6 +321,10 @@ impl PatchKeyInput {
             max_concurrent: self
                 .max_concurrent
                 .map(|m| m.map(changes::validate_max_concurrent).transpose())
+                .transpose()?,
+            limit_mode: self
+                .limit_mode
+                .map(|m| changes::validate_limit_mode(&m))
                 .transpose()?,
         };
         if changes.is_empty() {

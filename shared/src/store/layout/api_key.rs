@@ -19,8 +19,8 @@ use crate::domain::admission::{AdmissionWrite, QuotaRule, RateLimit, WindowStep}
 use crate::domain::budget::{
     BudgetCharge, DollarLimit, FIVE_HOURS, FiveHourStep, SpendCounter, Window,
 };
-use crate::domain::flight::Flight;
-use crate::domain::key::{ApiKeyRecord, KeyChanges, KeyId, SecretHash};
+use crate::domain::flight::{Flight, Reservation};
+use crate::domain::key::{ApiKeyRecord, KeyChanges, KeyId, LimitMode, SecretHash};
 use crate::domain::price::MicroUsd;
 use crate::domain::usage::Counters;
 use crate::domain::{format_timestamp, parse_timestamp};
@@ -68,6 +68,10 @@ impl TryFrom<&Item> for ApiKeyRecord {
             five_hour_start: opt_n(item, "five_hour_start")?,
             budget_alerts: alerts_of(item)?,
             tokens_per_minute: minutes_of(item)?,
+            limit_mode: match opt_s(item, "limit_mode")? {
+                None => LimitMode::Soft,
+                Some(name) => LimitMode::parse(name).ok_or_else(|| invalid(item, "limit_mode"))?,
+            },
         })
     }
 }
@@ -126,6 +130,7 @@ pub(crate) fn new_key_item(record: &ApiKeyRecord) -> Item {
     if let Some(most) = record.max_concurrent {
         item.insert("max_concurrent".into(), n(most));
     }
+    item.insert("limit_mode".into(), s(record.limit_mode.name()));
     item
 }
 
@@ -187,7 +192,10 @@ fn counters_of(item: &Item, prefix: &str) -> Result<BTreeMap<SpendCounter, u64>,
                 limit: limit.to_owned(),
                 period: period.to_owned(),
             };
-            Ok((counter, get_n(item, name)?))
+            // A hard-mode settlement gives back what its admission added; a
+            // counter dropped in between (its period ended) reads as what it
+            // never goes below.
+            Ok((counter, u64::try_from(get_signed(item, name)?).unwrap_or(0)))
         })
         .collect()
 }
@@ -327,7 +335,8 @@ pub(crate) fn admission_update(
         }
     };
     let mut names = HashMap::new();
-    let budget_condition = budget_conditions(write, &mut sets, &mut names, &mut values);
+    let budget_condition =
+        budget_conditions(write, &mut sets, &mut adds, &mut names, &mut values);
     // A lease: `domain::admission::decide`'s concurrency rule, stated on
     // the stored count and limit; settlement (or the reconciler) gives it back.
     let lease_condition = if charge.lease {
@@ -341,7 +350,10 @@ pub(crate) fn admission_update(
     // The request's trace, removed by its settlement (`domain::flight`).
     if let Some(flight) = &write.flight {
         names.insert("#fl".into(), flight_attribute(&flight.request_id));
-        values.insert(":fl".into(), s(encode_flight(flight)));
+        values.insert(
+            ":fl".into(),
+            s(encode_flight(flight, write.reservation().as_ref())),
+        );
         sets.push("#fl = :fl".to_owned());
     }
     let mut expression = format!("SET {}", sets.join(", "));
@@ -358,8 +370,19 @@ pub(crate) fn admission_update(
         }
         None => "",
     };
+    // The limit mode the write was stated for must still be the key's.
+    let mode_condition = match write.mode {
+        Some(mode) => {
+            values.insert(":hard".into(), s(LimitMode::Hard.name()));
+            match mode {
+                LimitMode::Hard => " AND limit_mode = :hard",
+                LimitMode::Soft => " AND (attribute_not_exists(limit_mode) OR limit_mode <> :hard)",
+            }
+        }
+        None => "",
+    };
     let condition = format!(
-        "{KEY_CHECKS} AND {quota_condition} AND {window_condition}{budget_condition}{tpm_condition}{lease_condition}"
+        "{KEY_CHECKS} AND {quota_condition} AND {window_condition}{budget_condition}{tpm_condition}{lease_condition}{mode_condition}"
     );
     AdmissionUpdate {
         expression,
@@ -375,6 +398,7 @@ pub(crate) fn admission_update(
 fn budget_conditions(
     write: &AdmissionWrite,
     sets: &mut Vec<String>,
+    adds: &mut Vec<String>,
     names: &mut HashMap<String, String>,
     values: &mut Item,
 ) -> String {
@@ -403,12 +427,35 @@ fn budget_conditions(
     }
     // `domain::budget::LimitStanding::spent`, stated on the stored counter:
     // room left admits.
+    let Some(worst) = budget.reserve else {
+        for (i, (counter, limit)) in budget.checks.iter().enumerate() {
+            names.insert(format!("#sc{i}"), spend_attribute(counter));
+            values.insert(format!(":sl{i}"), n(*limit));
+            condition.push_str(&format!(
+                " AND (attribute_not_exists(#sc{i}) OR #sc{i} < :sl{i})"
+            ));
+        }
+        return condition;
+    };
+    // Hard mode (`domain::budget::worst_case_over`): counter + worst <=
+    // limit, stated as counter <= limit - worst, and the worst case added
+    // to each counter by the same write. A worst case over the whole limit
+    // leaves a negative ceiling no counter, present or absent, meets.
+    if !budget.checks.is_empty() {
+        values.insert(":sr".into(), n(worst));
+    }
     for (i, (counter, limit)) in budget.checks.iter().enumerate() {
         names.insert(format!("#sc{i}"), spend_attribute(counter));
-        values.insert(format!(":sl{i}"), n(*limit));
-        condition.push_str(&format!(
-            " AND (attribute_not_exists(#sc{i}) OR #sc{i} < :sl{i})"
-        ));
+        let ceiling = i128::from(*limit) - i128::from(worst);
+        values.insert(format!(":sl{i}"), n(ceiling));
+        adds.push(format!("#sc{i} :sr"));
+        if ceiling >= 0 {
+            condition.push_str(&format!(
+                " AND (attribute_not_exists(#sc{i}) OR #sc{i} <= :sl{i})"
+            ));
+        } else {
+            condition.push_str(&format!(" AND #sc{i} <= :sl{i}"));
+        }
     }
     condition
 }
@@ -435,15 +482,48 @@ pub(crate) fn flight_removal(request_id: &str) -> Change {
     }
 }
 
-fn encode_flight(flight: &Flight) -> String {
-    serde_json::json!({
+/// A flight as its admission write states it, with what that write
+/// reserves (hard mode; `reservation`), whatever the flight was given.
+fn encode_flight(flight: &Flight, reservation: Option<&Reservation>) -> String {
+    let mut value = serde_json::json!({
         "at": format_timestamp(flight.admitted_at),
         "model": flight.model,
         "bytes": flight.body_bytes,
         "max_tokens": flight.max_tokens,
         "path": flight.path,
+    });
+    if let Some(reservation) = reservation {
+        let counters: Vec<String> = reservation
+            .counters
+            .iter()
+            .map(|c| format!("{}|{}", c.limit, c.period))
+            .collect();
+        value["reserved"] = serde_json::json!({
+            "tokens": reservation.tokens,
+            "cost": reservation.cost,
+            "counters": counters,
+        });
+    }
+    value.to_string()
+}
+
+fn reservation_of(value: &serde_json::Value) -> Option<Reservation> {
+    Some(Reservation {
+        tokens: value.get("tokens")?.as_u64()?,
+        cost: value.get("cost")?.as_u64()?,
+        counters: value
+            .get("counters")?
+            .as_array()?
+            .iter()
+            .map(|c| {
+                let (limit, period) = c.as_str()?.rsplit_once('|')?;
+                Some(SpendCounter {
+                    limit: limit.to_owned(),
+                    period: period.to_owned(),
+                })
+            })
+            .collect::<Option<_>>()?,
     })
-    .to_string()
 }
 
 fn flights_of(item: &Item) -> Result<Vec<Flight>, StoreError> {
@@ -471,6 +551,12 @@ fn flights_of(item: &Item) -> Result<Vec<Flight>, StoreError> {
                     .and_then(serde_json::Value::as_str)
                     .unwrap_or("/v1/messages")
                     .to_owned(),
+                reservation: match value.get("reserved") {
+                    None => None,
+                    Some(reserved) => {
+                        Some(reservation_of(reserved).ok_or_else(|| invalid(item, name))?)
+                    }
+                },
             })
         })
         .collect()
@@ -525,6 +611,9 @@ pub(crate) fn patch(changes: &KeyChanges, now: OffsetDateTime) -> Change {
         Some(Some(at)) => set("expires_at", s(format_timestamp(at))),
         Some(None) => removes.push("expires_at"),
         None => {}
+    }
+    if let Some(mode) = changes.limit_mode {
+        set("limit_mode", s(mode.name()));
     }
     match changes.max_concurrent {
         Some(Some(most)) => set("max_concurrent", n(most)),
@@ -633,7 +722,9 @@ pub(crate) fn settlement(
 /// likewise for the tokens-per-minute counters (`domain::tpm`).
 #[derive(Debug, Default)]
 pub(crate) struct KeySpend<'a> {
-    pub add: Vec<(&'a SpendCounter, MicroUsd)>,
+    /// Micro-dollars added to each counter (negative where a hard-mode
+    /// reservation given back is more than the cost).
+    pub add: Vec<(&'a SpendCounter, i64)>,
     pub drop: &'a [SpendCounter],
     /// The request whose trace (`flight|<request id>`) the settlement removes.
     pub flight: Option<&'a str>,
@@ -644,17 +735,27 @@ pub(crate) struct KeySpend<'a> {
 }
 
 impl<'a> KeySpend<'a> {
-    /// Request `request_id`'s cost added to each counter of its `charge`,
-    /// and its billed `tokens` to the minute it was admitted in.
+    /// Request `request_id`'s cost added to each counter of its `charge`
+    /// (less what its admission reserved on it, in hard mode: the real
+    /// figure replaces the reservation), and its billed `tokens` to the
+    /// minute it was admitted in.
     pub(crate) fn of(
         charge: &'a BudgetCharge,
         cost: MicroUsd,
         tokens: u64,
         request_id: &'a str,
     ) -> KeySpend<'a> {
+        let signed = |micro: MicroUsd| i64::try_from(micro).unwrap_or(i64::MAX);
+        let mut add: BTreeMap<&SpendCounter, i64> =
+            charge.add_to.iter().map(|c| (c, signed(cost))).collect();
+        if let Some(reservation) = &charge.reservation {
+            for counter in &reservation.counters {
+                *add.entry(counter).or_default() -= signed(reservation.cost);
+            }
+        }
         let minute = &charge.tokens_per_minute;
         KeySpend {
-            add: charge.add_to.iter().map(|c| (c, cost)).collect(),
+            add: add.into_iter().collect(),
             drop: &charge.drop,
             flight: Some(request_id),
             minute: minute.add_to.map(|start| (start, tokens)),
@@ -706,6 +807,7 @@ mod tests {
             guard: None,
             five_hour: None,
             checks: vec![],
+            reserve: None,
         }
     }
 
@@ -733,6 +835,7 @@ mod tests {
             budget: no_budget(),
             flight: None,
             tpm: None,
+            mode: None,
         };
         let AdmissionUpdate {
             expression,
@@ -762,6 +865,7 @@ mod tests {
             budget: no_budget(),
             flight: None,
             tpm: None,
+            mode: None,
         };
         let values = admission_update(&too_big, RATE, &hash, now).values;
         assert_eq!(number(&values, ":ceiling"), "-400");
@@ -772,6 +876,7 @@ mod tests {
             budget: no_budget(),
             flight: None,
             tpm: None,
+            mode: None,
         };
         let AdmissionUpdate {
             expression,
@@ -807,6 +912,7 @@ mod tests {
                 guard: None,
                 five_hour: Some(crate::domain::budget::FiveHourStep::Open(7200)),
                 checks: vec![],
+                reserve: None,
             },
             flight: Some(crate::domain::flight::Flight {
                 request_id: "req_1".into(),
@@ -815,8 +921,10 @@ mod tests {
                 body_bytes: 10,
                 max_tokens: 1,
                 path: "/v1/messages".into(),
+                reservation: None,
             }),
             tpm: None,
+            mode: None,
         };
         let update = admission_update(&write, RATE, &hash, crate::domain::now());
         assert_eq!(
@@ -839,6 +947,7 @@ mod tests {
                 minute: 960,
                 limit: 10_000,
             }),
+            mode: None,
         };
         let update = admission_update(&write, RATE, &hash, crate::domain::now());
         assert!(

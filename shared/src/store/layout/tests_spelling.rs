@@ -96,6 +96,7 @@ fn layout_attributes() -> BTreeSet<String> {
         max_concurrent: Some(4),
         in_flight: 0,
         tokens_per_minute: Default::default(),
+        limit_mode: crate::domain::key::LimitMode::Hard,
     };
     let usage_record = UsageRecord {
         request_id: "r".into(),
@@ -176,6 +177,7 @@ fn layout_attributes() -> BTreeSet<String> {
         allowed_models: Some(Vec::new()),
         dollar_limits: Some(None),
         max_concurrent: Some(None),
+        limit_mode: Some(crate::domain::key::LimitMode::Soft),
     };
     let day_item = day(&key, "2026-01-02");
     let spend_counter = SpendCounter {
@@ -225,11 +227,13 @@ fn layout_attributes() -> BTreeSet<String> {
             guard: None,
             five_hour: Some(FiveHourStep::Same(1)),
             checks: Vec::new(),
+            reserve: None,
         },
         BudgetWrite {
             guard: Some(Vec::new()),
             five_hour: Some(FiveHourStep::Open(1)),
-            checks: Vec::new(),
+            checks: vec![(spend_counter.clone(), 5)],
+            reserve: Some(1),
         },
     ];
     for (step, budget) in [WindowStep::Same(1), WindowStep::New(1)]
@@ -263,11 +267,13 @@ fn layout_attributes() -> BTreeSet<String> {
                     body_bytes: 1,
                     max_tokens: 1,
                     path: "/v1/messages".into(),
+                    reservation: None,
                 }),
                 tpm: Some(crate::domain::tpm::MinuteCheck {
                     minute: 60,
                     limit: 1,
                 }),
+                mode: Some(crate::domain::key::LimitMode::Hard),
             };
             let update = api_key::admission_update(&write, rate, &hash, at);
             names.extend(expression_attributes(&update.expression));
