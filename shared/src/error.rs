@@ -501,7 +501,9 @@ impl From<crate::domain::admission::AdmissionRefusal> for ApiError {
             ),
             // Reservations of requests in flight come back when they
             // settle: a worst case that fits once they do is worth a retry.
-            A::WorstCaseExceedsQuota { worst, left, held } if worst <= left.saturating_add(held) => {
+            A::WorstCaseExceedsQuota { worst, left, held }
+                if worst <= left.saturating_add(held) =>
+            {
                 ApiError::rate_limited(
                     format!(
                         "worst case of {worst} tokens (input estimate plus max_tokens) exceeds the {left} left of this API key's token_limit while {held} are reserved by its requests in flight; retry in {RESERVATION_RETRY_AFTER} seconds"
@@ -791,5 +793,40 @@ mod tests {
             assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
             assert_eq!(err.message(), "internal error");
         }
+    }
+
+    #[test]
+    fn a_worst_case_refusal_is_transient_only_when_reservations_in_flight_cause_it() {
+        use crate::domain::admission::AdmissionRefusal as A;
+        use crate::domain::budget::{SpentLimit, Window, WorstCaseOverBudget};
+        let tokens =
+            |worst, left, held| ApiError::from(A::WorstCaseExceedsQuota { worst, left, held });
+        assert!(matches!(
+            tokens(4_001, 4_000, 1),
+            ApiError::RateLimited { retry_after: 5, .. }
+        ));
+        assert!(matches!(
+            tokens(4_002, 4_000, 1),
+            ApiError::QuotaExhausted(_)
+        ));
+        let dollars = |held| {
+            ApiError::from(A::WorstCaseOverBudget(WorstCaseOverBudget {
+                limit: SpentLimit {
+                    window: Window::Day,
+                    models: None,
+                    limit: 5_000_000,
+                    used: 4_000_000,
+                    resets_at: None,
+                    zone: "UTC".into(),
+                },
+                worst: 2_000_000,
+                held,
+            }))
+        };
+        assert!(matches!(
+            dollars(1_000_000),
+            ApiError::RateLimited { retry_after: 5, .. }
+        ));
+        assert!(matches!(dollars(999_999), ApiError::BudgetSpent(_)));
     }
 }

@@ -11,10 +11,10 @@ use super::budget::{
 };
 use super::epoch_seconds;
 use super::flight::{Flight, Reservation};
-use super::key::{ApiKeyRecord, LimitMode};
-use super::price::MicroUsd;
 use super::key::SecretHash;
 use super::key::access::{KeyStatus, key_status};
+use super::key::{ApiKeyRecord, LimitMode};
+use super::price::MicroUsd;
 use super::tier::window_of;
 use super::tpm::{MinuteCheck, MinuteSpent, MinuteStanding, minute_of};
 
@@ -335,8 +335,8 @@ pub fn decide(
     };
     reserve_worst_tokens(&mut charge, old.token_limit, worst);
     let (held_tokens, _) = old.held_by_flights();
-    quota_admits(charge.quota, old.tokens_used, old.token_limit).map_err(|refusal| {
-        match refusal {
+    quota_admits(charge.quota, old.tokens_used, old.token_limit).map_err(
+        |refusal| match refusal {
             AdmissionRefusal::WorstCaseExceedsQuota { worst, left, .. } => {
                 AdmissionRefusal::WorstCaseExceedsQuota {
                     worst,
@@ -345,8 +345,8 @@ pub fn decide(
                 }
             }
             other => other,
-        }
-    })?;
+        },
+    )?;
     if let QuotaRule::Reserve { limit, .. } = &mut charge.quota {
         // The limit may have changed since it was read: the next write is
         // stated on the stored one.
@@ -360,8 +360,7 @@ pub fn decide(
     }
     match worst {
         Some(worst) => {
-            if let Some(over) =
-                worst_case_over(old, budget.policy, budget.models, worst.cost, now)
+            if let Some(over) = worst_case_over(old, budget.policy, budget.models, worst.cost, now)
             {
                 return Err(AdmissionRefusal::WorstCaseOverBudget(over));
             }
@@ -790,6 +789,182 @@ mod tests {
         // One cent below the limit still admits (soft: room left admits).
         old.spend.values_mut().for_each(|used| *used -= 10_000);
         assert!(check(&old, &["claude-opus-4-5"]).is_ok());
+    }
+
+    /// A hard-mode key with a $5 weekly limit, $3.50 of it used (of which
+    /// $2 is held by a request in flight), and 10,000 tokens of which
+    /// 6,000 are used (2,000 of them held by that request).
+    fn hard_key() -> (ApiKeyRecord, SecretHash) {
+        use crate::domain::budget::{DollarLimit, SpendCounter, Window};
+        let (mut old, hash) = key(6_000, Some(10_000));
+        old.limit_mode = LimitMode::Hard;
+        old.dollar_limits = Some(vec![DollarLimit {
+            window: Window::Week,
+            limit: 5_000_000,
+            models: None,
+        }]);
+        let week = SpendCounter {
+            limit: "week".into(),
+            period: "w1969-12-29".into(),
+        };
+        old.spend.insert(week.clone(), 3_500_000);
+        old.flights.push(Flight {
+            request_id: "req_running".into(),
+            admitted_at: at_1000(),
+            model: None,
+            body_bytes: 100,
+            max_tokens: 100,
+            path: "/v1/messages".into(),
+            reservation: Some(Reservation {
+                tokens: 2_000,
+                cost: 2_000_000,
+                counters: vec![week],
+            }),
+        });
+        (old, hash)
+    }
+
+    fn hard_check(worst: Option<WorstCase>) -> BudgetCheck<'static> {
+        BudgetCheck {
+            policy: &POLICY,
+            models: &[],
+            worst,
+        }
+    }
+
+    #[test]
+    fn a_hard_mode_message_reserves_its_worst_case_where_it_fits() {
+        let (old, hash) = hard_key();
+        let worst = WorstCase {
+            tokens: 4_000,
+            cost: 1_500_000,
+        };
+        // Exactly what is left of both limits.
+        let write = decide(
+            KeyState::Stored(Some(&old)),
+            &hash,
+            RATE,
+            Charge::MESSAGE,
+            hard_check(Some(worst)),
+            at_1000(),
+        )
+        .unwrap();
+        assert_eq!(write.mode, Some(LimitMode::Hard));
+        assert_eq!(
+            write.charge.quota,
+            QuotaRule::Reserve {
+                limit: Some(10_000),
+                tokens: 4_000
+            }
+        );
+        assert_eq!(write.budget.reserve, Some(1_500_000));
+        let reservation = write.reservation().unwrap();
+        assert_eq!((reservation.tokens, reservation.cost), (4_000, 1_500_000));
+        assert_eq!(
+            reservation.counters,
+            vec![crate::domain::budget::SpendCounter {
+                limit: "week".into(),
+                period: "w1969-12-29".into(),
+            }]
+        );
+        // The same key in soft mode reserves nothing and states soft.
+        let soft = ApiKeyRecord {
+            limit_mode: LimitMode::Soft,
+            ..old.clone()
+        };
+        let write = decide(
+            KeyState::Stored(Some(&soft)),
+            &hash,
+            RATE,
+            Charge::MESSAGE,
+            hard_check(Some(worst)),
+            at_1000(),
+        )
+        .unwrap();
+        assert_eq!(
+            (write.mode, write.charge.quota, write.budget.reserve),
+            (Some(LimitMode::Soft), QuotaRule::AnyLeft, None)
+        );
+        assert_eq!(write.reservation(), None);
+        // A first write from a cached hard record reserves too.
+        let write = decide(
+            KeyState::Unread {
+                believed: Some(&old),
+            },
+            &hash,
+            RATE,
+            Charge::MESSAGE,
+            hard_check(Some(worst)),
+            at_1000(),
+        )
+        .unwrap();
+        assert_eq!(write.reservation().map(|r| r.tokens), Some(4_000));
+    }
+
+    #[test]
+    fn a_hard_mode_refusal_says_whether_waiting_for_requests_in_flight_helps() {
+        let (old, hash) = hard_key();
+        let decide_for = |tokens, cost| {
+            decide(
+                KeyState::Stored(Some(&old)),
+                &hash,
+                RATE,
+                Charge::MESSAGE,
+                hard_check(Some(WorstCase { tokens, cost })),
+                at_1000(),
+            )
+        };
+        // One token more than is left; it fits once the 2,000 held return.
+        assert_eq!(
+            decide_for(4_001, 1).unwrap_err(),
+            AdmissionRefusal::WorstCaseExceedsQuota {
+                worst: 4_001,
+                left: 4_000,
+                held: 2_000
+            }
+        );
+        // One dollar more than is left; it fits once the $2 held return.
+        match decide_for(100, 2_500_000).unwrap_err() {
+            AdmissionRefusal::WorstCaseOverBudget(over) => {
+                assert_eq!(
+                    (over.left(), over.held, over.worst),
+                    (1_500_000, 2_000_000, 2_500_000)
+                );
+                assert!(over.transient());
+                assert_eq!(
+                    over.to_string(),
+                    "worst case $2.50 exceeds the $1.50 left of the $5.00 limit per week \
+                     while $2.00 is reserved by this key's requests in flight; retry once they end"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // More than the settled spend leaves: only the week's reset helps.
+        match decide_for(100, 3_500_001).unwrap_err() {
+            AdmissionRefusal::WorstCaseOverBudget(over) => {
+                assert!(!over.transient());
+                assert_eq!(
+                    over.to_string(),
+                    "worst case $3.500001 exceeds the $1.50 left of the $5.00 limit per week; \
+                     lower max_tokens or shorten the prompt, or wait until \
+                     1970-01-05T00:00:00.000Z (week calendar, UTC)"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // A key turned hard whose worst case was not computed: retry.
+        assert_eq!(
+            decide(
+                KeyState::Stored(Some(&old)),
+                &hash,
+                RATE,
+                Charge::MESSAGE,
+                hard_check(None),
+                at_1000(),
+            )
+            .unwrap_err(),
+            AdmissionRefusal::LimitModeChanged
+        );
     }
 
     #[test]

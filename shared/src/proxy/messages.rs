@@ -16,8 +16,8 @@ use super::{ProxyState, tier_of};
 use crate::domain::admission::{BudgetCheck, Charge, RateLimit, WorstCase};
 use crate::domain::budget::{BudgetCharge, may_exhaust};
 use crate::domain::flight::Flight;
-use crate::domain::key::{ApiKeyRecord, LimitMode};
 use crate::domain::key::access::model_name_problem;
+use crate::domain::key::{ApiKeyRecord, LimitMode};
 use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::route::{Route, Treatment};
 use crate::domain::tpm::{MinuteCharge, MinuteStanding};
@@ -133,8 +133,7 @@ async fn charge(
         .iter()
         .find(|f| f.request_id == call.request_id)
         .and_then(|f| f.reservation.clone());
-    let mut budget =
-        BudgetCharge::of(&admitted, policy, &models, call.at).holding(reservation);
+    let mut budget = BudgetCharge::of(&admitted, policy, &models, call.at).holding(reservation);
     budget.tokens_per_minute = MinuteCharge::of(&admitted, tokens_per_minute, call.at);
     let settle_first = may_exhaust(
         &admitted,

@@ -166,8 +166,7 @@ pub fn validate_max_concurrent(most: u64) -> Result<u64, FieldError> {
 }
 
 pub fn validate_limit_mode(name: &str) -> Result<LimitMode, FieldError> {
-    LimitMode::parse(name)
-        .ok_or_else(|| FieldError::new("limit_mode", "must be `soft` or `hard`"))
+    LimitMode::parse(name).ok_or_else(|| FieldError::new("limit_mode", "must be `soft` or `hard`"))
 }
 
 pub fn validate_tier_ref(tier: &str) -> Result<String, FieldError> {

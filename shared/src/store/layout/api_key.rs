@@ -335,8 +335,7 @@ pub(crate) fn admission_update(
         }
     };
     let mut names = HashMap::new();
-    let budget_condition =
-        budget_conditions(write, &mut sets, &mut adds, &mut names, &mut values);
+    let budget_condition = budget_conditions(write, &mut sets, &mut adds, &mut names, &mut values);
     // A lease: `domain::admission::decide`'s concurrency rule, stated on
     // the stored count and limit; settlement (or the reconciler) gives it back.
     let lease_condition = if charge.lease {
@@ -933,6 +932,124 @@ mod tests {
              ADD tokens_used :r, tokens_reserved :r"
         );
         assert_eq!(update.names["#fl"], "flight|req_1");
+    }
+
+    #[test]
+    fn a_hard_mode_write_reserves_the_worst_case_on_each_counter_it_checks() {
+        let hash = PresentedKey::generate().hash();
+        let week = SpendCounter {
+            limit: "week".into(),
+            period: "w2026-11-23".into(),
+        };
+        let write = |reserve: MicroUsd| AdmissionWrite {
+            step: WindowStep::New(960),
+            charge: Charge {
+                quota: QuotaRule::Reserve {
+                    limit: Some(10_000),
+                    tokens: 4_000,
+                },
+                ..Charge::MESSAGE
+            },
+            budget: BudgetWrite {
+                checks: vec![(week.clone(), 5_000_000)],
+                reserve: Some(reserve),
+                ..no_budget()
+            },
+            flight: Some(Flight {
+                request_id: "req_1".into(),
+                admitted_at: crate::domain::now(),
+                model: None,
+                body_bytes: 10,
+                max_tokens: 1,
+                path: "/v1/messages".into(),
+                reservation: None,
+            }),
+            tpm: None,
+            mode: Some(LimitMode::Hard),
+        };
+        let fits = write(1_500_000);
+        let update = admission_update(&fits, RATE, &hash, crate::domain::now());
+        // counter + worst <= limit, as counter <= limit - worst; the
+        // worst case added by the same write, tokens and dollars alike.
+        assert!(
+            update
+                .condition
+                .contains(" AND (attribute_not_exists(#sc0) OR #sc0 <= :sl0)"),
+            "{}",
+            update.condition
+        );
+        assert_eq!(number(&update.values, ":sl0"), "3500000");
+        assert!(
+            update.expression.contains("#sc0 :sr"),
+            "{}",
+            update.expression
+        );
+        assert!(
+            update
+                .expression
+                .contains("tokens_used :r, tokens_reserved :r"),
+            "{}",
+            update.expression
+        );
+        assert_eq!(number(&update.values, ":sr"), "1500000");
+        assert_eq!(number(&update.values, ":ceiling"), "6000");
+        assert!(update.condition.ends_with(" AND limit_mode = :hard"));
+        // The trace records what was reserved, for the settlement.
+        let trace = match &update.values[":fl"] {
+            AttributeValue::S(text) => serde_json::from_str::<serde_json::Value>(text).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            trace["reserved"],
+            serde_json::json!({"tokens": 4000, "cost": 1500000, "counters": ["week|w2026-11-23"]})
+        );
+        let mut item = new_key_item(&ApiKeyRecord::sample(crate::domain::now()).0);
+        item.insert("flight|req_1".into(), update.values[":fl"].clone());
+        let read = ApiKeyRecord::try_from(&item).unwrap();
+        assert_eq!(read.flights[0].reservation, fits.reservation());
+        // A worst case over the whole limit: no counter, even an absent
+        // one, meets the condition.
+        let over = write(5_000_001);
+        let update = admission_update(&over, RATE, &hash, crate::domain::now());
+        assert!(update.condition.contains(" AND #sc0 <= :sl0"));
+        assert!(!update.condition.contains("attribute_not_exists(#sc0)"));
+        assert_eq!(number(&update.values, ":sl0"), "-1");
+        // A soft write states the mode it was decided on too.
+        let soft = AdmissionWrite {
+            mode: Some(LimitMode::Soft),
+            ..write(1)
+        };
+        let update = admission_update(&soft, RATE, &hash, crate::domain::now());
+        assert!(
+            update
+                .condition
+                .ends_with(" AND (attribute_not_exists(limit_mode) OR limit_mode <> :hard)")
+        );
+    }
+
+    #[test]
+    fn a_hard_mode_settlement_replaces_the_reservation_with_the_real_cost() {
+        let week = SpendCounter {
+            limit: "week".into(),
+            period: "w2026-11-23".into(),
+        };
+        let day = SpendCounter {
+            limit: "day".into(),
+            period: "d2026-11-28".into(),
+        };
+        let charge = BudgetCharge {
+            add_to: vec![week.clone(), day.clone()],
+            reservation: Some(Reservation {
+                tokens: 4_000,
+                cost: 1_500_000,
+                counters: vec![week.clone()],
+            }),
+            ..BudgetCharge::default()
+        };
+        let spend = KeySpend::of(&charge, 400_000, 900, "req_1");
+        // The week counter held the reservation: it moves by the
+        // difference; the day counter (none reserved there) by the cost.
+        assert_eq!(spend.add, vec![(&day, 400_000), (&week, -1_100_000)]);
     }
 
     #[test]
