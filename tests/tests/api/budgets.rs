@@ -501,3 +501,102 @@ async fn a_sequential_client_is_refused_right_after_the_answer_that_spent_its_to
     assert_eq!(response.status(), 429);
     assert_eq!(header(&response, "x-should-retry"), Some("false"));
 }
+
+/// A hard-mode request's worst case (tokens, µ$) as the refusals of two
+/// probe keys state it: one whose token limit, one whose dollar limit,
+/// holds nothing.
+async fn hard_worst_case(app: &TestApp) -> (u64, u64) {
+    let first_number = |message: &str, prefix: &str| -> String {
+        let rest = message
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{message}"));
+        rest.split_whitespace().next().unwrap().to_owned()
+    };
+    let (_, probe) = app
+        .new_key_with(json!({"name": "probe", "limit_mode": "hard", "token_limit": 1}))
+        .await
+        .unwrap();
+    let message = refusal(send(app, &probe, "claude-sonnet-4-5").await).await;
+    let tokens: u64 = first_number(&message, "worst case of ").parse().unwrap();
+    let (_, probe) = app
+        .new_key_with(json!({"name": "probe", "limit_mode": "hard",
+            "dollar_limits": [{"window": "lifetime", "limit_usd": 0.000001}]}))
+        .await
+        .unwrap();
+    let message = refusal(send(app, &probe, "claude-sonnet-4-5").await).await;
+    let dollars = first_number(&message, "worst case $");
+    let cost = relay_shared::domain::price::exact_micro_usd(dollars.parse().unwrap(), 1e9).unwrap();
+    (tokens, cost)
+}
+
+#[tokio::test]
+async fn a_sequential_client_of_a_hard_key_is_refused_right_after_the_answer_that_spent_its_tokens()
+{
+    let (app, _slow) = sequential_app().await;
+    let (tokens, _) = one_request(&app).await;
+    let (worst, _) = hard_worst_case(&app).await;
+    assert!(worst > tokens, "{worst} > {tokens}");
+    // Two answers and one worst case less a token: the third cannot fit.
+    let (id, key) = app
+        .new_key_with(json!({"name": "seq", "limit_mode": "hard",
+            "token_limit": 2 * tokens + worst - 1}))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let response = send(&app, &key, "claude-sonnet-4-5").await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    // The second answer's reservation was replaced before it ended: the
+    // third is told plainly it cannot fit, not to retry.
+    let message = refusal(send(&app, &key, "claude-sonnet-4-5").await).await;
+    assert_eq!(
+        message,
+        format!(
+            "worst case of {worst} tokens (input estimate plus max_tokens, of every request for a batch) \
+             exceeds the {} left of this API key's token_limit; lower max_tokens, shorten the prompt \
+             or split the batch, or ask your relay admin to raise the token_limit",
+            worst - 1
+        )
+    );
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!(
+        (record.tokens_used, record.tokens_reserved),
+        (2 * tokens, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_sequential_client_of_a_hard_key_is_refused_right_after_the_answer_that_spent_its_dollars()
+ {
+    let (app, _slow) = sequential_app().await;
+    let (_, cost) = one_request(&app).await;
+    let (_, worst) = hard_worst_case(&app).await;
+    assert!(worst > cost, "{worst} > {cost}");
+    let limit = 2 * cost + worst - 1;
+    let (id, key) = app
+        .new_key_with(json!({"name": "seq", "limit_mode": "hard",
+            "dollar_limits": [{"window": "day", "limit_usd": limit as f64 / 1e6}]}))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let response = send(&app, &key, "claude-sonnet-4-5").await;
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let message = refusal(send(&app, &key, "claude-sonnet-4-5").await).await;
+    let usd = relay_shared::domain::budget::usd;
+    assert_eq!(
+        message,
+        format!(
+            "worst case ${} exceeds the ${} left of the ${} limit per day; lower max_tokens or \
+             shorten the prompt, or wait until {} (day calendar, UTC)",
+            usd(worst),
+            usd(worst - 1),
+            usd(limit),
+            midnight_after(OffsetDateTime::now_utc())
+        )
+    );
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!(record.spend.values().sum::<u64>(), 2 * cost);
+}

@@ -10,6 +10,7 @@ mod alerts;
 mod budgets;
 mod composition;
 mod faults;
+mod hard;
 mod isolation;
 mod lambda_events;
 mod prices;

@@ -205,3 +205,77 @@ async fn the_reconciler_gives_back_the_lease_of_a_request_that_never_settled() {
     assert_eq!(collect_as_of(&app.proxy, later).await.reconciled.charged, 1);
     assert_eq!(app.key_record(&id).await.unwrap().in_flight, 0);
 }
+
+#[tokio::test]
+async fn the_reconciler_gives_back_a_hard_mode_reservation_exactly_once() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app
+        .new_key_with(
+            json!({"name": "lost", "limit_mode": "hard", "token_limit": 1_000_000,
+            "max_concurrent": 4,
+            "dollar_limits": [{"window": "lifetime", "limit_usd": 100}]}),
+        )
+        .await
+        .unwrap();
+    app.upstream.set_default(Behavior::Hang);
+    let body = json!({
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 300,
+        "messages": [{"role": "user", "content": "x".repeat(3_950)}]
+    });
+    let body_len = serde_json::to_vec(&body).unwrap().len() as u64;
+    let send = || {
+        app.http
+            .post(app.url("/v1/messages"))
+            .header("x-api-key", &key)
+            .timeout(Duration::from_millis(500))
+            .json(&body)
+            .send()
+    };
+    let (first, second) = tokio::join!(send(), send());
+    assert!(first.is_err() && second.is_err(), "the fake hangs");
+
+    // Each admission reserved its worst case on the token limit and the
+    // dollar counter, and holds a lease; the quota view shows them.
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!((record.flights.len(), record.in_flight), (2, 2));
+    let reservation = record.flights[0].reservation.clone().unwrap();
+    assert_eq!(record.flights[1].reservation, Some(reservation.clone()));
+    assert!(reservation.tokens > body_len / 4 + 300);
+    assert_eq!(record.tokens_used, 2 * reservation.tokens);
+    assert_eq!(record.tokens_reserved, 2 * reservation.tokens);
+    assert_eq!(
+        record.spend.values().copied().collect::<Vec<_>>(),
+        vec![2 * reservation.cost]
+    );
+    let quota = app.quota(&key).await.unwrap();
+    assert_eq!(quota["outstanding"]["requests"], 2);
+    assert_eq!(quota["outstanding"]["leases"], 2);
+    assert_eq!(
+        quota["outstanding"]["reserved_tokens"],
+        2 * reservation.tokens
+    );
+
+    // Overdue: each is charged its estimate in place of its reservation,
+    // and gives its lease back.
+    let later = relay_shared::domain::now() + time::Duration::minutes(16);
+    let report = collect_as_of(&app.proxy, later).await;
+    assert_eq!(report.reconciled.charged, 2, "{report:?}");
+    let estimate = body_len / 4 + 300;
+    let cost = (body_len / 4) * 3 + 300 * 15;
+    let check = |record: relay_shared::domain::key::ApiKeyRecord| {
+        assert_eq!(record.tokens_used, 2 * estimate);
+        assert_eq!(record.tokens_reserved, 0);
+        assert_eq!(record.in_flight, 0);
+        assert!(record.flights.is_empty());
+        assert_eq!(
+            record.spend.values().copied().collect::<Vec<_>>(),
+            vec![2 * cost]
+        );
+    };
+    check(app.key_record(&id).await.unwrap());
+    // Exactly once: a second pass changes nothing.
+    assert_eq!(collect_as_of(&app.proxy, later).await.reconciled.charged, 0);
+    check(app.key_record(&id).await.unwrap());
+    assert_eq!(app.items(&id, "LOG#").await.unwrap().len(), 2);
+}
