@@ -851,7 +851,7 @@ impl SpentLimit {
         match (self.window, self.resets_at) {
             (Window::Lifetime, _) | (_, None) => None,
             (Window::FiveHours, Some(at)) => Some(format!(
-                "the 5-hour window resets at {}",
+                "{}, when the 5-hour window resets",
                 super::format_timestamp(at)
             )),
             (_, Some(at)) => Some(format!(
@@ -876,10 +876,12 @@ impl fmt::Display for SpentLimit {
         if let Some(models) = &self.models {
             write!(f, " on models `{models}`")?;
         }
-        match (self.window, self.reset_phrase()) {
-            (_, None) => write!(f, "; ask your relay admin to raise it"),
-            (Window::FiveHours, Some(reset)) => write!(f, "; {reset}"),
-            (_, Some(reset)) => write!(f, "; resets at {reset}"),
+        match (self.window, self.resets_at, self.reset_phrase()) {
+            (_, _, None) => write!(f, "; ask your relay admin to raise it"),
+            (Window::FiveHours, Some(at), _) => {
+                write!(f, "; the window resets at {}", super::format_timestamp(at))
+            }
+            (_, _, Some(reset)) => write!(f, "; resets at {reset}"),
         }
     }
 }

@@ -681,11 +681,14 @@ async fn patch_changes_every_editable_field_and_updated_at_but_not_created_at() 
             "allowed_ips": ["2001:db8::1/32"],
             "allowed_origins": ["*.corp.dev"],
             "allowed_models": ["claude-opus-5-5", "claude-haiku-*"],
+            "limit_mode": "hard",
         })),
     )
     .await;
 
     assert_eq!(patched.status, 200, "{}: {}", patched.what, patched.text);
+    assert_eq!(created["limit_mode"], "soft");
+    assert_eq!(patched.json["limit_mode"], "hard");
     let key = &patched.json;
     assert_eq!(key["id"], id);
     assert_eq!(key["name"], "after");
@@ -969,6 +972,18 @@ fn bad_cases(id: &str) -> Vec<BadCase> {
         ),
         create_case("name missing", json!({"description": "x"}), 400, "name"),
         create_case("name empty", json!({"name": ""}), 422, "name"),
+        create_case(
+            "limit_mode unknown",
+            json!({"name": "a", "limit_mode": "strict"}),
+            422,
+            "limit_mode",
+        ),
+        create_case(
+            "limit_mode capitalised",
+            json!({"name": "a", "limit_mode": "Hard"}),
+            422,
+            "limit_mode",
+        ),
         create_case("name blank", json!({"name": "   "}), 422, "name"),
         create_case(
             "name 201 chars",
