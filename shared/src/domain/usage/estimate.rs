@@ -15,38 +15,52 @@ pub(super) fn count_chunk(chunk: &str) -> u64 {
     tiktoken_rs::cl100k_base_singleton().count_ordinary(chunk) as u64
 }
 
-/// The longest slice handed to tiktoken at once. tiktoken-rs merges a
-/// pre-tokenized piece of n bytes in O(n log n) but with a large constant
-/// (1 MB of `a` is one piece: ~0.3 s, six times the cost of 1 MB of
-/// prose); a few KB keep every piece in cache and the whole count linear.
+/// The longest slice handed to tiktoken at once where the text allows an
+/// exact cut (see [`chunks`]): long enough that prose is counted in few
+/// calls.
 const MAX_CHUNK_BYTES: usize = 4096;
+/// The slices of a run without an exact cut. tiktoken-rs merges a piece
+/// (one pre-tokenized word) of n bytes in O(n log n) with a large constant
+/// past 100 bytes: 1 MB of `a` is one piece and costs ~0.3 s whole, ~0.1 s
+/// in 4 KB slices, ~40 ms in 32-byte slices, which take its quick path
+/// (under 100 bytes): about what 1 MB of prose costs.
+const FORCED_CHUNK_BYTES: usize = 32;
 
-/// Splits a text into slices of at most [`MAX_CHUNK_BYTES`] whose counts add
-/// up to at least cl100k's count of the whole.
+/// Splits a text into slices whose cl100k counts add up to at least
+/// cl100k's count of the whole, so that no text makes counting slow.
 ///
 /// A slice ends, when it can, at an *exact* cut: a place where cl100k's
 /// pre-tokenizer always starts a new piece, whatever comes before or after,
 /// so the pieces (and tokens) on both sides are exactly those of the whole
-/// text and the sum equals the whole count. Only a run of
+/// text and the sum equals the whole count. A stretch of
 /// [`MAX_CHUNK_BYTES`] / 2 bytes without such a place (one giant word, a
-/// base64 blob, a run of spaces, unspaced CJK) is cut at a plain character
-/// boundary. Such a forced cut splits one piece in two; BPE is not provably
-/// subadditive, but in practice the two halves never take fewer tokens than
-/// the whole (the tests check this on hostile samples), and any difference
-/// is a few tokens per 2 KB, far inside the safety margin of the callers.
+/// base64 blob, a run of spaces, unspaced CJK) is cut into
+/// [`FORCED_CHUNK_BYTES`] slices at character boundaries. Such a forced cut
+/// splits a piece in two; BPE is not provably subadditive, but splitting a
+/// piece in practice only adds tokens at the cut (the tests check it on
+/// hostile samples), and any loss would be a token or so per cut, far
+/// inside the callers' safety margin.
 pub(super) fn chunks(text: &str) -> impl Iterator<Item = &str> {
     let mut rest = text;
+    // What is left of a stretch without an exact cut.
+    let mut forced = "";
     std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
+        if forced.is_empty() {
+            if rest.is_empty() {
+                return None;
+            }
+            if rest.len() <= MAX_CHUNK_BYTES {
+                return Some(std::mem::take(&mut rest));
+            }
+            if let Some(cut) = exact_cut(rest.as_bytes()) {
+                let (head, tail) = rest.split_at(cut);
+                rest = tail;
+                return Some(head);
+            }
+            (forced, rest) = rest.split_at(char_floor(rest, MAX_CHUNK_BYTES));
         }
-        let cut = if rest.len() <= MAX_CHUNK_BYTES {
-            rest.len()
-        } else {
-            exact_cut(rest.as_bytes()).unwrap_or_else(|| char_floor(rest, MAX_CHUNK_BYTES))
-        };
-        let (head, tail) = rest.split_at(cut);
-        rest = tail;
+        let (head, tail) = forced.split_at(char_floor(forced, FORCED_CHUNK_BYTES));
+        forced = tail;
         Some(head)
     })
 }
@@ -58,8 +72,12 @@ fn exact_cut(bytes: &[u8]) -> Option<usize> {
         .find(|&at| is_exact_cut(bytes[at - 1], bytes[at]))
 }
 
-/// The largest character boundary at or below `at` (never 0 for `at` ≥ 4).
+/// The largest character boundary at or below `at`, or the whole text when
+/// shorter; never 0 for `at` ≥ 4 (a character has at most 4 bytes).
 fn char_floor(text: &str, at: usize) -> usize {
+    if text.len() <= at {
+        return text.len();
+    }
     (1..=at)
         .rev()
         .find(|&i| text.is_char_boundary(i))
@@ -158,7 +176,7 @@ pub fn complete_with_estimate(state: &mut AnswerUsage, request_body: &[u8]) -> b
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::usage::SseUsageParser;
     use crate::domain::usage::sse::tests::STREAM;
@@ -242,7 +260,12 @@ mod tests {
             let pieces: Vec<&str> = chunks(&text).collect();
             assert_eq!(pieces.concat(), text, "{name}");
             assert!(pieces.len() > 1, "{name}");
-            assert!(pieces.iter().all(|p| p.len() <= MAX_CHUNK_BYTES), "{name}");
+            assert!(
+                pieces
+                    .iter()
+                    .all(|p| !p.is_empty() && p.len() <= MAX_CHUNK_BYTES),
+                "{name}"
+            );
         }
     }
 
