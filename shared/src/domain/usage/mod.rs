@@ -1,18 +1,18 @@
 //! Token usage: the arithmetic (here), reading it from answers as they pass
 //! (`sse`: the incremental SSE parser and the JSON extractor), estimating
-//! what a cut answer did not report (`estimate`), what a request's usage
+//! what a cut answer did not report (`estimate`), the most input a request
+//! can be billed, for hard limits (`prompt_bound`), what a request's usage
 //! record holds (`record`), and the Claude Code session it names
 //! (`session`).
 
 mod estimate;
+mod prompt_bound;
 mod record;
 mod session;
 mod sse;
 
-pub use estimate::{
-    CONTEXT_WINDOW, LONG_CONTEXT_WINDOW, complete_with_estimate, estimate_tokens, request_text,
-    worst_prompt_tokens,
-};
+pub use estimate::{complete_with_estimate, estimate_tokens, request_text};
+pub use prompt_bound::{CONTEXT_WINDOW, LONG_CONTEXT_WINDOW, worst_prompt_tokens};
 pub use record::{BatchTally, Counters, PricedBatch, UsageRecord, UsageTotals};
 pub use session::{MAX_SESSION_ID, SessionId};
 pub use sse::{AnswerUsage, SseUsageParser, usage_from_json};
