@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use super::body::MessagesFields;
+use super::body::{self, MessagesFields};
 use tracing::Instrument;
 
 use super::context::Call;
@@ -29,7 +29,7 @@ use crate::domain::key::access::model_name_problem;
 use crate::domain::price::Attribute;
 use crate::domain::route::CanonicalPath;
 use crate::domain::usage::BatchTally;
-use crate::domain::usage::{estimate_tokens, request_text, usage_from_json};
+use crate::domain::usage::{usage_from_json, worst_prompt_tokens};
 use crate::domain::{self, format_timestamp};
 use crate::error::ApiError;
 use crate::http::{PageParams, page_json, unknown_page_anchor};
@@ -182,63 +182,15 @@ fn not_found(batch_id: &str) -> ApiError {
     ApiError::not_found(format!("no batch `{shown}` for this API key"))
 }
 
-/// The most input one request can have: its model's context window.
-const CONTEXT_WINDOW: u64 = 200_000;
-/// …with the `context-1m` beta.
-const CONTEXT_WINDOW_1M: u64 = 1_000_000;
 /// No model writes more in one answer (the 5.5 models go to 128,000).
 const MAX_OUTPUT_TOKENS: u64 = 1_000_000;
 
-/// Whether the request's input cannot be measured from its text: files and
-/// URLs the upstream fetches, server tools and MCP servers whose results
-/// become input, a container's files.
-fn has_unmeasured_input(params: &Value) -> bool {
-    fn walk(value: &Value) -> bool {
-        match value {
-            Value::Object(map) => {
-                let fetched = map
-                    .get("source")
-                    .and_then(|source| source.get("type"))
-                    .and_then(Value::as_str)
-                    .is_some_and(|kind| kind == "url" || kind == "file");
-                fetched || map.values().any(walk)
-            }
-            Value::Array(items) => items.iter().any(walk),
-            _ => false,
-        }
-    }
-    let client_tool = |tool: &Value| match tool.get("type").and_then(Value::as_str) {
-        None | Some("custom") => true,
-        Some(kind) => ["bash_", "text_editor_", "computer_", "memory_"]
-            .iter()
-            .any(|prefix| kind.starts_with(prefix)),
-    };
-    let server_tools = params
-        .get("tools")
-        .and_then(Value::as_array)
-        .is_some_and(|tools| !tools.iter().all(client_tool));
-    let mcp = params
-        .get("mcp_servers")
-        .and_then(Value::as_array)
-        .is_some_and(|servers| !servers.is_empty());
-    server_tools || mcp || params.get("container").is_some() || walk(params)
-}
-
-/// The worst case of one request: its input — the prompt's tiktoken count
-/// plus a quarter (tiktoken is not Claude's tokenizer), or the whole context
-/// window when the input cannot be measured from the text, and never more
-/// than the window — plus `max_tokens`.
+/// The worst case of one request: the bound of its prompt that hard-mode
+/// messages are judged on too (`worst_prompt_tokens`: the whole context
+/// window when input the upstream fetches or produces cannot be counted
+/// from the body), plus `max_tokens`.
 fn worst_case(params: &str, max_tokens: u64, context_window: u64) -> u64 {
-    let input = match serde_json::from_str::<Value>(params) {
-        Ok(value) if !has_unmeasured_input(&value) => {
-            let counted = estimate_tokens(&request_text(params.as_bytes()));
-            counted
-                .saturating_add(counted.div_ceil(4))
-                .min(context_window)
-        }
-        _ => context_window,
-    };
-    input.saturating_add(max_tokens)
+    worst_prompt_tokens(params.as_bytes(), context_window).saturating_add(max_tokens)
 }
 
 /// `POST /v1/messages/batches`: every request checked, the batch's worst
@@ -259,7 +211,7 @@ pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError
     call.check_file_references(&body).await?;
     // Computed for every key: its limit may be set before the admission
     // write, which then reserves against it.
-    let worst = worst_case_of(plan.sized, context_window(&call.parts.headers)).await?;
+    let worst = worst_case_of(plan.sized, body::context_window(&call.parts.headers)).await?;
     let models: Vec<&str> = plan.models.iter().map(String::as_str).collect();
     let reserved = reserve(&call, &record, plan.requests, &models, worst).await?;
     let pending = PendingReservation {
@@ -375,20 +327,6 @@ fn read_request(index: usize, params: &str) -> Result<(String, u64, Vec<Attribut
             ))
         })?;
     Ok((model, max_tokens, attributes))
-}
-
-/// The context window a request may fill: 1M tokens with the long-context
-/// beta, else the standard one.
-fn context_window(headers: &http::HeaderMap) -> u64 {
-    let long_context = headers
-        .get_all("anthropic-beta")
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.contains("context-1m")));
-    if long_context {
-        CONTEXT_WINDOW_1M
-    } else {
-        CONTEXT_WINDOW
-    }
 }
 
 /// The batch's worst case in tokens (tokenizing is CPU work, off the async
@@ -1054,6 +992,7 @@ pub async fn collect_every(state: ProxyState, every: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::usage::CONTEXT_WINDOW;
 
     const LINES: &str = concat!(
         r#"{"custom_id":"a","result":{"type":"succeeded","message":{"id":"m","type":"message","model":"claude-haiku-5-5","usage":{"input_tokens":10,"output_tokens":5,"cache_read_input_tokens":2}}}}"#,
@@ -1099,10 +1038,12 @@ mod tests {
         let text = r#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"say hello to the world"}]}"#;
         let worst = worst_case(text, 100, CONTEXT_WINDOW);
         assert!((105..1000).contains(&worst), "{worst}");
+        // An image counts at a fixed bound, whatever its source.
+        let image = r#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"file","file_id":"file_1"}}]}]}"#;
+        assert!((6_000..10_000).contains(&worst_case(image, 1, CONTEXT_WINDOW)));
         // Input the upstream fetches or produces itself: the whole window.
         for params in [
             r#"{"messages":[{"role":"user","content":[{"type":"document","source":{"type":"url","url":"https://x/a.pdf"}}]}]}"#,
-            r#"{"messages":[{"role":"user","content":[{"type":"image","source":{"type":"file","file_id":"file_1"}}]}]}"#,
             r#"{"messages":[],"tools":[{"type":"web_search_20250305","name":"web_search"}]}"#,
             r#"{"messages":[],"mcp_servers":[{"type":"url","url":"https://mcp","name":"m"}]}"#,
             r#"{"messages":[],"container":"container_1"}"#,
@@ -1114,7 +1055,9 @@ mod tests {
             );
         }
         let client_tools = r#"{"messages":[],"tools":[{"name":"f","input_schema":{}},{"type":"bash_20250124","name":"bash"}]}"#;
-        assert!(worst_case(client_tools, 1, CONTEXT_WINDOW) < 1000);
+        // Client tools are counted (with the tool-use system prompt), not
+        // the window.
+        assert!(worst_case(client_tools, 1, CONTEXT_WINDOW) < 5_000);
         // Never more input than the window, and no overflow.
         let huge = format!(
             r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,

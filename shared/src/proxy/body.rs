@@ -1,11 +1,29 @@
-//! What the relay reads from request bodies it otherwise forwards untouched:
-//! a message request's model, `stream`, `max_tokens` and `inference_geo`, and every
-//! `file_id` a body references.
+//! What the relay reads from requests it otherwise forwards untouched: a
+//! message request's model, `stream`, `max_tokens` and `inference_geo`,
+//! every `file_id` a body references, and the context window its
+//! `anthropic-beta` header opens.
 
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 
 use crate::domain::price::Attribute;
+use crate::domain::usage::{CONTEXT_WINDOW, LONG_CONTEXT_WINDOW};
+
+/// The context window a request may fill: 1M tokens with the long-context
+/// beta (`context-1m-…` in `anthropic-beta`), else the standard 200K.
+pub(super) fn context_window(headers: &http::HeaderMap) -> u64 {
+    let long = headers
+        .get_all("anthropic-beta")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|beta| beta.trim().starts_with("context-1m"));
+    if long {
+        LONG_CONTEXT_WINDOW
+    } else {
+        CONTEXT_WINDOW
+    }
+}
 
 /// The few fields of a Messages (or count_tokens) body the relay reads.
 /// Duplicate `model` keys are refused by serde: the relay and the upstream

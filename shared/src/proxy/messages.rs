@@ -21,7 +21,7 @@ use crate::domain::key::{ApiKeyRecord, LimitMode};
 use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::route::{Route, Treatment};
 use crate::domain::tpm::{MinuteCharge, MinuteStanding};
-use crate::domain::usage::{CONTEXT_WINDOW, LONG_CONTEXT_WINDOW, worst_prompt_tokens};
+use crate::domain::usage::worst_prompt_tokens;
 use crate::error::ApiError;
 use crate::store::admission::Terms;
 
@@ -47,7 +47,7 @@ pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<R
 
 /// Phase 2 for messages: the key's rules, then (for a metered route) the
 /// admission write.
-async fn admit(call: &Call, route: &Route, body: &[u8]) -> Result<Admitted, ApiError> {
+async fn admit(call: &Call, route: &Route, body: &Bytes) -> Result<Admitted, ApiError> {
     let charged = route.treatment() == Treatment::Metered;
     // serde would read the fields from an array too, in order.
     if !body::is_json_object(body) {
@@ -97,7 +97,7 @@ async fn charge(
     record: &ApiKeyRecord,
     fields: &MessagesFields,
     prices: &PriceTable,
-    body: &[u8],
+    body: &Bytes,
     streamed: bool,
 ) -> Result<Metering, ApiError> {
     let policy = &call.state.0.budgets;
@@ -107,7 +107,15 @@ async fn charge(
     // others only need the cheap bound (every byte a token) that decides
     // whether to settle first.
     let prompt = match record.limit_mode {
-        LimitMode::Hard => worst_prompt_tokens(body, context_window(&call.parts.headers)),
+        LimitMode::Hard => {
+            // Tokenizing is CPU work (milliseconds for a large prompt):
+            // off the async threads.
+            let window = body::context_window(&call.parts.headers);
+            let body = body.clone();
+            tokio::task::spawn_blocking(move || worst_prompt_tokens(&body, window))
+                .await
+                .map_err(|e| ApiError::internal(e.into()))?
+        }
         LimitMode::Soft => u64::try_from(body.len()).unwrap_or(u64::MAX),
     };
     let worst = worst_case(prices, fields, &attributes, prompt, call.at);
@@ -148,22 +156,6 @@ async fn charge(
     let mut metering = Metering::of(call, fields.model.clone(), streamed, attributes, budget);
     metering.settle_before_answer_ends = settle_first;
     Ok(metering)
-}
-
-/// The context window a request may fill: 1M tokens with the long-context
-/// beta (`context-1m-…` in `anthropic-beta`), else the standard 200K.
-fn context_window(headers: &http::HeaderMap) -> u64 {
-    let long = headers
-        .get_all("anthropic-beta")
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .any(|beta| beta.trim().starts_with("context-1m"));
-    if long {
-        LONG_CONTEXT_WINDOW
-    } else {
-        CONTEXT_WINDOW
-    }
 }
 
 /// The most a message request could use: `prompt` tokens (a bound of its
