@@ -188,7 +188,7 @@ bench-tools: ## wrk (Debian's package) and DynamoDB Local, for make bench
 # micro-benchmarks (short), then relay-bench: it starts DynamoDB Local in
 # .cache/run-bench, the fake upstreams and relay-local on free 127.0.0.1
 # ports, runs every phase and prints the markdown table (also written to
-# .cache/run-bench/report.md). BENCH_ARGS passes options (--reps N, --quick).
+# .cache/run-bench/report.md). BENCH_ARGS passes options (--reps N, --quick, --limit-mode hard).
 bench: bench-tools ## Benchmark the relay against the fake upstream on DynamoDB Local; prints a markdown table
 	# One package per build, so each binary gets exactly its own features.
 	cargo build --release -p relay-local

@@ -71,7 +71,8 @@ async fn run(o: &Options) -> anyhow::Result<()> {
     let deadline = started + RUN_LIMIT;
     let ticks_per_second = procfs::clock_ticks_per_second() as f64;
 
-    let (stack, first_startup) = Stack::start(&o.root, &binaries, &state_dir).await?;
+    let (stack, first_startup) =
+        Stack::start(&o.root, &binaries, &state_dir, &o.limit_mode).await?;
     let mut figures = Figures::default();
     figures.push("startup_hello", ms(first_startup));
     figures.push("rss_idle", procfs::status_mb(stack.relay.pid, "VmRSS")?);

@@ -17,9 +17,12 @@ pub struct Options {
     pub counted_requests: usize,
     pub wrk_seconds: u64,
     pub sse_streams: usize,
+    /// The bench key's `limit_mode`: `soft` (the default) or `hard` (each
+    /// request's worst case tokenized and reserved).
+    pub limit_mode: String,
 }
 
-const USAGE: &str = "usage: relay-bench [--reps N] [--quick] [--root DIR] [--bin-dir DIR] [--state-dir DIR] [--criterion-dir DIR]";
+const USAGE: &str = "usage: relay-bench [--reps N] [--quick] [--limit-mode soft|hard] [--root DIR] [--bin-dir DIR] [--state-dir DIR] [--criterion-dir DIR]";
 
 impl Options {
     pub fn parse() -> anyhow::Result<Options> {
@@ -37,6 +40,10 @@ impl Options {
                 "--state-dir" => options.state_dir = PathBuf::from(value()?),
                 "--criterion-dir" => options.criterion_dir = PathBuf::from(value()?),
                 "--quick" => options.quick(),
+                "--limit-mode" => match value()?.as_str() {
+                    mode @ ("soft" | "hard") => options.limit_mode = mode.to_owned(),
+                    other => bail!("--limit-mode must be soft or hard, not {other}"),
+                },
                 _ => bail!("unknown argument {arg}\n{USAGE}"),
             }
         }
@@ -62,6 +69,7 @@ impl Options {
             counted_requests: 50,
             wrk_seconds: 6,
             sse_streams: 8,
+            limit_mode: "soft".into(),
         })
     }
 

@@ -32,12 +32,13 @@ fn heading_text(o: &Options, h: &Heading<'_>) -> String {
         .unwrap_or_default();
     format!(
         "\n## make bench — {date}\n\nMachine: {}; load average before the run {}. {} repetitions, relay and direct interleaved; cells are median (min–max) over repetitions. \
-         Request: `POST /v1/messages?beta=true`, Claude Code headers, {}-byte body; \
+         Request: `POST /v1/messages?beta=true`, Claude Code headers, {}-byte body, on a `{}`-mode key with dollar limits and a token limit; \
          c=1 phases {} non-streamed and {} streamed requests per side, c=32 phases {} s of wrk per side. Took {:.0} s.\n\n",
         machine(),
         h.load_before,
         o.reps,
         h.body_len,
+        o.limit_mode,
         o.json_requests,
         o.stream_requests,
         o.wrk_seconds,

@@ -64,6 +64,7 @@ impl Stack {
         root: &Path,
         binaries: &Binaries,
         state_dir: &Path,
+        limit_mode: &str,
     ) -> anyhow::Result<(Stack, Duration)> {
         progress("starting DynamoDB Local");
         let dynamo = Dynamo::start(root, state_dir)?;
@@ -86,7 +87,7 @@ impl Stack {
         )
         .await?;
         let admin_http = reqwest::Client::builder().no_proxy().build()?;
-        let relay_key = create_key(&admin_http, &relay.base_url, &password).await?;
+        let relay_key = create_key(&admin_http, &relay.base_url, &password, limit_mode).await?;
         let store = bench_store(&dynamo.endpoint, &table);
         let relay_ep = Endpoint {
             label: "relay",
@@ -173,9 +174,15 @@ fn relay_env(table: &str, dynamodb_endpoint: &str, password: &str) -> Vec<(Strin
 }
 
 /// Logs in as admin, creates the `bench` tier (no throttling at c=32) and a
-/// key on it with dollar limits a team would set (far from spent: the
-/// admission write checks them on every request); returns the key.
-async fn create_key(http: &reqwest::Client, base: &str, password: &str) -> anyhow::Result<String> {
+/// key on it in `limit_mode` with dollar limits a team would set and a
+/// token limit (far from spent: the admission write checks them on every
+/// request); returns the key.
+async fn create_key(
+    http: &reqwest::Client,
+    base: &str,
+    password: &str,
+    limit_mode: &str,
+) -> anyhow::Result<String> {
     let login: serde_json::Value = http
         .post(format!("{base}/admin/login"))
         .basic_auth("admin", Some(password))
@@ -202,6 +209,8 @@ async fn create_key(http: &reqwest::Client, base: &str, password: &str) -> anyho
         .json(&serde_json::json!({
             "name": "make bench",
             "rate_limit_tier": "bench",
+            "limit_mode": limit_mode,
+            "token_limit": 1_000_000_000_000u64,
             "dollar_limits": [
                 {"window": "5h", "limit_usd": 100_000},
                 {"window": "day", "limit_usd": 1_000_000},

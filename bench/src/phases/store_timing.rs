@@ -43,6 +43,7 @@ pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
             budget: BudgetCheck {
                 policy: &policy,
                 models: &[],
+                worst: None,
             },
             now,
         };
@@ -54,6 +55,7 @@ pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
             body_bytes: 1723,
             max_tokens: 64,
             path: usage.path.clone(),
+            reservation: None,
         };
         let record = store
             .admit(key.id(), &hash, terms, last.as_ref(), &flight)
