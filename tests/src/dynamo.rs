@@ -76,10 +76,12 @@ impl Drop for PrivateDynamo {
     }
 }
 
-/// A DynamoDB endpoint in front of another that holds every settlement
-/// (`TransactWriteItems`) back for `delay` before passing it on: it makes
-/// "settlement trails the answer" last long enough for a test to see what
-/// a client sending its next request meanwhile gets.
+/// A DynamoDB endpoint in front of another that holds every call of one
+/// operation back for `delay` before passing it on. Settlements
+/// (`TransactWriteItems`, `SlowSettlements::start`): it makes "settlement
+/// trails the answer" last long enough for a test to see what a client
+/// sending its next request meanwhile gets; admissions (`UpdateItem`):
+/// long enough for a client to leave while its request is admitted.
 pub struct SlowSettlements {
     pub endpoint: String,
     server: tokio::task::JoinHandle<()>,
@@ -93,6 +95,15 @@ impl Drop for SlowSettlements {
 
 impl SlowSettlements {
     pub async fn start(upstream: String, delay: std::time::Duration) -> anyhow::Result<Self> {
+        Self::holding(upstream, "TransactWriteItems", delay).await
+    }
+
+    /// Holds back each call of `operation` (e.g. `UpdateItem`).
+    pub async fn holding(
+        upstream: String,
+        operation: &'static str,
+        delay: std::time::Duration,
+    ) -> anyhow::Result<Self> {
         use axum::body::Body;
         use axum::extract::Request;
         use axum::response::Response;
@@ -110,7 +121,7 @@ impl SlowSettlements {
                     .get("x-amz-target")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
-                if target.ends_with(".TransactWriteItems") {
+                if target.rsplit('.').next() == Some(operation) {
                     tokio::time::sleep(delay).await;
                 }
                 let mut outgoing = client.request(parts.method, format!("{upstream}{}", parts.uri));

@@ -15,7 +15,7 @@ use crate::client::ms;
 use crate::report::Figures;
 use crate::stats::percentile;
 use crate::{TIER_PERIOD, TIER_REQUESTS};
-use relay_shared::domain::admission::{BudgetCheck, Charge, RateLimit};
+use relay_shared::domain::admission::{BudgetCheck, Charge, RateLimit, WorstCase};
 use relay_shared::domain::budget::BudgetPolicy;
 use relay_shared::domain::flight::Flight;
 use relay_shared::store::admission::Terms;
@@ -43,7 +43,12 @@ pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
             budget: BudgetCheck {
                 policy: &policy,
                 models: &[],
-                worst: None,
+                // Reserved on a hard-mode key (`--limit-mode hard`),
+                // ignored on a soft one: about what the bench body costs.
+                worst: Some(WorstCase {
+                    tokens: 2_000,
+                    cost: 20_000,
+                }),
             },
             now,
         };
@@ -62,6 +67,15 @@ pub async fn run(bench: &Bench<'_>, f: &mut Figures) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("admission: {e}"))?;
         admits.push(ms(started.elapsed()));
+        // What a hard-mode admission reserved, given back as the proxy does.
+        let mut usage = usage;
+        usage.budget = std::mem::take(&mut usage.budget).holding(
+            record
+                .flights
+                .iter()
+                .find(|f| f.request_id == usage.request_id)
+                .and_then(|f| f.reservation.clone()),
+        );
         last = Some(record);
         let started = Instant::now();
         store

@@ -34,6 +34,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
+use tracing::Instrument;
 
 use self::context::{Begun, Call};
 use self::exchange::Exchange;
@@ -156,7 +157,18 @@ async fn serve_route(call: Call, route: Route, body: Body) -> Result<Response, A
     }
     let body = call.read_body(body).await?;
     match route {
-        Route::Messages | Route::CountTokens => messages::messages(call, &route, body).await,
+        // hyper drops this future when the client leaves; once admitted,
+        // a message must still be forwarded, read and settled (or its
+        // lease, reservation and trace would wait 15 minutes for the
+        // reconciler, and it would be charged an estimate of an answer
+        // never asked for): admission and the exchange's start run in a
+        // task of their own.
+        Route::Messages | Route::CountTokens => {
+            let task = async move { messages::messages(call, &route, body).await };
+            tokio::spawn(task.in_current_span())
+                .await
+                .map_err(|e| ApiError::internal(e.into()))?
+        }
         Route::ListModels | Route::GetModel(_) | Route::PassThrough => {
             call.authenticate(None).await?;
             let forward = call.forward(body);

@@ -284,3 +284,45 @@ async fn the_reconciler_gives_back_a_hard_mode_reservation_exactly_once() {
     check(app.key_record(&id).await.unwrap());
     assert_eq!(app.items(&id, "LOG#").await.unwrap().len(), 2);
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_while_its_request_is_admitted_still_gets_it_settled() {
+    use relay_tests::app::{AppOptions, spawn_app_with};
+    use relay_tests::dynamo::SlowSettlements;
+    let endpoint = relay_tests::app::dynamodb_endpoint().unwrap();
+    let slow = SlowSettlements::holding(endpoint, "UpdateItem", Duration::from_millis(600))
+        .await
+        .unwrap();
+    let app = spawn_app_with(AppOptions {
+        dynamodb_endpoint: Some(slow.endpoint.clone()),
+        ..AppOptions::default()
+    })
+    .await
+    .unwrap();
+    let (id, key) = app
+        .new_key_with(
+            json!({"name": "leaves", "max_concurrent": 1, "limit_mode": "hard",
+            "token_limit": 1_000_000}),
+        )
+        .await
+        .unwrap();
+    // The client gives up while its admission write is on its way.
+    let gave_up = app
+        .message(&key, "claude-sonnet-4-5")
+        .timeout(Duration::from_millis(200))
+        .send()
+        .await;
+    assert!(gave_up.is_err());
+    // Admitted all the same, it is forwarded, answered and settled: its
+    // lease, reservation and trace are given back now, not by the
+    // reconciler 15 minutes on.
+    let logs = app.wait_for_logs(&id, 1).await.unwrap();
+    assert_eq!(num(&logs[0], "status"), 200);
+    app.in_flight.idle().await;
+    let record = app.key_record(&id).await.unwrap();
+    assert_eq!((record.in_flight, record.tokens_reserved), (0, 0));
+    assert!(record.flights.is_empty());
+    let next = app.message(&key, "claude-sonnet-4-5").send().await.unwrap();
+    assert_eq!(next.status(), 200);
+    next.bytes().await.unwrap();
+}
