@@ -839,16 +839,19 @@ mod tests {
             tokens: 4_000,
             cost: 1_500_000,
         };
+        let decide_on = |record: &ApiKeyRecord| {
+            decide(
+                KeyState::Stored(Some(record)),
+                &hash,
+                RATE,
+                Charge::MESSAGE,
+                hard_check(Some(worst)),
+                at_1000(),
+            )
+            .unwrap()
+        };
         // Exactly what is left of both limits.
-        let write = decide(
-            KeyState::Stored(Some(&old)),
-            &hash,
-            RATE,
-            Charge::MESSAGE,
-            hard_check(Some(worst)),
-            at_1000(),
-        )
-        .unwrap();
+        let write = decide_on(&old);
         assert_eq!(write.mode, Some(LimitMode::Hard));
         assert_eq!(
             write.charge.quota,
@@ -872,15 +875,7 @@ mod tests {
             limit_mode: LimitMode::Soft,
             ..old.clone()
         };
-        let write = decide(
-            KeyState::Stored(Some(&soft)),
-            &hash,
-            RATE,
-            Charge::MESSAGE,
-            hard_check(Some(worst)),
-            at_1000(),
-        )
-        .unwrap();
+        let write = decide_on(&soft);
         assert_eq!(
             (write.mode, write.charge.quota, write.budget.reserve),
             (Some(LimitMode::Soft), QuotaRule::AnyLeft, None)

@@ -12,18 +12,19 @@ use super::body::{self, MessagesFields};
 use super::context::Call;
 use super::exchange::{self, Exchange};
 use super::finish::Metering;
-use super::{ProxyState, tier_of};
-use crate::domain::admission::{BudgetCheck, Charge, RateLimit, WorstCase};
+use super::tier_of;
+use crate::domain::admission::{AdmissionRefusal, BudgetCheck, Charge, RateLimit, WorstCase};
 use crate::domain::budget::{BudgetCharge, may_exhaust};
 use crate::domain::flight::Flight;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::key::{ApiKeyRecord, LimitMode};
 use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::route::{Route, Treatment};
+use crate::domain::tier::Tier;
 use crate::domain::tpm::{MinuteCharge, MinuteStanding};
 use crate::domain::usage::worst_prompt_tokens;
 use crate::error::ApiError;
-use crate::store::admission::Terms;
+use crate::store::admission::{AdmissionError, Terms};
 
 /// What the admission phase learnt of a message request.
 struct Admitted {
@@ -103,22 +104,11 @@ async fn charge(
     let policy = &call.state.0.budgets;
     let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
     let attributes = fields.price_attributes();
-    // A hard-mode key is judged on a tokenizer bound of the prompt; the
-    // others only need the cheap bound (every byte a token) that decides
-    // whether to settle first.
-    let prompt = match record.limit_mode {
-        LimitMode::Hard => {
-            // Tokenizing is CPU work (milliseconds for a large prompt):
-            // off the async threads.
-            let window = body::context_window(&call.parts.headers);
-            let body = body.clone();
-            tokio::task::spawn_blocking(move || worst_prompt_tokens(&body, window))
-                .await
-                .map_err(|e| ApiError::internal(e.into()))?
-        }
-        LimitMode::Soft => u64::try_from(body.len()).unwrap_or(u64::MAX),
+    let worst_for = async |mode| -> Result<WorstCase, ApiError> {
+        let prompt = prompt_bound(call, body, mode).await?;
+        Ok(worst_case(prices, fields, &attributes, prompt, call.at))
     };
-    let worst = worst_case(prices, fields, &attributes, prompt, call.at);
+    let mut worst = worst_for(record.limit_mode).await?;
     let flight = Flight {
         request_id: call.request_id.clone(),
         admitted_at: call.at,
@@ -133,9 +123,21 @@ async fn charge(
         // Stated by the admission write itself (`AdmissionWrite::reservation`).
         reservation: None,
     };
+    let tier = tier_of(&call.state, &record.rate_limit_tier).await?;
     let hard_worst = (record.limit_mode == LimitMode::Hard).then_some(worst);
-    let (admitted, tokens_per_minute) =
-        admit_write(call, record, &models, &flight, hard_worst).await?;
+    let admitted = match admit_write(call, record, &tier, &models, &flight, hard_worst).await {
+        // The key turned hard since this instance cached it: its worst
+        // case is worked out, and the request judged on it, once.
+        Err(AdmissionError::Refused(AdmissionRefusal::LimitModeChanged)) => {
+            worst = worst_for(LimitMode::Hard).await?;
+            admit_write(call, record, &tier, &models, &flight, Some(worst)).await?
+        }
+        other => other?,
+    };
+    let admitted = Arc::new(admitted);
+    let keys = &call.state.0.keys;
+    keys.insert(call.key.id().clone(), admitted.clone());
+    let tokens_per_minute = tier.tokens_per_minute;
     let reservation = admitted
         .flights
         .iter()
@@ -213,42 +215,54 @@ async fn authorize(
     }
 }
 
+/// A bound of the request's prompt in tokens: for a hard-mode key,
+/// tiktoken's with its margins (`worst_prompt_tokens`); for the others the
+/// cheap one (every byte a token) that only decides whether to settle
+/// first.
+async fn prompt_bound(call: &Call, body: &Bytes, mode: LimitMode) -> Result<u64, ApiError> {
+    match mode {
+        LimitMode::Hard => {
+            // Tokenizing is CPU work (milliseconds for a large prompt):
+            // off the async threads.
+            let window = body::context_window(&call.parts.headers);
+            let body = body.clone();
+            tokio::task::spawn_blocking(move || worst_prompt_tokens(&body, window))
+                .await
+                .map_err(|e| ApiError::internal(e.into()))
+        }
+        LimitMode::Soft => Ok(u64::try_from(body.len()).unwrap_or(u64::MAX)),
+    }
+}
+
 /// The admission write: counts the request in the tier's window and checks
 /// secret, status, expiry, quota, the dollar limits that apply to `models`
-/// and the tier's tokens per minute against the stored key, atomically.
-/// Returns the key as the write left it, and the tier's tokens-per-minute
-/// limit (its settlement counts the tokens in the minute when there is one).
+/// (reserving `worst` on a hard-mode key) and the tier's tokens per minute
+/// against the stored key, atomically. Returns the key as the write left it.
 async fn admit_write(
     call: &Call,
     record: &ApiKeyRecord,
+    tier: &Tier,
     models: &[&str],
     flight: &Flight,
     worst: Option<WorstCase>,
-) -> Result<(Arc<ApiKeyRecord>, Option<u64>), ApiError> {
-    let state: &ProxyState = &call.state;
-    let tier = tier_of(state, &record.rate_limit_tier).await?;
-    let rate = RateLimit {
-        requests: tier.requests,
-        period: tier.period,
-        tokens_per_minute: tier.tokens_per_minute,
-    };
-    let budget = BudgetCheck {
-        policy: &state.0.budgets,
-        models,
-        worst,
-    };
+) -> Result<ApiKeyRecord, AdmissionError> {
     let terms = Terms {
         charge: Charge::MESSAGE,
-        rate,
-        budget,
+        rate: RateLimit {
+            requests: tier.requests,
+            period: tier.period,
+            tokens_per_minute: tier.tokens_per_minute,
+        },
+        budget: BudgetCheck {
+            policy: &call.state.0.budgets,
+            models,
+            worst,
+        },
         now: call.at,
     };
-    let admitted = state
+    call.state
         .0
         .store
         .admit(call.key.id(), &call.key.hash(), terms, Some(record), flight)
-        .await?;
-    let admitted = Arc::new(admitted);
-    state.0.keys.insert(call.key.id().clone(), admitted.clone());
-    Ok((admitted, tier.tokens_per_minute))
+        .await
 }

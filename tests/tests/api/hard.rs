@@ -274,3 +274,41 @@ async fn a_soft_key_overshoots_by_at_most_what_its_requests_in_flight_use() {
     }
     nothing_outstanding(&app, &id, &key, tokens, cost).await;
 }
+
+#[tokio::test]
+async fn a_key_turned_hard_while_an_instance_caches_it_soft_is_judged_hard_at_once() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app
+        .new_key_with(json!({"name": "flip", "token_limit": 100}))
+        .await
+        .unwrap();
+    // Soft: admitted while any of the 100 tokens is left; the instance now
+    // caches the key as soft.
+    let first = app.message(&key, "claude-sonnet-4-5").send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    first.bytes().await.unwrap();
+    let token = app.admin_token().await.unwrap();
+    let patched = app
+        .http
+        .patch(app.url(&format!("/admin/api-keys/{id}")))
+        .bearer_auth(token)
+        .json(&json!({"limit_mode": "hard"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 200);
+    // Hard: the worst case (a prompt bound plus 64 max_tokens) does not fit
+    // what is left, and the refusal says so, not "retry".
+    let second = app.message(&key, "claude-sonnet-4-5").send().await.unwrap();
+    assert_eq!(second.status(), 429);
+    assert_eq!(
+        second
+            .headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("false")
+    );
+    let body: Value = second.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.starts_with("worst case of "), "{message}");
+}
