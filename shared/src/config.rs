@@ -104,6 +104,10 @@ variables! {
         "a streamed answer with no upstream headers after this long is committed as 200 and kept alive";
     STREAM_KEEPALIVE_INTERVAL_MS = Default("10000"),
         "time between two keep-alive comments of such an answer";
+    STREAM_CAP_SECONDS = Default("900"),
+        "the longest a response may last on the host (API Gateway cuts streamed responses at 15 minutes)";
+    STREAM_CAP_MARGIN_SECONDS = Default("30"),
+        "the relay ends a streamed answer itself this long before the cap, with an `overloaded_error` event (retryable) instead of a torn connection";
     MAX_REQUEST_BYTES = Default("6291456"),
         "request body limit";
     KEY_CACHE_TTL_MS = Default("10000"),
@@ -422,6 +426,9 @@ pub struct ProxyConfig {
     pub keepalive_interval: Duration,
     /// How long to keep reading upstream for usage after the client left.
     pub disconnect_drain: Duration,
+    /// A streamed answer still running this long after its request arrived
+    /// is ended by the relay (the host's cap less a margin).
+    pub stream_deadline: Duration,
     /// Settle retries while the host waits for them (the client's answer
     /// held open, or the Lambda invocation kept alive by the extension)…
     pub settle_inline: Duration,
@@ -439,6 +446,19 @@ pub struct ProxyConfig {
     pub budget_alerts: AlertTarget,
     /// When an admitted request that never settled is charged an estimate.
     pub reconcile_after: Duration,
+}
+
+/// `STREAM_CAP_SECONDS` less `STREAM_CAP_MARGIN_SECONDS`: when the relay
+/// ends a streamed answer itself.
+fn stream_deadline(env: &Env) -> Result<Duration, ConfigError> {
+    let cap = env.seconds(&STREAM_CAP_SECONDS)?;
+    let margin = env.seconds(&STREAM_CAP_MARGIN_SECONDS)?;
+    cap.checked_sub(margin)
+        .filter(|deadline| !deadline.is_zero())
+        .ok_or_else(|| ConfigError {
+            var: STREAM_CAP_MARGIN_SECONDS.name,
+            reason: format!("must be less than STREAM_CAP_SECONDS ({})", cap.as_secs()),
+        })
 }
 
 /// `UNPRICED_MODELS`: whether a model without a price is refused.
@@ -476,6 +496,7 @@ impl ProxyConfig {
             keepalive_after: env.millis(&STREAM_KEEPALIVE_AFTER_MS)?,
             keepalive_interval: env.millis(&STREAM_KEEPALIVE_INTERVAL_MS)?,
             disconnect_drain: env.seconds(&DISCONNECT_DRAIN_SECONDS)?,
+            stream_deadline: stream_deadline(env)?,
             settle_inline: env.millis(&SETTLE_INLINE_MS)?,
             settle_background: env.seconds(&SETTLE_BACKGROUND_SECONDS)?,
             log_retention: Duration::from_secs(env.number::<u64>(&LOG_RETENTION_DAYS)? * 86_400),
@@ -662,6 +683,7 @@ mod tests {
         assert_eq!(proxy.keepalive_after, Duration::from_secs(10));
         assert_eq!(proxy.keepalive_interval, Duration::from_secs(10));
         assert_eq!(proxy.disconnect_drain, Duration::from_secs(600));
+        assert_eq!(proxy.stream_deadline, Duration::from_secs(870));
         assert_eq!(proxy.settle_inline, Duration::from_secs(3));
         assert_eq!(proxy.settle_background, Duration::from_secs(300));
         assert_eq!(proxy.log_retention, Duration::from_secs(30 * 86_400));
@@ -759,6 +781,15 @@ mod tests {
             ProxyConfig::read(&env(&[("MAX_REQUEST_BYTES", "6 MB")])).unwrap_err(),
             "MAX_REQUEST_BYTES",
             "`6 MB` is not a valid number",
+        );
+        says(
+            ProxyConfig::read(&env(&[
+                ("STREAM_CAP_SECONDS", "60"),
+                ("STREAM_CAP_MARGIN_SECONDS", "60"),
+            ]))
+            .unwrap_err(),
+            "STREAM_CAP_MARGIN_SECONDS",
+            "must be less than STREAM_CAP_SECONDS (60)",
         );
         says(
             AdminConfig::read(&env(&[("JWT_TTL_SECONDS", "59")])).unwrap_err(),

@@ -1,6 +1,7 @@
 """Fixtures: the relay as `make local` runs it (relay-local) in front of the
 fake Anthropic upstream binary, both on free loopback ports, stopped by PID."""
 
+import contextlib
 import json
 import os
 import socket
@@ -58,16 +59,17 @@ def binaries():
     return binary("relay-local"), binary("fake-upstream")
 
 
-@pytest.fixture(scope="session")
-def relay(binaries, tmp_path_factory):
+@contextlib.contextmanager
+def running_relay(binaries, logs, upstream_args=(), extra_env=None):
+    """relay-local in front of the fake upstream (started with
+    `upstream_args`), with `extra_env` on top of `make local`'s settings."""
     dynamodb = os.environ.get("DYNAMODB_ENDPOINT")
     if not dynamodb:
         pytest.fail("DYNAMODB_ENDPOINT is not set: run these tests with `make test`")
     relay_bin, upstream_bin = binaries
-    logs = tmp_path_factory.mktemp("logs")
     upstream_port, relay_port = free_port(), free_port()
     upstream = subprocess.Popen(
-        [str(upstream_bin), "--port", str(upstream_port), "--api-key", UPSTREAM_KEY, "--chunks", "7"],
+        [str(upstream_bin), "--port", str(upstream_port), "--api-key", UPSTREAM_KEY, *upstream_args],
         stdout=open(logs / "upstream.out", "w"),
         stderr=subprocess.STDOUT,
     )
@@ -82,6 +84,7 @@ def relay(binaries, tmp_path_factory):
         AWS_REGION=os.environ.get("AWS_REGION", "us-east-1"),
         AWS_ACCESS_KEY_ID=os.environ.get("AWS_ACCESS_KEY_ID", "test"),
         AWS_SECRET_ACCESS_KEY=os.environ.get("AWS_SECRET_ACCESS_KEY", "test"),
+        **(extra_env or {}),
     )
     server = subprocess.Popen(
         [str(relay_bin)], env=env, stdout=open(logs / "relay.out", "w"), stderr=subprocess.STDOUT
@@ -99,6 +102,12 @@ def relay(binaries, tmp_path_factory):
                 process.kill()
 
 
+@pytest.fixture(scope="session")
+def relay(binaries, tmp_path_factory):
+    with running_relay(binaries, tmp_path_factory.mktemp("logs"), ["--chunks", "7"]) as running:
+        yield running
+
+
 def call(method: str, url: str, body=None, headers=None):
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
@@ -108,8 +117,8 @@ def call(method: str, url: str, body=None, headers=None):
         return json.loads(response.read() or b"null")
 
 
-@pytest.fixture
-def admin(relay):
+def admin_of(relay):
+    """Calls the admin API of `relay`, logged in."""
     import base64
 
     basic = base64.b64encode(f"admin:{ADMIN_PASSWORD}".encode()).decode()
@@ -119,3 +128,8 @@ def admin(relay):
         return call(method, relay["base"] + path, body, {"authorization": f"Bearer {token}"})
 
     return admin_call
+
+
+@pytest.fixture
+def admin(relay):
+    return admin_of(relay)

@@ -6,6 +6,9 @@ import time
 
 import anthropic
 import boto3
+import pytest
+
+from conftest import admin_of, running_relay
 
 MODEL = "claude-haiku-5-5"
 
@@ -198,3 +201,40 @@ def test_sdk_stops_on_a_spent_dollar_limit_and_retries_a_tokens_per_minute_429(r
     answer = client.messages.create(model=MODEL, max_tokens=3, messages=[{"role": "user", "content": "hi"}])
     assert answer.usage.output_tokens == 3
     assert len(attempts) == 2, f"refused once for the minute, then admitted: {attempts}"
+
+
+@pytest.fixture(scope="module")
+def capped_relay(binaries, tmp_path_factory):
+    """A relay whose host cuts responses at 3 s (API Gateway's 15 minutes,
+    shortened), in front of an answer that takes 6 s."""
+    with running_relay(
+        binaries,
+        tmp_path_factory.mktemp("capped"),
+        ["--chunks", "20", "--event-delay-ms", "300"],
+        {"STREAM_CAP_SECONDS": "3", "STREAM_CAP_MARGIN_SECONDS": "1"},
+    ) as running:
+        yield running
+
+
+def test_sdk_raises_a_retryable_overloaded_error_when_a_stream_reaches_the_cap(capped_relay):
+    created = admin_of(capped_relay)("POST", "/admin/api-keys", {"name": "py-cap"})
+    client = anthropic.Anthropic(base_url=capped_relay["base"], api_key=created["api_key"], max_retries=0)
+    started = time.monotonic()
+    with pytest.raises(anthropic.APIStatusError) as raised:
+        with client.messages.stream(
+            model=MODEL, max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            for _ in stream:
+                pass
+    assert time.monotonic() - started < 5
+    error = raised.value
+    # What the SDK raises for the API's own mid-stream overload: an
+    # APIStatusError whose body's type is overloaded_error, which Claude
+    # Code retries.
+    assert error.body["type"] == "error"
+    assert error.body["error"]["type"] == "overloaded_error"
+    assert "15-minute limit" in error.body["error"]["message"]
+    logs = usage_logs(capped_relay, created["id"], 1)
+    assert len(logs) == 1
+    assert logs[0]["error_type"] == "overloaded_error"
+    assert logs[0]["estimated"] is True

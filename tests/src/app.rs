@@ -99,6 +99,7 @@ impl Default for AppOptions {
                 keepalive_after: Duration::from_secs(10),
                 keepalive_interval: Duration::from_secs(10),
                 disconnect_drain: Duration::from_secs(30),
+                stream_deadline: Duration::from_secs(870),
                 settle_inline: Duration::from_secs(3),
                 settle_background: Duration::from_secs(30),
                 log_retention: Duration::from_secs(30 * 86_400),

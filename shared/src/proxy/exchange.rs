@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::sync::{mpsc, oneshot};
@@ -217,9 +217,18 @@ impl Exchange {
                         client_response_headers(&response.headers),
                     ));
                 }
-                let charged = self.metering.is_some();
-                let drain = self.state.0.config.disconnect_drain;
-                pump(response.body, &mut tap, client, charged, drain).await;
+                let limits = PumpLimits {
+                    charged: self.metering.is_some(),
+                    drain: self.state.0.config.disconnect_drain,
+                    // The host cuts a response at its cap (API Gateway: 15
+                    // minutes); a stream still running near it is ended by
+                    // the relay first, cleanly and retryably.
+                    deadline: tap.is_sse().then(|| {
+                        tokio::time::Instant::from_std(self.started)
+                            + self.state.0.config.stream_deadline
+                    }),
+                };
+                pump(response.body, &mut tap, client, limits).await;
             }
         }
         Outcome::Answered {
@@ -279,22 +288,47 @@ async fn error_event(
         .await;
 }
 
+/// How long `pump` goes on.
+struct PumpLimits {
+    /// The answer is metered: read on for its usage after the client left…
+    charged: bool,
+    /// …for at most this long.
+    drain: Duration,
+    /// A stream still running then is ended by the relay
+    /// (`ProxyConfig::stream_deadline` after the request arrived).
+    deadline: Option<tokio::time::Instant>,
+}
+
 /// Moves the upstream body to the client chunk by chunk, feeding the tap.
 /// If the client leaves, a charged answer is read on (for at most `drain`)
-/// until its usage is known.
+/// until its usage is known. A stream that reaches the deadline is ended
+/// with an `overloaded_error` event and charged what it streamed (the rest
+/// of its usage estimated from the deltas seen).
 async fn pump(
     mut body: BodyStream,
     tap: &mut UsageTap,
     client: &mut ClientSink,
-    charged: bool,
-    drain: Duration,
+    limits: PumpLimits,
 ) {
     let mut drain_deadline: Option<tokio::time::Instant> = None;
+    // The start of an event not yet whole, held back so that an event of
+    // the relay's own (the cap, a cut answer) never lands inside one. A
+    // client acts on an event only once it is whole, so this delays
+    // nothing it could use.
+    let mut partial = BytesMut::new();
     loop {
-        let next = match drain_deadline {
+        let until = match (drain_deadline, limits.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let next = match until {
             None => body.next().await,
-            Some(deadline) => match tokio::time::timeout_at(deadline, body.next()).await {
+            Some(until) => match tokio::time::timeout_at(until, body.next()).await {
                 Ok(next) => next,
+                Err(_) if limits.deadline == Some(until) => {
+                    end_at_the_cap(tap, client).await;
+                    return;
+                }
                 Err(_) => {
                     tracing::warn!("gave up reading for usage after the client left");
                     return;
@@ -302,15 +336,27 @@ async fn pump(
             },
         };
         match next {
-            None => return,
+            None => {
+                // A stream that ended without a blank line: as it is.
+                if !partial.is_empty() {
+                    client.send(partial.freeze()).await;
+                }
+                return;
+            }
             Some(Ok(chunk)) => {
                 tap.feed(&chunk);
-                if !client.send(chunk).await && drain_deadline.is_none() {
-                    if !charged {
+                let ready = if tap.takes_own_events() {
+                    whole_events(&mut partial, chunk)
+                } else {
+                    chunk
+                };
+                let delivered = ready.is_empty() || client.send(ready).await;
+                if !delivered && drain_deadline.is_none() {
+                    if !limits.charged {
                         return;
                     }
                     tracing::info!("client left mid-answer; reading on for usage");
-                    drain_deadline = Some(tokio::time::Instant::now() + drain);
+                    drain_deadline = Some(tokio::time::Instant::now() + limits.drain);
                 }
                 if client.gone() && tap.usage_complete() {
                     return;
@@ -318,7 +364,7 @@ async fn pump(
             }
             Some(Err(err)) => {
                 tracing::warn!(error = %err, "upstream answer cut short");
-                if tap.is_sse() {
+                if tap.takes_own_events() {
                     let answer = ApiError::UpstreamFailed(
                         "the Anthropic API's answer was cut off; retry the request".into(),
                     );
@@ -332,6 +378,59 @@ async fn pump(
     }
 }
 
+/// The whole events of what was held back and `chunk`; what follows the
+/// last of them is held back in `partial`.
+fn whole_events(partial: &mut BytesMut, chunk: Bytes) -> Bytes {
+    if partial.is_empty() && event_end(&chunk, 0) == Some(chunk.len()) {
+        return chunk;
+    }
+    // `partial` holds no event end: only the bytes from just before the
+    // new chunk on need searching.
+    let from = partial.len().saturating_sub(3);
+    partial.extend_from_slice(&chunk);
+    match event_end(partial, from) {
+        Some(end) => partial.split_to(end).freeze(),
+        None => Bytes::new(),
+    }
+}
+
+/// Where the last whole event in `bytes` ends (just after the blank line
+/// that ends it: `\n\n`, `\r\r` or `\r\n\r\n`), looking from `from` on.
+fn event_end(bytes: &[u8], from: usize) -> Option<usize> {
+    (from.max(1)..bytes.len()).rev().find_map(|i| {
+        let ends = match (bytes[i - 1], bytes[i]) {
+            (b'\n', b'\n') | (b'\r', b'\r') => true,
+            (b'\r', b'\n') => i >= 3 && &bytes[i - 3..=i] == b"\r\n\r\n",
+            _ => false,
+        };
+        ends.then_some(i + 1)
+    })
+}
+
+/// Ends a stream that reached the host's response cap: an
+/// `overloaded_error` event the clients retry (Claude Code and the SDKs
+/// treat it as transient), then the end of the body. Dropping the upstream
+/// body closes its connection, so the upstream stops generating.
+async fn end_at_the_cap(tap: &mut UsageTap, client: &mut ClientSink) {
+    tracing::warn!("streamed answer reached the response time cap: ended by the relay");
+    let kind = ErrorKind::Overloaded;
+    tap.relay_error(kind.as_str());
+    if tap.takes_own_events() {
+        let message = "the answer ran into the 15-minute limit on one response (API Gateway's) \
+                       and was ended by the relay; retry, or ask for a shorter answer (a lower \
+                       max_tokens; Claude Code: CLAUDE_CODE_MAX_OUTPUT_TOKENS)";
+        client
+            .send(Bytes::from(format!(
+                "event: error\ndata: {}\n\n",
+                envelope(kind, message)
+            )))
+            .await;
+    } else {
+        // A compressed stream cannot take an event of ours.
+        client.abort("response time cap reached").await;
+    }
+}
+
 async fn collect_bounded(mut body: BodyStream, limit: usize) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(Ok(chunk)) = body.next().await {
@@ -342,4 +441,37 @@ async fn collect_bounded(mut body: BodyStream, limit: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_events_pass_and_the_rest_waits_for_its_end() {
+        let mut partial = BytesMut::new();
+        let whole = Bytes::from_static(b"event: a\ndata: {}\n\n");
+        // Whole events pass as they are.
+        assert_eq!(whole_events(&mut partial, whole.clone()), whole);
+        // A cut event waits, whatever the line ends, and goes out whole.
+        for (first, second) in [
+            (&b"event: a\ndata: {\"x\""[..], &b":1}\n\nevent: b\nda"[..]),
+            (b"event: a\r\ndata: {}\r\n\r", b"\nevent: b\r\nda"),
+            (b"event: a\rdata: {}\r", b"\revent: b\rda"),
+        ] {
+            let mut partial = BytesMut::new();
+            assert!(whole_events(&mut partial, Bytes::copy_from_slice(first)).is_empty());
+            let out = whole_events(&mut partial, Bytes::copy_from_slice(second));
+            let mut both = first.to_vec();
+            both.extend_from_slice(second);
+            assert!(
+                [&b"\n\n"[..], b"\r\r", b"\r\n\r\n"]
+                    .iter()
+                    .any(|end| out.ends_with(end)),
+                "{out:?}"
+            );
+            assert_eq!([&out[..], &partial[..]].concat(), both);
+            assert!(partial.starts_with(b"event: b"), "{partial:?}");
+        }
+    }
 }

@@ -84,6 +84,20 @@ impl UsageTap {
         matches!(self.format, Format::Sse(_))
     }
 
+    /// Whether the relay may add an event of its own to the stream the
+    /// client reads: SSE passed on as plain text (not compressed).
+    pub fn takes_own_events(&self) -> bool {
+        self.is_sse() && matches!(self.decoder, Decoder::Identity)
+    }
+
+    /// Records an error the relay itself ended the stream with (its event
+    /// is not the upstream's, so it is not fed through the parser).
+    pub fn relay_error(&mut self, error_type: &str) {
+        if let Format::Sse(parser) = &mut self.format {
+            parser.note_stream_error(error_type);
+        }
+    }
+
     pub fn feed(&mut self, chunk: &[u8]) {
         if matches!(self.format, Format::Other) {
             return;

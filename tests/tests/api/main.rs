@@ -16,6 +16,7 @@ mod lambda_events;
 mod prices;
 mod proxy;
 mod reconcile;
+mod stream_cap;
 mod template;
 mod tpm;
 mod usage;

@@ -271,6 +271,15 @@ impl SseUsageParser {
         &self.state
     }
 
+    /// An error that ended the stream, as if an `error` event had said it
+    /// (the relay's own, which does not pass through the parser); the
+    /// upstream's, if it sent one, is kept.
+    pub fn note_stream_error(&mut self, error_type: &str) {
+        self.state
+            .stream_error
+            .get_or_insert_with(|| error_type.to_owned());
+    }
+
     pub fn into_state(self) -> AnswerUsage {
         self.state
     }
