@@ -18,4 +18,5 @@ mod proxy;
 mod reconcile;
 mod template;
 mod tpm;
+mod upstreams;
 mod usage;
