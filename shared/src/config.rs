@@ -65,13 +65,17 @@ variables! {
     DYNAMODB_ENDPOINT = Otherwise("unset (AWS); `relay-local` requires it"),
         "DynamoDB Local's address";
     RELAY_SECRET_ARN = Otherwise("unset: `UPSTREAM_API_KEY`, `ADMIN_PASSWORD_HASH` or `ADMIN_PASSWORD`, `SECRET_KEY`"),
-        "Secrets Manager secret with `upstream_api_key`, `admin_password_hash`, `jwt_secret`";
+        "Secrets Manager secret with `upstream_api_key` or `upstreams` (the upstream list, which wins when both are set), `admin_password_hash`, `jwt_secret`";
     SECRETSMANAGER_ENDPOINT = Otherwise("unset"),
         "a Secrets Manager emulator's address (moto)";
     SECRET_CACHE_TTL_SECONDS = Default("300"),
         "how long the secret is cached in-process";
     UPSTREAM_API_KEY = Otherwise("unset: proxied requests get 503"),
-        "without `RELAY_SECRET_ARN`: the Anthropic API key requests are forwarded with";
+        "without `RELAY_SECRET_ARN`: the Anthropic API key requests are forwarded with (ignored when `UPSTREAMS` or `UPSTREAMS_FILE` is set)";
+    UPSTREAMS = Otherwise("unset: `UPSTREAM_API_KEY` alone"),
+        "without `RELAY_SECRET_ARN`: the upstream pool as a JSON list (as the secret's `upstreams`: `name`, `kind` `anthropic` or `bedrock`, `priority` (lower first, default 1), `weight` (default 1), `models` patterns; `base_url`, `api_key`; `region`, `endpoint_url`, `model_map`)";
+    UPSTREAMS_FILE = Otherwise("unset"),
+        "instead of `UPSTREAMS`: a JSON file holding that list (or an object with it as `upstreams`)";
     ADMIN_PASSWORD_HASH = Otherwise("unset: `ADMIN_PASSWORD`"),
         "without `RELAY_SECRET_ARN`: bcrypt hash of the admin password";
     ADMIN_PASSWORD = Otherwise("unset: no admin login (`make local` generates one)"),
@@ -85,7 +89,7 @@ variables! {
     ADMIN_ALLOWED_CIDRS = Otherwise("empty: every address"),
         "CIDR blocks or single IPs, comma-separated, that may call `/admin*` (login included); others get 403 `permission_error`";
     UPSTREAM_BASE_URL = Default("https://api.anthropic.com"),
-        "where requests go";
+        "where requests go with `upstream_api_key`, and an `anthropic` upstream's default `base_url`";
     UPSTREAM_MAX_ATTEMPTS = Default("3"),
         "attempts per request, the first included, 1 to 10";
     UPSTREAM_RETRY_BUDGET_MS = Default("60000"),
@@ -318,6 +322,43 @@ fn budget_policy(env: &Env) -> Result<BudgetPolicy, ConfigError> {
     })
 }
 
+/// `UPSTREAMS` or `UPSTREAMS_FILE`: the upstream list as JSON, checked
+/// here so a mistake fails at start naming the variable, the entry and the
+/// field. A file may hold the list or an object with it as `upstreams`
+/// (the secret's shape).
+pub fn upstream_list(env: &Env) -> Result<Option<serde_json::Value>, ConfigError> {
+    let (variable, text) = match (env.text(&UPSTREAMS), env.text(&UPSTREAMS_FILE)) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError {
+                var: UPSTREAMS_FILE.name,
+                reason: "set only one of `UPSTREAMS` and `UPSTREAMS_FILE`".into(),
+            });
+        }
+        (Some(text), None) => (&UPSTREAMS, text),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path.trim()).map_err(|e| ConfigError {
+                var: UPSTREAMS_FILE.name,
+                reason: format!("`{}` could not be read: {e}", path.trim()),
+            })?;
+            (&UPSTREAMS_FILE, text)
+        }
+        (None, None) => return Ok(None),
+    };
+    let fail = |reason: String| ConfigError {
+        var: variable.name,
+        reason,
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| fail(format!("is not JSON: {e}")))?;
+    if let Some(list) = value.get_mut("upstreams") {
+        value = list.take();
+    }
+    let base_url = UpstreamConfig::read(env)?.base_url;
+    crate::domain::upstream_pool::pool_from(Some(&value), None, &base_url)
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(Some(value))
+}
+
 /// The secrets as variables (local use).
 fn secret_values(env: &Env) -> Result<SecretValues, ConfigError> {
     let admin_password_hash = match (env.text(&ADMIN_PASSWORD_HASH), env.text(&ADMIN_PASSWORD)) {
@@ -340,6 +381,7 @@ fn secret_values(env: &Env) -> Result<SecretValues, ConfigError> {
     };
     Ok(SecretValues {
         upstream_api_key: env.text(&UPSTREAM_API_KEY),
+        upstreams: upstream_list(env)?,
         admin_password_hash,
         jwt_secret: env.text(&SECRET_KEY),
     })
@@ -632,6 +674,8 @@ pub struct LocalConfig {
     /// Unset: `relay-local` makes up a JWT secret.
     pub jwt_secret: Option<String>,
     pub upstream_api_key: Option<String>,
+    /// `UPSTREAMS` or `UPSTREAMS_FILE`, checked ([`upstream_list`]).
+    pub upstreams: Option<serde_json::Value>,
     /// How often the batch collector runs, at least a second.
     pub batch_collect_interval: Duration,
     /// Whether to serve `GET /__relay/stats` for `make bench`.
@@ -659,6 +703,7 @@ impl LocalConfig {
             admin_password: env.text(&ADMIN_PASSWORD),
             jwt_secret: env.text(&SECRET_KEY),
             upstream_api_key: env.text(&UPSTREAM_API_KEY),
+            upstreams: upstream_list(env)?,
             batch_collect_interval: Duration::from_secs(batch_collect_interval.max(1)),
             debug_stats: env.text(&RELAY_DEBUG_STATS).as_deref() == Some("1"),
         })
@@ -817,6 +862,104 @@ mod tests {
             secret_values(&env(&[("ADMIN_PASSWORD_HASH", "plain")])).unwrap_err(),
             "ADMIN_PASSWORD_HASH",
             "is not a bcrypt hash ($2b$…)",
+        );
+    }
+
+    #[test]
+    fn the_upstream_list_comes_from_the_variable_or_a_file_and_is_checked_at_start() {
+        let list = r#"[{"name": "main", "kind": "anthropic", "api_key": "sk-a"}]"#;
+        let values = secret_values(&Env::fixed(&[
+            ("UPSTREAMS", list),
+            ("UPSTREAM_API_KEY", "sk-single"),
+        ]))
+        .unwrap();
+        let pool = values
+            .upstream_pool("https://api.anthropic.com")
+            .unwrap()
+            .unwrap();
+        assert_eq!(pool.names(), ["main"]);
+        assert!(pool.single_key_ignored, "the list wins over the single key");
+
+        let dir = std::env::temp_dir().join(format!("relay-upstreams-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("upstreams.json");
+        std::fs::write(&file, format!(r#"{{"upstreams": {list}}}"#)).unwrap();
+        let path = file.to_string_lossy().into_owned();
+        let from_file = upstream_list(&Env::fixed(&[("UPSTREAMS_FILE", &path)])).unwrap();
+        assert_eq!(from_file, serde_json::from_str(list).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        assert_eq!(upstream_list(&nothing_set()).unwrap(), None);
+        says(
+            upstream_list(&Env::fixed(&[
+                ("UPSTREAMS", list),
+                ("UPSTREAMS_FILE", &path),
+            ]))
+            .unwrap_err(),
+            "UPSTREAMS_FILE",
+            "set only one of `UPSTREAMS` and `UPSTREAMS_FILE`",
+        );
+        says(
+            upstream_list(&Env::fixed(&[(
+                "UPSTREAMS",
+                r#"[{"name": "b", "kind": "bedrock", "region": "us-east-1", "model_map": {}}]"#,
+            )]))
+            .unwrap_err(),
+            "UPSTREAMS",
+            "upstreams[0].model_map: must map at least one Anthropic model id to a Bedrock model id",
+        );
+        let err = upstream_list(&Env::fixed(&[("UPSTREAMS", "[{")])).unwrap_err();
+        assert_eq!(err.var, "UPSTREAMS");
+        assert!(err.reason.starts_with("is not JSON"), "{err}");
+        let err =
+            upstream_list(&Env::fixed(&[("UPSTREAMS_FILE", "/nonexistent/u.json")])).unwrap_err();
+        assert_eq!(err.var, "UPSTREAMS_FILE");
+        // An `anthropic` upstream without a base URL goes where the single
+        // key would.
+        let values = secret_values(&Env::fixed(&[
+            ("UPSTREAMS", list),
+            ("UPSTREAM_BASE_URL", "http://127.0.0.1:9"),
+        ]))
+        .unwrap();
+        let pool = values.upstream_pool("http://127.0.0.1:9").unwrap().unwrap();
+        assert!(matches!(
+            &pool.upstreams[0].kind,
+            crate::domain::upstream_pool::UpstreamKind::Anthropic { base_url, .. } if base_url == "http://127.0.0.1:9"
+        ));
+    }
+
+    #[test]
+    fn the_secret_holds_an_upstream_list_beside_the_other_values() {
+        let values: SecretValues = serde_json::from_str(
+            r#"{"upstream_api_key": "sk-single", "jwt_secret": "j",
+                "upstreams": [{"name": "b", "kind": "bedrock", "region": "eu-west-1",
+                               "model_map": {"claude-sonnet-4-5": "eu.anthropic.claude-sonnet-4-5-20250929-v1:0"}}]}"#,
+        )
+        .unwrap();
+        let pool = values
+            .upstream_pool("https://api.anthropic.com")
+            .unwrap()
+            .unwrap();
+        assert_eq!(pool.names(), ["b"]);
+        // A broken list does not stop the rest of the secret from reading.
+        let broken: SecretValues =
+            serde_json::from_str(r#"{"jwt_secret": "j", "upstreams": [{"name": "x"}]}"#).unwrap();
+        assert_eq!(broken.jwt_secret.as_deref(), Some("j"));
+        assert_eq!(
+            broken
+                .upstream_pool("https://api.anthropic.com")
+                .unwrap_err()
+                .to_string(),
+            "upstreams[0]: missing field `kind`"
+        );
+        let single: SecretValues = serde_json::from_str(r#"{"upstream_api_key": "sk"}"#).unwrap();
+        assert_eq!(
+            single
+                .upstream_pool("https://api.anthropic.com")
+                .unwrap()
+                .unwrap()
+                .names(),
+            ["anthropic"]
         );
     }
 

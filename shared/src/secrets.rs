@@ -1,6 +1,6 @@
-//! Secret values (upstream key, admin password hash, JWT secret): from
-//! Secrets Manager in AWS, cached with a TTL and re-read on demand; from
-//! environment variables locally.
+//! Secret values (upstream key or upstream list, admin password hash, JWT
+//! secret): from Secrets Manager in AWS, cached with a TTL and re-read on
+//! demand; from environment variables locally.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,16 +8,42 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
+use crate::domain::upstream_pool::{self, PoolError, UpstreamPool};
+
 /// The secret's JSON document. Missing members are allowed so one secret can
 /// serve functions that need only some of them.
 #[derive(Clone, Default, Deserialize)]
 pub struct SecretValues {
     #[serde(default)]
     pub upstream_api_key: Option<String>,
+    /// The upstream pool as written (`domain::upstream_pool`'s JSON list),
+    /// validated by [`SecretValues::upstream_pool`] at each use rather than
+    /// here, so a mistake in it names its entry and field and does not
+    /// stop the admin password or JWT secret from being read.
+    #[serde(default)]
+    pub upstreams: Option<serde_json::Value>,
     #[serde(default)]
     pub admin_password_hash: Option<String>,
     #[serde(default)]
     pub jwt_secret: Option<String>,
+}
+
+impl SecretValues {
+    /// The upstreams these values configure: the `upstreams` list when
+    /// there is one (it wins over `upstream_api_key`, which is then
+    /// ignored: `single_key_ignored`), else `upstream_api_key` as one
+    /// Anthropic upstream named `anthropic` at `default_base_url`
+    /// (`UPSTREAM_BASE_URL`). `Ok(None)`: no upstream configured. Each read
+    /// of the secret gives new values, so the pool follows the secret; a
+    /// caller that keeps the pool rebuilds it when the `Arc<SecretValues>`
+    /// it came from is replaced.
+    pub fn upstream_pool(&self, default_base_url: &str) -> Result<Option<UpstreamPool>, PoolError> {
+        upstream_pool::pool_from(
+            self.upstreams.as_ref(),
+            self.upstream_api_key.as_deref(),
+            default_base_url,
+        )
+    }
 }
 
 impl std::fmt::Debug for SecretValues {

@@ -849,6 +849,7 @@ mod tests {
     fn upstream(config: UpstreamConfig) -> Upstream {
         let secrets = Secrets::fixed(crate::secrets::SecretValues {
             upstream_api_key: Some(UPSTREAM_KEY.to_owned()),
+            upstreams: None,
             ..Default::default()
         });
         Upstream::new(config, secrets).unwrap()

@@ -159,6 +159,7 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     let secrets = options.secrets.clone().unwrap_or_else(|| {
         Secrets::fixed(SecretValues {
             upstream_api_key: Some(upstream.api_key().to_owned()),
+            upstreams: None,
             admin_password_hash: admin_password_hash().ok(),
             jwt_secret: Some(jwt_secret.clone()),
         })

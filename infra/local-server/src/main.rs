@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| Alphanumeric.sample_string(&mut rand::rng(), 20));
     let secrets = Secrets::fixed(SecretValues {
         upstream_api_key: local.upstream_api_key.clone(),
+        upstreams: local.upstreams.clone(),
         admin_password_hash: Some(admin_auth::hash_in_memory_password(&password)?),
         jwt_secret: Some(
             local
@@ -85,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding 127.0.0.1:{port}"))?;
     let base = format!("http://127.0.0.1:{port}");
-    if local.upstream_api_key.is_none() {
+    if local.upstream_api_key.is_none() && local.upstreams.is_none() {
         tracing::warn!("UPSTREAM_API_KEY is not set: proxied requests will get 503 until it is");
     }
     let banner = format!(

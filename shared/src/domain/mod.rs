@@ -13,6 +13,7 @@ pub mod price_list;
 pub mod route;
 pub mod tier;
 pub mod tpm;
+pub mod upstream_pool;
 pub mod usage;
 
 use time::OffsetDateTime;

@@ -18,6 +18,7 @@ pub mod prices;
 pub mod schema;
 pub mod settlement;
 mod tiers;
+pub mod upstream_health;
 pub mod usage_log;
 
 use std::sync::Arc;

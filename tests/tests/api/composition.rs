@@ -46,6 +46,7 @@ async fn function_apps() -> (Router, Router, Router) {
         store,
         Secrets::fixed(SecretValues {
             upstream_api_key: Some("sk-ant-test".into()),
+            upstreams: None,
             admin_password_hash: None,
             jwt_secret: None,
         }),

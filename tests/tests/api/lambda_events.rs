@@ -120,6 +120,7 @@ impl Functions {
         store.ensure_table().await.unwrap();
         let secrets = Secrets::fixed(SecretValues {
             upstream_api_key: Some(upstream.api_key().to_owned()),
+            upstreams: None,
             admin_password_hash: Some(admin_password_hash().unwrap()),
             jwt_secret: Some(format!("jwt-{}", uuid::Uuid::new_v4().simple())),
         });

@@ -19,4 +19,5 @@ mod reconcile;
 mod stream_cap;
 mod template;
 mod tpm;
+mod upstreams;
 mod usage;

@@ -18,6 +18,8 @@
 //! | login failures       | `LOGINFAIL#<ip>`    | `META`                     |                       |
 //! | price table in force | `PRICES`            | `CURRENT`                  |                       |
 //! | price table version  | `PRICES#VERSIONS`   | `V#<updated_at>`           |                       |
+//! | upstream health      | `UPSTREAM#<name>`   | `HEALTH`                   |                       |
+//! | upstream refusal     | `UPSTREAM#<name>`   | `UNUSABLE`                 |                       |
 //!
 //! Attribute names are spelt here too, and only here: each item kind's file
 //! holds its conversions and the expressions that read or change its
@@ -32,6 +34,7 @@ pub(crate) mod login;
 pub(crate) mod owned;
 pub(crate) mod prices;
 pub(crate) mod tier;
+pub(crate) mod upstream_health;
 pub(crate) mod usage;
 
 #[cfg(test)]

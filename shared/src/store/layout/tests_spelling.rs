@@ -9,7 +9,8 @@ use super::super::item::Item;
 use super::super::owned::{BatchRecord, FileRecord};
 use super::{
     Change, IN_INDEX_PARTITION, IN_INDEX_PARTITION_AFTER, IN_INDEX_PARTITION_BEFORE, IN_PARTITION,
-    ITEM_ABSENT, ITEM_EXISTS, TTL_ATTRIBUTE, api_key, day, login, owned, prices, tier, usage,
+    ITEM_ABSENT, ITEM_EXISTS, TTL_ATTRIBUTE, api_key, day, login, owned, prices, tier,
+    upstream_health, usage,
 };
 use crate::domain::admission::{AdmissionWrite, Charge, QuotaRule, RateLimit, WindowStep};
 use crate::domain::budget::{BudgetWrite, FiveHourStep, SpendCounter};
@@ -30,6 +31,7 @@ const OPERATION_FILES: &[(&str, &str)] = &[
     ("prices.rs", include_str!("../prices.rs")),
     ("settlement.rs", include_str!("../settlement.rs")),
     ("tiers.rs", include_str!("../tiers.rs")),
+    ("upstream_health.rs", include_str!("../upstream_health.rs")),
     ("usage_log.rs", include_str!("../usage_log.rs")),
 ];
 
@@ -162,6 +164,13 @@ fn layout_attributes() -> BTreeSet<String> {
         owned::pending_item(&key, "r", 1, at),
         owned::file_item(&file),
         prices::prices_item(prices::current(), "{}", "2026-01-02T03:04:05.006Z"),
+        upstream_health::fresh_health_item(
+            "u",
+            at,
+            crate::domain::upstream_pool::FailureKind::Connect,
+            at,
+        ),
+        upstream_health::unusable_item("u", "v", at),
     ];
     let mut names: BTreeSet<String> = items.iter().flat_map(|i| i.keys().cloned()).collect();
 
@@ -213,6 +222,11 @@ fn layout_attributes() -> BTreeSet<String> {
             1,
         ),
         owned::batch_settled(at, 1),
+        upstream_health::another_failure(
+            at,
+            crate::domain::upstream_pool::FailureKind::Connect,
+            at,
+        ),
     ];
     names.extend(changes.iter().flat_map(change_attributes));
 
@@ -305,6 +319,8 @@ fn layout_attributes() -> BTreeSet<String> {
         prices::OLDER_OR_ABSENT,
         prices::VERSIONS_BEFORE,
         prices::VERSIONS_AFTER,
+        upstream_health::ALIVE,
+        upstream_health::PROJECTION,
     ];
     names.extend(expressions.iter().flat_map(|e| expression_attributes(e)));
     names.extend(
