@@ -440,7 +440,11 @@ impl From<crate::upstream::UpstreamError> for ApiError {
             U::Unreachable { .. } => ApiError::UpstreamUnreachable,
             U::Timeout(after) => ApiError::UpstreamTimeout(after),
             U::CredentialsRejected => ApiError::UpstreamCredentialsRejected,
-            U::NoCredentials => ApiError::NoUpstreamCredentials,
+            U::NoCredentials | U::Pool(_) => ApiError::NoUpstreamCredentials,
+            U::NoUpstreamFor(model) => ApiError::bad_request(format!(
+                "no upstream of this relay serves model `{}`",
+                model.chars().take(256).collect::<String>()
+            )),
             U::Secrets(err) => err.into(),
             U::PathMismatch(_) => ApiError::bad_request(
                 "the request path would not reach the upstream as written; send it in canonical form",

@@ -1,6 +1,9 @@
-//! The upstream Anthropic API: which headers cross the relay in each
-//! direction, and sending a request with bounded retries (backoff with
-//! jitter, `retry-after` honoured) while nothing has reached the client.
+//! The upstreams: which headers cross the relay in each direction, the
+//! pool of upstreams the secret names (`domain::upstream_pool`), and
+//! sending a request to them in the order the proxy chose, failing over to
+//! the next on a connect error, 429, 5xx or 529 and retrying with bounded
+//! backoff (jitter, `retry-after` honoured), only while nothing has reached
+//! the client.
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -10,9 +13,12 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use rand::Rng;
 
+use std::sync::Arc;
+
 pub use crate::config::UpstreamConfig;
 use crate::domain::route::CanonicalPath;
-use crate::secrets::{Secrets, SecretsError};
+use crate::domain::upstream_pool::{FailureKind, PoolError, UpstreamKind, UpstreamPool, UpstreamSpec};
+use crate::secrets::{SecretValues, Secrets, SecretsError};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross a proxy.
 const HOP_BY_HOP: &[&str] = &[
@@ -138,6 +144,26 @@ pub struct UpstreamResponse {
     pub body: BodyStream,
     /// Attempts made before this one.
     pub retries: u32,
+    /// The upstream that answered (`UpstreamSpec::name`).
+    pub upstream: String,
+}
+
+/// Where the outcome of each attempt goes: the proxy shares it with other
+/// instances (`store::upstream_health`), so one instance's discovery
+/// spares the others. Called as attempts fail; must not block.
+pub trait HealthReport: Send + Sync {
+    /// `upstream` failed in a way that says it is busy or down.
+    fn failed(&self, upstream: &UpstreamSpec, kind: FailureKind, retry_after: Option<Duration>);
+    /// `upstream` refused the relay's credentials, even once re-read.
+    fn refused(&self, upstream: &UpstreamSpec);
+}
+
+/// Reports nowhere: requests that must go to one upstream (batches, files).
+pub struct NoReport;
+
+impl HealthReport for NoReport {
+    fn failed(&self, _: &UpstreamSpec, _: FailureKind, _: Option<Duration>) {}
+    fn refused(&self, _: &UpstreamSpec) {}
 }
 
 /// Why no upstream response could be returned at all.
@@ -155,6 +181,12 @@ pub enum UpstreamError {
     CredentialsRejected,
     #[error("no upstream API key is configured")]
     NoCredentials,
+    /// The secret's upstream list is invalid (its message names the entry).
+    #[error("the upstream list is invalid: {0}")]
+    Pool(#[from] PoolError),
+    /// No configured upstream serves the model asked for.
+    #[error("no upstream serves model `{0}`")]
+    NoUpstreamFor(String),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
     /// The URL the HTTP client would send differs from the path the route
@@ -195,7 +227,13 @@ pub struct Upstream {
     client: reqwest::Client,
     config: std::sync::Arc<UpstreamConfig>,
     secrets: Secrets,
+    /// The pool as last built, and the secret it was built from: rebuilt
+    /// when the secret is read anew.
+    pool: Arc<std::sync::Mutex<Option<PoolFrom>>>,
 }
+
+/// A pool and the secret it was built from.
+type PoolFrom = (Arc<SecretValues>, Arc<UpstreamPool>);
 
 /// The URL for `path` (canonical) and `query` under `base_url`, checked to
 /// carry exactly that path once parsed the way the HTTP client parses it:
@@ -233,7 +271,45 @@ impl Upstream {
             client,
             config: std::sync::Arc::new(config),
             secrets,
+            pool: Default::default(),
         })
+    }
+
+    /// The upstreams the secret names (or the single `upstream_api_key`).
+    pub async fn pool(&self) -> Result<Arc<UpstreamPool>, UpstreamError> {
+        let secrets = self.secrets.current().await?;
+        self.pool_of(&secrets)
+    }
+
+    fn pool_of(&self, secrets: &Arc<SecretValues>) -> Result<Arc<UpstreamPool>, UpstreamError> {
+        let mut cached = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((from, pool)) = cached.as_ref()
+            && Arc::ptr_eq(from, secrets)
+        {
+            return Ok(pool.clone());
+        }
+        let pool = secrets
+            .upstream_pool(&self.config.base_url)?
+            .ok_or(UpstreamError::NoCredentials)?;
+        if pool.single_key_ignored {
+            tracing::warn!("the secret has both `upstreams` and `upstream_api_key`: the list is used");
+        }
+        let pool = Arc::new(pool);
+        *cached = Some((secrets.clone(), pool.clone()));
+        Ok(pool)
+    }
+
+    /// The Anthropic upstream for what lives in one Anthropic organisation
+    /// (batches and files, whose ids are scoped to it): the first Anthropic
+    /// upstream of the list, whatever its health.
+    pub async fn home(&self) -> Result<UpstreamSpec, UpstreamError> {
+        self.pool()
+            .await?
+            .upstreams
+            .iter()
+            .find(|u| matches!(u.kind, UpstreamKind::Anthropic { .. }))
+            .cloned()
+            .ok_or(UpstreamError::NoCredentials)
     }
 
     pub fn config(&self) -> &UpstreamConfig {
@@ -244,46 +320,73 @@ impl Upstream {
         &self.secrets
     }
 
-    /// Sends `request`, retrying connect failures and retryable statuses
-    /// within the attempt and time budgets. A retryable status that cannot
-    /// be retried any more is returned as it is, so the client sees the
-    /// upstream's own answer (and its `retry-after`).
+    /// Sends `request` to the home upstream (`Upstream::home`), retrying
+    /// connect failures and retryable statuses within the attempt and time
+    /// budgets. A retryable status that cannot be retried any more is
+    /// returned as it is, so the client sees the upstream's own answer (and
+    /// its `retry-after`).
     pub async fn send(
         &self,
         request: &ForwardRequest,
         policy: RetryPolicy,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        let home = self.home().await?;
+        self.send_to(request, policy, std::slice::from_ref(&home), &NoReport)
+            .await
+    }
+
+    /// Sends `request` to `candidates` in order (the proxy's choice:
+    /// `domain::upstream_pool::candidates`). A connect error or a retryable
+    /// status moves it to the next candidate at once, and is reported to
+    /// `health`; once each was tried, the first is retried with backoff
+    /// within the attempt and time budgets. A 401 or 403 re-reads the
+    /// secret and tries that upstream once more with its key as read; a
+    /// second one reports it refused and moves on.
+    pub async fn send_to(
+        &self,
+        request: &ForwardRequest,
+        policy: RetryPolicy,
+        candidates: &[UpstreamSpec],
+        health: &dyn HealthReport,
+    ) -> Result<UpstreamResponse, UpstreamError> {
         let started = Instant::now();
-        let url = upstream_url(
-            &self.config.base_url,
-            &request.path,
-            request.query.as_deref(),
-        )?;
+        let mut tried = vec![false; candidates.len()];
+        let mut current = 0usize;
         let mut retries = 0u32;
-        let mut refreshed_key = false;
+        let mut refreshed: Option<UpstreamSpec> = None;
         loop {
-            let secrets = if refreshed_key {
-                self.secrets.refresh().await?
-            } else {
-                self.secrets.current().await?
+            let Some(listed) = candidates.get(current) else {
+                return Err(UpstreamError::NoCredentials);
             };
-            let key = secrets
-                .upstream_api_key
-                .as_deref()
-                .filter(|k| !k.is_empty())
-                .ok_or(UpstreamError::NoCredentials)?;
+            // After a re-read, the upstream as the new secret has it.
+            let spec = refreshed
+                .as_ref()
+                .filter(|r| r.name == listed.name)
+                .unwrap_or(listed);
+            tried[current] = true;
+            let UpstreamKind::Anthropic { base_url, api_key } = &spec.kind else {
+                // Bedrock is sent by the proxy (`crate::bedrock`).
+                return Err(UpstreamError::NoCredentials);
+            };
+            let url = upstream_url(base_url, &request.path, request.query.as_deref())?;
             let mut headers = request.headers.clone();
             headers.insert(
                 HeaderName::from_static("x-api-key"),
-                HeaderValue::from_str(key).map_err(|_| UpstreamError::NoCredentials)?,
+                HeaderValue::from_str(api_key.expose())
+                    .map_err(|_| UpstreamError::NoCredentials)?,
             );
             let attempt = self
                 .client
-                .request(request.method.clone(), url.clone())
+                .request(request.method.clone(), url)
                 .headers(headers)
                 .body(request.body.clone())
                 .send();
-            let wait = match tokio::time::timeout(self.config.header_timeout, attempt).await {
+            // The next untried candidate, if any: failing over waits for
+            // nothing; once each was tried, the first is retried.
+            let next_untried = (current + 1..candidates.len()).find(|i| !tried[*i]);
+            let (failure, wait) = match tokio::time::timeout(self.config.header_timeout, attempt)
+                .await
+            {
                 Err(_) => return Err(UpstreamError::Timeout(self.config.header_timeout)),
                 Ok(Err(err)) => {
                     // Only failures before the request left are safe to
@@ -294,45 +397,81 @@ impl Upstream {
                             source: err,
                         });
                     }
+                    health.failed(spec, FailureKind::Connect, None);
                     let wait = backoff(&self.config, retries);
-                    if !self.may_retry(retries, started, wait) {
+                    if next_untried.is_none() && !self.may_retry(retries, started, wait) {
                         return Err(UpstreamError::Unreachable {
                             attempts: retries + 1,
                             source: err,
                         });
                     }
-                    wait
+                    (FailureKind::Connect, wait)
                 }
                 Ok(Ok(response)) => {
                     let status = response.status();
-                    if status == StatusCode::UNAUTHORIZED {
-                        // The key may have been rotated in Secrets Manager.
-                        if refreshed_key {
-                            return Err(UpstreamError::CredentialsRejected);
+                    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+                        && (status == StatusCode::UNAUTHORIZED || candidates.len() > 1)
+                    {
+                        // The key may have been rotated in Secrets Manager:
+                        // read it again and try once more.
+                        if refreshed.as_ref().is_none_or(|r| r.name != spec.name) {
+                            let secrets = self.secrets.refresh().await?;
+                            let pool = self.pool_of(&secrets)?;
+                            if let Some(fresh) = pool.get(&spec.name) {
+                                refreshed = Some(fresh.clone());
+                                retries += 1;
+                                continue;
+                            }
                         }
-                        refreshed_key = true;
-                        retries += 1;
-                        continue;
+                        health.refused(spec);
+                        match next_untried {
+                            Some(next) => {
+                                current = next;
+                                retries += 1;
+                                continue;
+                            }
+                            None if status == StatusCode::UNAUTHORIZED => {
+                                return Err(UpstreamError::CredentialsRejected);
+                            }
+                            None => return Ok(self.wrap_response(response, retries, &spec.name)),
+                        }
                     }
-                    let wait = retry_after(response.headers())
-                        .unwrap_or_else(|| backoff(&self.config, retries));
+                    let retry_after = retry_after(response.headers());
+                    let wait = retry_after.unwrap_or_else(|| backoff(&self.config, retries));
                     let retryable = match policy {
                         RetryPolicy::Retryable => is_retryable(status),
                         RetryPolicy::UnlessProcessed => matches!(status.as_u16(), 429 | 529),
                     };
-                    if !retryable || !self.may_retry(retries, started, wait) {
-                        return Ok(self.wrap_response(response, retries));
+                    let kind = FailureKind::from_status(status.as_u16());
+                    if let (true, Some(kind)) = (retryable, kind) {
+                        health.failed(spec, kind, retry_after);
                     }
-                    tracing::info!(
-                        status = status.as_u16(),
-                        retry = retries + 1,
-                        wait_ms = wait.as_millis() as u64,
-                        "retrying upstream"
-                    );
-                    wait
+                    let may_go_on =
+                        next_untried.is_some() || self.may_retry(retries, started, wait);
+                    match kind {
+                        Some(kind) if retryable && may_go_on => {
+                            tracing::info!(
+                                status = status.as_u16(),
+                                upstream = %spec.name,
+                                retry = retries + 1,
+                                "retrying upstream"
+                            );
+                            (kind, wait)
+                        }
+                        _ => return Ok(self.wrap_response(response, retries, &spec.name)),
+                    }
                 }
             };
-            tokio::time::sleep(wait).await;
+            match next_untried {
+                Some(next) => {
+                    tracing::info!(from = %spec.name, to = %candidates[next].name, failure = failure.as_str(), "failing over");
+                    current = next;
+                }
+                None => {
+                    current = 0;
+                    tokio::time::sleep(wait).await;
+                }
+            }
             retries += 1;
         }
     }
@@ -349,16 +488,14 @@ impl Upstream {
         body: impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let body = reqwest::Body::wrap_stream(body);
-        let url = upstream_url(&self.config.base_url, path, query)?;
-        let secrets = self.secrets.current().await?;
-        let key = secrets
-            .upstream_api_key
-            .as_deref()
-            .filter(|k| !k.is_empty())
-            .ok_or(UpstreamError::NoCredentials)?;
+        let home = self.home().await?;
+        let UpstreamKind::Anthropic { base_url, api_key } = &home.kind else {
+            return Err(UpstreamError::NoCredentials);
+        };
+        let url = upstream_url(base_url, path, query)?;
         headers.insert(
             HeaderName::from_static("x-api-key"),
-            HeaderValue::from_str(key).map_err(|_| UpstreamError::NoCredentials)?,
+            HeaderValue::from_str(api_key.expose()).map_err(|_| UpstreamError::NoCredentials)?,
         );
         let attempt = self
             .client
@@ -381,7 +518,7 @@ impl Upstream {
             let _ = self.secrets.refresh().await;
             return Err(UpstreamError::CredentialsRejected);
         }
-        Ok(self.wrap_response(response, 0))
+        Ok(self.wrap_response(response, 0, &home.name))
     }
 
     fn may_retry(&self, retries: u32, started: Instant, wait: Duration) -> bool {
@@ -389,7 +526,12 @@ impl Upstream {
             && started.elapsed() + wait < self.config.retry_budget
     }
 
-    fn wrap_response(&self, response: reqwest::Response, retries: u32) -> UpstreamResponse {
+    fn wrap_response(
+        &self,
+        response: reqwest::Response,
+        retries: u32,
+        upstream: &str,
+    ) -> UpstreamResponse {
         let status = response.status();
         let headers = response.headers().clone();
         let idle = self.config.idle_timeout;
@@ -411,6 +553,7 @@ impl Upstream {
             headers,
             body,
             retries,
+            upstream: upstream.to_owned(),
         }
     }
 }
