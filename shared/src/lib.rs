@@ -4,6 +4,7 @@
 pub mod admin_auth;
 pub mod alerts;
 pub mod app;
+pub mod bedrock;
 pub mod config;
 pub mod domain;
 pub mod error;

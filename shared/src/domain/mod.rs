@@ -4,6 +4,7 @@
 //! No I/O and no transport types live here: the store executes these rules.
 
 pub mod admission;
+pub mod bedrock;
 pub mod budget;
 pub mod flight;
 pub mod key;
