@@ -137,6 +137,8 @@ fn response(status: StatusCode, headers: HeaderMap, body: Vec<u8>) -> UpstreamRe
         headers,
         body,
         retries: 0,
+        // Named by the caller, which knows the upstream's name.
+        upstream: String::new(),
     }
 }
 
@@ -324,6 +326,7 @@ impl BedrockUpstream {
             headers,
             body: Box::pin(body),
             retries: 0,
+            upstream: String::new(),
         })
     }
 

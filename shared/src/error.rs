@@ -441,6 +441,8 @@ impl From<crate::upstream::UpstreamError> for ApiError {
             U::Timeout(after) => ApiError::UpstreamTimeout(after),
             U::CredentialsRejected => ApiError::UpstreamCredentialsRejected,
             U::NoCredentials | U::Pool(_) => ApiError::NoUpstreamCredentials,
+            U::NotForBedrock(message) => ApiError::bad_request(message),
+            U::BedrockUnreachable(_) => ApiError::UpstreamUnreachable,
             U::NoUpstreamFor(model) => ApiError::bad_request(format!(
                 "no upstream of this relay serves model `{}`",
                 model.chars().take(256).collect::<String>()

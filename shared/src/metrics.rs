@@ -179,6 +179,7 @@ mod tests {
             user_agent: None,
             session_id: None,
             error_type: None,
+            upstream: None,
             cost: Default::default(),
             budget: Default::default(),
         };
@@ -227,6 +228,7 @@ mod tests {
             user_agent: None,
             session_id: None,
             error_type: Some("invalid_request_error".into()),
+            upstream: None,
             cost: Default::default(),
             budget: Default::default(),
         };

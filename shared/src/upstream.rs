@@ -13,11 +13,15 @@ use futures_util::{Stream, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use rand::Rng;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::bedrock::{BedrockSendError, BedrockSettings, BedrockUpstream};
 pub use crate::config::UpstreamConfig;
 use crate::domain::route::CanonicalPath;
-use crate::domain::upstream_pool::{FailureKind, PoolError, UpstreamKind, UpstreamPool, UpstreamSpec};
+use crate::domain::upstream_pool::{
+    FailureKind, PoolError, UpstreamApiKey, UpstreamKind, UpstreamPool, UpstreamSpec,
+};
 use crate::secrets::{SecretValues, Secrets, SecretsError};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never cross a proxy.
@@ -187,6 +191,12 @@ pub enum UpstreamError {
     /// No configured upstream serves the model asked for.
     #[error("no upstream serves model `{0}`")]
     NoUpstreamFor(String),
+    /// The request cannot go to Bedrock as it is (an unmapped model, a
+    /// body that is not an object): the message says why.
+    #[error("{0}")]
+    NotForBedrock(String),
+    #[error("could not reach Bedrock: {0}")]
+    BedrockUnreachable(String),
     #[error(transparent)]
     Secrets(#[from] SecretsError),
     /// The URL the HTTP client would send differs from the path the route
@@ -230,10 +240,29 @@ pub struct Upstream {
     /// The pool as last built, and the secret it was built from: rebuilt
     /// when the secret is read anew.
     pool: Arc<std::sync::Mutex<Option<PoolFrom>>>,
+    bedrock: Arc<tokio::sync::Mutex<BedrockClients>>,
 }
 
 /// A pool and the secret it was built from.
 type PoolFrom = (Arc<SecretValues>, Arc<UpstreamPool>);
+
+/// Each Bedrock upstream's client, by name, with the settings it was built for.
+type BedrockClients = HashMap<String, (BedrockSettings, Arc<BedrockUpstream>)>;
+
+/// While Bedrock is silent this long, the relay sends its own `ping` event
+/// (Anthropic pings about as often; Claude Code gives up after 300 s of
+/// silence).
+const BEDROCK_PING_EVERY: Duration = Duration::from_secs(15);
+
+/// What one attempt at one upstream came to.
+enum Attempt {
+    /// An answer, whatever its status.
+    Answer(UpstreamResponse),
+    /// It failed before the request left: safe to send elsewhere.
+    NotSent(UpstreamError),
+    /// This upstream does not serve the route (Bedrock: batches, files).
+    CannotServe,
+}
 
 /// The URL for `path` (canonical) and `query` under `base_url`, checked to
 /// carry exactly that path once parsed the way the HTTP client parses it:
@@ -272,6 +301,7 @@ impl Upstream {
             config: std::sync::Arc::new(config),
             secrets,
             pool: Default::default(),
+            bedrock: Default::default(),
         })
     }
 
@@ -292,7 +322,9 @@ impl Upstream {
             .upstream_pool(&self.config.base_url)?
             .ok_or(UpstreamError::NoCredentials)?;
         if pool.single_key_ignored {
-            tracing::warn!("the secret has both `upstreams` and `upstream_api_key`: the list is used");
+            tracing::warn!(
+                "the secret has both `upstreams` and `upstream_api_key`: the list is used"
+            );
         }
         let pool = Arc::new(pool);
         *cached = Some((secrets.clone(), pool.clone()));
@@ -339,9 +371,10 @@ impl Upstream {
     /// `domain::upstream_pool::candidates`). A connect error or a retryable
     /// status moves it to the next candidate at once, and is reported to
     /// `health`; once each was tried, the first is retried with backoff
-    /// within the attempt and time budgets. A 401 or 403 re-reads the
-    /// secret and tries that upstream once more with its key as read; a
-    /// second one reports it refused and moves on.
+    /// within the attempt and time budgets. A 401 (or, in a pool, a 403)
+    /// re-reads the secret and tries that upstream once more with its key
+    /// as read; a second one reports it refused and moves on. A Bedrock
+    /// upstream answers messages, token counts and the model list.
     pub async fn send_to(
         &self,
         request: &ForwardRequest,
@@ -364,54 +397,42 @@ impl Upstream {
                 .filter(|r| r.name == listed.name)
                 .unwrap_or(listed);
             tried[current] = true;
-            let UpstreamKind::Anthropic { base_url, api_key } = &spec.kind else {
-                // Bedrock is sent by the proxy (`crate::bedrock`).
-                return Err(UpstreamError::NoCredentials);
-            };
-            let url = upstream_url(base_url, &request.path, request.query.as_deref())?;
-            let mut headers = request.headers.clone();
-            headers.insert(
-                HeaderName::from_static("x-api-key"),
-                HeaderValue::from_str(api_key.expose())
-                    .map_err(|_| UpstreamError::NoCredentials)?,
-            );
-            let attempt = self
-                .client
-                .request(request.method.clone(), url)
-                .headers(headers)
-                .body(request.body.clone())
-                .send();
             // The next untried candidate, if any: failing over waits for
             // nothing; once each was tried, the first is retried.
             let next_untried = (current + 1..candidates.len()).find(|i| !tried[*i]);
-            let (failure, wait) = match tokio::time::timeout(self.config.header_timeout, attempt)
-                .await
-            {
-                Err(_) => return Err(UpstreamError::Timeout(self.config.header_timeout)),
-                Ok(Err(err)) => {
-                    // Only failures before the request left are safe to
-                    // retry: anything later may already be billed upstream.
-                    if !err.is_connect() {
-                        return Err(UpstreamError::Unreachable {
-                            attempts: retries + 1,
-                            source: err,
-                        });
+            let attempt = match &spec.kind {
+                UpstreamKind::Anthropic { base_url, api_key } => {
+                    self.attempt_anthropic(request, base_url, api_key).await?
+                }
+                UpstreamKind::Bedrock { .. } => self.attempt_bedrock(request, spec).await?,
+            };
+            let (failure, wait) = match attempt {
+                Attempt::CannotServe => match next_untried {
+                    Some(next) => {
+                        current = next;
+                        continue;
                     }
+                    None => return Err(UpstreamError::NoCredentials),
+                },
+                Attempt::NotSent(mut err) => {
                     health.failed(spec, FailureKind::Connect, None);
                     let wait = backoff(&self.config, retries);
                     if next_untried.is_none() && !self.may_retry(retries, started, wait) {
-                        return Err(UpstreamError::Unreachable {
-                            attempts: retries + 1,
-                            source: err,
-                        });
+                        if let UpstreamError::Unreachable { attempts, .. } = &mut err {
+                            *attempts = retries + 1;
+                        }
+                        return Err(err);
                     }
                     (FailureKind::Connect, wait)
                 }
-                Ok(Ok(response)) => {
-                    let status = response.status();
-                    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
-                        && (status == StatusCode::UNAUTHORIZED || candidates.len() > 1)
-                    {
+                Attempt::Answer(mut response) => {
+                    response.retries = retries;
+                    response.upstream.clone_from(&spec.name);
+                    let status = response.status;
+                    let anthropic = matches!(spec.kind, UpstreamKind::Anthropic { .. });
+                    let credentials = status == StatusCode::UNAUTHORIZED
+                        || (status == StatusCode::FORBIDDEN && candidates.len() > 1);
+                    if anthropic && credentials {
                         // The key may have been rotated in Secrets Manager:
                         // read it again and try once more.
                         if refreshed.as_ref().is_none_or(|r| r.name != spec.name) {
@@ -433,23 +454,23 @@ impl Upstream {
                             None if status == StatusCode::UNAUTHORIZED => {
                                 return Err(UpstreamError::CredentialsRejected);
                             }
-                            None => return Ok(self.wrap_response(response, retries, &spec.name)),
+                            None => return Ok(response),
                         }
                     }
-                    let retry_after = retry_after(response.headers());
+                    let retry_after = retry_after(&response.headers);
                     let wait = retry_after.unwrap_or_else(|| backoff(&self.config, retries));
                     let retryable = match policy {
                         RetryPolicy::Retryable => is_retryable(status),
                         RetryPolicy::UnlessProcessed => matches!(status.as_u16(), 429 | 529),
                     };
-                    let kind = FailureKind::from_status(status.as_u16());
-                    if let (true, Some(kind)) = (retryable, kind) {
+                    let kind = FailureKind::from_status(status.as_u16()).filter(|_| retryable);
+                    if let Some(kind) = kind {
                         health.failed(spec, kind, retry_after);
                     }
                     let may_go_on =
                         next_untried.is_some() || self.may_retry(retries, started, wait);
                     match kind {
-                        Some(kind) if retryable && may_go_on => {
+                        Some(kind) if may_go_on => {
                             tracing::info!(
                                 status = status.as_u16(),
                                 upstream = %spec.name,
@@ -458,13 +479,18 @@ impl Upstream {
                             );
                             (kind, wait)
                         }
-                        _ => return Ok(self.wrap_response(response, retries, &spec.name)),
+                        _ => return Ok(response),
                     }
                 }
             };
             match next_untried {
                 Some(next) => {
-                    tracing::info!(from = %spec.name, to = %candidates[next].name, failure = failure.as_str(), "failing over");
+                    tracing::info!(
+                        from = %spec.name,
+                        to = %candidates[next].name,
+                        failure = failure.as_str(),
+                        "failing over"
+                    );
                     current = next;
                 }
                 None => {
@@ -474,6 +500,123 @@ impl Upstream {
             }
             retries += 1;
         }
+    }
+
+    /// One attempt at an Anthropic upstream.
+    async fn attempt_anthropic(
+        &self,
+        request: &ForwardRequest,
+        base_url: &str,
+        api_key: &UpstreamApiKey,
+    ) -> Result<Attempt, UpstreamError> {
+        let url = upstream_url(base_url, &request.path, request.query.as_deref())?;
+        let mut headers = request.headers.clone();
+        headers.insert(
+            HeaderName::from_static("x-api-key"),
+            HeaderValue::from_str(api_key.expose()).map_err(|_| UpstreamError::NoCredentials)?,
+        );
+        let attempt = self
+            .client
+            .request(request.method.clone(), url)
+            .headers(headers)
+            .body(request.body.clone())
+            .send();
+        match tokio::time::timeout(self.config.header_timeout, attempt).await {
+            Err(_) => Err(UpstreamError::Timeout(self.config.header_timeout)),
+            // Only failures before the request left are safe to send
+            // again: anything later may already be billed upstream.
+            Ok(Err(err)) if err.is_connect() => Ok(Attempt::NotSent(UpstreamError::Unreachable {
+                attempts: 1,
+                source: err,
+            })),
+            Ok(Err(err)) => Err(UpstreamError::Unreachable {
+                attempts: 1,
+                source: err,
+            }),
+            Ok(Ok(response)) => Ok(Attempt::Answer(self.wrap_response(response, 0, ""))),
+        }
+    }
+
+    /// One attempt at a Bedrock upstream: messages and token counts through
+    /// its runtime API, the model list from its model map.
+    async fn attempt_bedrock(
+        &self,
+        request: &ForwardRequest,
+        spec: &UpstreamSpec,
+    ) -> Result<Attempt, UpstreamError> {
+        let Some(bedrock) = self.bedrock(spec).await else {
+            return Ok(Attempt::CannotServe);
+        };
+        let betas: Vec<&str> = request
+            .headers
+            .get_all("anthropic-beta")
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .collect();
+        let sent = match request.path.as_str() {
+            "/v1/messages" => {
+                bedrock
+                    .send(&request.body, &betas, BEDROCK_PING_EVERY)
+                    .await
+            }
+            "/v1/messages/count_tokens" => bedrock.count_tokens(&request.body, &betas).await,
+            "/v1/models" => {
+                let body = bedrock.models().to_string().into_bytes();
+                let mut headers = HeaderMap::new();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                let body: BodyStream =
+                    Box::pin(futures_util::stream::once(
+                        async move { Ok(Bytes::from(body)) },
+                    ));
+                return Ok(Attempt::Answer(UpstreamResponse {
+                    status: StatusCode::OK,
+                    headers,
+                    body,
+                    retries: 0,
+                    upstream: String::new(),
+                }));
+            }
+            _ => return Ok(Attempt::CannotServe),
+        };
+        match sent {
+            Ok(response) => Ok(Attempt::Answer(response)),
+            Err(BedrockSendError::Request(err)) => {
+                Err(UpstreamError::NotForBedrock(err.to_string()))
+            }
+            Err(BedrockSendError::Unreachable(cause)) => {
+                Ok(Attempt::NotSent(UpstreamError::BedrockUnreachable(cause)))
+            }
+        }
+    }
+
+    /// The Bedrock client of `spec`, built once per settings (the pool may
+    /// change them when the secret is re-read).
+    async fn bedrock(&self, spec: &UpstreamSpec) -> Option<Arc<BedrockUpstream>> {
+        let UpstreamKind::Bedrock {
+            region,
+            endpoint_url,
+            model_map,
+        } = &spec.kind
+        else {
+            return None;
+        };
+        let settings = BedrockSettings {
+            region: region.clone(),
+            endpoint_url: endpoint_url.clone(),
+            model_map: model_map.clone(),
+        };
+        let mut clients = self.bedrock.lock().await;
+        if let Some((built_for, client)) = clients.get(&spec.name)
+            && *built_for == settings
+        {
+            return Some(client.clone());
+        }
+        let client = Arc::new(BedrockUpstream::new(settings.clone()).await);
+        clients.insert(spec.name.clone(), (settings, client.clone()));
+        Some(client)
     }
 
     /// Sends a request whose body streams from the client (a file upload):

@@ -113,6 +113,7 @@ fn usage_record(key_id: &KeyId, at: OffsetDateTime, i: usize) -> UsageRecord {
         user_agent: Some("relay-bench".into()),
         session_id: None,
         error_type: None,
+        upstream: None,
         cost: Default::default(),
         budget: Default::default(),
     }

@@ -14,9 +14,9 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::ProxyState;
 use super::finish::{Metering, Outcome, finish, usage_record};
 use super::tap::{UsageTap, error_type};
+use super::{ProxyState, upstreams};
 use crate::error::{ApiError, ErrorKind, envelope};
 use crate::upstream::{
     BodyStream, ForwardRequest, RetryPolicy, UpstreamError, UpstreamResponse,
@@ -44,17 +44,33 @@ pub(super) struct Exchange {
     pub metering: Option<Metering>,
     pub streamed: bool,
     pub started: Instant,
+    /// Sent to the pool's upstreams in the order chosen for it; `None`:
+    /// to the home Anthropic upstream (`Upstream::home`).
+    pub pooled: Option<PoolChoice>,
+}
+
+/// What chooses a request's upstreams: the model they must serve and the
+/// Claude Code session that keeps it on one of them.
+pub(super) struct PoolChoice {
+    pub model: Option<String>,
+    pub session: Option<String>,
 }
 
 impl Exchange {
     /// A free exchange: forwarded and streamed back, nothing metered.
-    pub(super) fn unmetered(state: ProxyState, forward: ForwardRequest, started: Instant) -> Self {
+    pub(super) fn unmetered(
+        state: ProxyState,
+        forward: ForwardRequest,
+        started: Instant,
+        pooled: Option<PoolChoice>,
+    ) -> Self {
         Exchange {
             state,
             forward,
             metering: None,
             streamed: false,
             started,
+            pooled,
         }
     }
 }
@@ -167,11 +183,24 @@ impl Exchange {
         client: &mut ClientSink,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let config = &self.state.0.config;
-        let send = self
-            .state
-            .0
-            .upstream
-            .send(&self.forward, RetryPolicy::Retryable);
+        let upstream = &self.state.0.upstream;
+        let send = async {
+            match &self.pooled {
+                Some(choice) => {
+                    let order = upstreams::candidates_for(
+                        &self.state,
+                        choice.model.as_deref(),
+                        choice.session.as_deref(),
+                    )
+                    .await?;
+                    let health = upstreams::SharedHealth::of(&self.state);
+                    upstream
+                        .send_to(&self.forward, RetryPolicy::Retryable, &order, &health)
+                        .await
+                }
+                None => upstream.send(&self.forward, RetryPolicy::Retryable).await,
+            }
+        };
         if !self.streamed {
             return send.await;
         }
@@ -236,6 +265,7 @@ impl Exchange {
             retries: response.retries,
             ttfb,
             tap: Box::new(tap),
+            upstream: response.upstream,
         }
     }
 }

@@ -82,6 +82,8 @@ pub(super) enum Outcome {
         retries: u32,
         ttfb: Duration,
         tap: Box<UsageTap>,
+        /// The upstream that answered.
+        upstream: String,
     },
 }
 
@@ -96,6 +98,10 @@ pub(super) async fn usage_record(
     started: Instant,
     prices: &PriceTable,
 ) -> UsageRecord {
+    let upstream = match &outcome {
+        Outcome::Answered { upstream, .. } => Some(upstream.clone()),
+        Outcome::NoAnswer { .. } => None,
+    };
     let (status, retries, ttfb_ms, answer, error_type) = match outcome {
         Outcome::NoAnswer { status, error_type } => (status, 0, None, None, Some(error_type)),
         Outcome::Answered {
@@ -103,6 +109,7 @@ pub(super) async fn usage_record(
             retries,
             ttfb,
             tap,
+            ..
         } => {
             let (usage, error) = tap.finish();
             if status.is_success() {
@@ -161,6 +168,7 @@ pub(super) async fn usage_record(
         user_agent,
         session_id,
         error_type,
+        upstream,
         cost,
         budget,
     }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::body::{self, MessagesFields};
 use super::context::Call;
-use super::exchange::{self, Exchange};
+use super::exchange::{self, Exchange, PoolChoice};
 use super::finish::Metering;
 use super::tier_of;
 use crate::domain::admission::{AdmissionRefusal, BudgetCheck, Charge, RateLimit, WorstCase};
@@ -31,17 +31,26 @@ struct Admitted {
     streamed: bool,
     /// How the answer is metered; `None` for a free route.
     metering: Option<Metering>,
+    /// The model it asks for, which the upstreams tried must serve.
+    model: Option<String>,
 }
 
 pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, ApiError> {
     let admitted = admit(&call, route, &body).await?;
     let forward = call.forward(body);
+    // A Claude Code session stays on one upstream while it is healthy: the
+    // prompt cache lives in one account.
+    let pooled = Some(PoolChoice {
+        model: admitted.model,
+        session: call.header_text("x-claude-code-session-id"),
+    });
     Ok(exchange::start(Exchange {
         state: call.state,
         forward,
         metering: admitted.metering,
         streamed: admitted.streamed,
         started: call.started,
+        pooled,
     })
     .await)
 }
@@ -86,7 +95,11 @@ async fn admit(call: &Call, route: &Route, body: &Bytes) -> Result<Admitted, Api
             None
         }
     };
-    Ok(Admitted { streamed, metering })
+    Ok(Admitted {
+        streamed,
+        metering,
+        model: fields.model,
+    })
 }
 
 /// The metered part of admission: the request's worst case, its trace,

@@ -25,6 +25,7 @@ mod prices;
 pub mod reconcile;
 mod standing;
 pub mod tap;
+mod upstreams;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,7 @@ use crate::error::ApiError;
 use crate::http::ClientIp;
 use crate::in_flight::InFlight;
 use crate::store::Store;
+use crate::store::upstream_health::{HEALTH_CACHE_TTL, HealthCache};
 use crate::ttl_cache::TtlCache;
 use crate::upstream::Upstream;
 
@@ -79,6 +81,8 @@ struct Inner {
     budgets: Arc<BudgetPolicy>,
     /// Where budget alerts go (an SNS topic, or the log).
     alerts: AlertPublisher,
+    /// The upstreams' health as every instance shares it.
+    upstream_health: Arc<HealthCache>,
 }
 
 #[derive(Clone)]
@@ -108,6 +112,7 @@ impl ProxyState {
             tiers: TtlCache::new(Duration::from_secs(60), 1_000),
             prices,
             budgets,
+            upstream_health: HealthCache::new(HEALTH_CACHE_TTL),
         }))
     }
 }
@@ -172,7 +177,22 @@ async fn serve_route(call: Call, route: Route, body: Body) -> Result<Response, A
         Route::ListModels | Route::GetModel(_) | Route::PassThrough => {
             call.authenticate(None).await?;
             let forward = call.forward(body);
-            Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
+            // The model list comes from the upstreams in the pool's order
+            // (a Bedrock upstream answers from its model map); what is
+            // opened to pass through goes to the home upstream.
+            let pooled = matches!(route, Route::ListModels | Route::GetModel(_)).then_some(
+                exchange::PoolChoice {
+                    model: None,
+                    session: None,
+                },
+            );
+            Ok(exchange::start(Exchange::unmetered(
+                call.state,
+                forward,
+                call.started,
+                pooled,
+            ))
+            .await)
         }
         Route::CreateBatch => batches::create(call, body).await,
         Route::ListBatches => batches::list(call).await,

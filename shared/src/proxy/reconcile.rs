@@ -127,6 +127,7 @@ async fn estimated_record(state: &ProxyState, key: &ApiKeyRecord, flight: &Fligh
         user_agent: None,
         session_id: None,
         error_type: None,
+        upstream: None,
         cost,
         // A hard-mode reservation is given back as the estimate replaces it.
         budget: BudgetCharge::of(key, &state.0.budgets, &models, at)

@@ -212,7 +212,7 @@ impl HealthCache {
         let view = match read {
             Ok(view) => Arc::new(view),
             Err(err) => {
-                tracing::warn!(error = %format!("{err:#}"), "upstream health not read; ordering upstreams by the last view");
+                tracing::warn!(error = %format!("{err:#}"), "could not read the health of the upstreams; ordering them by the last view");
                 last.as_ref()
                     .map_or_else(Arc::default, |cached| Arc::clone(&cached.view))
             }

@@ -55,6 +55,8 @@ pub struct LogRow {
     pub user_agent: Option<String>,
     pub session_id: Option<String>,
     pub error_type: Option<String>,
+    /// The upstream that answered (`UpstreamSpec::name`).
+    pub upstream: Option<String>,
     /// What the row's usage cost, in millionths of a dollar (0 on rows
     /// recorded before prices existed).
     pub cost_micro_usd: u64,

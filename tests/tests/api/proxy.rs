@@ -292,6 +292,7 @@ async fn settling_the_same_request_twice_counts_it_once() {
         user_agent: None,
         session_id: None,
         error_type: None,
+        upstream: None,
         cost: Default::default(),
         budget: Default::default(),
     };

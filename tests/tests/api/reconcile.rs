@@ -105,6 +105,7 @@ async fn a_request_that_never_settles_is_charged_its_estimate_once_when_overdue(
         user_agent: None,
         session_id: None,
         error_type: None,
+        upstream: None,
         cost: Default::default(),
         budget: Default::default(),
     };

@@ -897,6 +897,7 @@ fn emitted_metrics() -> BTreeMap<String, Vec<Vec<String>>> {
         user_agent: None,
         session_id: None,
         error_type: None,
+        upstream: None,
         cost: Default::default(),
         budget: Default::default(),
     };

@@ -407,6 +407,7 @@ async fn daily_rows_are_zero_filled_oldest_first_and_end_today() {
         user_agent: None,
         session_id: None,
         error_type: None,
+        upstream: None,
         cost: Default::default(),
         budget: Default::default(),
     };

@@ -33,6 +33,8 @@ pub struct UsageRecord {
     pub session_id: Option<String>,
     /// `error.type` when the answer was an error (HTTP or in-stream).
     pub error_type: Option<String>,
+    /// The upstream that answered (`None`: none did).
+    pub upstream: Option<String>,
     /// What the usage cost (estimated when the usage was), and whether the
     /// model had no price of its own.
     pub cost: Cost,
@@ -285,6 +287,7 @@ mod tests {
             user_agent: None,
             session_id: None,
             error_type: error_type.map(str::to_owned),
+            upstream: None,
             cost: Cost::default(),
             budget: BudgetCharge::default(),
         }

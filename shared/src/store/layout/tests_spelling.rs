@@ -118,6 +118,7 @@ fn layout_attributes() -> BTreeSet<String> {
         user_agent: Some("u".into()),
         session_id: Some("s".into()),
         error_type: Some("e".into()),
+        upstream: Some("u".into()),
         cost: Default::default(),
         budget: Default::default(),
     };

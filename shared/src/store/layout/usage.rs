@@ -301,6 +301,7 @@ pub(crate) fn request_log_item(record: &UsageRecord, expires: u64) -> Item {
         ("user_agent", record.user_agent.as_deref()),
         ("session_id", record.session_id.as_deref()),
         ("error_type", record.error_type.as_deref()),
+        ("upstream", record.upstream.as_deref()),
     ];
     for (name, value) in optional {
         if let Some(value) = value {
@@ -391,6 +392,7 @@ impl TryFrom<&Item> for LogRow {
             user_agent: owned(opt_s(item, "user_agent")?),
             session_id: owned(opt_s(item, "session_id")?),
             error_type: owned(opt_s(item, "error_type")?),
+            upstream: owned(opt_s(item, "upstream")?),
             cost_micro_usd: opt_n(item, "cost_micro_usd")?.unwrap_or(0),
             cache_saved_micro_usd: get_signed(item, "cache_saved_micro_usd")?,
             unpriced: flag("unpriced"),
