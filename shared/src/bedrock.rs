@@ -228,17 +228,17 @@ impl BedrockUpstream {
         let answer = self
             .client
             .invoke_model()
-            .model_id(request.model_id)
+            .model_id(request.model_id.as_str())
             .content_type("application/json")
             .accept("application/json")
-            .body(Blob::new(request.body))
+            .body(Blob::new(request.body.clone()))
             .send()
             .await;
         match answer {
             Ok(output) => Ok(response(
                 StatusCode::OK,
                 json_headers(),
-                output.body.into_inner(),
+                rules::with_model(output.body.into_inner(), &request.model),
             )),
             Err(error) => match BedrockFailure::of(&error) {
                 Some(failure) => Ok(failure.into_response()),
@@ -255,10 +255,10 @@ impl BedrockUpstream {
         let answer = self
             .client
             .invoke_model_with_response_stream()
-            .model_id(request.model_id)
+            .model_id(request.model_id.as_str())
             .content_type("application/json")
             .accept("application/json")
-            .body(Blob::new(request.body))
+            .body(Blob::new(request.body.clone()))
             .send()
             .await;
         let output = match answer {
@@ -273,7 +273,7 @@ impl BedrockUpstream {
         // A pump task reads the event stream into a channel, so waiting for
         // the next event can time out (for a ping) without cancelling a read.
         let (sender, mut events) = mpsc::channel::<StreamItem>(16);
-        tokio::spawn(pump(output.body, sender));
+        tokio::spawn(pump(output.body, sender, request.model));
         // The first event decides the status: an exception before any byte
         // is answered as an Anthropic error the proxy can fail over on.
         let first = match tokio::time::timeout(ping_every, events.recv()).await {
@@ -340,13 +340,13 @@ impl BedrockUpstream {
     ) -> Result<UpstreamResponse, BedrockSendError> {
         let request = rules::bedrock_request(body, beta, &self.model_map)?;
         let input = InvokeModelTokensRequest::builder()
-            .body(Blob::new(request.body))
+            .body(Blob::new(request.body.clone()))
             .build()
             .map_err(|e| BedrockSendError::Unreachable(e.to_string()))?;
         let answer = self
             .client
             .count_tokens()
-            .model_id(request.model_id)
+            .model_id(request.model_id.as_str())
             .input(CountTokensInput::InvokeModel(input))
             .send()
             .await;
@@ -409,6 +409,7 @@ async fn pump(
         aws_sdk_bedrockruntime::types::error::ResponseStreamError,
     >,
     sender: mpsc::Sender<StreamItem>,
+    model: String,
 ) {
     loop {
         let next = tokio::select! {
@@ -420,7 +421,7 @@ async fn pump(
             Ok(None) => return,
             Ok(Some(ResponseStream::Chunk(part))) => {
                 let bytes = part.bytes.map(Blob::into_inner).unwrap_or_default();
-                match rules::sse_event(&bytes) {
+                match rules::sse_event(&bytes, &model) {
                     Ok(event) => StreamItem::Event(event),
                     Err(error) => {
                         tracing::warn!(%error, "unreadable Bedrock stream chunk");

@@ -78,6 +78,11 @@ pub struct AppOptions {
     /// The organisation default dollar limits and time zone
     /// (`DEFAULT_DOLLAR_LIMITS`, `BUDGET_TIME_ZONE`); none and UTC.
     pub budgets: BudgetPolicy,
+    /// The secret's `upstreams` list (the pool); none: the app's own fake,
+    /// as the single `upstream_api_key`.
+    pub upstreams: Option<Value>,
+    /// The table of another app (two instances of one relay); none: a new one.
+    pub table: Option<String>,
 }
 
 impl Default for AppOptions {
@@ -114,6 +119,8 @@ impl Default for AppOptions {
             hold_answers_until_settled: true,
             admin_allowed_cidrs: String::new(),
             budgets: BudgetPolicy::default(),
+            upstreams: None,
+            table: None,
         }
     }
 }
@@ -148,7 +155,10 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
         Some(endpoint) => endpoint.clone(),
         None => dynamodb_endpoint()?,
     };
-    let table = format!("relay-test-{}", uuid::Uuid::new_v4().simple());
+    let table = options
+        .table
+        .clone()
+        .unwrap_or_else(|| format!("relay-test-{}", uuid::Uuid::new_v4().simple()));
     let store = Store::new(dynamodb_client(&endpoint), table);
     store
         .ensure_table()
@@ -159,7 +169,7 @@ pub async fn spawn_app_with(options: AppOptions) -> anyhow::Result<TestApp> {
     let secrets = options.secrets.clone().unwrap_or_else(|| {
         Secrets::fixed(SecretValues {
             upstream_api_key: Some(upstream.api_key().to_owned()),
-            upstreams: None,
+            upstreams: options.upstreams.clone(),
             admin_password_hash: admin_password_hash().ok(),
             jwt_secret: Some(jwt_secret.clone()),
         })

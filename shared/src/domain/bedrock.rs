@@ -122,6 +122,8 @@ pub const RENAMED: &[(&str, &str)] = &[(
 /// A Messages request as Bedrock takes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BedrockRequest {
+    /// The model the client asked for (its answer names it again).
+    pub model: String,
     /// The Bedrock model id (or inference profile) the model mapped to.
     pub model_id: String,
     /// The body for `InvokeModel`: no `model`, no `stream`,
@@ -216,6 +218,7 @@ pub fn bedrock_request(
     let body =
         serde_json::to_vec(&Value::Object(out)).map_err(|_| BedrockRequestError::NotAnObject)?;
     Ok(BedrockRequest {
+        model,
         model_id,
         body,
         streamed,
@@ -273,7 +276,7 @@ pub enum ChunkError {
 /// JSON passes byte for byte unless it carries Bedrock's invocation
 /// metrics (removed: usage is read from Anthropic's `usage` fields only)
 /// or a line break (which would end the `data:` line).
-pub fn sse_event(chunk_json: &[u8]) -> Result<Vec<u8>, ChunkError> {
+pub fn sse_event(chunk_json: &[u8], model: &str) -> Result<Vec<u8>, ChunkError> {
     let mut event: Map<String, Value> = match serde_json::from_slice(chunk_json) {
         Ok(Value::Object(event)) => event,
         _ => return Err(ChunkError::NotAnObject),
@@ -282,8 +285,18 @@ pub fn sse_event(chunk_json: &[u8]) -> Result<Vec<u8>, ChunkError> {
         Some(Value::String(event_type)) if !event_type.contains(['\n', '\r']) => event_type.clone(),
         _ => return Err(ChunkError::NoType),
     };
+    // The answer names the model the client asked for, as Anthropic's
+    // does (and as prices and allowlists know it), not Bedrock's id.
+    let renamed = match event.get_mut("message").and_then(|m| m.get_mut("model")) {
+        Some(named) if named.as_str() != Some(model) => {
+            *named = Value::from(model);
+            true
+        }
+        _ => false,
+    };
     let rewritten;
     let data: &[u8] = if event.shift_remove(INVOCATION_METRICS).is_some()
+        || renamed
         || chunk_json.iter().any(|b| matches!(b, b'\n' | b'\r'))
     {
         rewritten =
@@ -299,6 +312,18 @@ pub fn sse_event(chunk_json: &[u8]) -> Result<Vec<u8>, ChunkError> {
     out.extend_from_slice(data);
     out.extend_from_slice(b"\n\n");
     Ok(out)
+}
+
+/// A non-streamed answer's JSON with `model` set to the one the client
+/// asked for; anything else is returned as it is.
+pub fn with_model(message: Vec<u8>, model: &str) -> Vec<u8> {
+    match serde_json::from_slice::<Map<String, Value>>(&message) {
+        Ok(mut fields) if fields.contains_key("model") => {
+            fields.insert("model".to_owned(), Value::from(model));
+            serde_json::to_vec(&fields).unwrap_or(message)
+        }
+        _ => message,
+    }
 }
 
 /// An Anthropic error: HTTP status and error `type`.
@@ -596,14 +621,14 @@ mod tests {
         let mut expected = b"event: content_block_delta\ndata: ".to_vec();
         expected.extend_from_slice(chunk);
         expected.extend_from_slice(b"\n\n");
-        assert_eq!(sse_event(chunk).unwrap(), expected);
+        assert_eq!(sse_event(chunk, "claude-sonnet-4-5").unwrap(), expected);
     }
 
     #[test]
     fn the_invocation_metrics_leave_and_the_usage_stays() {
         let chunk = br#"{"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":12},"amazon-bedrock-invocationMetrics":{"inputTokenCount":25,"outputTokenCount":12,"invocationLatency":900,"firstByteLatency":300}}"#;
         assert_eq!(
-            String::from_utf8(sse_event(chunk).unwrap()).unwrap(),
+            String::from_utf8(sse_event(chunk, "claude-sonnet-4-5").unwrap()).unwrap(),
             "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":12}}\n\n"
         );
     }
@@ -612,18 +637,48 @@ mod tests {
     fn a_chunk_with_line_breaks_is_written_on_one_data_line() {
         let chunk = b"{\n  \"type\": \"message_stop\"\n}";
         assert_eq!(
-            sse_event(chunk).unwrap(),
+            sse_event(chunk, "claude-sonnet-4-5").unwrap(),
             b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_vec()
         );
     }
 
     #[test]
     fn a_chunk_without_an_event_type_is_an_error() {
-        assert_eq!(sse_event(b"[1]"), Err(ChunkError::NotAnObject));
-        assert_eq!(sse_event(b"nope"), Err(ChunkError::NotAnObject));
-        assert_eq!(sse_event(br#"{"a":1}"#), Err(ChunkError::NoType));
-        assert_eq!(sse_event(br#"{"type":1}"#), Err(ChunkError::NoType));
-        assert_eq!(sse_event(br#"{"type":"a\nb"}"#), Err(ChunkError::NoType));
+        assert_eq!(
+            sse_event(b"[1]", "claude-sonnet-4-5"),
+            Err(ChunkError::NotAnObject)
+        );
+        assert_eq!(
+            sse_event(b"nope", "claude-sonnet-4-5"),
+            Err(ChunkError::NotAnObject)
+        );
+        assert_eq!(
+            sse_event(br#"{"a":1}"#, "claude-sonnet-4-5"),
+            Err(ChunkError::NoType)
+        );
+        assert_eq!(
+            sse_event(br#"{"type":1}"#, "claude-sonnet-4-5"),
+            Err(ChunkError::NoType)
+        );
+        assert_eq!(
+            sse_event(br#"{"type":"a\nb"}"#, "claude-sonnet-4-5"),
+            Err(ChunkError::NoType)
+        );
+    }
+
+    #[test]
+    fn the_answer_names_the_model_the_client_asked_for() {
+        let start = br#"{"type":"message_start","message":{"id":"m","model":"us.anthropic.claude-sonnet-4-5-20250929-v1:0","usage":{"input_tokens":3}}}"#;
+        assert_eq!(
+            String::from_utf8(sse_event(start, "claude-sonnet-4-5").unwrap()).unwrap(),
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"model\":\"claude-sonnet-4-5\",\"usage\":{\"input_tokens\":3}}}\n\n"
+        );
+        let whole = br#"{"id":"m","model":"anthropic.claude-x","content":[]}"#.to_vec();
+        assert_eq!(
+            with_model(whole, "claude-x"),
+            br#"{"id":"m","model":"claude-x","content":[]}"#.to_vec()
+        );
+        assert_eq!(with_model(b"[1]".to_vec(), "claude-x"), b"[1]".to_vec());
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod alerts;
 mod bedrock;
 mod budgets;
 mod composition;
+mod failover;
 mod faults;
 mod hard;
 mod isolation;
