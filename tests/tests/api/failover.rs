@@ -320,3 +320,57 @@ async fn a_throttled_bedrock_fails_over_to_an_anthropic_account() {
     assert_eq!(served_by(&app, &id, 1).await, ["anthropic"]);
     until_cooling(&app, "bedrock-us").await;
 }
+
+#[tokio::test]
+async fn the_admin_sees_each_upstream_and_its_health_without_its_key() {
+    let fakes = accounts(2).await;
+    let bedrock = FakeBedrock::start().await.unwrap();
+    let app = app_with(
+        json!([entry("primary", &fakes[0], 1), entry("backup", &fakes[1], 2),
+            {"name": "bedrock-us", "kind": "bedrock", "region": "us-east-1", "priority": 3,
+             "endpoint_url": bedrock.endpoint_url(),
+             "model_map": {"claude-sonnet-4-5": "anthropic.claude-sonnet-4-5-20250929-v1:0"}}]),
+        None,
+    )
+    .await;
+    let (_, key) = app.new_key().await.unwrap();
+    fakes[0].push(Behavior::Error {
+        status: 529,
+        error_type: "overloaded_error".into(),
+        retry_after: Some(60),
+    });
+    assert_eq!(send(&app, &key, None).await, 200);
+    until_cooling(&app, "primary").await;
+    let token = app.admin_token().await.unwrap();
+    let response = app
+        .http
+        .get(app.url("/admin/upstreams"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(!text.contains(fakes[0].api_key()), "no key shown: {text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let upstreams = body["upstreams"].as_array().unwrap();
+    let names: Vec<&str> = upstreams
+        .iter()
+        .map(|u| u["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["primary", "backup", "bedrock-us"]);
+    let primary = &upstreams[0];
+    assert_eq!(primary["kind"], "anthropic");
+    assert_eq!(
+        primary["base_url"],
+        fakes[0].base_url().trim_end_matches('/')
+    );
+    assert_eq!(primary["health"]["status"], "cooling");
+    assert_eq!(primary["health"]["last_failure"]["kind"], "overloaded");
+    assert_eq!(primary["health"]["failures"], 1);
+    assert!(primary["health"]["cooldown_until"].is_string());
+    assert_eq!(upstreams[1]["health"]["status"], "healthy");
+    assert_eq!(upstreams[2]["kind"], "bedrock");
+    assert_eq!(upstreams[2]["region"], "us-east-1");
+    assert_eq!(upstreams[2]["model_map"], json!(["claude-sonnet-4-5"]));
+}

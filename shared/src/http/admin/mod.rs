@@ -5,6 +5,7 @@
 
 mod prices;
 pub(crate) mod shapes;
+mod upstreams;
 
 use std::sync::Arc;
 
@@ -83,6 +84,7 @@ pub fn routes(state: AdminState) -> Router {
             get(prices::get_prices).put(prices::put_prices),
         )
         .route("/admin/prices/history", get(prices::price_history))
+        .route("/admin/upstreams", get(upstreams::list_upstreams))
         // Unknown admin paths stay here (404), never reaching the proxy.
         .route("/admin", axum::routing::any(not_found))
         .route("/admin/", axum::routing::any(not_found))
