@@ -108,11 +108,21 @@ pub fn request_document(namespace: &str, record: &UsageRecord) -> Value {
     if let Some(ttfb) = record.ttfb_ms {
         metrics.push(("TimeToFirstByte", "Milliseconds", ttfb as f64));
     }
+    // Upstream names are an admin's, bounded in length and number.
+    let upstream = record.upstream.as_deref().unwrap_or("none");
     document(
         namespace,
         now_ms(),
-        &[&["Function"], &["Function", "Model"]],
-        &[("Function", "proxy"), ("Model", model)],
+        &[
+            &["Function"],
+            &["Function", "Model"],
+            &["Function", "Upstream"],
+        ],
+        &[
+            ("Function", "proxy"),
+            ("Model", model),
+            ("Upstream", upstream),
+        ],
         &metrics,
         &[
             ("key_id", json!(record.key_id.as_str())),
@@ -179,7 +189,7 @@ mod tests {
             user_agent: None,
             session_id: None,
             error_type: None,
-            upstream: None,
+            upstream: Some("bedrock-us".into()),
             cost: Default::default(),
             budget: Default::default(),
         };
@@ -188,8 +198,13 @@ mod tests {
         assert_eq!(directive["Namespace"], "ClaudeRelay");
         assert_eq!(
             directive["Dimensions"],
-            json!([["Function"], ["Function", "Model"]])
+            json!([
+                ["Function"],
+                ["Function", "Model"],
+                ["Function", "Upstream"]
+            ])
         );
+        assert_eq!(doc["Upstream"], "bedrock-us");
         // Every declared metric and dimension has a value at the root.
         for metric in directive["Metrics"].as_array().unwrap() {
             assert!(
