@@ -45,7 +45,7 @@ def binary(name: str) -> Path:
 # Every binary the Python tests run, in one `cargo build`: the functions ask
 # for no feature relay-local lacks, so all share the dependency artifacts.
 PACKAGES = ["relay-local", "relay-tests", "relay-proxy", "relay-admin", "relay-usage"]
-BINARIES = ["relay-local", "fake-upstream", "relay-proxy", "relay-admin", "relay-usage"]
+BINARIES = ["relay-local", "fake-upstream", "fake-bedrock", "relay-proxy", "relay-admin", "relay-usage"]
 
 
 @pytest.fixture(scope="session")

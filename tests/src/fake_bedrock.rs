@@ -83,6 +83,11 @@ impl Drop for FakeBedrock {
 
 impl FakeBedrock {
     pub async fn start() -> anyhow::Result<FakeBedrock> {
+        FakeBedrock::start_on(0).await
+    }
+
+    /// On `port` of 127.0.0.1 (0: a free one).
+    pub async fn start_on(port: u16) -> anyhow::Result<FakeBedrock> {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
@@ -100,7 +105,7 @@ impl FakeBedrock {
             )
             .route("/model/{model_id}/count-tokens", post(count_tokens))
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

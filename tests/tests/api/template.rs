@@ -660,7 +660,25 @@ fn each_function_has_least_privilege() {
                 let table = rendered.contains("RelayTable");
                 let secret = rendered.contains("RelaySecret");
                 let alerts = rendered.contains("BudgetAlertTopic");
-                assert!(table || secret || alerts, "{function}: resource {rendered}");
+                let bedrock = rendered.contains("BedrockModelArns");
+                assert!(
+                    table || secret || alerts || bedrock,
+                    "{function}: resource {rendered}"
+                );
+                if statement.actions.iter().any(|a| a.starts_with("bedrock:")) {
+                    assert!(
+                        bedrock && function == "ProxyFunction",
+                        "{function}: Bedrock only by the proxy, only on the models named"
+                    );
+                    assert_eq!(
+                        statement.actions,
+                        [
+                            "bedrock:InvokeModel",
+                            "bedrock:InvokeModelWithResponseStream",
+                            "bedrock:CountTokens"
+                        ]
+                    );
+                }
                 if statement.actions.iter().any(|a| a.starts_with("sns:")) {
                     assert!(
                         alerts && function == "ProxyFunction",
