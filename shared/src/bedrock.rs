@@ -225,20 +225,26 @@ impl BedrockUpstream {
         &self,
         request: BedrockRequest,
     ) -> Result<UpstreamResponse, BedrockSendError> {
+        let BedrockRequest {
+            model,
+            model_id,
+            body,
+            ..
+        } = request;
         let answer = self
             .client
             .invoke_model()
-            .model_id(request.model_id.as_str())
+            .model_id(model_id)
             .content_type("application/json")
             .accept("application/json")
-            .body(Blob::new(request.body.clone()))
+            .body(Blob::new(body))
             .send()
             .await;
         match answer {
             Ok(output) => Ok(response(
                 StatusCode::OK,
                 json_headers(),
-                rules::with_model(output.body.into_inner(), &request.model),
+                rules::with_model(output.body.into_inner(), &model),
             )),
             Err(error) => match BedrockFailure::of(&error) {
                 Some(failure) => Ok(failure.into_response()),
@@ -252,13 +258,19 @@ impl BedrockUpstream {
         request: BedrockRequest,
         ping_every: Duration,
     ) -> Result<UpstreamResponse, BedrockSendError> {
+        let BedrockRequest {
+            model,
+            model_id,
+            body,
+            ..
+        } = request;
         let answer = self
             .client
             .invoke_model_with_response_stream()
-            .model_id(request.model_id.as_str())
+            .model_id(model_id)
             .content_type("application/json")
             .accept("application/json")
-            .body(Blob::new(request.body.clone()))
+            .body(Blob::new(body))
             .send()
             .await;
         let output = match answer {
@@ -273,7 +285,7 @@ impl BedrockUpstream {
         // A pump task reads the event stream into a channel, so waiting for
         // the next event can time out (for a ping) without cancelling a read.
         let (sender, mut events) = mpsc::channel::<StreamItem>(16);
-        tokio::spawn(pump(output.body, sender, request.model));
+        tokio::spawn(pump(output.body, sender, model));
         // The first event decides the status: an exception before any byte
         // is answered as an Anthropic error the proxy can fail over on.
         let first = match tokio::time::timeout(ping_every, events.recv()).await {

@@ -39,9 +39,17 @@ pub struct MessagesFields {
     /// `"us"` prices every token class higher.
     #[serde(default)]
     pub inference_geo: Option<serde_json::Value>,
+    /// Claude Code's `metadata.user_id` names its session.
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 impl MessagesFields {
+    /// `metadata.user_id`, when it is a string.
+    pub fn user_id(&self) -> Option<&str> {
+        self.metadata.as_ref()?.get("user_id")?.as_str()
+    }
+
     /// The request attributes that change its price.
     pub fn price_attributes(&self) -> Vec<Attribute> {
         let us = self

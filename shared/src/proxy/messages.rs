@@ -22,7 +22,7 @@ use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::route::{Route, Treatment};
 use crate::domain::tier::Tier;
 use crate::domain::tpm::{MinuteCharge, MinuteStanding};
-use crate::domain::usage::worst_prompt_tokens;
+use crate::domain::usage::{session_of_user_id, worst_prompt_tokens};
 use crate::error::ApiError;
 use crate::store::admission::{AdmissionError, Terms};
 
@@ -33,6 +33,8 @@ struct Admitted {
     metering: Option<Metering>,
     /// The model it asks for, which the upstreams tried must serve.
     model: Option<String>,
+    /// The Claude Code session its `metadata.user_id` names.
+    session_in_body: Option<String>,
 }
 
 pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, ApiError> {
@@ -42,7 +44,9 @@ pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<R
     // prompt cache lives in one account.
     let pooled = Some(PoolChoice {
         model: admitted.model,
-        session: call.header_text("x-claude-code-session-id"),
+        session: call
+            .header_text("x-claude-code-session-id")
+            .or(admitted.session_in_body),
     });
     Ok(exchange::start(Exchange {
         state: call.state,
@@ -95,10 +99,15 @@ async fn admit(call: &Call, route: &Route, body: &Bytes) -> Result<Admitted, Api
             None
         }
     };
+    let session_in_body = fields
+        .user_id()
+        .and_then(session_of_user_id)
+        .map(|session| session.as_str().to_owned());
     Ok(Admitted {
         streamed,
         metering,
         model: fields.model,
+        session_in_body,
     })
 }
 

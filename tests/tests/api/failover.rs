@@ -374,3 +374,35 @@ async fn the_admin_sees_each_upstream_and_its_health_without_its_key() {
     assert_eq!(upstreams[2]["region"], "us-east-1");
     assert_eq!(upstreams[2]["model_map"], json!(["claude-sonnet-4-5"]));
 }
+
+#[tokio::test]
+async fn a_session_named_only_in_metadata_user_id_stays_on_one_upstream_too() {
+    let fakes = accounts(3).await;
+    let app = app_with(
+        json!([
+            entry("a", &fakes[0], 1),
+            entry("b", &fakes[1], 1),
+            entry("c", &fakes[2], 1)
+        ]),
+        None,
+    )
+    .await;
+    let (id, key) = app.new_key().await.unwrap();
+    let user_id = json!({"device_id": "d1", "account_uuid": "",
+        "session_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7"})
+    .to_string();
+    for _ in 0..20 {
+        let response = app
+            .message(&key, "claude-sonnet-4-5")
+            .json(&json!({"model": "claude-sonnet-4-5", "max_tokens": 64,
+                "metadata": {"user_id": user_id},
+                "messages": [{"role": "user", "content": "hi"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let rows = served_by(&app, &id, 20).await;
+    assert!(rows.iter().all(|r| *r == rows[0]), "{rows:?}");
+}

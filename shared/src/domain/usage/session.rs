@@ -27,6 +27,21 @@ impl SessionId {
     }
 }
 
+/// The Claude Code session inside a request's `metadata.user_id`: a JSON
+/// string with `session_id` (current versions), or
+/// `user_<sha>_account_<uuid>_session_<uuid>` (older ones). For requests
+/// that do not send `x-claude-code-session-id`.
+pub fn session_of_user_id(user_id: &str) -> Option<SessionId> {
+    if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(user_id) {
+        return fields
+            .get("session_id")
+            .and_then(serde_json::Value::as_str)
+            .and_then(SessionId::parse);
+    }
+    let (_, session) = user_id.rsplit_once("_session_")?;
+    SessionId::parse(session)
+}
+
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -36,6 +51,28 @@ impl fmt::Display for SessionId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_session_in_metadata_user_id_is_found_in_either_form() {
+        let current = r#"{"device_id":"d1","account_uuid":"a1","session_id":"0f3c2a1e-9b7d-4c8e-a5f6-1234567890ab"}"#;
+        assert_eq!(
+            session_of_user_id(current).map(|s| s.0),
+            Some("0f3c2a1e-9b7d-4c8e-a5f6-1234567890ab".to_owned())
+        );
+        let older = "user_5e884898da28_account__session_7c9e6679-7425-40de-944b-e07fc1f90ae7";
+        assert_eq!(
+            session_of_user_id(older).map(|s| s.0),
+            Some("7c9e6679-7425-40de-944b-e07fc1f90ae7".to_owned())
+        );
+        for none in [
+            "",
+            "someone",
+            r#"{"session_id":"a b"}"#,
+            r#"{"device_id":"d"}"#,
+        ] {
+            assert_eq!(session_of_user_id(none), None, "{none}");
+        }
+    }
 
     #[test]
     fn plain_bounded_ids_are_kept_and_anything_else_ignored() {
