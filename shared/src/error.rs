@@ -168,10 +168,14 @@ impl ApiError {
         ApiError::TooLarge(message.into())
     }
 
+    /// A refusal that passes after a wait. Its `retry-after` is at most
+    /// [`MOST_RETRY_AFTER`] seconds, however long the wait really is (the
+    /// message says that): Claude Code stops retrying at once on a longer
+    /// one, and a transient throttle should be waited out.
     pub fn rate_limited(message: impl Into<String>, retry_after: u64) -> Self {
         ApiError::RateLimited {
             message: message.into(),
-            retry_after: retry_after.max(1),
+            retry_after: retry_after.clamp(1, MOST_RETRY_AFTER),
         }
     }
 
@@ -232,10 +236,12 @@ impl ApiError {
                 Downstream,
                 "authentication",
             ),
+            // A disabled or expired key, a model or address not allowed:
+            // no retry changes that.
             ApiError::Forbidden(_) => (
                 StatusCode::FORBIDDEN,
                 K::Permission,
-                Retry::ClientRules,
+                Retry::Never,
                 Downstream,
                 "permission",
             ),
@@ -475,6 +481,10 @@ impl From<crate::domain::key::access::Refusal> for ApiError {
     }
 }
 
+/// The longest `retry-after` of a transient refusal: Claude Code waits and
+/// retries up to this, and gives up at once beyond it.
+pub const MOST_RETRY_AFTER: u64 = 60;
+
 /// Seconds a hard-mode request refused only for what requests in flight
 /// reserve is told to wait: most answers settle within that.
 const RESERVATION_RETRY_AFTER: u64 = 5;
@@ -618,7 +628,7 @@ mod tests {
                 403,
                 "permission_error",
                 None,
-                None,
+                Some("false"),
                 "permission",
                 Side::Downstream,
             ),
@@ -834,5 +844,91 @@ mod tests {
             ApiError::RateLimited { retry_after: 5, .. }
         ));
         assert!(matches!(dollars(999_999), ApiError::BudgetSpent(_)));
+    }
+
+    /// Each way admission refuses, as the client sees it: a transient
+    /// refusal has an integer `retry-after` of 1 to 60 seconds and no
+    /// `x-should-retry: false`; a final one has `x-should-retry: false` and
+    /// no `retry-after`.
+    #[tokio::test]
+    async fn each_admission_refusal_says_whether_to_retry_and_when() {
+        use crate::domain::admission::AdmissionRefusal as A;
+        use crate::domain::budget::{SpentLimit, Window, WorstCaseOverBudget};
+        let spent = SpentLimit {
+            window: Window::Day,
+            models: None,
+            limit: 5_000_000,
+            used: 5_000_000,
+            resets_at: None,
+            zone: "UTC".into(),
+        };
+        let over = |held| {
+            A::WorstCaseOverBudget(WorstCaseOverBudget {
+                limit: SpentLimit {
+                    used: 4_000_000,
+                    ..spent.clone()
+                },
+                worst: 2_000_000,
+                held,
+            })
+        };
+        let transient = [
+            A::RateLimited { retry_after: 20 },
+            // An hour-long tier window still says at most a minute.
+            A::RateLimited { retry_after: 3_000 },
+            A::TokensPerMinute {
+                used: 10,
+                limit: 10,
+                retry_after: 17,
+            },
+            A::TooManyConcurrent { limit: 2 },
+            A::WorstCaseExceedsQuota {
+                worst: 10,
+                left: 5,
+                held: 5,
+            },
+            over(1_000_000),
+            A::LimitModeChanged,
+        ];
+        let finals = [
+            A::QuotaExhausted {
+                used: 10,
+                limit: 10,
+            },
+            A::WorstCaseExceedsQuota {
+                worst: 10,
+                left: 5,
+                held: 4,
+            },
+            A::BudgetSpent(spent.clone()),
+            over(0),
+            A::OverTier {
+                requests: 20,
+                limit: 10,
+                period: 60,
+            },
+            A::Disabled,
+            A::Expired,
+        ];
+        for refusal in transient {
+            let response = ApiError::from(refusal.clone()).into_response();
+            let headers = response.headers();
+            let retry_after: u64 = headers["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("{refusal:?}: an integer retry-after"));
+            assert!(
+                (1..=60).contains(&retry_after),
+                "{refusal:?}: {retry_after}"
+            );
+            assert!(headers.get("x-should-retry").is_none(), "{refusal:?}");
+        }
+        for refusal in finals {
+            let response = ApiError::from(refusal.clone()).into_response();
+            let headers = response.headers();
+            assert!(headers.get("retry-after").is_none(), "{refusal:?}");
+            assert_eq!(headers["x-should-retry"], "false", "{refusal:?}");
+        }
     }
 }
