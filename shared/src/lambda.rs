@@ -47,11 +47,34 @@ fn is_scheduled(request: &lambda_http::Request) -> bool {
     }
 }
 
+/// The base URL the client used: API Gateway's domain, and whatever the
+/// path it saw has before the path the router gets (the stage, or a custom
+/// domain's base path).
+fn public_base(request: &lambda_http::Request) -> Option<String> {
+    match request.request_context_ref() {
+        Some(RequestContext::ApiGatewayV1(context)) => {
+            let domain = context.domain_name.as_deref()?;
+            let seen = context.path.as_deref().unwrap_or("");
+            let prefix = seen
+                .strip_suffix(request.uri().path())
+                .unwrap_or("")
+                .trim_end_matches('/');
+            Some(format!("https://{domain}{prefix}"))
+        }
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
 /// Converts the Lambda request into a plain HTTP request for the router.
 pub fn into_router_request(request: lambda_http::Request) -> http::Request<Body> {
     let ip = source_ip(&request);
     let scheduled = is_scheduled(&request);
+    let base = public_base(&request);
     let (mut parts, body) = request.into_parts();
+    if let Some(base) = base {
+        parts.extensions.insert(crate::http::PublicBase(base));
+    }
     if let Some(ip) = ip {
         parts.extensions.insert(ClientIp(ip));
     }

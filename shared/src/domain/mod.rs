@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod bedrock;
 pub mod budget;
+pub mod client_setup;
 pub mod flight;
 pub mod key;
 pub mod login;

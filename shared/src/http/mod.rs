@@ -6,6 +6,7 @@ pub mod admin;
 pub mod health;
 pub mod key_holder;
 pub mod prometheus;
+mod setup;
 pub mod usage;
 
 use std::net::{IpAddr, SocketAddr};
@@ -26,6 +27,11 @@ use crate::error::ApiError;
 /// Never taken from a client-supplied header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
+
+/// The relay's base URL as the client reached it (API Gateway's domain and
+/// stage), set by the Lambda adapter; locally, taken from `Host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicBase(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for ClientIp {
     type Rejection = ApiError;

@@ -45,6 +45,7 @@ pub fn routes(state: UsageApiState) -> Router {
         .route("/api/usage/logs", get(logs))
         .route("/api/usage/quota", get(quota))
         .route("/api/usage/sessions", get(sessions))
+        .route("/api/usage/setup", get(super::setup::setup))
         .route("/api/usage/", any(not_found))
         .route("/api/usage/{*rest}", any(not_found))
         .method_not_allowed_fallback(super::method_not_allowed)

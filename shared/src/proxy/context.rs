@@ -15,6 +15,7 @@ use time::OffsetDateTime;
 
 use super::ProxyState;
 use super::body;
+use crate::domain::client_setup::base_url_problem;
 use crate::domain::key::access::Refusal;
 use crate::domain::key::{ApiKeyRecord, PresentedKey};
 use crate::domain::route::{CanonicalPath, Route, RouteRefusal, is_id_segment, route};
@@ -79,7 +80,14 @@ pub(super) fn begin(state: ProxyState, ip: IpAddr, request: Request) -> Result<B
         parts.uri.path(),
         &state.0.config.pass_through,
     )
-    .map_err(route_refusal)?;
+    .map_err(|refusal| match refusal {
+        // The commonest setup mistake says how to fix it.
+        RouteRefusal::UnknownPath => match base_url_problem(parts.uri.path()) {
+            Some(problem) => ApiError::not_found(problem),
+            None => route_refusal(refusal),
+        },
+        refusal => route_refusal(refusal),
+    })?;
     match route {
         Route::Hello => return Ok(Begun::Answered(StatusCode::OK.into_response())),
         Route::Complete => {

@@ -427,6 +427,21 @@ async fn usage_events_answer_quota_and_health() {
     assert_eq!(reply.json["tokens_used"], 0);
     assert_eq!(reply.json["rate_limit_tier"]["name"], "basic");
 
+    // The self-check names the base URL as the client reached it: API
+    // Gateway's domain and the stage the router never sees.
+    let setup = event(USAGE_QUOTA, |event| {
+        set_header(event, "x-api-key", &key);
+        event["path"] = json!("/api/usage/setup");
+        event["requestContext"]["path"] = json!("/prod/api/usage/setup");
+        event["requestContext"]["resourcePath"] = json!("/api/usage/setup");
+    });
+    let reply = call(&functions.usage, setup).await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    assert_eq!(
+        reply.json["environment"][0]["value"],
+        "https://a1b2c3d4e5.execute-api.us-east-1.amazonaws.com/prod"
+    );
+
     let (_, local_only) = functions.create_key(&["127.0.0.1/32"]).await;
     let reply = call(&functions.usage, event(USAGE_QUOTA, with_key(&local_only))).await;
     assert_eq!(reply.status, 403, "{}", reply.text);

@@ -18,6 +18,7 @@ mod lambda_events;
 mod prices;
 mod proxy;
 mod reconcile;
+mod setup;
 mod stream_cap;
 mod template;
 mod tpm;
