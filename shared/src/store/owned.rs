@@ -534,7 +534,7 @@ impl Store {
             );
             items.push(self.key_counters_update(&batch.key_id, change)?);
         }
-        items.push(self.day_counters_update(&batch.key_id, &totals, at)?);
+        items.push(self.day_counters_update(&batch.key_id, &totals, at, None)?);
 
         // DynamoDB takes 100 items per transaction: the models past the
         // first 90 share one aggregate.

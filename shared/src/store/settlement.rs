@@ -126,7 +126,19 @@ impl Store {
             );
             items.push(self.key_counters_update(&record.key_id, change)?);
         }
-        items.push(self.day_counters_update(&record.key_id, &counters, record.at)?);
+        let served = record
+            .upstream
+            .as_deref()
+            .map(|name| layout::usage::UpstreamServed {
+                name,
+                failed: record.error_type.is_some(),
+            });
+        items.push(self.day_counters_update(
+            &record.key_id,
+            &counters,
+            record.at,
+            served.as_ref(),
+        )?);
         let model = record.model.as_deref().unwrap_or("unknown");
         items.push(self.model_counters_update(&record.key_id, model, &counters, record.at)?);
         // A session id that may not be a key is ignored: the log row still
@@ -165,10 +177,11 @@ impl Store {
         key_id: &KeyId,
         counters: &Counters,
         at: OffsetDateTime,
+        upstream: Option<&layout::usage::UpstreamServed<'_>>,
     ) -> Result<TransactWriteItem, StoreError> {
         let day = day_of(at);
         let item = layout::day(key_id, &day);
-        let change = layout::usage::day_settlement(key_id, &item, &day, counters, at);
+        let change = layout::usage::day_settlement(key_id, &item, &day, counters, at, upstream);
         transact_update(self.counters_item_update(item, change))
     }
 

@@ -67,6 +67,14 @@ pub struct LogRow {
     pub unpriced: bool,
 }
 
+/// One upstream's traffic on one day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpstreamTraffic {
+    pub requests: u64,
+    /// Of them, answered with an error.
+    pub errors: u64,
+}
+
 /// One Claude Code session's usage under a key.
 #[derive(Debug, Clone)]
 pub struct SessionUsage {
@@ -287,6 +295,19 @@ impl Store {
             .iter()
             .map(layout::usage::key_day_totals)
             .collect()
+    }
+
+    /// Each upstream's requests and errors on one day (`yyyy-mm-dd`),
+    /// summed over every key's day item.
+    pub async fn upstream_traffic(
+        &self,
+        day: &str,
+    ) -> Result<std::collections::BTreeMap<String, UpstreamTraffic>, StoreError> {
+        let mut traffic = std::collections::BTreeMap::<String, UpstreamTraffic>::new();
+        for item in self.index_partition(layout::day_index(day)).await? {
+            layout::usage::add_upstream_traffic(&item, &mut traffic);
+        }
+        Ok(traffic)
     }
 
     /// Names of these keys (deleted ones are absent), in batches of 100.

@@ -341,6 +341,7 @@ async fn the_admin_sees_each_upstream_and_its_health_without_its_key() {
     });
     assert_eq!(send(&app, &key, None).await, 200);
     until_cooling(&app, "primary").await;
+    app.in_flight.idle().await;
     let token = app.admin_token().await.unwrap();
     let response = app
         .http
@@ -368,6 +369,10 @@ async fn the_admin_sees_each_upstream_and_its_health_without_its_key() {
     assert_eq!(primary["health"]["status"], "cooling");
     assert_eq!(primary["health"]["last_failure"]["kind"], "overloaded");
     assert_eq!(primary["health"]["failures"], 1);
+    // Today's traffic: the backup answered the request the primary could
+    // not; the primary answered none.
+    assert_eq!(primary["today"], json!({"requests": 0, "errors": 0}));
+    assert_eq!(upstreams[1]["today"], json!({"requests": 1, "errors": 0}));
     assert!(primary["health"]["cooldown_until"].is_string());
     assert_eq!(upstreams[1]["health"]["status"], "healthy");
     assert_eq!(upstreams[2]["kind"], "bedrock");

@@ -1,7 +1,8 @@
-//! `GET /admin/upstreams`: the upstreams the secret names and their health
-//! as every proxy instance shares it (cooldowns, failures, refused keys).
-//! Traffic per upstream is in the metrics (`Upstream` dimension) and on
-//! each usage row.
+//! `GET /admin/upstreams`: the upstreams the secret names, their health as
+//! every proxy instance shares it (cooldowns, failures, refused keys) and
+//! today's traffic (requests and errors each served, from the day
+//! aggregates settlement keeps). Finer traffic is in the metrics
+//! (`Upstream` dimension) and on each usage row.
 
 use axum::Json;
 use axum::extract::State;
@@ -12,6 +13,7 @@ use crate::domain::format_timestamp;
 use crate::domain::upstream_pool::{HealthView, UpstreamKind, UpstreamSpec};
 use crate::error::ApiError;
 use crate::http::{NoParams, QueryParams};
+use crate::store::usage_log::UpstreamTraffic;
 
 #[derive(Debug, Serialize)]
 pub struct UpstreamsView {
@@ -33,6 +35,14 @@ pub struct UpstreamView {
     pub region: Option<String>,
     pub model_map: Option<Vec<String>>,
     pub health: HealthShown,
+    /// Requests it answered today (UTC), and of them errors.
+    pub today: TrafficShown,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrafficShown {
+    pub requests: u64,
+    pub errors: u64,
 }
 
 /// How the proxies see it now.
@@ -72,16 +82,29 @@ pub(super) async fn list_upstreams(
         }));
     };
     let now = crate::domain::now();
-    let health = state.store.upstream_health(&pool.names(), now).await?;
+    let (names, today) = (pool.names(), crate::domain::day_of(now));
+    let (health, traffic) = tokio::join!(
+        state.store.upstream_health(&names, now),
+        state.store.upstream_traffic(&today),
+    );
+    let (health, traffic) = (health?, traffic?);
     let upstreams = pool
         .upstreams
         .iter()
-        .map(|spec| view(spec, &health, now))
+        .map(|spec| {
+            let today = traffic.get(&spec.name).copied().unwrap_or_default();
+            view(spec, &health, today, now)
+        })
         .collect();
     Ok(Json(UpstreamsView { upstreams }))
 }
 
-fn view(spec: &UpstreamSpec, health: &HealthView, now: time::OffsetDateTime) -> UpstreamView {
+fn view(
+    spec: &UpstreamSpec,
+    health: &HealthView,
+    today: UpstreamTraffic,
+    now: time::OffsetDateTime,
+) -> UpstreamView {
     let (kind, base_url, region, model_map) = match &spec.kind {
         UpstreamKind::Anthropic { base_url, .. } => (
             "anthropic",
@@ -132,6 +155,10 @@ fn view(spec: &UpstreamSpec, health: &HealthView, now: time::OffsetDateTime) -> 
                 .unusable
                 .filter(|_| refused)
                 .map(|mark| format_timestamp(mark.since)),
+        },
+        today: TrafficShown {
+            requests: today.requests,
+            errors: today.errors,
         },
     }
 }

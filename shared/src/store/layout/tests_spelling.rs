@@ -213,7 +213,17 @@ fn layout_attributes() -> BTreeSet<String> {
             },
             at,
         ),
-        usage::day_settlement(&key, &day_item, "2026-01-02", &counters, at),
+        usage::day_settlement(
+            &key,
+            &day_item,
+            "2026-01-02",
+            &counters,
+            at,
+            Some(&usage::UpstreamServed {
+                name: "main",
+                failed: true,
+            }),
+        ),
         usage::model_settlement("m", &counters, at),
         usage::session_settlement(
             &key,

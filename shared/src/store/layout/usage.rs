@@ -108,8 +108,9 @@ pub(crate) fn day_settlement(
     day: &str,
     counters: &Counters,
     at: OffsetDateTime,
+    upstream: Option<&UpstreamServed<'_>>,
 ) -> Change {
-    let (expression, mut values) = counters_update(
+    let (mut expression, mut values) = counters_update(
         counters,
         &[],
         "gsi1pk = :gpk, gsi1sk = :gsk, key_id = :kid, #day = :day, first_at = if_not_exists(first_at, :at), last_at = :at",
@@ -119,10 +120,66 @@ pub(crate) fn day_settlement(
     values.insert(":kid".into(), s(key_id.as_str()));
     values.insert(":day".into(), s(day));
     values.insert(":at".into(), s(format_timestamp(at)));
+    let mut names = HashMap::from([("#day".to_owned(), "day".to_owned())]);
+    // The day's traffic per upstream, for `/admin/upstreams`: counters on
+    // the item the settlement writes anyway (its `ADD` clause comes first).
+    if let Some(served) = upstream {
+        let (add, rest) = expression
+            .split_once(" SET ")
+            .map_or((expression.as_str(), ""), |(add, rest)| (add, rest));
+        let mut add = add.to_owned();
+        values.insert(":up_one".into(), n(1));
+        names.insert("#upr".into(), upstream_attribute(served.name, "requests"));
+        add.push_str(", #upr :up_one");
+        if served.failed {
+            names.insert("#upe".into(), upstream_attribute(served.name, "errors"));
+            add.push_str(", #upe :up_one");
+        }
+        expression = format!("{add} SET {rest}");
+    }
     Change {
         expression,
-        names: Some(HashMap::from([("#day".to_owned(), "day".to_owned())])),
+        names: Some(names),
         values,
+    }
+}
+
+/// The upstream that answered a settled request, and whether its answer
+/// was an error.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UpstreamServed<'a> {
+    pub name: &'a str,
+    pub failed: bool,
+}
+
+/// A day item's traffic counters per upstream are top-level attributes
+/// `upstream|<name>|requests` and `…|errors` (names are an admin's, of a
+/// safe charset).
+const UPSTREAM_PREFIX: &str = "upstream|";
+
+fn upstream_attribute(name: &str, counter: &str) -> String {
+    format!("{UPSTREAM_PREFIX}{name}|{counter}")
+}
+
+/// Adds one day item's traffic counters to `traffic`, by upstream.
+pub(crate) fn add_upstream_traffic(
+    item: &Item,
+    traffic: &mut std::collections::BTreeMap<String, super::super::usage_log::UpstreamTraffic>,
+) {
+    for name in item.keys() {
+        let Some((upstream, counter)) = name
+            .strip_prefix(UPSTREAM_PREFIX)
+            .and_then(|rest| rest.rsplit_once('|'))
+        else {
+            continue;
+        };
+        let value = get_n(item, name).unwrap_or(0);
+        let entry = traffic.entry(upstream.to_owned()).or_default();
+        match counter {
+            "requests" => entry.requests += value,
+            "errors" => entry.errors += value,
+            _ => {}
+        }
     }
 }
 
