@@ -33,6 +33,21 @@ fn entry(name: &str, fake: &FakeUpstream, priority: u32) -> Value {
         "api_key": fake.api_key(), "priority": priority})
 }
 
+/// A relay over three accounts `a`, `b` and `c` of one priority and weight.
+async fn three_equal_accounts() -> (Vec<FakeUpstream>, TestApp) {
+    let fakes = accounts(3).await;
+    let app = app_with(
+        json!([
+            entry("a", &fakes[0], 1),
+            entry("b", &fakes[1], 1),
+            entry("c", &fakes[2], 1)
+        ]),
+        None,
+    )
+    .await;
+    (fakes, app)
+}
+
 async fn app_with(upstreams: Value, table: Option<String>) -> TestApp {
     spawn_app_with(AppOptions {
         upstreams: Some(upstreams),
@@ -185,16 +200,7 @@ async fn a_cooldown_one_instance_saw_spares_the_other_through_dynamodb() {
 
 #[tokio::test]
 async fn a_session_stays_on_one_upstream_and_moves_once_when_it_fails() {
-    let fakes = accounts(3).await;
-    let app = app_with(
-        json!([
-            entry("a", &fakes[0], 1),
-            entry("b", &fakes[1], 1),
-            entry("c", &fakes[2], 1)
-        ]),
-        None,
-    )
-    .await;
+    let (fakes, app) = three_equal_accounts().await;
     let (id, key) = app.new_key().await.unwrap();
     let session = "2f1a7c1e-5d7e-4c4b-9a61-3f2b8e0d9c11";
     for _ in 0..50 {
@@ -382,16 +388,7 @@ async fn the_admin_sees_each_upstream_and_its_health_without_its_key() {
 
 #[tokio::test]
 async fn a_session_named_only_in_metadata_user_id_stays_on_one_upstream_too() {
-    let fakes = accounts(3).await;
-    let app = app_with(
-        json!([
-            entry("a", &fakes[0], 1),
-            entry("b", &fakes[1], 1),
-            entry("c", &fakes[2], 1)
-        ]),
-        None,
-    )
-    .await;
+    let (_fakes, app) = three_equal_accounts().await;
     let (id, key) = app.new_key().await.unwrap();
     let user_id = json!({"device_id": "d1", "account_uuid": "",
         "session_id": "7c9e6679-7425-40de-944b-e07fc1f90ae7"})
