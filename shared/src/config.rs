@@ -129,7 +129,7 @@ variables! {
     UNPRICED_MODELS = Default("charge"),
         "a model the price table does not price: `charge` it the fallback prices (the dearest shipped; recorded as unpriced) or `refuse` it (403) before forwarding";
     PRICE_CACHE_SECONDS = Default("60"),
-        "how long the proxy keeps the price table (`PUT /admin/prices`) before reading it again";
+        "how long the proxy keeps the price table (`PUT /admin/prices`) and the model aliases (`PUT /admin/model-aliases`) before reading them again";
     RECONCILE_AFTER_SECONDS = Default("900"),
         "a message request admitted this long ago and never settled (the process died) is charged an estimate by the scheduled reconciler";
     BUDGET_TIME_ZONE = Default("UTC"),

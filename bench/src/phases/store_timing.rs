@@ -96,6 +96,7 @@ fn usage_record(key_id: &KeyId, at: OffsetDateTime, i: usize) -> UsageRecord {
         key_id: key_id.clone(),
         at,
         model: Some("claude-sonnet-4-5-20250929".into()),
+        requested_model: None,
         method: "POST".into(),
         path: "/v1/messages".into(),
         status: 200,

@@ -10,6 +10,7 @@ pub mod client_setup;
 pub mod flight;
 pub mod key;
 pub mod login;
+pub mod model_catalog;
 pub mod price;
 pub mod price_list;
 pub mod route;

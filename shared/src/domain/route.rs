@@ -224,12 +224,17 @@ pub static ROUTE_TABLE: &[RouteEntry] = &[
         Treatment::Free,
         "count tokens; model allowlist applies",
     ),
-    row(Method::GET, "/v1/models", Treatment::Free, "list models"),
+    row(
+        Method::GET,
+        "/v1/models",
+        Treatment::Free,
+        "the models this key may use and the aliases for them, answered by the relay",
+    ),
     row(
         Method::GET,
         "/v1/models/{model_id}",
         Treatment::Free,
-        "one model",
+        "one of those models or aliases",
     ),
     row(
         Method::POST,

@@ -57,20 +57,16 @@ pub(super) struct PoolChoice {
 }
 
 impl Exchange {
-    /// A free exchange: forwarded and streamed back, nothing metered.
-    pub(super) fn unmetered(
-        state: ProxyState,
-        forward: ForwardRequest,
-        started: Instant,
-        pooled: Option<PoolChoice>,
-    ) -> Self {
+    /// A free exchange to the home upstream: forwarded and streamed back,
+    /// nothing metered.
+    pub(super) fn unmetered(state: ProxyState, forward: ForwardRequest, started: Instant) -> Self {
         Exchange {
             state,
             forward,
             metering: None,
             streamed: false,
             started,
-            pooled,
+            pooled: None,
         }
     }
 }
@@ -461,7 +457,7 @@ async fn end_at_the_cap(tap: &mut UsageTap, client: &mut ClientSink) {
     }
 }
 
-async fn collect_bounded(mut body: BodyStream, limit: usize) -> Vec<u8> {
+pub(super) async fn collect_bounded(mut body: BodyStream, limit: usize) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(Ok(chunk)) = body.next().await {
         let room = limit.saturating_sub(out.len());

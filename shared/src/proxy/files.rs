@@ -201,7 +201,7 @@ pub(super) async fn list(call: Call) -> Result<Response, ApiError> {
 pub(super) async fn forward(call: Call, file_id: &str, body: Bytes) -> Result<Response, ApiError> {
     owned(&call, file_id).await?;
     let forward = call.forward(body);
-    Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started, None)).await)
+    Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
 }
 
 /// `DELETE /v1/files/{id}`: forwarded for its owner; the record goes once

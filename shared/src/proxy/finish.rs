@@ -27,8 +27,11 @@ pub(crate) struct Metering {
     pub request_id: String,
     pub key_id: KeyId,
     pub at: time::OffsetDateTime,
-    /// The model the request named (the answer's own name wins).
+    /// The model the request named, an alias resolved (the answer's own
+    /// name wins).
     pub model: Option<String>,
+    /// The alias the client asked for, if it named one.
+    pub requested_model: Option<String>,
     pub method: String,
     pub path: String,
     pub stream: bool,
@@ -58,6 +61,7 @@ impl Metering {
             key_id: call.key.id().clone(),
             at: call.at,
             model,
+            requested_model: None,
             method: call.parts.method.to_string(),
             path: call.path.to_string(),
             stream,
@@ -67,6 +71,14 @@ impl Metering {
             price_attributes,
             budget,
             settle_before_answer_ends: false,
+        }
+    }
+
+    /// The same, for a request that asked for the model by `alias`.
+    pub(super) fn asked_as(self, alias: Option<String>) -> Metering {
+        Metering {
+            requested_model: alias,
+            ..self
         }
     }
 }
@@ -136,6 +148,7 @@ pub(super) async fn usage_record(
         key_id,
         at,
         model,
+        requested_model,
         method,
         path,
         stream,
@@ -155,6 +168,7 @@ pub(super) async fn usage_record(
         key_id,
         at,
         model,
+        requested_model,
         method,
         path,
         status,

@@ -37,8 +37,12 @@ struct Admitted {
     session_in_body: Option<String>,
 }
 
-pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<Response, ApiError> {
-    let admitted = admit(&call, route, &body).await?;
+pub(super) async fn messages(
+    call: Call,
+    route: &Route,
+    mut body: Bytes,
+) -> Result<Response, ApiError> {
+    let admitted = admit(&call, route, &mut body).await?;
     let forward = call.forward(body);
     // A Claude Code session stays on one upstream while it is healthy: the
     // prompt cache lives in one account.
@@ -59,31 +63,42 @@ pub(super) async fn messages(call: Call, route: &Route, body: Bytes) -> Result<R
     .await)
 }
 
-/// Phase 2 for messages: the key's rules, then (for a metered route) the
-/// admission write.
-async fn admit(call: &Call, route: &Route, body: &Bytes) -> Result<Admitted, ApiError> {
+/// Phase 2 for messages: an alias resolved to its model, the key's rules,
+/// then (for a metered route) the admission write. The body forwarded
+/// names the real model.
+async fn admit(call: &Call, route: &Route, body: &mut Bytes) -> Result<Admitted, ApiError> {
     let charged = route.treatment() == Treatment::Metered;
     // serde would read the fields from an array too, in order.
     if !body::is_json_object(body) {
         return Err(ApiError::bad_request("request body must be a JSON object"));
     }
-    let fields = serde_json::from_slice::<MessagesFields>(body).map_err(|e| {
+    let mut fields = serde_json::from_slice::<MessagesFields>(body).map_err(|e| {
         ApiError::bad_request(format!("request body is not a valid JSON object: {e}"))
     })?;
     if let Some(problem) = fields.model.as_deref().and_then(model_name_problem) {
         return Err(ApiError::bad_request(problem));
     }
-    // An instance's first charged request reads the price table while the
-    // key is read, not after it.
-    let prices = async {
-        match charged {
-            true => call.state.prices().await.map(Some),
-            false => Ok(None),
+    // An instance's first request reads the price table and the aliases
+    // while the key is read, not after it.
+    let (in_force, record) = tokio::join!(call.state.in_force(), authorize(call, charged));
+    let (in_force, record) = (in_force?, record?);
+    let alias = fields
+        .model
+        .as_deref()
+        .and_then(|requested| in_force.aliases.resolve(requested));
+    let requested_alias = match alias {
+        Some(alias) => {
+            *body = body::with_model(body, &alias.model).map_err(|e| {
+                ApiError::bad_request(format!("request body is not a valid JSON object: {e}"))
+            })?;
+            fields.model = Some(alias.model.clone());
+            Some(alias.alias.clone())
         }
+        None => None,
     };
-    let (record, prices) = tokio::join!(authorize(call, charged, fields.model.as_deref()), prices);
-    let record = record?;
-    let prices = prices?;
+    // The allowlist judges the model served and billed, never the alias.
+    call.check(&record, Some(&[fields.model.as_deref()]))?;
+    let prices = charged.then(|| Arc::clone(&in_force.prices));
     if let (Some(prices), Some(model)) = (&prices, fields.model.as_deref())
         && prices.refuses(model, call.at)
     {
@@ -91,8 +106,12 @@ async fn admit(call: &Call, route: &Route, body: &Bytes) -> Result<Admitted, Api
     }
     call.check_file_references(body).await?;
     let streamed = fields.stream.unwrap_or(false);
-    let metering = match prices.filter(|_| charged) {
-        Some(prices) => Some(charge(call, &record, &fields, &prices, body, streamed).await?),
+    let metering = match prices {
+        Some(prices) => Some(
+            charge(call, &record, &fields, &prices, body, streamed)
+                .await?
+                .asked_as(requested_alias),
+        ),
         None => {
             let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
             call.seen.saw(record, &models);
@@ -213,16 +232,12 @@ pub(super) fn unpriced(model: &str) -> ApiError {
     ))
 }
 
-/// The key's record if it admits this caller and model. Charged requests
+/// The key's record if it admits this caller (its model is judged once
+/// an alias is resolved). Charged requests
 /// use the cached record for the rules and let the admission write re-check
 /// what must be current; uncharged ones read the key afresh (they are rare
 /// and write nothing).
-async fn authorize(
-    call: &Call,
-    charged: bool,
-    model: Option<&str>,
-) -> Result<Arc<ApiKeyRecord>, ApiError> {
-    let models = [model];
+async fn authorize(call: &Call, charged: bool) -> Result<Arc<ApiKeyRecord>, ApiError> {
     let hash = call.key.hash();
     let cached = charged
         .then(|| call.state.0.keys.get(call.key.id()))
@@ -230,10 +245,10 @@ async fn authorize(
         .filter(|r| r.secret_hash.matches(&hash));
     match cached {
         Some(record) => {
-            call.check(&record, Some(&models))?;
+            call.check(&record, None)?;
             Ok(record)
         }
-        None => Ok(Arc::new(call.authenticate(Some(&models)).await?)),
+        None => Ok(Arc::new(call.authenticate(None).await?)),
     }
 }
 

@@ -21,6 +21,7 @@ mod exchange;
 mod files;
 mod finish;
 mod messages;
+mod models;
 mod prices;
 pub mod reconcile;
 mod standing;
@@ -83,6 +84,8 @@ struct Inner {
     alerts: AlertPublisher,
     /// The upstreams' health as every instance shares it.
     upstream_health: Arc<HealthCache>,
+    /// The upstream's model list, for `/v1/models`.
+    models: models::UpstreamModels,
 }
 
 #[derive(Clone)]
@@ -113,6 +116,7 @@ impl ProxyState {
             prices,
             budgets,
             upstream_health: HealthCache::new(HEALTH_CACHE_TTL),
+            models: models::UpstreamModels::default(),
         }))
     }
 }
@@ -174,25 +178,13 @@ async fn serve_route(call: Call, route: Route, body: Body) -> Result<Response, A
                 .await
                 .map_err(|e| ApiError::internal(e.into()))?
         }
-        Route::ListModels | Route::GetModel(_) | Route::PassThrough => {
+        Route::ListModels => models::answer(call, None).await,
+        Route::GetModel(id) => models::answer(call, Some(&id)).await,
+        // What is opened to pass through goes to the home upstream.
+        Route::PassThrough => {
             call.authenticate(None).await?;
             let forward = call.forward(body);
-            // The model list comes from the upstreams in the pool's order
-            // (a Bedrock upstream answers from its model map); what is
-            // opened to pass through goes to the home upstream.
-            let pooled = matches!(route, Route::ListModels | Route::GetModel(_)).then_some(
-                exchange::PoolChoice {
-                    model: None,
-                    session: None,
-                },
-            );
-            Ok(exchange::start(Exchange::unmetered(
-                call.state,
-                forward,
-                call.started,
-                pooled,
-            ))
-            .await)
+            Ok(exchange::start(Exchange::unmetered(call.state, forward, call.started)).await)
         }
         Route::CreateBatch => batches::create(call, body).await,
         Route::ListBatches => batches::list(call).await,

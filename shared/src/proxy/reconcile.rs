@@ -113,6 +113,7 @@ async fn estimated_record(state: &ProxyState, key: &ApiKeyRecord, flight: &Fligh
         key_id: key.id.clone(),
         at,
         model: flight.model.clone(),
+        requested_model: None,
         method: "POST".into(),
         path: flight.path.clone(),
         // No answer was seen: status 0 says so on the row.

@@ -13,6 +13,7 @@ mod capacity;
 mod item;
 mod layout;
 mod logins;
+pub mod model_aliases;
 pub mod owned;
 pub mod prices;
 pub mod schema;

@@ -57,6 +57,10 @@ pub struct LogRow {
     pub error_type: Option<String>,
     /// The upstream that answered (`UpstreamSpec::name`).
     pub upstream: Option<String>,
+    /// The alias the client asked for, when it named one (`model` is the
+    /// model it resolved to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_model: Option<String>,
     /// What the row's usage cost, in millionths of a dollar (0 on rows
     /// recorded before prices existed).
     pub cost_micro_usd: u64,

@@ -15,6 +15,7 @@ mod faults;
 mod hard;
 mod isolation;
 mod lambda_events;
+mod models;
 mod prices;
 mod proxy;
 mod reconcile;

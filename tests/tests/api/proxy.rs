@@ -275,6 +275,7 @@ async fn settling_the_same_request_twice_counts_it_once() {
         key_id: relay_shared::domain::key::KeyId::parse(&id).unwrap(),
         at: relay_shared::domain::now(),
         model: Some("claude-opus-5-5".into()),
+        requested_model: None,
         method: "POST".into(),
         path: "/v1/messages".into(),
         status: 200,

@@ -88,6 +88,7 @@ async fn a_request_that_never_settles_is_charged_its_estimate_once_when_overdue(
         key_id: record.id.clone(),
         at: flight.admitted_at,
         model: flight.model.clone(),
+        requested_model: None,
         method: "POST".into(),
         path: "/v1/messages".into(),
         status: 200,

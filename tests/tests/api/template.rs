@@ -902,6 +902,7 @@ fn emitted_metrics() -> BTreeMap<String, Vec<Vec<String>>> {
         key_id: PresentedKey::generate().id().clone(),
         at: now(),
         model: Some("claude-test-1".into()),
+        requested_model: None,
         method: "POST".into(),
         path: "/v1/messages".into(),
         status: 200,

@@ -387,6 +387,7 @@ async fn daily_rows_are_zero_filled_oldest_first_and_end_today() {
         key_id: KeyId::parse(&id).unwrap(),
         at: OffsetDateTime::now_utc() - time::Duration::days(3),
         model: Some(SONNET.into()),
+        requested_model: None,
         method: "POST".into(),
         path: "/v1/messages".into(),
         status: 200,

@@ -18,7 +18,11 @@ pub struct UsageRecord {
     pub request_id: String,
     pub key_id: KeyId,
     pub at: OffsetDateTime,
+    /// The model served and billed (the answer's own name).
     pub model: Option<String>,
+    /// The alias the client asked for, when it named one (`model` is what
+    /// it resolved to).
+    pub requested_model: Option<String>,
     pub method: String,
     pub path: String,
     pub status: u16,
@@ -274,6 +278,7 @@ mod tests {
             key_id: KeyId::parse("abcdefABCDEF").unwrap(),
             at: crate::domain::now(),
             model: None,
+            requested_model: None,
             method: "POST".into(),
             path: "/v1/messages".into(),
             status,

@@ -3,6 +3,7 @@
 //! callers inside `ADMIN_ALLOWED_CIDRS` when that is set. Request and answer
 //! shapes are in `shapes`.
 
+mod model_aliases;
 mod prices;
 pub(crate) mod shapes;
 mod upstreams;
@@ -84,6 +85,10 @@ pub fn routes(state: AdminState) -> Router {
             get(prices::get_prices).put(prices::put_prices),
         )
         .route("/admin/prices/history", get(prices::price_history))
+        .route(
+            "/admin/model-aliases",
+            get(model_aliases::get_aliases).put(model_aliases::put_aliases),
+        )
         .route("/admin/upstreams", get(upstreams::list_upstreams))
         // Unknown admin paths stay here (404), never reaching the proxy.
         .route("/admin", axum::routing::any(not_found))

@@ -18,6 +18,7 @@
 //! | login failures       | `LOGINFAIL#<ip>`    | `META`                     |                       |
 //! | price table in force | `PRICES`            | `CURRENT`                  |                       |
 //! | price table version  | `PRICES#VERSIONS`   | `V#<updated_at>`           |                       |
+//! | model aliases        | `MODELS`            | `ALIASES`                  |                       |
 //! | upstream health      | `UPSTREAM#<name>`   | `HEALTH`                   |                       |
 //! | upstream refusal     | `UPSTREAM#<name>`   | `UNUSABLE`                 |                       |
 //!
@@ -31,6 +32,7 @@
 
 pub(crate) mod api_key;
 pub(crate) mod login;
+pub(crate) mod model_aliases;
 pub(crate) mod owned;
 pub(crate) mod prices;
 pub(crate) mod tier;

@@ -9,8 +9,8 @@ use super::super::item::Item;
 use super::super::owned::{BatchRecord, FileRecord};
 use super::{
     Change, IN_INDEX_PARTITION, IN_INDEX_PARTITION_AFTER, IN_INDEX_PARTITION_BEFORE, IN_PARTITION,
-    ITEM_ABSENT, ITEM_EXISTS, TTL_ATTRIBUTE, api_key, day, login, owned, prices, tier,
-    upstream_health, usage,
+    ITEM_ABSENT, ITEM_EXISTS, TTL_ATTRIBUTE, api_key, day, login, model_aliases, owned, prices,
+    tier, upstream_health, usage,
 };
 use crate::domain::admission::{AdmissionWrite, Charge, QuotaRule, RateLimit, WindowStep};
 use crate::domain::budget::{BudgetWrite, FiveHourStep, SpendCounter};
@@ -27,6 +27,7 @@ const OPERATION_FILES: &[(&str, &str)] = &[
     ("item.rs", include_str!("../item.rs")),
     ("logins.rs", include_str!("../logins.rs")),
     ("mod.rs", include_str!("../mod.rs")),
+    ("model_aliases.rs", include_str!("../model_aliases.rs")),
     ("owned.rs", include_str!("../owned.rs")),
     ("prices.rs", include_str!("../prices.rs")),
     ("settlement.rs", include_str!("../settlement.rs")),
@@ -105,6 +106,7 @@ fn layout_attributes() -> BTreeSet<String> {
         key_id: key.clone(),
         at,
         model: Some("m".into()),
+        requested_model: Some("a".into()),
         method: "POST".into(),
         path: "/v1/messages".into(),
         status: 200,
@@ -165,6 +167,7 @@ fn layout_attributes() -> BTreeSet<String> {
         owned::pending_item(&key, "r", 1, at),
         owned::file_item(&file),
         prices::prices_item(prices::current(), "{}", "2026-01-02T03:04:05.006Z"),
+        model_aliases::aliases_item(&Default::default(), "2026-01-02T03:04:05.006Z").unwrap(),
         upstream_health::fresh_health_item(
             "u",
             at,

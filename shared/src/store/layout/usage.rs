@@ -359,6 +359,7 @@ pub(crate) fn request_log_item(record: &UsageRecord, expires: u64) -> Item {
         ("session_id", record.session_id.as_deref()),
         ("error_type", record.error_type.as_deref()),
         ("upstream", record.upstream.as_deref()),
+        ("requested_model", record.requested_model.as_deref()),
     ];
     for (name, value) in optional {
         if let Some(value) = value {
@@ -450,6 +451,7 @@ impl TryFrom<&Item> for LogRow {
             session_id: owned(opt_s(item, "session_id")?),
             error_type: owned(opt_s(item, "error_type")?),
             upstream: owned(opt_s(item, "upstream")?),
+            requested_model: owned(opt_s(item, "requested_model")?),
             cost_micro_usd: opt_n(item, "cost_micro_usd")?.unwrap_or(0),
             cache_saved_micro_usd: get_signed(item, "cache_saved_micro_usd")?,
             unpriced: flag("unpriced"),
