@@ -189,8 +189,9 @@ pub(crate) fn add_upstream_traffic(
 /// A day or session item's counters per request class are top-level
 /// attributes `class|<bucket>|<counter>`, the bucket one of
 /// `RequestClass::BUCKETS` (never what the client sent), the counter one
-/// of [`CLASS_COUNTERS`]. Short counter names and no zero `ADD`s keep the
-/// items small: every settlement rewrites them.
+/// of [`CLASS_COUNTERS`]. Only the counters a request adds to are
+/// written (no zero `ADD`s), and only six per class: the items stay small,
+/// since every settlement rewrites them and pays by their size.
 const CLASS_PREFIX: &str = "class|";
 
 /// The counters kept per request class, as they end attribute names.
