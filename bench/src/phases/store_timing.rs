@@ -113,6 +113,7 @@ fn usage_record(key_id: &KeyId, at: OffsetDateTime, i: usize) -> UsageRecord {
         client_ip: "127.0.0.1".into(),
         user_agent: Some("relay-bench".into()),
         session_id: None,
+        attribution: Default::default(),
         error_type: None,
         upstream: None,
         cost: Default::default(),

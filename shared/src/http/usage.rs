@@ -19,7 +19,7 @@ use crate::domain::day_of;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
 use crate::domain::tpm::MinuteStanding;
-use crate::domain::usage::UsageTotals;
+use crate::domain::usage::{ClassTotals, UsageTotals};
 use crate::domain::{format_timestamp, now, parse_timestamp};
 use crate::error::ApiError;
 use crate::http::admin::shapes::BudgetView;
@@ -45,6 +45,7 @@ pub fn routes(state: UsageApiState) -> Router {
         .route("/api/usage/logs", get(logs))
         .route("/api/usage/quota", get(quota))
         .route("/api/usage/sessions", get(sessions))
+        .route("/api/usage/request-classes", get(request_classes))
         .route("/api/usage/setup", get(super::setup::setup))
         .route("/api/usage/", any(not_found))
         .route("/api/usage/{*rest}", any(not_found))
@@ -112,6 +113,16 @@ async fn sessions(
     QueryParams(params): QueryParams<PageParams>,
 ) -> Result<Json<Page<SessionTotals>>, ApiError> {
     sessions_view(&state.store, &key.id, &params).await
+}
+
+async fn request_classes(
+    State(state): State<UsageApiState>,
+    KeyHolder(key): KeyHolder,
+    QueryParams(params): QueryParams<RequestClassParams>,
+) -> Result<Json<RequestClassesView>, ApiError> {
+    request_classes_view(&state.store, &key.id, &params)
+        .await
+        .map(Json)
 }
 
 /// A set of counters as every usage view shows them.
@@ -199,6 +210,54 @@ pub struct SessionTotals {
     pub last_used_at: String,
     #[serde(flatten)]
     pub totals: TotalsView,
+    /// The session's requests by request class (those counted since
+    /// per-class counters exist).
+    pub by_request_class: Vec<RequestClassTotals>,
+}
+
+/// One request class's share (`x-claude-code-request-class`): `main`,
+/// `subagent`, `workflow`, `compaction`, `auxiliary`, `other` (a value
+/// outside those five) or `unclassified` (no class sent).
+#[derive(Debug, Serialize)]
+pub struct RequestClassTotals {
+    pub request_class: &'static str,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    /// All four token counts together.
+    pub tokens: u64,
+    /// What they cost, in millionths of a dollar.
+    pub cost_micro_usd: u64,
+}
+
+impl RequestClassTotals {
+    fn rows(by_class: &[(&'static str, ClassTotals)]) -> Vec<RequestClassTotals> {
+        by_class
+            .iter()
+            .map(|(bucket, totals)| RequestClassTotals {
+                request_class: bucket,
+                requests: totals.requests,
+                input_tokens: totals.input_tokens,
+                output_tokens: totals.output_tokens,
+                cache_creation_input_tokens: totals.cache_creation_input_tokens,
+                cache_read_input_tokens: totals.cache_read_input_tokens,
+                tokens: totals.tokens(),
+                cost_micro_usd: totals.cost_micro_usd,
+            })
+            .collect()
+    }
+}
+
+/// `GET /api/usage/request-classes`.
+#[derive(Debug, Serialize)]
+pub struct RequestClassesView {
+    pub key_id: String,
+    pub from: String,
+    pub to: String,
+    /// Classes with traffic in the range, in the order listed above.
+    pub data: Vec<RequestClassTotals>,
 }
 
 /// `GET /api/usage/daily`.
@@ -415,9 +474,56 @@ pub async fn sessions_view(
             first_used_at: s.first_used_at.clone(),
             last_used_at: s.last_used_at.clone(),
             totals: (&s.totals).into(),
+            by_request_class: RequestClassTotals::rows(&s.by_class),
         })
         .collect();
     Ok(super::page_json(data, &ids, page.has_more))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestClassParams {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+/// `GET /api/usage/request-classes?from=&to=`: the key's tokens, cost and
+/// requests per request class over a range of days (`yyyy-mm-dd`, UTC;
+/// default the last 30, at most 366), read from the day aggregates.
+pub async fn request_classes_view(
+    store: &Store,
+    id: &KeyId,
+    params: &RequestClassParams,
+) -> Result<RequestClassesView, ApiError> {
+    let to = match &params.to {
+        Some(text) => parse_day("to", text)?,
+        None => now().date(),
+    };
+    let from = match &params.from {
+        Some(text) => parse_day("from", text)?,
+        None => to - TimeDuration::days(29),
+    };
+    if from > to {
+        return Err(ApiError::bad_request(
+            "query parameter `from` is after `to`",
+        ));
+    }
+    if (to - from).whole_days() >= MAX_DAYS {
+        return Err(ApiError::bad_request(format!(
+            "the range may span at most {MAX_DAYS} days"
+        )));
+    }
+    let (from, to) = (
+        day_of(from.midnight().assume_utc()),
+        day_of(to.midnight().assume_utc()),
+    );
+    let by_class = store.usage_by_request_class(id, &from, &to).await?;
+    Ok(RequestClassesView {
+        key_id: id.to_string(),
+        from,
+        to,
+        data: RequestClassTotals::rows(&by_class),
+    })
 }
 
 #[derive(Debug, Deserialize)]

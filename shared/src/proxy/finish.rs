@@ -16,8 +16,8 @@ use super::{ProxyState, SettleTiming};
 use crate::domain::budget::BudgetCharge;
 use crate::domain::key::KeyId;
 use crate::domain::price::{Attribute, PriceTable};
-use crate::domain::usage::UsageRecord;
 use crate::domain::usage::{AnswerUsage, complete_with_estimate};
+use crate::domain::usage::{Attribution, UsageRecord};
 use crate::store::settlement::SettleOutcome;
 use crate::store::{Store, StoreError};
 
@@ -38,6 +38,8 @@ pub(crate) struct Metering {
     pub client_ip: String,
     pub user_agent: Option<String>,
     pub session_id: Option<String>,
+    /// The agent and request class the client named, sanitised.
+    pub attribution: Attribution,
     /// Request attributes that change its price (US inference).
     pub price_attributes: Vec<Attribute>,
     /// The dollar limits' counters its cost goes to.
@@ -68,6 +70,9 @@ impl Metering {
             client_ip: call.ip.to_string(),
             user_agent: call.header_text("user-agent"),
             session_id: call.header_text("x-claude-code-session-id"),
+            attribution: Attribution::of(|name| {
+                call.parts.headers.get(name).and_then(|v| v.to_str().ok())
+            }),
             price_attributes,
             budget,
             settle_before_answer_ends: false,
@@ -155,6 +160,7 @@ pub(super) async fn usage_record(
         client_ip,
         user_agent,
         session_id,
+        attribution,
         price_attributes,
         budget,
         settle_before_answer_ends: _,
@@ -181,6 +187,7 @@ pub(super) async fn usage_record(
         client_ip,
         user_agent,
         session_id,
+        attribution,
         error_type,
         upstream,
         cost,

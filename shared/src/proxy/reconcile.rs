@@ -127,6 +127,7 @@ async fn estimated_record(state: &ProxyState, key: &ApiKeyRecord, flight: &Fligh
         client_ip: String::new(),
         user_agent: None,
         session_id: None,
+        attribution: Default::default(),
         error_type: None,
         upstream: None,
         cost,

@@ -534,7 +534,14 @@ impl Store {
             );
             items.push(self.key_counters_update(&batch.key_id, change)?);
         }
-        items.push(self.day_counters_update(&batch.key_id, &totals, at, None)?);
+        // A batch names no request class: it counts as unclassified.
+        items.push(self.day_counters_update(
+            &batch.key_id,
+            &totals,
+            at,
+            None,
+            crate::domain::usage::UNCLASSIFIED,
+        )?);
 
         // DynamoDB takes 100 items per transaction: the models past the
         // first 90 share one aggregate.

@@ -133,11 +133,15 @@ impl Store {
                 name,
                 failed: record.error_type.is_some(),
             });
+        // Every request counts under one request class (or unclassified),
+        // on the day and session items written anyway.
+        let bucket = record.attribution.bucket();
         items.push(self.day_counters_update(
             &record.key_id,
             &counters,
             record.at,
             served.as_ref(),
+            bucket,
         )?);
         let model = record.model.as_deref().unwrap_or("unknown");
         items.push(self.model_counters_update(&record.key_id, model, &counters, record.at)?);
@@ -151,6 +155,7 @@ impl Store {
                 record.at,
                 expires,
             );
+            let change = layout::usage::with_class_counters(change, bucket, &counters);
             let item = layout::session(&record.key_id, session.as_str());
             items.push(transact_update(self.counters_item_update(item, change))?);
         }
@@ -171,17 +176,20 @@ impl Store {
         )
     }
 
-    /// The day aggregate's share, also indexed by day for the all-keys view.
+    /// The day aggregate's share, also indexed by day for the all-keys
+    /// view, and counted under request-class `bucket` too.
     pub(crate) fn day_counters_update(
         &self,
         key_id: &KeyId,
         counters: &Counters,
         at: OffsetDateTime,
         upstream: Option<&layout::usage::UpstreamServed<'_>>,
+        bucket: &str,
     ) -> Result<TransactWriteItem, StoreError> {
         let day = day_of(at);
         let item = layout::day(key_id, &day);
         let change = layout::usage::day_settlement(key_id, &item, &day, counters, at, upstream);
+        let change = layout::usage::with_class_counters(change, bucket, counters);
         transact_update(self.counters_item_update(item, change))
     }
 

@@ -13,7 +13,7 @@ use super::owned::{OwnedPage, PageFrom};
 use super::{GSI1, Store, StoreError, classify, layout, query_all};
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::KeyId;
-use crate::domain::usage::{SessionId, UsageTotals};
+use crate::domain::usage::{ClassTotals, RequestClass, SessionId, UsageTotals};
 
 /// A key with everything settled against it.
 #[derive(Debug, Clone)]
@@ -54,6 +54,15 @@ pub struct LogRow {
     pub client_ip: String,
     pub user_agent: Option<String>,
     pub session_id: Option<String>,
+    /// The agent (`x-claude-code-agent-id`) and its parent, when sent in a
+    /// form fit to record (`domain::usage::AgentId`).
+    pub agent_id: Option<String>,
+    pub parent_agent_id: Option<String>,
+    /// One of `main`, `subagent`, `workflow`, `compaction`, `auxiliary`,
+    /// or `other` for any other value sent; null when none was.
+    pub request_class: Option<String>,
+    /// `x-claude-code-agent-type`, when short plain text.
+    pub agent_type: Option<String>,
     pub error_type: Option<String>,
     /// The upstream that answered (`UpstreamSpec::name`).
     pub upstream: Option<String>,
@@ -86,6 +95,9 @@ pub struct SessionUsage {
     pub first_used_at: String,
     pub last_used_at: String,
     pub totals: UsageTotals,
+    /// Its counters per request class (`RequestClass::BUCKETS` order;
+    /// counted since per-class counters exist).
+    pub by_class: Vec<(&'static str, ClassTotals)>,
 }
 
 /// Which logs to read: newest first, within `[from, to]` (RFC 3339 UTC
@@ -173,6 +185,32 @@ impl Store {
         let (low, high) = layout::day_range(from, to);
         let items = self.query_partition(id, &low, &high).await?;
         items.iter().map(layout::usage::day_totals).collect()
+    }
+
+    /// The key's counters per request class over the days `from..=to`
+    /// (`yyyy-mm-dd`), summed from the day aggregates settlement counts
+    /// them on; buckets in `RequestClass::BUCKETS` order, those without
+    /// traffic left out.
+    pub async fn usage_by_request_class(
+        &self,
+        id: &KeyId,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<(&'static str, ClassTotals)>, StoreError> {
+        let (low, high) = layout::day_range(from, to);
+        let items = self.query_partition(id, &low, &high).await?;
+        let mut sums: Vec<(&'static str, ClassTotals)> = Vec::new();
+        for item in &items {
+            for (bucket, totals) in layout::usage::class_totals(item)? {
+                match sums.iter_mut().find(|(b, _)| *b == bucket) {
+                    Some((_, sum)) => sum.add(&totals),
+                    None => sums.push((bucket, totals)),
+                }
+            }
+        }
+        let order = |bucket: &str| RequestClass::BUCKETS.iter().position(|b| *b == bucket);
+        sums.sort_by_key(|(bucket, _)| order(bucket));
+        Ok(sums)
     }
 
     /// All items of the key's partition with sort keys in `[low, high]`.

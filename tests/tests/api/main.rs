@@ -7,6 +7,7 @@
 
 mod admin;
 mod alerts;
+mod attribution;
 mod bedrock;
 mod budgets;
 mod composition;

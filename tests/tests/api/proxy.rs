@@ -292,6 +292,7 @@ async fn settling_the_same_request_twice_counts_it_once() {
         client_ip: "127.0.0.1".into(),
         user_agent: None,
         session_id: None,
+        attribution: Default::default(),
         error_type: None,
         upstream: None,
         cost: Default::default(),

@@ -105,6 +105,7 @@ async fn a_request_that_never_settles_is_charged_its_estimate_once_when_overdue(
         client_ip: "127.0.0.1".into(),
         user_agent: None,
         session_id: None,
+        attribution: Default::default(),
         error_type: None,
         upstream: None,
         cost: Default::default(),

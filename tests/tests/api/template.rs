@@ -915,6 +915,7 @@ fn emitted_metrics() -> BTreeMap<String, Vec<Vec<String>>> {
         client_ip: "203.0.113.7".into(),
         user_agent: None,
         session_id: None,
+        attribution: Default::default(),
         error_type: None,
         upstream: None,
         cost: Default::default(),

@@ -407,6 +407,7 @@ async fn daily_rows_are_zero_filled_oldest_first_and_end_today() {
         client_ip: "127.0.0.1".into(),
         user_agent: None,
         session_id: None,
+        attribution: Default::default(),
         error_type: None,
         upstream: None,
         cost: Default::default(),

@@ -2,15 +2,20 @@
 //! (`sse`: the incremental SSE parser and the JSON extractor), estimating
 //! what a cut answer did not report (`estimate`), the most input a request
 //! can be billed, for hard limits (`prompt_bound`), what a request's usage
-//! record holds (`record`), and the Claude Code session it names
-//! (`session`).
+//! record holds (`record`), the Claude Code session it names
+//! (`session`), and the agent and request class it names (`attribution`).
 
+mod attribution;
 mod estimate;
 mod prompt_bound;
 mod record;
 mod session;
 mod sse;
 
+pub use attribution::{
+    AGENT_ID_HEADER, AGENT_TYPE_HEADER, AgentId, AgentType, Attribution, ClassTotals,
+    MAX_AGENT_TYPE, PARENT_AGENT_ID_HEADER, REQUEST_CLASS_HEADER, RequestClass, UNCLASSIFIED,
+};
 pub use estimate::{complete_with_estimate, estimate_tokens, request_text};
 pub use prompt_bound::{CONTEXT_WINDOW, LONG_CONTEXT_WINDOW, worst_prompt_tokens};
 pub use record::{BatchTally, Counters, PricedBatch, UsageRecord, UsageTotals};

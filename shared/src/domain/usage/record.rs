@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::TokenUsage;
+use super::{Attribution, TokenUsage};
 use crate::domain::budget::BudgetCharge;
 use crate::domain::key::KeyId;
 use crate::domain::price::{Attribute, Cost, MicroUsd, PriceTable};
@@ -35,6 +35,8 @@ pub struct UsageRecord {
     pub client_ip: String,
     pub user_agent: Option<String>,
     pub session_id: Option<String>,
+    /// The agent and request class the client named (`attribution`).
+    pub attribution: Attribution,
     /// `error.type` when the answer was an error (HTTP or in-stream).
     pub error_type: Option<String>,
     /// The upstream that answered (`None`: none did).
@@ -291,6 +293,7 @@ mod tests {
             client_ip: "127.0.0.1".into(),
             user_agent: None,
             session_id: None,
+            attribution: Default::default(),
             error_type: error_type.map(str::to_owned),
             upstream: None,
             cost: Cost::default(),

@@ -74,6 +74,10 @@ pub fn routes(state: AdminState) -> Router {
             "/admin/api-keys/{id}/usage/sessions",
             get(key_usage_sessions),
         )
+        .route(
+            "/admin/api-keys/{id}/usage/request-classes",
+            get(key_usage_request_classes),
+        )
         .route("/admin/api-keys/{id}/batches", get(key_batches))
         .route("/admin/api-keys/{id}/files", get(key_files))
         .route("/admin/usage", get(all_usage))
@@ -507,6 +511,18 @@ async fn key_usage_sessions(
 ) -> Result<Json<super::Page<super::usage::SessionTotals>>, ApiError> {
     let id = existing_key(&state, &raw).await?;
     super::usage::sessions_view(&state.store, &id, &params).await
+}
+
+async fn key_usage_request_classes(
+    _: Admin,
+    State(state): State<AdminState>,
+    Path(raw): Path<String>,
+    QueryParams(params): QueryParams<super::usage::RequestClassParams>,
+) -> Result<Json<super::usage::RequestClassesView>, ApiError> {
+    let id = existing_key(&state, &raw).await?;
+    super::usage::request_classes_view(&state.store, &id, &params)
+        .await
+        .map(Json)
 }
 
 async fn key_usage_quota(

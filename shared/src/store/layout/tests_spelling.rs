@@ -119,6 +119,12 @@ fn layout_attributes() -> BTreeSet<String> {
         client_ip: "127.0.0.1".into(),
         user_agent: Some("u".into()),
         session_id: Some("s".into()),
+        attribution: crate::domain::usage::Attribution {
+            agent_id: crate::domain::usage::AgentId::parse("a"),
+            parent_agent_id: crate::domain::usage::AgentId::parse("p"),
+            request_class: Some(crate::domain::usage::RequestClass::Subagent),
+            agent_type: crate::domain::usage::AgentType::parse("t"),
+        },
         error_type: Some("e".into()),
         upstream: Some("u".into()),
         cost: Default::default(),
@@ -228,6 +234,24 @@ fn layout_attributes() -> BTreeSet<String> {
             }),
         ),
         usage::model_settlement("m", &counters, at),
+        // Every per-class counter counts something, so each is named.
+        usage::with_class_counters(
+            usage::model_settlement("m", &counters, at),
+            "subagent",
+            &Counters {
+                requests: 1,
+                usage: crate::domain::usage::TokenUsage {
+                    input_tokens: 1,
+                    output_tokens: 1,
+                    cache_creation_input_tokens: 1,
+                    cache_read_input_tokens: 1,
+                    cache_creation_5m: 1,
+                    cache_creation_1h: 1,
+                },
+                cost_micro_usd: 1,
+                ..Counters::default()
+            },
+        ),
         usage::session_settlement(
             &key,
             &crate::domain::usage::SessionId::parse("s").unwrap(),
@@ -421,6 +445,12 @@ fn the_layout_gathers_the_attribute_names_it_uses() {
         "spend|day|d2026-01-02",
         "tpm|60",
         "tpm|0",
+        "agent_id",
+        "parent_agent_id",
+        "request_class",
+        "agent_type",
+        "class|subagent|requests",
+        "class|subagent|cost_micro_usd",
     ] {
         assert!(names.contains(expected), "{expected} in {names:?}");
     }

@@ -20,7 +20,10 @@ use super::{
 };
 use crate::domain::format_timestamp;
 use crate::domain::key::KeyId;
-use crate::domain::usage::{Counters, SessionId, TokenUsage, UsageRecord, UsageTotals};
+use crate::domain::usage::{
+    AgentId, AgentType, ClassTotals, Counters, RequestClass, SessionId, TokenUsage, UsageRecord,
+    UsageTotals,
+};
 
 /// The counters kept per key, day, model and session, named alike
 /// everywhere (signed: what caching saved may be negative).
@@ -183,6 +186,109 @@ pub(crate) fn add_upstream_traffic(
     }
 }
 
+/// A day or session item's counters per request class are top-level
+/// attributes `class|<bucket>|<counter>`, the bucket one of
+/// `RequestClass::BUCKETS` (never what the client sent), the counter one
+/// of [`CLASS_COUNTERS`]. Only the counters a request adds to are
+/// written (no zero `ADD`s), and only six per class: the items stay small,
+/// since every settlement rewrites them and pays by their size.
+const CLASS_PREFIX: &str = "class|";
+
+/// The counters kept per request class, as they end attribute names.
+const CLASS_COUNTERS: [&str; 6] = [
+    "requests",
+    "input",
+    "output",
+    "cache_write",
+    "cache_read",
+    "cost_micro_usd",
+];
+
+fn class_attribute(bucket: &str, counter: &str) -> String {
+    format!("{CLASS_PREFIX}{bucket}|{counter}")
+}
+
+fn class_values(totals: &ClassTotals) -> [u64; 6] {
+    [
+        totals.requests,
+        totals.input_tokens,
+        totals.output_tokens,
+        totals.cache_creation_input_tokens,
+        totals.cache_read_input_tokens,
+        totals.cost_micro_usd,
+    ]
+}
+
+/// `change` (a day or session settlement, whose `ADD` clause comes first)
+/// with `counters` also added to request-class `bucket`'s counters on the
+/// same item: no write of its own.
+pub(crate) fn with_class_counters(mut change: Change, bucket: &str, counters: &Counters) -> Change {
+    let (add, rest) = change
+        .expression
+        .split_once(" SET ")
+        .map_or((change.expression.as_str(), None), |(add, rest)| {
+            (add, Some(rest))
+        });
+    let mut add = add.to_owned();
+    let names = change.names.get_or_insert_with(HashMap::new);
+    let counted = CLASS_COUNTERS
+        .iter()
+        .zip(class_values(&ClassTotals::of(counters)))
+        .enumerate()
+        .filter(|(_, (_, value))| *value > 0);
+    for (index, (counter, value)) in counted {
+        names.insert(format!("#rc{index}"), class_attribute(bucket, counter));
+        change.values.insert(format!(":rc{index}"), n(value));
+        add.push_str(&format!(", #rc{index} :rc{index}"));
+    }
+    change.expression = match rest {
+        Some(rest) => format!("{add} SET {rest}"),
+        None => add,
+    };
+    if change.names.as_ref().is_some_and(HashMap::is_empty) {
+        change.names = None;
+    }
+    change
+}
+
+/// One item's per-class counters, by bucket in `RequestClass::BUCKETS`
+/// order (buckets it never counted left out).
+pub(crate) fn class_totals(item: &Item) -> Result<Vec<(&'static str, ClassTotals)>, StoreError> {
+    let mut by_class = Vec::new();
+    for bucket in RequestClass::BUCKETS {
+        let mut values = [0; 6];
+        let mut counted = false;
+        for (value, counter) in values.iter_mut().zip(CLASS_COUNTERS) {
+            if let Some(number) = opt_n(item, &class_attribute(bucket, counter))? {
+                *value = number;
+                counted = true;
+            }
+        }
+        if counted {
+            let [
+                requests,
+                input_tokens,
+                output_tokens,
+                cache_creation_input_tokens,
+                cache_read_input_tokens,
+                cost_micro_usd,
+            ] = values;
+            by_class.push((
+                bucket,
+                ClassTotals {
+                    requests,
+                    input_tokens,
+                    output_tokens,
+                    cache_creation_input_tokens,
+                    cache_read_input_tokens,
+                    cost_micro_usd,
+                },
+            ));
+        }
+    }
+    Ok(by_class)
+}
+
 /// A model aggregate's share of a settlement at `at`.
 pub(crate) fn model_settlement(model: &str, counters: &Counters, at: OffsetDateTime) -> Change {
     let (expression, mut values) = counters_update(
@@ -240,6 +346,7 @@ impl TryFrom<&Item> for SessionUsage {
             first_used_at: get_s(item, "first_at")?.to_owned(),
             last_used_at: get_s(item, "last_at")?.to_owned(),
             totals: totals_of(item)?,
+            by_class: class_totals(item)?,
         })
     }
 }
@@ -357,6 +464,30 @@ pub(crate) fn request_log_item(record: &UsageRecord, expires: u64) -> Item {
     let optional = [
         ("user_agent", record.user_agent.as_deref()),
         ("session_id", record.session_id.as_deref()),
+        (
+            "agent_id",
+            record.attribution.agent_id.as_ref().map(AgentId::as_str),
+        ),
+        (
+            "parent_agent_id",
+            record
+                .attribution
+                .parent_agent_id
+                .as_ref()
+                .map(AgentId::as_str),
+        ),
+        (
+            "request_class",
+            record.attribution.request_class.map(RequestClass::name),
+        ),
+        (
+            "agent_type",
+            record
+                .attribution
+                .agent_type
+                .as_ref()
+                .map(AgentType::as_str),
+        ),
         ("error_type", record.error_type.as_deref()),
         ("upstream", record.upstream.as_deref()),
         ("requested_model", record.requested_model.as_deref()),
@@ -449,6 +580,10 @@ impl TryFrom<&Item> for LogRow {
             client_ip: get_s(item, "client_ip")?.to_owned(),
             user_agent: owned(opt_s(item, "user_agent")?),
             session_id: owned(opt_s(item, "session_id")?),
+            agent_id: owned(opt_s(item, "agent_id")?),
+            parent_agent_id: owned(opt_s(item, "parent_agent_id")?),
+            request_class: owned(opt_s(item, "request_class")?),
+            agent_type: owned(opt_s(item, "agent_type")?),
             error_type: owned(opt_s(item, "error_type")?),
             upstream: owned(opt_s(item, "upstream")?),
             requested_model: owned(opt_s(item, "requested_model")?),
@@ -457,4 +592,195 @@ impl TryFrom<&Item> for LogRow {
             unpriced: flag("unpriced"),
         })
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::usage::{AgentId, AgentType, Attribution};
+
+    fn record(attribution: Attribution) -> UsageRecord {
+        UsageRecord {
+            request_id: "req_1".into(),
+            key_id: KeyId::parse("abcdefABCDEF").unwrap(),
+            at: crate::domain::parse_timestamp("2026-01-02T03:04:05.006Z").unwrap(),
+            model: Some("claude-sonnet-4-5".into()),
+            method: "POST".into(),
+            path: "/v1/messages".into(),
+            status: 200,
+            stream: true,
+            usage: TokenUsage::default(),
+            estimated: false,
+            latency_ms: 1,
+            ttfb_ms: None,
+            retries: 0,
+            client_ip: "127.0.0.1".into(),
+            user_agent: None,
+            session_id: Some("s-1".into()),
+            attribution,
+            error_type: None,
+            upstream: None,
+            cost: Default::default(),
+            budget: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_log_row_reads_back_the_attribution_it_was_written_with() {
+        let attribution = Attribution {
+            agent_id: AgentId::parse("agent-1"),
+            parent_agent_id: AgentId::parse("agent-0"),
+            request_class: RequestClass::parse("no-such-class"),
+            agent_type: AgentType::parse("general-purpose"),
+        };
+        let item = request_log_item(&record(attribution), 1);
+        let row = LogRow::try_from(&item).unwrap();
+        assert_eq!(row.agent_id.as_deref(), Some("agent-1"));
+        assert_eq!(row.parent_agent_id.as_deref(), Some("agent-0"));
+        // An unknown class is stored under its bucket's name, not as sent.
+        assert_eq!(row.request_class.as_deref(), Some("other"));
+        assert_eq!(row.agent_type.as_deref(), Some("general-purpose"));
+    }
+
+    #[test]
+    fn a_log_row_without_attribution_writes_none_of_its_attributes() {
+        let item = request_log_item(&record(Attribution::default()), 1);
+        for name in ["agent_id", "parent_agent_id", "request_class", "agent_type"] {
+            assert!(!item.contains_key(name), "{name}");
+        }
+        let row = LogRow::try_from(&item).unwrap();
+        assert_eq!(
+            (
+                row.agent_id,
+                row.parent_agent_id,
+                row.request_class,
+                row.agent_type
+            ),
+            (None, None, None, None)
+        );
+    }
+
+    /// What DynamoDB makes of `change`'s `ADD #rcN :rcN` clauses on an item
+    /// that had no class counters.
+    fn apply_class_adds(change: &Change, item: &mut Item) {
+        let names = change.names.clone().unwrap_or_default();
+        for (placeholder, attribute) in names.iter().filter(|(p, _)| p.starts_with("#rc")) {
+            let value = format!(":{}", &placeholder[1..]);
+            assert!(
+                change
+                    .expression
+                    .split(" SET ")
+                    .next()
+                    .unwrap()
+                    .contains(&format!("{placeholder} {value}")),
+                "{placeholder} is added in the ADD clause: {}",
+                change.expression
+            );
+            item.insert(attribute.clone(), change.values[&value].clone());
+        }
+    }
+
+    #[test]
+    fn class_counters_ride_on_the_day_update_and_read_back_by_bucket() {
+        let key = KeyId::parse("abcdefABCDEF").unwrap();
+        let at = crate::domain::parse_timestamp("2026-01-02T03:04:05.006Z").unwrap();
+        let day_item = super::super::day(&key, "2026-01-02");
+        let counters = Counters {
+            requests: 1,
+            usage: TokenUsage {
+                input_tokens: 10,
+                output_tokens: 20,
+                cache_creation_input_tokens: 0,
+                cache_read_input_tokens: 40,
+                ..TokenUsage::default()
+            },
+            cost_micro_usd: 1234,
+            ..Counters::default()
+        };
+        let plain = day_settlement(&key, &day_item, "2026-01-02", &counters, at, None);
+        let set_clause = plain.expression.split_once(" SET ").unwrap().1.to_owned();
+        let change = with_class_counters(plain, "compaction", &counters);
+        // The day's own update is unchanged around the added counters.
+        assert!(change.expression.ends_with(&format!(" SET {set_clause}")));
+        let mut item = Item::new();
+        apply_class_adds(&change, &mut item);
+        // A zero counter is not added: the item stays small.
+        assert!(!item.contains_key("class|compaction|cache_write"));
+        assert_eq!(item.len(), 5);
+        assert_eq!(
+            class_totals(&item).unwrap(),
+            [(
+                "compaction",
+                ClassTotals {
+                    requests: 1,
+                    input_tokens: 10,
+                    output_tokens: 20,
+                    cache_creation_input_tokens: 0,
+                    cache_read_input_tokens: 40,
+                    cost_micro_usd: 1234,
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn class_counters_of_an_update_without_names_or_set_clause_still_apply() {
+        let counters = Counters {
+            requests: 1,
+            ..Counters::default()
+        };
+        let bare = Change {
+            expression: "ADD requests :requests".into(),
+            names: None,
+            values: Item::new(),
+        };
+        let change = with_class_counters(bare, UNCLASSIFIED_BUCKET, &counters);
+        assert_eq!(change.expression, "ADD requests :requests, #rc0 :rc0");
+        let mut item = Item::new();
+        apply_class_adds(&change, &mut item);
+        assert_eq!(
+            class_totals(&item).unwrap(),
+            [(
+                "unclassified",
+                ClassTotals {
+                    requests: 1,
+                    ..ClassTotals::default()
+                }
+            )]
+        );
+        // Nothing counted adds nothing, and no empty names map.
+        let idle = with_class_counters(
+            Change {
+                expression: "ADD requests :requests".into(),
+                names: None,
+                values: Item::new(),
+            },
+            "main",
+            &Counters::default(),
+        );
+        assert_eq!(idle.expression, "ADD requests :requests");
+        assert!(idle.names.is_none());
+    }
+
+    #[test]
+    fn buckets_read_back_in_their_listed_order_and_foreign_attributes_are_ignored() {
+        let mut item = Item::new();
+        item.insert("class|unclassified|requests".into(), n(3));
+        item.insert("class|main|requests".into(), n(2));
+        item.insert("class|subagent|output".into(), n(7));
+        // Not a bucket: never written, and not read.
+        item.insert("class|evil|requests".into(), n(99));
+        item.insert("requests".into(), n(6));
+        let buckets: Vec<(&str, u64, u64)> = class_totals(&item)
+            .unwrap()
+            .into_iter()
+            .map(|(bucket, totals)| (bucket, totals.requests, totals.output_tokens))
+            .collect();
+        assert_eq!(
+            buckets,
+            [("main", 2, 0), ("subagent", 0, 7), ("unclassified", 3, 0)]
+        );
+    }
+
+    const UNCLASSIFIED_BUCKET: &str = crate::domain::usage::UNCLASSIFIED;
 }
