@@ -69,21 +69,14 @@ impl Metering {
             stream,
             client_ip: call.ip.to_string(),
             user_agent: call.header_text("user-agent"),
-            session_id: call.header_text("x-claude-code-session-id"),
+            // Set by admission: the header's, or the body's.
+            session_id: None,
             attribution: Attribution::of(|name| {
                 call.parts.headers.get(name).and_then(|v| v.to_str().ok())
             }),
             price_attributes,
             budget,
             settle_before_answer_ends: false,
-        }
-    }
-
-    /// The same, for a request that asked for the model by `alias`.
-    pub(super) fn asked_as(self, alias: Option<String>) -> Metering {
-        Metering {
-            requested_model: alias,
-            ..self
         }
     }
 }

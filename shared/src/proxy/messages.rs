@@ -33,8 +33,9 @@ struct Admitted {
     metering: Option<Metering>,
     /// The model it asks for, which the upstreams tried must serve.
     model: Option<String>,
-    /// The Claude Code session its `metadata.user_id` names.
-    session_in_body: Option<String>,
+    /// Its Claude Code session: the header's, else the one its
+    /// `metadata.user_id` names.
+    session: Option<String>,
 }
 
 pub(super) async fn messages(
@@ -48,9 +49,7 @@ pub(super) async fn messages(
     // prompt cache lives in one account.
     let pooled = Some(PoolChoice {
         model: admitted.model,
-        session: call
-            .header_text("x-claude-code-session-id")
-            .or(admitted.session_in_body),
+        session: admitted.session,
     });
     Ok(exchange::start(Exchange {
         state: call.state,
@@ -106,27 +105,30 @@ async fn admit(call: &Call, route: &Route, body: &mut Bytes) -> Result<Admitted,
     }
     call.check_file_references(body).await?;
     let streamed = fields.stream.unwrap_or(false);
+    let session = call.header_text("x-claude-code-session-id").or_else(|| {
+        fields
+            .user_id()
+            .and_then(session_of_user_id)
+            .map(|session| session.as_str().to_owned())
+    });
     let metering = match prices {
-        Some(prices) => Some(
-            charge(call, &record, &fields, &prices, body, streamed)
-                .await?
-                .asked_as(requested_alias),
-        ),
+        Some(prices) => {
+            let mut metering = charge(call, &record, &fields, &prices, body, streamed).await?;
+            metering.requested_model = requested_alias;
+            metering.session_id.clone_from(&session);
+            Some(metering)
+        }
         None => {
             let models: Vec<&str> = fields.model.as_deref().into_iter().collect();
             call.seen.saw(record, &models);
             None
         }
     };
-    let session_in_body = fields
-        .user_id()
-        .and_then(session_of_user_id)
-        .map(|session| session.as_str().to_owned());
     Ok(Admitted {
         streamed,
         metering,
         model: fields.model,
-        session_in_body,
+        session,
     })
 }
 

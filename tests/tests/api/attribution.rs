@@ -427,3 +427,31 @@ async fn bad_request_class_ranges_are_400_naming_the_parameter() {
     .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn a_session_named_only_in_metadata_user_id_is_recorded_and_grouped() {
+    let app = spawn_app().await.unwrap();
+    let (id, key) = app.new_key().await.unwrap();
+    let session = "0f3c2a1e-9b7d-4c8e-a5f6-1234567890ab";
+    let user_id = json!({"device_id": "d1", "session_id": session}).to_string();
+    let response = app
+        .http
+        .post(app.url("/v1/messages"))
+        .header("x-api-key", &key)
+        .header("anthropic-version", "2023-06-01")
+        .json(&json!({
+            "model": HAIKU,
+            "max_tokens": 64,
+            "metadata": {"user_id": user_id},
+            "messages": [{"role": "user", "content": "hi"}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let logs = app.wait_for_logs(&id, 1).await.unwrap();
+    assert_eq!(relay_tests::app::text(&logs[0], "session_id"), Some(session));
+    let sessions = ok(&app, &key, "/api/usage/sessions").await;
+    assert_eq!(sessions["data"][0]["session_id"], session, "{sessions}");
+    assert_eq!(sessions["data"][0]["requests"], 1, "{sessions}");
+}

@@ -605,6 +605,7 @@ mod tests {
             key_id: KeyId::parse("abcdefABCDEF").unwrap(),
             at: crate::domain::parse_timestamp("2026-01-02T03:04:05.006Z").unwrap(),
             model: Some("claude-sonnet-4-5".into()),
+            requested_model: None,
             method: "POST".into(),
             path: "/v1/messages".into(),
             status: 200,
