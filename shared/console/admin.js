@@ -3,7 +3,7 @@
 // API. The token lives in this module only (never in storage, a cookie or
 // the URL); signing out or reloading drops it.
 
-import { el, fill, byId, show, callApi, ApiError, int, usd, percent, compact, when, relative, card, table, copyText, envLines, isoDay } from "./common.js";
+import { el, fill, byId, show, callApi, ApiError, int, usd, percent, compact, when, relative, card, table, copyText, envLines, isoDay, spendByDayAndModel } from "./common.js";
 import { stackedBars, horizontalBars, cacheSplit } from "./chart.js";
 
 // `…/admin/console/admin.js` → `…/admin/`: API paths resolve under the
@@ -430,7 +430,7 @@ async function loadUsage() {
       el("button", { type: "button", onclick: () => openKey(k.key_id), "aria-label": `Usage of ${k.name ?? k.key_id}` }, "Open"),
     ]);
     fill(byId("usage-body"),
-      el("p", { className: "muted" }, `${view.from} to ${view.to} (UTC days) · ${int(view.active_keys)} keys used`),
+      el("p", { className: "muted" }, `${view.from} to ${view.to} (UTC days) · ${int(view.active_keys)} ${view.active_keys === 1 ? "key" : "keys"} used`),
       totalsCards(view.totals),
       dailyCharts(view.daily, ""),
       cacheSection(view.totals),
@@ -477,6 +477,18 @@ const LOG_COLUMNS = [
   { label: "Cost", num: true }, { label: "Latency", num: true }, { label: "Client", name: true },
 ];
 
+const MODEL_DAYS = 14;
+
+/** Spend per day stacked by model, from `spendByDayAndModel`. */
+function modelDays(byModel) {
+  return [
+    el("h3", {}, `Spend per day by model (${MODEL_DAYS} days)`),
+    el("div", { id: "spend-by-model" },
+      stackedBars({ title: "spend per day by model", labels: byModel.labels, series: byModel.series, format: usd, namedSeries: true })),
+    byModel.complete ? null : el("p", { className: "muted" }, "Only the most recent requests of this period are counted here; the daily totals below are complete."),
+  ];
+}
+
 /** The per-model split as bars (spend), from a usage summary. */
 function modelBars(summary) {
   const rows = summary.by_model.map((m) => ({ label: m.model, value: m.cost_micro_usd }));
@@ -494,8 +506,9 @@ async function openKey(id) {
   say(status, "Loading…");
   const path = `api-keys/${encodeURIComponent(id)}`;
   try {
-    const [key, summary, quota, daily, logs] = await Promise.all([
+    const [key, summary, quota, daily, logs, byModel] = await Promise.all([
       api(path), api(`${path}/usage`), api(`${path}/usage/quota`), api(`${path}/usage/daily?days=30`), api(`${path}/usage/logs?limit=50`),
+      spendByDayAndModel((query) => api(`${path}/usage/logs?${query}`), MODEL_DAYS),
     ]);
     if (currentKeyId !== id) return;
     byId("key-title").textContent = `${key.name} (${key.prefix})`;
@@ -506,6 +519,7 @@ async function openKey(id) {
     fill(byId("key-body"),
       budgetCards(quota),
       totalsCards(summary),
+      modelDays(byModel),
       dailyCharts(daily.data, " (30 days)"),
       el("h3", {}, "Spend by model (all time)"),
       modelBars(summary),
@@ -569,7 +583,7 @@ async function loadPrices() {
       table([{ label: "Model", name: true }, { label: "From" }, { label: "Prices" }, { label: "Bands" }], rows),
       el("h3", {}, "Models without a price"),
       el("p", {}, `${priceText(view.fallback)}`),
-      el("p", { className: "muted" }, view.unpriced_models));
+      el("p", { className: "muted" }, `UNPRICED_MODELS=${view.unpriced_models}: a model without a price is ${view.unpriced_models === "refuse" ? "refused" : "charged the prices above"}.`));
   } catch (err) {
     reportError(status, err);
   }

@@ -40,12 +40,13 @@ function legend(series) {
 /**
  * Stacked bars, one per label (a day), one segment per series.
  * `series`: `[{ name, values: [number per label] }]`; `format` shows a
- * value. Each bar's `<title>` lists its segments (hover or screen reader).
+ * value; `namedSeries` shows the legend even for one series (models).
+ * Each bar's `<title>` lists its segments (hover or screen reader).
  */
-export function stackedBars({ title, labels, series, format }) {
+export function stackedBars({ title, labels, series, format, namedSeries = false }) {
   const width = 720;
   const height = 240;
-  const left = 64;
+  const left = 84;
   const bottom = 28;
   const top = 10;
   const plotWidth = width - left - 8;
@@ -81,7 +82,7 @@ export function stackedBars({ title, labels, series, format }) {
       root.append(svg("text", { x: x + barWidth / 2, y: height - 8, "text-anchor": "middle" }, label.slice(5)));
     }
   });
-  return el("figure", { className: "chart-figure" }, root, series.length > 1 ? legend(series) : null);
+  return el("figure", { className: "chart-figure" }, root, series.length > 1 || namedSeries ? legend(series) : null);
 }
 
 /**
@@ -100,7 +101,7 @@ export function horizontalBars({ title, rows, format }) {
   rows.forEach((row, i) => {
     const y = 2 + i * rowHeight;
     const barSpace = width - labelWidth - valueWidth;
-    const label = row.label.length > 38 ? `${row.label.slice(0, 37)}…` : row.label;
+    const label = row.label.length > 34 ? `${row.label.slice(0, 33)}…` : row.label;
     root.append(svg("text", { x: 0, y: y + 17 }, label));
     root.append(svg("rect", { x: labelWidth, y: y + 5, width: barSpace, height: 14, class: "track" }));
     root.append(svg("rect", { x: labelWidth, y: y + 5, width: Math.max(1, (row.value / max) * barSpace), height: 14, class: seriesClass(i) },

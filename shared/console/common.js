@@ -184,3 +184,38 @@ function shellQuote(value) {
 export function isoDay(date) {
   return date.toISOString().slice(0, 10);
 }
+
+/**
+ * Spend per UTC day and model over the last `days` days, summed from the
+ * request log (the daily totals do not split by model). `fetchPage(query)`
+ * answers one page of `…/usage/logs`; at most `maxPages` pages of 500 are
+ * read, and `complete` says whether that was the whole period.
+ */
+export async function spendByDayAndModel(fetchPage, days, maxPages = 10) {
+  const now = Date.now();
+  const labels = [];
+  for (let back = days - 1; back >= 0; back -= 1) labels.push(isoDay(new Date(now - back * 86400000)));
+  const perModel = new Map();
+  let cursor = null;
+  let complete = false;
+  for (let page = 0; page < maxPages; page += 1) {
+    const query = new URLSearchParams({ limit: "500", from: labels[0] });
+    if (cursor) query.set("cursor", cursor);
+    const answer = await fetchPage(query);
+    for (const row of answer.data) {
+      const index = labels.indexOf(new Date(row.at).toISOString().slice(0, 10));
+      if (index < 0) continue;
+      const model = row.model ?? "(no model)";
+      if (!perModel.has(model)) perModel.set(model, labels.map(() => 0));
+      perModel.get(model)[index] += row.cost_micro_usd;
+    }
+    if (!answer.has_more || !answer.next_cursor) {
+      complete = true;
+      break;
+    }
+    cursor = answer.next_cursor;
+  }
+  const total = (values) => values.reduce((a, b) => a + b, 0);
+  const series = [...perModel].map(([name, values]) => ({ name, values })).sort((a, b) => total(b.values) - total(a.values));
+  return { labels, series, complete };
+}

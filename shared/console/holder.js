@@ -4,11 +4,13 @@
 // The key lives in this module only (never in storage, a cookie or the
 // URL); "Forget key" or reloading drops it.
 
-import { el, fill, byId, show, callApi, int, usd, percent, compact, when, relative, card, table, copyText, envLines } from "./common.js";
+import { el, fill, byId, show, callApi, int, usd, percent, compact, when, relative, card, table, copyText, envLines, spendByDayAndModel } from "./common.js";
 import { stackedBars, horizontalBars, cacheSplit } from "./chart.js";
 
 // `…/api/usage/console/holder.js` → `…/api/usage`: the stage prefix stays.
 const USAGE = new URL("../../usage", import.meta.url).href;
+
+const MODEL_DAYS = 14;
 
 let key = null;
 
@@ -69,8 +71,9 @@ function budgetCards(quota) {
 }
 
 async function render() {
-  const [summary, quota, daily, logs, setup] = await Promise.all([
+  const [summary, quota, daily, logs, setup, byModel] = await Promise.all([
     usageApi(""), usageApi("quota"), usageApi("daily?days=30"), usageApi("logs?limit=25"), usageApi("setup"),
+    spendByDayAndModel((query) => usageApi(`logs?${query}`), MODEL_DAYS),
   ]);
   byId("usage-title").textContent = `Usage of ${summary.name}`;
   say(byId("usage-status"), quota.is_active ? "" : "This key is disabled: the relay refuses it.", quota.is_active ? "" : "error");
@@ -94,6 +97,10 @@ async function render() {
       card("Spend", usd(summary.cost_micro_usd)),
       card("Cache hit ratio", percent(summary.cache_hit_ratio)),
       card("Saved by caching", usd(summary.cache_saved_micro_usd))),
+    el("h3", {}, `Spend per day by model (${MODEL_DAYS} days)`),
+    el("div", { id: "spend-by-model" },
+      stackedBars({ title: "spend per day by model", labels: byModel.labels, series: byModel.series, format: usd, namedSeries: true })),
+    byModel.complete ? null : el("p", { className: "muted" }, "Only your most recent requests of this period are counted here; the daily totals below are complete."),
     el("h3", {}, "Spend per day (30 days)"),
     stackedBars({ title: "spend per day", labels, series: [{ name: "spend", values: daily.data.map((d) => d.cost_micro_usd) }], format: usd }),
     el("h3", {}, "Tokens per day (30 days)"),

@@ -16,17 +16,14 @@ from urllib.parse import urlsplit
 
 import anthropic
 import pytest
+from selenium import webdriver
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as seen
+from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import ADMIN_PASSWORD, REPO, admin_of, running_relay
-
-pytest.importorskip("selenium", reason="selenium is in requirements-dev.txt: run `make venv`")
-
-from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support import expected_conditions as seen  # noqa: E402
-from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -64,28 +61,34 @@ def browser():
         yield driver
     finally:
         driver.quit()
-        if SHOTS_TAKEN:
-            print("\nscreenshots:\n  " + "\n  ".join(SHOTS_TAKEN))
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_screenshots(request):
     yield
     if SHOTS_TAKEN:
-        terminal = request.config.pluginmanager.get_plugin("terminalreporter")
-        if terminal:
-            terminal.write_line(f"\nconsole screenshots ({len(SHOTS_TAKEN)}) in {SCREENSHOTS}:")
+        # Printed past pytest's capture, so a passing run lists them too.
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            print(f"\nconsole screenshots ({len(SHOTS_TAKEN)}), for a reviewer to look at:")
             for path in SHOTS_TAKEN:
-                terminal.write_line(f"  {path}")
+                print(f"  {path}")
 
 
 def wait(driver, condition, timeout=20):
-    return WebDriverWait(driver, timeout).until(condition)
+    # A list re-rendered under the check makes its rows stale: look again.
+    return WebDriverWait(driver, timeout, ignored_exceptions=[StaleElementReferenceException]).until(condition)
 
 
-def screenshot(driver, name):
-    """The whole page at each width, then back to desktop."""
+def screenshot(driver, name, dark=False):
+    """The whole page at each width (in the dark scheme too if `dark`),
+    then back to desktop and the light scheme."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    if dark:
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia",
+                               {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+        screenshot(driver, f"{name}-dark")
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
     for size, (width, height) in SIZES.items():
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
                                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": size == "phone"})
@@ -181,8 +184,11 @@ def test_admin_creates_a_key_sees_its_traffic_and_disables_it(relay, browser):
     driver = browser
     admin = admin_of(relay)
     requested_urls(driver)  # forget what earlier tests loaded
+    driver.get(f"{relay['base']}/admin/console")
+    wait(driver, seen.visibility_of_element_located((By.ID, "login-password")))
+    screenshot(driver, "admin-sign-in")
     sign_in(driver, relay)
-    screenshot(driver, "admin-sign-in-done")
+    screenshot(driver, "admin-keys-none-yet")
 
     driver.find_element(By.ID, "key-create").click()
     wait(driver, seen.visibility_of_element_located((By.ID, "f-name"))).send_keys("console alice")
@@ -207,8 +213,8 @@ def test_admin_creates_a_key_sees_its_traffic_and_disables_it(relay, browser):
 
     answer = ask(relay, secret, MODEL_A)
     assert answer.usage.output_tokens == 7
-    key_id = admin("GET", "/admin/api-keys?limit=100")["data"]
-    key_id = next(k["id"] for k in key_id if k["name"] == "console alice")
+    listed = admin("GET", "/admin/api-keys?limit=100")["data"]
+    key_id = next(k["id"] for k in listed if k["name"] == "console alice")
     rows = logged_requests(admin, key_id, 1)
     assert len(rows) == 1
     cost = rows[0]["cost_micro_usd"]
@@ -231,8 +237,10 @@ def test_admin_creates_a_key_sees_its_traffic_and_disables_it(relay, browser):
     log_rows = log.find_elements(By.TAG_NAME, "tr")
     assert len(log_rows) == 1
     assert MODEL_A in log_rows[0].text and "200" in log_rows[0].text
-    assert driver.find_element(By.CSS_SELECTOR, f'#key-body g.bar[data-label="{today}"]').get_attribute("data-total") == str(cost)
-    screenshot(driver, "admin-key-usage")
+    by_model = driver.find_element(By.ID, "spend-by-model")
+    assert by_model.find_element(By.CSS_SELECTOR, f'g.bar[data-label="{today}"]').get_attribute("data-total") == str(cost)
+    assert [li.text for li in by_model.find_elements(By.CSS_SELECTOR, ".legend li")] == [MODEL_A]
+    screenshot(driver, "admin-key-usage", dark=True)
 
     for view in ("tiers", "prices", "upstreams"):
         open_view(driver, view)
@@ -275,13 +283,15 @@ def test_a_key_holder_sees_only_their_own_figures(relay, browser):
     text = driver.find_element(By.TAG_NAME, "body").text
     assert "holder B" not in text and MODEL_B not in text and b["prefix"] not in text
     assert MODEL_A in text
+    legend = driver.find_elements(By.CSS_SELECTOR, "#spend-by-model .legend li")
+    assert [li.text for li in legend] == [MODEL_A]
     assert len(body.find_elements(By.CSS_SELECTOR, "table tbody tr")) == 1
     assert "left" in text and "resets" in text  # the day budget, with its reset
     assert "ANTHROPIC_BASE_URL" in driver.find_element(By.ID, "setup-env").text
     # The key is nowhere but in the script's memory.
     assert a["api_key"] not in driver.current_url
     assert driver.execute_script("return window.localStorage.length + window.sessionStorage.length + document.cookie.length") == 0
-    screenshot(driver, "holder-usage")
+    screenshot(driver, "holder-usage", dark=True)
 
     driver.find_element(By.ID, "forget").click()
     wait(driver, seen.visibility_of_element_located((By.ID, "key-input")))

@@ -118,10 +118,7 @@ fn serve(asset: &Asset, request_headers: &HeaderMap) -> Response {
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag));
-    let common = [
-        (header::ETAG, etag),
-        (header::CACHE_CONTROL, "no-cache"),
-    ];
+    let common = [(header::ETAG, etag), (header::CACHE_CONTROL, "no-cache")];
     let response = if matches {
         (StatusCode::NOT_MODIFIED, common).into_response()
     } else {
@@ -154,7 +151,13 @@ fn asset_or_not_found(script: &Asset, name: &str, headers: &HeaderMap) -> Respon
 /// deep: send it to `…/console` (a relative `Location`, so a stage prefix
 /// stays).
 async fn without_trailing_slash() -> Response {
-    secure((StatusCode::PERMANENT_REDIRECT, [(header::LOCATION, "../console")]).into_response())
+    secure(
+        (
+            StatusCode::PERMANENT_REDIRECT,
+            [(header::LOCATION, "../console")],
+        )
+            .into_response(),
+    )
 }
 
 /// `GET /admin/console` and its files, for the admin router (inside its
@@ -237,7 +240,11 @@ mod tests {
     async fn each_page_serves_only_its_own_script() {
         let admin = get_path(admin_routes(), "/admin/console/holder.js", None).await;
         assert_eq!(admin.status(), StatusCode::NOT_FOUND);
-        assert!(admin.headers().contains_key(header::CONTENT_SECURITY_POLICY));
+        assert!(
+            admin
+                .headers()
+                .contains_key(header::CONTENT_SECURITY_POLICY)
+        );
         let holder = get_path(holder_routes(), "/api/usage/console/admin.js", None).await;
         assert_eq!(holder.status(), StatusCode::NOT_FOUND);
     }
@@ -279,7 +286,13 @@ mod tests {
     #[test]
     fn scripts_never_assign_html() {
         for asset in SHARED_ASSETS.iter().chain([&ADMIN_SCRIPT, &HOLDER_SCRIPT]) {
-            for banned in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("] {
+            for banned in [
+                "innerHTML",
+                "outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+                "eval(",
+            ] {
                 assert!(!asset.body.contains(banned), "{} uses {banned}", asset.name);
             }
             for banned in ["localStorage", "sessionStorage", "document.cookie"] {
