@@ -168,6 +168,24 @@ def test_claude_code_answers_a_prompt_and_each_upstream_message_is_billed_exactl
     assert_billed_exactly(local, key, watch.messages(), f"claude-cli/{version} ")
 
 
+def test_claude_code_model_option_reaches_the_upstream_as_given(local):
+    key = new_key(local, "claude code --model")
+    watch = UpstreamWatch(local)
+    env = {
+        "ANTHROPIC_BASE_URL": local["base"],
+        "ANTHROPIC_API_KEY": key,
+        "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
+    }
+
+    done = run_claude_code("2.1.330", "say hello", env, model="claude-sonnet-5-5")
+
+    assert done.returncode == 0, f"stdout: {done.stdout}\nstderr: {done.stderr}"
+    assert ANSWER in done.stdout
+    messages = watch.messages()
+    assert [m["model"] for m in messages] == ["claude-sonnet-5-5"] * len(messages)
+    assert_billed_exactly(local, key, messages, "claude-cli/2.1.330 ")
+
+
 @pytest.mark.parametrize("version", ["2.12.0", "0.125.0"])
 def test_python_sdk_plain_and_streamed_messages_are_billed_as_the_sdk_reports(local, version):
     key = new_key(local, f"python sdk {version}")
