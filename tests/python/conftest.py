@@ -170,9 +170,11 @@ def running_make_local(binaries, logs, upstream_args=()):
         dynamodb_pid = int((state / "dynamodb-local.pid").read_text())
         yield {"base": base, "logs": logs, "upstream_log": upstream_log, "make_log": make_log}
     finally:
-        os.killpg(make.pid, signal.SIGTERM)
         try:
+            os.killpg(make.pid, signal.SIGTERM)
             make.wait(timeout=60)
+        except ProcessLookupError:  # make, and its whole group, already gone
+            make.wait()
         except subprocess.TimeoutExpired:
             os.killpg(make.pid, signal.SIGKILL)
             make.wait()
