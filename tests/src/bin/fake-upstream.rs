@@ -1,5 +1,6 @@
-//! Standalone fake Anthropic API for the Python SDK tests and benchmarks: serves the default
-//! message on 127.0.0.1 with usage derived from each request, until interrupted.
+//! Standalone fake Anthropic API for the Python tests (SDKs and real clients) and benchmarks:
+//! serves the default message on 127.0.0.1 with usage derived from each request, until
+//! interrupted; `--request-log` writes what reached it, one JSON line per request.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use relay_tests::fake_upstream::{Behavior, FakeConfig, FakeUpstream, MessageSpec};
 
-const USAGE: &str = "usage: fake-upstream [--port N] [--api-key K] [--event-delay-ms N] [--stamp-events] [--chunks N] [--allow-authorization]";
+const USAGE: &str = "usage: fake-upstream [--port N] [--api-key K] [--event-delay-ms N] [--stamp-events] [--chunks N] [--allow-authorization] [--request-log FILE]";
 
 fn parse_args(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<FakeConfig>> {
     let mut config = FakeConfig::default();
@@ -40,6 +41,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> anyhow::Result<Option<F
             }
             "--stamp-events" => spec.stamp_events = true,
             "--allow-authorization" => config.reject_authorization = false,
+            "--request-log" => config.request_log = Some(value()?.into()),
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other}\n{USAGE}"),
         }

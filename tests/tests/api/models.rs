@@ -73,7 +73,10 @@ async fn each_key_is_offered_exactly_the_models_and_aliases_it_may_use() {
 
     // As Claude Code's discovery asks.
     let list = listed(&app, &limited, "?limit=1000").await;
-    assert_eq!(ids(&list), ["claude-team", HAIKU, SONNET]);
+    assert_eq!(
+        ids(&list),
+        ["claude-team", "claude-sonnet-5-5", HAIKU, SONNET]
+    );
     assert_eq!(list["data"][0]["display_name"], "Team default (Sonnet)");
     assert_eq!(list["data"][0]["type"], "model");
     assert_eq!(list["data"][0]["created_at"], "2025-09-29T00:00:00Z");
@@ -85,7 +88,16 @@ async fn each_key_is_offered_exactly_the_models_and_aliases_it_may_use() {
     let list = listed(&app, &open, "?limit=1000").await;
     assert_eq!(
         ids(&list),
-        ["claude-team", "claude-big", HAIKU, SONNET, OPUS]
+        [
+            "claude-team",
+            "claude-big",
+            "claude-opus-5-5",
+            "claude-sonnet-5-5",
+            "claude-haiku-5-5",
+            HAIKU,
+            SONNET,
+            OPUS
+        ]
     );
     assert_eq!(list["data"][1]["display_name"], "claude-big");
     assert_eq!(upstream_list_reads(&app), 1, "the upstream's list is kept");
@@ -97,9 +109,9 @@ async fn each_key_is_offered_exactly_the_models_and_aliases_it_may_use() {
         (vec!["claude-team", "claude-big"], &json!(true))
     );
     let next = listed(&app, &open, "?limit=2&after_id=claude-big").await;
-    assert_eq!(ids(&next), [HAIKU, SONNET]);
+    assert_eq!(ids(&next), ["claude-opus-5-5", "claude-sonnet-5-5"]);
     let back = listed(&app, &open, &format!("?limit=2&before_id={SONNET}")).await;
-    assert_eq!(ids(&back), ["claude-big", HAIKU]);
+    assert_eq!(ids(&back), ["claude-haiku-5-5", HAIKU]);
     let bad = app
         .http
         .get(app.url("/v1/models?limit=0"))
