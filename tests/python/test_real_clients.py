@@ -73,9 +73,16 @@ def run_claude_code(version: str, prompt: str, env_extra: dict, model=None) -> s
         )
 
 
+# An alias admins define, as Claude Code's model picker would offer it.
+ALIAS = {"alias": "claude-team-default", "model": "claude-sonnet-5-5", "display_name": "Team default"}
+
+
 @pytest.fixture(scope="module")
 def local(binaries, tmp_path_factory):
     with running_make_local(binaries, tmp_path_factory.mktemp("make-local")) as running:
+        # Before any request: the relay reads the aliases with the price
+        # table on an instance's first message, then every PRICE_CACHE_SECONDS.
+        admin_of(running)("PUT", "/admin/model-aliases", {"aliases": [ALIAS]})
         yield running
 
 
@@ -184,6 +191,33 @@ def test_claude_code_model_option_reaches_the_upstream_as_given(local):
     messages = watch.messages()
     assert [m["model"] for m in messages] == ["claude-sonnet-5-5"] * len(messages)
     assert_billed_exactly(local, key, messages, "claude-cli/2.1.330 ")
+
+
+def test_claude_code_discovers_the_models_of_its_key_and_an_alias_reaches_the_upstream_as_its_model(local):
+    key = admin_of(local)("POST", "/admin/api-keys", {"name": "sonnet only", "allowed_models": ["claude-sonnet-*"]})[
+        "api_key"
+    ]
+    # What discovery hands Claude Code: this key's models, the alias first.
+    listed = usage_api(local, key, "/v1/models?limit=1000")
+    assert [m["id"] for m in listed["data"]] == ["claude-team-default", "claude-sonnet-5-5", "claude-sonnet-4-5-20250929"]
+    assert listed["data"][0]["display_name"] == "Team default"
+    watch = UpstreamWatch(local)
+    env = {
+        "ANTHROPIC_BASE_URL": local["base"],
+        "ANTHROPIC_AUTH_TOKEN": key,
+        "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY": "1",
+    }
+
+    done = run_claude_code("2.1.330", "say hello", env, model=ALIAS["alias"])
+
+    assert done.returncode == 0, f"stdout: {done.stdout}\nstderr: {done.stderr}"
+    assert ANSWER in done.stdout
+    messages = watch.messages()
+    assert messages, "no message reached the upstream"
+    assert {m["model"] for m in messages} == {"claude-sonnet-5-5"}
+    assert_billed_exactly(local, key, messages, "claude-cli/2.1.330 ")
+    rows = usage_rows(local, key, len(messages))
+    assert {r.get("requested_model") for r in rows} == {ALIAS["alias"]}
 
 
 @pytest.mark.parametrize("version", ["2.12.0", "0.125.0"])
