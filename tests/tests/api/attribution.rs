@@ -450,7 +450,10 @@ async fn a_session_named_only_in_metadata_user_id_is_recorded_and_grouped() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let logs = app.wait_for_logs(&id, 1).await.unwrap();
-    assert_eq!(relay_tests::app::text(&logs[0], "session_id"), Some(session));
+    assert_eq!(
+        relay_tests::app::text(&logs[0], "session_id"),
+        Some(session)
+    );
     let sessions = ok(&app, &key, "/api/usage/sessions").await;
     assert_eq!(sessions["data"][0]["session_id"], session, "{sessions}");
     assert_eq!(sessions["data"][0]["requests"], 1, "{sessions}");
