@@ -3,7 +3,7 @@
 // API. The token lives in this module only (never in storage, a cookie or
 // the URL); signing out or reloading drops it.
 
-import { el, fill, byId, show, callApi, ApiError, int, usd, percent, compact, when, relative, card, table, copyText, envLines, isoDay, spendByDayAndModel } from "./common.js";
+import { el, fill, byId, show, callApi, ApiError, int, usd, percent, compact, when, relative, card, table, copyText, envLines, isoDay, byModelSeries, requestClassTable, modelCell } from "./common.js";
 import { stackedBars, horizontalBars, cacheSplit } from "./chart.js";
 
 // `…/admin/console/admin.js` → `…/admin/`: API paths resolve under the
@@ -75,7 +75,7 @@ function signOut(message = "") {
   token = null;
   keys = [];
   currentKeyId = null;
-  for (const id of ["keys-table", "usage-body", "key-body", "tiers-body", "prices-body", "upstreams-body"]) fill(byId(id));
+  for (const id of ["keys-table", "usage-body", "key-body", "models-body", "tiers-body", "prices-body", "upstreams-body"]) fill(byId(id));
   for (const dialog of document.querySelectorAll("dialog")) if (dialog.open) dialog.close();
   fill(byId("secret-value"));
   fill(byId("secret-env"));
@@ -91,6 +91,7 @@ function signOut(message = "") {
 const VIEWS = {
   keys: loadKeys,
   usage: loadUsage,
+  models: loadAliases,
   tiers: loadTiersView,
   prices: loadPrices,
   upstreams: loadUpstreams,
@@ -370,30 +371,17 @@ function editKey(key) {
 
 // ---------- usage charts ----------
 
-const TOKEN_KINDS = [
-  ["input", "input_tokens"],
-  ["output", "output_tokens"],
-  ["cache writes", "cache_creation_input_tokens"],
-  ["cache reads", "cache_read_input_tokens"],
-];
-
+/** Spend and tokens per day, each stacked by model (the days' `by_model`). */
 function dailyCharts(rows, what) {
-  const labels = rows.map((r) => r.date);
+  const spend = byModelSeries(rows, "cost_micro_usd");
+  const tokens = byModelSeries(rows, "tokens", spend.series.map((s) => s.name));
   return [
-    el("h3", {}, `Spend per day${what}`),
-    stackedBars({
-      title: `spend per day${what}`,
-      labels,
-      series: [{ name: "spend", values: rows.map((r) => r.cost_micro_usd) }],
-      format: usd,
-    }),
-    el("h3", {}, `Tokens per day${what}`),
-    stackedBars({
-      title: `tokens per day${what}, by kind`,
-      labels,
-      series: TOKEN_KINDS.map(([name, field]) => ({ name, values: rows.map((r) => r[field]) })),
-      format: compact,
-    }),
+    el("h3", {}, `Spend per day by model${what}`),
+    el("div", { className: "spend-by-model" },
+      stackedBars({ title: `spend per day by model${what}`, labels: spend.labels, series: spend.series, format: usd, namedSeries: true })),
+    el("h3", {}, `Tokens per day by model${what}`),
+    el("div", { className: "tokens-by-model" },
+      stackedBars({ title: `tokens per day by model${what}`, labels: tokens.labels, series: tokens.series, format: compact, namedSeries: true })),
   ];
 }
 
@@ -463,7 +451,7 @@ function budgetCards(quota) {
 function logRows(rows) {
   return rows.map((r) => [
     when(r.at),
-    r.model ?? "—",
+    modelCell(r),
     el("span", { className: `pill ${r.status < 400 ? "on" : "off"}` }, String(r.status)),
     int(r.input_tokens), int(r.output_tokens), int(r.cache_read_input_tokens), int(r.cache_creation_input_tokens),
     usd(r.cost_micro_usd), `${int(r.latency_ms)} ms`,
@@ -476,18 +464,6 @@ const LOG_COLUMNS = [
   { label: "Input", num: true }, { label: "Output", num: true }, { label: "Cache read", num: true }, { label: "Cache write", num: true },
   { label: "Cost", num: true }, { label: "Latency", num: true }, { label: "Client", name: true },
 ];
-
-const MODEL_DAYS = 14;
-
-/** Spend per day stacked by model, from `spendByDayAndModel`. */
-function modelDays(byModel) {
-  return [
-    el("h3", {}, `Spend per day by model (${MODEL_DAYS} days)`),
-    el("div", { id: "spend-by-model" },
-      stackedBars({ title: "spend per day by model", labels: byModel.labels, series: byModel.series, format: usd, namedSeries: true })),
-    byModel.complete ? null : el("p", { className: "muted" }, "Only the most recent requests of this period are counted here; the daily totals below are complete."),
-  ];
-}
 
 /** The per-model split as bars (spend), from a usage summary. */
 function modelBars(summary) {
@@ -506,9 +482,9 @@ async function openKey(id) {
   say(status, "Loading…");
   const path = `api-keys/${encodeURIComponent(id)}`;
   try {
-    const [key, summary, quota, daily, logs, byModel] = await Promise.all([
+    const [key, summary, quota, daily, logs, classes] = await Promise.all([
       api(path), api(`${path}/usage`), api(`${path}/usage/quota`), api(`${path}/usage/daily?days=30`), api(`${path}/usage/logs?limit=50`),
-      spendByDayAndModel((query) => api(`${path}/usage/logs?${query}`), MODEL_DAYS),
+      api(`${path}/usage/request-classes`),
     ]);
     if (currentKeyId !== id) return;
     byId("key-title").textContent = `${key.name} (${key.prefix})`;
@@ -519,8 +495,9 @@ async function openKey(id) {
     fill(byId("key-body"),
       budgetCards(quota),
       totalsCards(summary),
-      modelDays(byModel),
       dailyCharts(daily.data, " (30 days)"),
+      el("h3", {}, "By request class (30 days)"),
+      requestClassTable(classes),
       el("h3", {}, "Spend by model (all time)"),
       modelBars(summary),
       cacheSection(summary),
@@ -558,12 +535,131 @@ async function loadTiersView() {
     const answer = await api("tiers");
     tiers = answer.data;
     say(status, "");
-    fill(byId("tiers-body"), table(
-      [{ label: "Tier", name: true }, { label: "Requests", num: true }, { label: "Per (seconds)", num: true }, { label: "Tokens per minute", num: true }],
-      tiers.map((t) => [t.name, int(t.requests), int(t.period), t.tokens_per_minute ? int(t.tokens_per_minute) : "no limit"])),
-    el("p", { className: "muted" }, "Change a tier with PUT /admin/tiers/{name} (see the README)."));
+    renderTiers();
   } catch (err) {
     reportError(status, err);
+  }
+}
+
+function renderTiers() {
+  fill(byId("tiers-body"), table(
+    [{ label: "Tier", name: true }, { label: "Requests", num: true }, { label: "Per (seconds)", num: true }, { label: "Tokens per minute", num: true }, { label: "" }],
+    tiers.map((t) => [t.name, int(t.requests), int(t.period), t.tokens_per_minute ? int(t.tokens_per_minute) : "no limit",
+      el("button", { type: "button", onclick: () => editTier(t), "aria-label": `Edit tier ${t.name}` }, "Edit")])));
+}
+
+function editTier(tier) {
+  byId("t-name").value = tier.name;
+  byId("t-requests").value = tier.requests;
+  byId("t-period").value = tier.period;
+  byId("t-tpm").value = tier.tokens_per_minute ?? "";
+  say(byId("tier-form-status"), "");
+  byId("t-requests").focus();
+}
+
+/** A whole number from a form field, as the API takes it (its own checks name the field). */
+function wholeNumber(id, field, optional = false) {
+  const text = byId(id).value.trim();
+  if (text === "" && optional) return null;
+  if (!/^[0-9]+$/.test(text)) throw new Error(`${field} must be a whole number`);
+  return Number(text);
+}
+
+async function saveTier(event) {
+  event.preventDefault();
+  const status = byId("tier-form-status");
+  try {
+    const name = byId("t-name").value.trim();
+    const body = { requests: wholeNumber("t-requests", "requests"), period: wholeNumber("t-period", "window") };
+    const tpm = wholeNumber("t-tpm", "tokens per minute", true);
+    if (tpm !== null) body.tokens_per_minute = tpm;
+    const saved = await api(`tiers/${encodeURIComponent(name)}`, { method: "PUT", body });
+    say(status, `Saved tier ${saved.name}.`, "okay");
+    tiers = (await api("tiers")).data;
+    renderTiers();
+    await loadTiers();
+  } catch (err) {
+    reportError(status, err);
+  }
+}
+
+// ---------- model aliases ----------
+
+let aliases = [];
+
+async function loadAliases() {
+  const status = byId("models-status");
+  say(status, "Loading…");
+  try {
+    const view = await api("model-aliases");
+    aliases = view.aliases.map((a) => ({ alias: a.alias, model: a.model, display_name: a.display_name ?? "" }));
+    say(status, "");
+    renderAliases(view.updated_at);
+  } catch (err) {
+    reportError(status, err);
+  }
+}
+
+function aliasInput(index, field, label) {
+  return el("input", {
+    className: `alias-${field}`, value: aliases[index][field], "aria-label": `${label} ${index + 1}`, spellcheck: false,
+    "data-index": index, "data-field": field,
+  });
+}
+
+function renderAliases(updatedAt) {
+  say(byId("models-status"), "");
+  const rows = aliases.map((_, i) => [
+    aliasInput(i, "alias", "Alias"),
+    aliasInput(i, "model", "Model id"),
+    aliasInput(i, "display_name", "Display name"),
+    el("button", { type: "button", onclick: () => { readAliases(); aliases.splice(i, 1); renderAliases(); }, "aria-label": `Remove alias ${i + 1}` }, "Remove"),
+  ]);
+  fill(byId("models-body"),
+    updatedAt ? el("p", { className: "muted" }, `Stored ${when(updatedAt)}.`) : null,
+    table([{ label: "Alias", name: true }, { label: "Model id", name: true }, { label: "Display name", name: true }, { label: "" }], rows,
+      "No alias: clients ask for model ids."));
+}
+
+/** The aliases as the inputs hold them now. */
+function readAliases() {
+  for (const input of byId("models-body").querySelectorAll("input[data-field]")) {
+    aliases[Number(input.dataset.index)][input.dataset.field] = input.value;
+  }
+}
+
+function addAlias() {
+  readAliases();
+  aliases.push({ alias: "", model: "", display_name: "" });
+  renderAliases();
+  const inputs = byId("models-body").querySelectorAll("input.alias-alias");
+  inputs[inputs.length - 1].focus();
+}
+
+async function saveAliases() {
+  const status = byId("models-status");
+  readAliases();
+  const body = {
+    aliases: aliases.map((a) => {
+      const entry = { alias: a.alias.trim(), model: a.model.trim() };
+      if (a.display_name.trim()) entry.display_name = a.display_name.trim();
+      return entry;
+    }),
+  };
+  try {
+    const view = await api("model-aliases", { method: "PUT", body });
+    aliases = view.aliases.map((a) => ({ alias: a.alias, model: a.model, display_name: a.display_name ?? "" }));
+    renderAliases(view.updated_at);
+    say(status, `Saved ${view.aliases.length} ${view.aliases.length === 1 ? "alias" : "aliases"}.`, "okay");
+  } catch (err) {
+    reportError(status, err);
+    // The refusal names its entry (`aliases[1].model`): point at it.
+    const named = /aliases\[(\d+)\]\.(alias|model|display_name)/.exec(err.message);
+    const input = named && byId("models-body").querySelector(`input[data-index="${named[1]}"][data-field="${named[2]}"]`);
+    if (input) {
+      input.setAttribute("aria-invalid", "true");
+      input.focus();
+    }
   }
 }
 
@@ -624,6 +720,9 @@ byId("key-form").addEventListener("submit", saveKey);
 byId("key-cancel").addEventListener("click", () => byId("key-dialog").close());
 byId("key-back").addEventListener("click", () => openView("keys"));
 byId("usage-days").addEventListener("change", loadUsage);
+byId("alias-add").addEventListener("click", addAlias);
+byId("alias-save").addEventListener("click", saveAliases);
+byId("tier-form").addEventListener("submit", saveTier);
 byId("confirm-no").addEventListener("click", () => byId("confirm-dialog").close());
 byId("secret-close").addEventListener("click", closeSecret);
 byId("secret-dialog").addEventListener("cancel", () => { fill(byId("secret-value")); fill(byId("secret-env")); });

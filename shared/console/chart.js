@@ -41,7 +41,8 @@ function legend(series) {
  * Stacked bars, one per label (a day), one segment per series.
  * `series`: `[{ name, values: [number per label] }]`; `format` shows a
  * value; `namedSeries` shows the legend even for one series (models).
- * Each bar's `<title>` lists its segments (hover or screen reader).
+ * Each bar's `<title>` lists its segments (hover or screen reader); each
+ * segment names its series and value in `data-series` / `data-value`.
  */
 export function stackedBars({ title, labels, series, format, namedSeries = false }) {
   const width = 720;
@@ -73,7 +74,7 @@ export function stackedBars({ title, labels, series, format, namedSeries = false
       if (value <= 0) return;
       const h = (value / max) * plotHeight;
       y -= h;
-      group.append(svg("rect", { x, y, width: barWidth, height: Math.max(h, 0.5), class: seriesClass(k) }));
+      group.append(svg("rect", { x, y, width: barWidth, height: Math.max(h, 0.5), class: seriesClass(k), "data-series": s.name, "data-value": value }));
       lines.push(`${s.name}: ${format(value)}`);
     });
     group.prepend(svg("title", {}, lines.join("\n")));

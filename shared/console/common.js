@@ -185,37 +185,67 @@ export function isoDay(date) {
   return date.toISOString().slice(0, 10);
 }
 
+/** The series name of what a day counted before it split by model. */
+export const UNSPLIT = "(not split by model)";
+
 /**
- * Spend per UTC day and model over the last `days` days, summed from the
- * request log (the daily totals do not split by model). `fetchPage(query)`
- * answers one page of `…/usage/logs`; at most `maxPages` pages of 500 are
- * read, and `complete` says whether that was the whole period.
+ * One series per model over daily rows (`…/usage/daily` or `/admin/usage`
+ * `daily`), from each row's `by_model`: `field` is the counter stacked
+ * (`cost_micro_usd`, `tokens`…). The models add up to the row; a day
+ * settled before the split existed shows its remainder as `UNSPLIT`, so
+ * every bar still totals the day. Largest series first, or in the order
+ * of `order` (series names) so a model keeps its colour across charts.
  */
-export async function spendByDayAndModel(fetchPage, days, maxPages = 10) {
-  const now = Date.now();
-  const labels = [];
-  for (let back = days - 1; back >= 0; back -= 1) labels.push(isoDay(new Date(now - back * 86400000)));
+export function byModelSeries(rows, field, order = null) {
   const perModel = new Map();
-  let cursor = null;
-  let complete = false;
-  for (let page = 0; page < maxPages; page += 1) {
-    const query = new URLSearchParams({ limit: "500", from: labels[0] });
-    if (cursor) query.set("cursor", cursor);
-    const answer = await fetchPage(query);
-    for (const row of answer.data) {
-      const index = labels.indexOf(new Date(row.at).toISOString().slice(0, 10));
-      if (index < 0) continue;
-      const model = row.model ?? "(no model)";
-      if (!perModel.has(model)) perModel.set(model, labels.map(() => 0));
-      perModel.get(model)[index] += row.cost_micro_usd;
+  const rest = rows.map(() => 0);
+  rows.forEach((row, i) => {
+    let split = 0;
+    for (const share of row.by_model || []) {
+      if (!perModel.has(share.model)) perModel.set(share.model, rows.map(() => 0));
+      perModel.get(share.model)[i] += share[field];
+      split += share[field];
     }
-    if (!answer.has_more || !answer.next_cursor) {
-      complete = true;
-      break;
-    }
-    cursor = answer.next_cursor;
-  }
+    rest[i] = Math.max(0, row[field] - split);
+  });
   const total = (values) => values.reduce((a, b) => a + b, 0);
-  const series = [...perModel].map(([name, values]) => ({ name, values })).sort((a, b) => total(b.values) - total(a.values));
-  return { labels, series, complete };
+  const rank = (name) => (order && order.includes(name) ? order.indexOf(name) : Infinity);
+  const series = [...perModel].map(([name, values]) => ({ name, values }))
+    .sort((a, b) => (order ? rank(a.name) - rank(b.name) : 0) || total(b.values) - total(a.values));
+  if (total(rest) > 0) series.push({ name: UNSPLIT, values: rest });
+  return { labels: rows.map((r) => r.date), series };
+}
+
+/** Request classes as the `…/usage/request-classes` answer lists them. */
+const CLASS_NAMES = {
+  main: "main conversation",
+  subagent: "subagents",
+  workflow: "workflows",
+  compaction: "compaction",
+  auxiliary: "auxiliary (titles, summaries…)",
+  other: "other",
+  unclassified: "unclassified (no class sent)",
+};
+
+/** The per-request-class table, from a `…/usage/request-classes` answer. */
+export function requestClassTable(answer) {
+  const rows = answer.data.map((c) => [
+    CLASS_NAMES[c.request_class] ?? c.request_class,
+    int(c.requests), compact(c.input_tokens), compact(c.output_tokens),
+    compact(c.cache_creation_input_tokens), compact(c.cache_read_input_tokens), compact(c.tokens), usd(c.cost_micro_usd),
+  ]);
+  const columns = [
+    { label: "Class", name: true }, { label: "Requests", num: true }, { label: "Input", num: true }, { label: "Output", num: true },
+    { label: "Cache write", num: true }, { label: "Cache read", num: true }, { label: "Tokens", num: true }, { label: "Cost", num: true },
+  ];
+  return el("div", { id: "request-classes" },
+    el("p", { className: "muted" }, `${answer.from} to ${answer.to} (UTC days), by the request class Claude Code sends.`),
+    table(columns, rows, "No traffic in this period."));
+}
+
+/** The model a log row was served by, and the alias asked for if any. */
+export function modelCell(row) {
+  if (!row.model) return "—";
+  if (!row.requested_model || row.requested_model === row.model) return row.model;
+  return el("span", {}, row.model, el("span", { className: "muted alias" }, ` (asked as ${row.requested_model})`));
 }

@@ -4,13 +4,11 @@
 // The key lives in this module only (never in storage, a cookie or the
 // URL); "Forget key" or reloading drops it.
 
-import { el, fill, byId, show, callApi, int, usd, percent, compact, when, relative, card, table, copyText, envLines, spendByDayAndModel } from "./common.js";
+import { el, fill, byId, show, callApi, int, usd, percent, compact, when, relative, card, table, copyText, envLines, byModelSeries, requestClassTable, modelCell } from "./common.js";
 import { stackedBars, horizontalBars, cacheSplit } from "./chart.js";
 
 // `…/api/usage/console/holder.js` → `…/api/usage`: the stage prefix stays.
 const USAGE = new URL("../../usage", import.meta.url).href;
-
-const MODEL_DAYS = 14;
 
 let key = null;
 
@@ -71,16 +69,17 @@ function budgetCards(quota) {
 }
 
 async function render() {
-  const [summary, quota, daily, logs, setup, byModel] = await Promise.all([
+  const [summary, quota, daily, logs, setup, classes] = await Promise.all([
     usageApi(""), usageApi("quota"), usageApi("daily?days=30"), usageApi("logs?limit=25"), usageApi("setup"),
-    spendByDayAndModel((query) => usageApi(`logs?${query}`), MODEL_DAYS),
+    usageApi("request-classes"),
   ]);
   byId("usage-title").textContent = `Usage of ${summary.name}`;
   say(byId("usage-status"), quota.is_active ? "" : "This key is disabled: the relay refuses it.", quota.is_active ? "" : "error");
-  const labels = daily.data.map((d) => d.date);
+  const spend = byModelSeries(daily.data, "cost_micro_usd");
+  const tokens = byModelSeries(daily.data, "tokens", spend.series.map((s) => s.name));
   const modelRows = summary.by_model.map((m) => ({ label: m.model, value: m.cost_micro_usd }));
   const logRows = logs.data.map((r) => [
-    when(r.at), r.model ?? "—",
+    when(r.at), modelCell(r),
     el("span", { className: `pill ${r.status < 400 ? "on" : "off"}` }, String(r.status)),
     int(r.input_tokens), int(r.output_tokens), int(r.cache_read_input_tokens), usd(r.cost_micro_usd), `${int(r.latency_ms)} ms`,
   ]);
@@ -97,24 +96,14 @@ async function render() {
       card("Spend", usd(summary.cost_micro_usd)),
       card("Cache hit ratio", percent(summary.cache_hit_ratio)),
       card("Saved by caching", usd(summary.cache_saved_micro_usd))),
-    el("h3", {}, `Spend per day by model (${MODEL_DAYS} days)`),
-    el("div", { id: "spend-by-model" },
-      stackedBars({ title: "spend per day by model", labels: byModel.labels, series: byModel.series, format: usd, namedSeries: true })),
-    byModel.complete ? null : el("p", { className: "muted" }, "Only your most recent requests of this period are counted here; the daily totals below are complete."),
-    el("h3", {}, "Spend per day (30 days)"),
-    stackedBars({ title: "spend per day", labels, series: [{ name: "spend", values: daily.data.map((d) => d.cost_micro_usd) }], format: usd }),
-    el("h3", {}, "Tokens per day (30 days)"),
-    stackedBars({
-      title: "tokens per day, by kind",
-      labels,
-      series: [
-        { name: "input", values: daily.data.map((d) => d.input_tokens) },
-        { name: "output", values: daily.data.map((d) => d.output_tokens) },
-        { name: "cache writes", values: daily.data.map((d) => d.cache_creation_input_tokens) },
-        { name: "cache reads", values: daily.data.map((d) => d.cache_read_input_tokens) },
-      ],
-      format: compact,
-    }),
+    el("h3", {}, "Spend per day by model (30 days)"),
+    el("div", { className: "spend-by-model" },
+      stackedBars({ title: "spend per day by model", labels: spend.labels, series: spend.series, format: usd, namedSeries: true })),
+    el("h3", {}, "Tokens per day by model (30 days)"),
+    el("div", { className: "tokens-by-model" },
+      stackedBars({ title: "tokens per day by model", labels: tokens.labels, series: tokens.series, format: compact, namedSeries: true })),
+    el("h3", {}, "By request class (30 days)"),
+    requestClassTable(classes),
     el("h3", {}, "Spend by model (all time)"),
     modelRows.length ? horizontalBars({ title: "spend by model", rows: modelRows, format: usd }) : el("p", { className: "muted" }, "No model used yet."),
     el("h3", {}, "Cache efficiency"),

@@ -237,9 +237,12 @@ def test_admin_creates_a_key_sees_its_traffic_and_disables_it(relay, browser):
     log_rows = log.find_elements(By.TAG_NAME, "tr")
     assert len(log_rows) == 1
     assert MODEL_A in log_rows[0].text and "200" in log_rows[0].text
-    by_model = driver.find_element(By.ID, "spend-by-model")
+    by_model = driver.find_element(By.CSS_SELECTOR, "#key-body .spend-by-model")
     assert by_model.find_element(By.CSS_SELECTOR, f'g.bar[data-label="{today}"]').get_attribute("data-total") == str(cost)
     assert [li.text for li in by_model.find_elements(By.CSS_SELECTOR, ".legend li")] == [MODEL_A]
+    # The SDK sends no request class: one row, everything in it.
+    classes = driver.find_elements(By.CSS_SELECTOR, "#key-body #request-classes tbody tr")
+    assert len(classes) == 1 and classes[0].text.startswith("unclassified")
     screenshot(driver, "admin-key-usage", dark=True)
 
     for view in ("tiers", "prices", "upstreams"):
@@ -283,9 +286,10 @@ def test_a_key_holder_sees_only_their_own_figures(relay, browser):
     text = driver.find_element(By.TAG_NAME, "body").text
     assert "holder B" not in text and MODEL_B not in text and b["prefix"] not in text
     assert MODEL_A in text
-    legend = driver.find_elements(By.CSS_SELECTOR, "#spend-by-model .legend li")
+    legend = driver.find_elements(By.CSS_SELECTOR, ".spend-by-model .legend li")
     assert [li.text for li in legend] == [MODEL_A]
-    assert len(body.find_elements(By.CSS_SELECTOR, "table tbody tr")) == 1
+    assert len(body.find_elements(By.CSS_SELECTOR, "#request-classes tbody tr")) == 1
+    assert len(body.find_elements(By.CSS_SELECTOR, "table tbody tr")) == 2  # the class, the request
     assert "left" in text and "resets" in text  # the day budget, with its reset
     assert "ANTHROPIC_BASE_URL" in driver.find_element(By.ID, "setup-env").text
     # The key is nowhere but in the script's memory.
@@ -324,4 +328,154 @@ def test_a_hostile_key_name_renders_as_text(relay, browser):
     assert driver.find_elements(By.TAG_NAME, "img") == []
     with pytest.raises(NoAlertPresentException):
         driver.switch_to.alert.text  # noqa: B018
+    assert_only_the_relay_was_asked(driver, relay)
+
+
+def segments(driver, chart, day):
+    """A stacked chart's segments of one day's bar, as {series: value}."""
+    bar = driver.find_element(By.CSS_SELECTOR, f'{chart} g.bar[data-label="{day}"]')
+    return {rect.get_attribute("data-series"): int(rect.get_attribute("data-value"))
+            for rect in bar.find_elements(By.TAG_NAME, "rect")}
+
+
+def test_days_stack_by_model_with_the_apis_figures_and_classes_split_them(relay, browser):
+    driver = browser
+    admin = admin_of(relay)
+    requested_urls(driver)
+    key = admin("POST", "/admin/api-keys", {"name": "two models"})
+    ask(relay, key["api_key"], MODEL_A)
+    ask(relay, key["api_key"], MODEL_B, max_tokens=9)
+    client_of(relay, key["api_key"]).messages.create(
+        model=MODEL_B, max_tokens=11, messages=[{"role": "user", "content": "a subagent's turn"}],
+        extra_headers={"x-claude-code-request-class": "subagent"})
+    logged_requests(admin, key["id"], 3)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    day = admin("GET", f"/admin/api-keys/{key['id']}/usage/daily?days=1")["data"][0]
+    spend = {m["model"]: m["cost_micro_usd"] for m in day["by_model"]}
+    tokens = {m["model"]: m["tokens"] for m in day["by_model"]}
+    assert set(spend) == {MODEL_A, MODEL_B} and sum(spend.values()) == day["cost_micro_usd"]
+    assert sum(tokens.values()) == day["tokens"]
+    classes = {c["request_class"]: c for c in admin("GET", f"/admin/api-keys/{key['id']}/usage/request-classes")["data"]}
+    assert set(classes) == {"subagent", "unclassified"}
+    assert classes["subagent"]["requests"] == 1 and classes["unclassified"]["requests"] == 2
+
+    # The key's page: each model's segment of today's bar is the API's figure.
+    sign_in(driver, relay)
+    key_row(driver, "two models").find_element(By.XPATH, ".//button[text()='Usage']").click()
+    wait(driver, seen.text_to_be_present_in_element((By.ID, "key-title"), "two models"))
+    wait(driver, seen.visibility_of_element_located((By.CSS_SELECTOR, "#key-body .spend-by-model")))
+    assert segments(driver, "#key-body .spend-by-model", today) == spend
+    assert segments(driver, "#key-body .tokens-by-model", today) == tokens
+    legend = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#key-body .spend-by-model .legend li")]
+    assert sorted(legend) == sorted([MODEL_A, MODEL_B])
+    rows = driver.find_elements(By.CSS_SELECTOR, "#key-body #request-classes tbody tr")
+    assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == ["subagents", "unclassified (no class sent)"]
+    assert " 1 " in f" {rows[0].find_elements(By.TAG_NAME, 'td')[1].text} "
+    screenshot(driver, "admin-key-two-models")
+
+    # All keys: today's bar per model is the sum the API gives across keys.
+    open_view(driver, "usage")
+    everyone = admin("GET", f"/admin/usage?from={today}&to={today}")["daily"][0]
+    assert segments(driver, "#usage-body .spend-by-model", today) == {
+        m["model"]: m["cost_micro_usd"] for m in everyone["by_model"] if m["cost_micro_usd"] > 0}
+    assert segments(driver, "#usage-body .tokens-by-model", today) == {
+        m["model"]: m["tokens"] for m in everyone["by_model"] if m["tokens"] > 0}
+
+    # The holder sees the same split of their own key.
+    driver.get(f"{relay['base']}/api/usage/console")
+    wait(driver, seen.visibility_of_element_located((By.ID, "key-input"))).send_keys(key["api_key"])
+    driver.find_element(By.ID, "key-submit").click()
+    wait(driver, seen.visibility_of_element_located((By.CSS_SELECTOR, ".spend-by-model")))
+    assert segments(driver, ".spend-by-model", today) == spend
+    assert segments(driver, ".tokens-by-model", today) == tokens
+    assert "subagents" in driver.find_element(By.ID, "request-classes").text
+    assert_only_the_relay_was_asked(driver, relay)
+
+
+def test_admin_edits_the_model_aliases_and_sees_a_refusal_by_field(binaries, browser, tmp_path):
+    driver = browser
+    # Aliases read fresh on every request, so the one just saved is used at once.
+    with running_relay(binaries, tmp_path, extra_env={"PRICE_CACHE_SECONDS": "0"}) as fresh:
+        admin = admin_of(fresh)
+        requested_urls(driver)
+        sign_in(driver, fresh)
+        open_view(driver, "models")
+        assert "No alias" in driver.find_element(By.ID, "models-body").text
+        driver.find_element(By.ID, "alias-add").click()
+        driver.find_element(By.CSS_SELECTOR, "#models-body input.alias-alias").send_keys("claude-team")
+        driver.find_element(By.CSS_SELECTOR, "#models-body input.alias-model").send_keys(MODEL_B)
+        driver.find_element(By.CSS_SELECTOR, "#models-body input.alias-display_name").send_keys(HOSTILE)
+        driver.find_element(By.ID, "alias-save").click()
+        wait(driver, seen.text_to_be_present_in_element((By.ID, "models-status"), "Saved 1 alias."))
+        stored = admin("GET", "/admin/model-aliases")["aliases"]
+        assert stored == [{"alias": "claude-team", "model": MODEL_B, "display_name": HOSTILE}]
+        # The display name is an input's value: text, never markup.
+        shown = driver.find_element(By.CSS_SELECTOR, "#models-body input.alias-display_name")
+        assert shown.get_attribute("value") == HOSTILE
+        assert driver.find_elements(By.TAG_NAME, "img") == []
+
+        # An alias naming another alias: the API's 422 is shown, naming the field.
+        driver.find_element(By.ID, "alias-add").click()
+        driver.find_elements(By.CSS_SELECTOR, "#models-body input.alias-alias")[1].send_keys("claude-loop")
+        driver.find_elements(By.CSS_SELECTOR, "#models-body input.alias-model")[1].send_keys("claude-team")
+        driver.find_element(By.ID, "alias-save").click()
+        status = wait(driver, lambda d: d.find_element(By.ID, "models-status") if "aliases[1].model" in
+                      d.find_element(By.ID, "models-status").text else False)
+        assert "not an alias" in status.text and "error" in status.get_attribute("class")
+        marked = driver.find_elements(By.CSS_SELECTOR, "#models-body input.alias-model")[1]
+        assert marked.get_attribute("aria-invalid") == "true"
+        assert admin("GET", "/admin/model-aliases")["aliases"] == stored
+        screenshot(driver, "admin-models-refused")
+        driver.find_elements(By.XPATH, "//div[@id='models-body']//button[text()='Remove']")[1].click()
+        driver.find_element(By.ID, "alias-save").click()
+        wait(driver, seen.text_to_be_present_in_element((By.ID, "models-status"), "Saved 1 alias."))
+
+        # A request for the alias: the log shows the model and the alias asked for.
+        key = admin("POST", "/admin/api-keys", {"name": "alias user"})
+        ask(fresh, key["api_key"], "claude-team")
+        rows = logged_requests(admin, key["id"], 1)
+        assert (rows[0]["model"], rows[0]["requested_model"]) == (MODEL_B, "claude-team")
+        open_view(driver, "keys")
+        wait(driver, lambda d: key_row(d, "alias user"))
+        key_row(driver, "alias user").find_element(By.XPATH, ".//button[text()='Usage']").click()
+        log = wait(driver, seen.visibility_of_element_located((By.CSS_SELECTOR, "#key-log tbody")))
+        assert f"{MODEL_B} (asked as claude-team)" in log.text
+        screenshot(driver, "admin-models-log")
+        open_view(driver, "models")
+        screenshot(driver, "admin-models")
+        assert_only_the_relay_was_asked(driver, fresh)
+
+
+def test_admin_edits_a_tier_and_sees_the_apis_refusal(relay, browser):
+    driver = browser
+    admin = admin_of(relay)
+    requested_urls(driver)
+    sign_in(driver, relay)
+    open_view(driver, "tiers")
+    # A new tier.
+    for field, value in (("t-name", "gold"), ("t-requests", "5000"), ("t-period", "60"), ("t-tpm", "400000")):
+        driver.find_element(By.ID, field).clear()
+        driver.find_element(By.ID, field).send_keys(value)
+    driver.find_element(By.ID, "tier-save").click()
+    wait(driver, seen.text_to_be_present_in_element((By.ID, "tier-form-status"), "Saved tier gold."))
+    gold = next(t for t in admin("GET", "/admin/tiers")["data"] if t["name"] == "gold")
+    assert (gold["requests"], gold["period"], gold["tokens_per_minute"]) == (5000, 60, 400000)
+    assert "gold" in driver.find_element(By.ID, "tiers-body").text
+    # Edit it: the form takes the row, and a refused value shows the API's message.
+    row = next(r for r in driver.find_elements(By.CSS_SELECTOR, "#tiers-body tbody tr") if r.text.startswith("gold"))
+    row.find_element(By.XPATH, ".//button[text()='Edit']").click()
+    assert driver.find_element(By.ID, "t-requests").get_attribute("value") == "5000"
+    driver.find_element(By.ID, "t-period").clear()
+    driver.find_element(By.ID, "t-period").send_keys("0")
+    driver.find_element(By.ID, "tier-save").click()
+    status = wait(driver, lambda d: d.find_element(By.ID, "tier-form-status") if "error" in
+                  d.find_element(By.ID, "tier-form-status").get_attribute("class") else False)
+    with pytest.raises(urllib.error.HTTPError) as api:
+        admin("PUT", "/admin/tiers/gold", {"requests": 5000, "period": 0, "tokens_per_minute": 400000})
+    assert api.value.code == 422
+    message = json.loads(api.value.read())["error"]["message"]
+    assert status.text == message
+    gold = next(t for t in admin("GET", "/admin/tiers")["data"] if t["name"] == "gold")
+    assert gold["period"] == 60
+    screenshot(driver, "admin-tiers-edit")
     assert_only_the_relay_was_asked(driver, relay)

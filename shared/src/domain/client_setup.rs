@@ -76,16 +76,25 @@ pub fn warnings(seen: &CredentialsSeen) -> Vec<String> {
     out
 }
 
-/// The environment lines for Claude Code against the relay at `base_url`.
-pub fn environment(base_url: &str, key_shown: &str) -> Vec<(&'static str, String)> {
+/// The environment lines for Claude Code against the relay at `base_url`,
+/// for the key whose display prefix is `key_prefix` (the key itself is
+/// never echoed: [`key_placeholder`] stands for it).
+pub fn environment(base_url: &str, key_prefix: &str) -> Vec<(&'static str, String)> {
     vec![
         (
             "ANTHROPIC_BASE_URL",
             base_url.trim_end_matches('/').to_owned(),
         ),
-        ("ANTHROPIC_AUTH_TOKEN", key_shown.to_owned()),
+        ("ANTHROPIC_AUTH_TOKEN", key_placeholder(key_prefix)),
         ("CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY", "1".to_owned()),
     ]
+}
+
+/// What stands for a key in the lines shown: its display prefix
+/// (`key::display_prefix`, which ends in `…` already) and what goes there.
+/// One ellipsis either way, so a prefix stored without one reads alike.
+pub fn key_placeholder(key_prefix: &str) -> String {
+    format!("{}… (your sk-proxy- key)", key_prefix.trim_end_matches('…'))
 }
 
 /// A base URL a client may have been given by mistake: with `/v1` at the
@@ -149,6 +158,19 @@ mod tests {
         assert!(
             warnings(&seen(Some(RelayKey), Some(Other)))[0].contains("unset ANTHROPIC_AUTH_TOKEN")
         );
+    }
+
+    #[test]
+    fn the_key_stands_in_the_environment_as_its_prefix_with_one_ellipsis() {
+        let id = crate::domain::key::KeyId::parse("abcdefABCDEF").unwrap();
+        let prefix = crate::domain::key::material::display_prefix(&id);
+        let expected = "sk-proxy-abcdefABCDEF… (your sk-proxy- key)";
+        assert_eq!(
+            environment("https://relay.example", &prefix)[1],
+            ("ANTHROPIC_AUTH_TOKEN", expected.to_owned())
+        );
+        // A prefix without its ellipsis reads the same.
+        assert_eq!(key_placeholder("sk-proxy-abcdefABCDEF"), expected);
     }
 
     #[test]

@@ -72,7 +72,6 @@ pub(super) async fn setup(
         Some(axum::Extension(PublicBase(base))) => base,
         None => local_base(&headers),
     };
-    let key_shown = format!("{}… (your sk-proxy- key)", key.prefix);
     let view = SetupView {
         key: SetupKey {
             id: key.id.to_string(),
@@ -96,7 +95,7 @@ pub(super) async fn setup(
                 .map(|ClientSeen { name, version }| ClientView { name, version }),
         },
         quota: quota_view(&state.store, &state.budgets, &key.id).await?,
-        environment: environment(&base, &key_shown)
+        environment: environment(&base, &key.prefix)
             .into_iter()
             .map(|(name, value)| EnvironmentLine { name, value })
             .collect(),
@@ -159,7 +158,7 @@ fn as_text(view: &SetupView) -> String {
         "disabled"
     };
     out.push_str(&format!(
-        "key       {}… \"{}\" ({state}, {} limits)\n",
+        "key       {} \"{}\" ({state}, {} limits)\n",
         view.key.prefix,
         view.key.name.replace(['\n', '\r'], " "),
         view.quota.limit_mode

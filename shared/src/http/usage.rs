@@ -202,6 +202,59 @@ pub struct DayTotals {
     pub date: String,
     #[serde(flatten)]
     pub totals: TotalsView,
+    /// The day's share of each model, by model id; they add up to the
+    /// row's own counters (traffic settled before per-model counters
+    /// existed is in none).
+    pub by_model: Vec<ModelShare>,
+}
+
+/// The counters kept per request class and per model.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ShareView {
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cache_creation_input_tokens: u64,
+    pub cache_read_input_tokens: u64,
+    /// All four token counts together.
+    pub tokens: u64,
+    /// What they cost, in millionths of a dollar.
+    pub cost_micro_usd: u64,
+}
+
+impl From<&ClassTotals> for ShareView {
+    fn from(totals: &ClassTotals) -> Self {
+        ShareView {
+            requests: totals.requests,
+            input_tokens: totals.input_tokens,
+            output_tokens: totals.output_tokens,
+            cache_creation_input_tokens: totals.cache_creation_input_tokens,
+            cache_read_input_tokens: totals.cache_read_input_tokens,
+            tokens: totals.tokens(),
+            cost_micro_usd: totals.cost_micro_usd,
+        }
+    }
+}
+
+/// One model's share of a day: the model served and billed (an alias
+/// counts as its model), `unknown` for requests that named none.
+#[derive(Debug, Serialize)]
+pub struct ModelShare {
+    pub model: String,
+    #[serde(flatten)]
+    pub totals: ShareView,
+}
+
+impl ModelShare {
+    fn rows<'a>(by_model: impl IntoIterator<Item = (&'a String, &'a ClassTotals)>) -> Vec<Self> {
+        by_model
+            .into_iter()
+            .map(|(model, totals)| ModelShare {
+                model: model.clone(),
+                totals: totals.into(),
+            })
+            .collect()
+    }
 }
 
 /// One Claude Code session's row (`x-claude-code-session-id`).
@@ -223,15 +276,8 @@ pub struct SessionTotals {
 #[derive(Debug, Serialize)]
 pub struct RequestClassTotals {
     pub request_class: &'static str,
-    pub requests: u64,
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    pub cache_creation_input_tokens: u64,
-    pub cache_read_input_tokens: u64,
-    /// All four token counts together.
-    pub tokens: u64,
-    /// What they cost, in millionths of a dollar.
-    pub cost_micro_usd: u64,
+    #[serde(flatten)]
+    pub totals: ShareView,
 }
 
 impl RequestClassTotals {
@@ -240,13 +286,7 @@ impl RequestClassTotals {
             .iter()
             .map(|(bucket, totals)| RequestClassTotals {
                 request_class: bucket,
-                requests: totals.requests,
-                input_tokens: totals.input_tokens,
-                output_tokens: totals.output_tokens,
-                cache_creation_input_tokens: totals.cache_creation_input_tokens,
-                cache_read_input_tokens: totals.cache_read_input_tokens,
-                tokens: totals.tokens(),
-                cost_micro_usd: totals.cost_micro_usd,
+                totals: totals.into(),
             })
             .collect()
     }
@@ -433,14 +473,13 @@ pub async fn daily_view(
     let mut date = first;
     while date <= today {
         let day = day_of(date.midnight().assume_utc());
-        let totals = stored
-            .iter()
-            .find(|(d, _)| *d == day)
-            .map(|(_, t)| *t)
-            .unwrap_or_default();
+        let row = stored.iter().find(|row| row.day == day);
         rows.push(DayTotals {
             date: day,
-            totals: (&totals).into(),
+            totals: (&row.map(|row| row.totals).unwrap_or_default()).into(),
+            by_model: row.map_or_else(Vec::new, |row| {
+                ModelShare::rows(row.by_model.iter().map(|(model, totals)| (model, totals)))
+            }),
         });
         date = date.next_day().unwrap_or(Date::MAX);
         if date == Date::MAX {
@@ -743,14 +782,22 @@ pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<AllKey
     let mut daily = Vec::with_capacity(days.len());
     for (day, rows) in days.iter().zip(&per_day) {
         let mut day_totals = UsageTotals::default();
-        for (key_id, row) in rows {
-            day_totals.add(row);
-            per_key.entry(key_id.clone()).or_default().add(row);
+        let mut day_models = std::collections::BTreeMap::<String, ClassTotals>::new();
+        for row in rows {
+            day_totals.add(&row.totals);
+            per_key
+                .entry(row.key_id.clone())
+                .or_default()
+                .add(&row.totals);
+            for (model, share) in &row.by_model {
+                day_models.entry(model.clone()).or_default().add(share);
+            }
         }
         totals.add(&day_totals);
         daily.push(DayTotals {
             date: day.clone(),
             totals: (&day_totals).into(),
+            by_model: ModelShare::rows(&day_models),
         });
     }
     let active_keys = per_key.len();

@@ -539,8 +539,11 @@ impl Store {
             &batch.key_id,
             &totals,
             at,
-            None,
-            crate::domain::usage::UNCLASSIFIED,
+            super::settlement::DayShares {
+                upstream: None,
+                request_class: crate::domain::usage::UNCLASSIFIED,
+                models: &priced.day_model_shares(batch.request_count),
+            },
         )?);
 
         // DynamoDB takes 100 items per transaction: the models past the

@@ -14,7 +14,7 @@ use crate::domain::budget::SpendCounter;
 use crate::domain::day_of;
 use crate::domain::key::{ApiKeyRecord, KeyId};
 use crate::domain::price::MicroUsd;
-use crate::domain::usage::{Counters, SessionId, UsageRecord};
+use crate::domain::usage::{ClassTotals, Counters, SessionId, UNKNOWN_MODEL, UsageRecord};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {
@@ -23,6 +23,16 @@ pub enum SettleOutcome {
     AlreadyRecorded,
     /// The key no longer exists: the log and aggregates were recorded.
     RecordedWithoutKey,
+}
+
+/// How a settlement's day counters split, besides their totals.
+pub(crate) struct DayShares<'a> {
+    /// The upstream that answered, if one did.
+    pub upstream: Option<&'a layout::usage::UpstreamServed<'a>>,
+    /// The request-class bucket all of it counts under.
+    pub request_class: &'a str,
+    /// Each model's share (adding up to the totals).
+    pub models: &'a [(&'a str, ClassTotals)],
 }
 
 impl Store {
@@ -136,14 +146,17 @@ impl Store {
         // Every request counts under one request class (or unclassified),
         // on the day and session items written anyway.
         let bucket = record.attribution.bucket();
+        let model = record.model.as_deref().unwrap_or(UNKNOWN_MODEL);
         items.push(self.day_counters_update(
             &record.key_id,
             &counters,
             record.at,
-            served.as_ref(),
-            bucket,
+            DayShares {
+                upstream: served.as_ref(),
+                request_class: bucket,
+                models: &[(model, ClassTotals::of(&counters))],
+            },
         )?);
-        let model = record.model.as_deref().unwrap_or("unknown");
         items.push(self.model_counters_update(&record.key_id, model, &counters, record.at)?);
         // A session id that may not be a key is ignored: the log row still
         // carries what the client sent.
@@ -177,19 +190,20 @@ impl Store {
     }
 
     /// The day aggregate's share, also indexed by day for the all-keys
-    /// view, and counted under request-class `bucket` too.
+    /// view, and counted by upstream, request class and model too.
     pub(crate) fn day_counters_update(
         &self,
         key_id: &KeyId,
         counters: &Counters,
         at: OffsetDateTime,
-        upstream: Option<&layout::usage::UpstreamServed<'_>>,
-        bucket: &str,
+        shares: DayShares<'_>,
     ) -> Result<TransactWriteItem, StoreError> {
         let day = day_of(at);
         let item = layout::day(key_id, &day);
-        let change = layout::usage::day_settlement(key_id, &item, &day, counters, at, upstream);
-        let change = layout::usage::with_class_counters(change, bucket, counters);
+        let change =
+            layout::usage::day_settlement(key_id, &item, &day, counters, at, shares.upstream);
+        let change = layout::usage::with_class_counters(change, shares.request_class, counters);
+        let change = layout::usage::with_model_counters(change, shares.models);
         transact_update(self.counters_item_update(item, change))
     }
 

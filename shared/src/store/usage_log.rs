@@ -100,6 +100,19 @@ pub struct SessionUsage {
     pub by_class: Vec<(&'static str, ClassTotals)>,
 }
 
+/// One key's aggregate of one day.
+#[derive(Debug, Clone)]
+pub struct DayUsage {
+    /// `yyyy-mm-dd`, UTC.
+    pub day: String,
+    pub key_id: String,
+    pub totals: UsageTotals,
+    /// Its counters per model, by model id (`unknown`: requests that named
+    /// none; counted since per-model counters exist, so older days have
+    /// none and their totals are in no model).
+    pub by_model: Vec<(String, ClassTotals)>,
+}
+
 /// Which logs to read: newest first, within `[from, to]` (RFC 3339 UTC
 /// timestamps in the stored format), optionally one model.
 #[derive(Debug, Clone)]
@@ -175,16 +188,17 @@ impl Store {
         items.iter().map(layout::usage::model_totals).collect()
     }
 
-    /// Daily aggregates for `from..=to` (`yyyy-mm-dd`), only days with traffic.
+    /// Daily aggregates for `from..=to` (`yyyy-mm-dd`), only days with
+    /// traffic, each with its split by model.
     pub async fn daily_usage(
         &self,
         id: &KeyId,
         from: &str,
         to: &str,
-    ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
+    ) -> Result<Vec<DayUsage>, StoreError> {
         let (low, high) = layout::day_range(from, to);
         let items = self.query_partition(id, &low, &high).await?;
-        items.iter().map(layout::usage::day_totals).collect()
+        items.iter().map(DayUsage::try_from).collect()
     }
 
     /// The key's counters per request class over the days `from..=to`
@@ -326,16 +340,13 @@ impl Store {
         .await
     }
 
-    /// Every key's aggregate for one day (`yyyy-mm-dd`), through the index
-    /// settlement maintains for it.
-    pub async fn day_across_keys(
-        &self,
-        day: &str,
-    ) -> Result<Vec<(String, UsageTotals)>, StoreError> {
+    /// Every key's aggregate for one day (`yyyy-mm-dd`), each with its
+    /// split by model, through the index settlement maintains for it.
+    pub async fn day_across_keys(&self, day: &str) -> Result<Vec<DayUsage>, StoreError> {
         self.index_partition(layout::day_index(day))
             .await?
             .iter()
-            .map(layout::usage::key_day_totals)
+            .map(DayUsage::try_from)
             .collect()
     }
 

@@ -11,6 +11,7 @@ mod attribution;
 mod bedrock;
 mod budgets;
 mod composition;
+mod daily_models;
 mod failover;
 mod faults;
 mod hard;

@@ -40,7 +40,17 @@ async fn the_self_check_says_what_arrived_what_is_left_and_what_to_set() {
         body["environment"][0],
         json!({"name": "ANTHROPIC_BASE_URL", "value": base})
     );
-    assert_eq!(body["environment"][1]["name"], "ANTHROPIC_AUTH_TOKEN");
+    // The key stands as its prefix (which ends in one ellipsis), never whole.
+    let prefix = body["key"]["prefix"].as_str().unwrap().to_owned();
+    assert!(
+        prefix.starts_with("sk-proxy-") && prefix.ends_with('…'),
+        "{prefix}"
+    );
+    assert_eq!(
+        body["environment"][1],
+        json!({"name": "ANTHROPIC_AUTH_TOKEN", "value": format!("{prefix} (your sk-proxy- key)")})
+    );
+    assert!(!text.contains("……"), "one ellipsis: {text}");
     assert_eq!(
         body["environment"][2],
         json!({"name": "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY", "value": "1"})
@@ -75,6 +85,17 @@ async fn the_self_check_says_what_arrived_what_is_left_and_what_to_set() {
         "{text}"
     );
     assert!(text.contains("Warnings:\n  - "), "{text}");
+    assert!(
+        text.contains(&format!("key       {prefix} \"alice laptop\"")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  export ANTHROPIC_AUTH_TOKEN={prefix} (your sk-proxy- key)\n"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("……"), "one ellipsis: {text}");
 
     // Without a key: Anthropic's envelope, as every relay path.
     let response = app

@@ -18,7 +18,7 @@ pub use attribution::{
 };
 pub use estimate::{complete_with_estimate, estimate_tokens, request_text};
 pub use prompt_bound::{CONTEXT_WINDOW, LONG_CONTEXT_WINDOW, worst_prompt_tokens};
-pub use record::{BatchTally, Counters, PricedBatch, UsageRecord, UsageTotals};
+pub use record::{BatchTally, Counters, PricedBatch, UNKNOWN_MODEL, UsageRecord, UsageTotals};
 pub use session::{MAX_SESSION_ID, SessionId, session_of_user_id};
 pub use sse::{AnswerUsage, SseUsageParser, usage_from_json};
 

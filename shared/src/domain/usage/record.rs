@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{Attribution, TokenUsage};
+use super::{Attribution, ClassTotals, TokenUsage};
 use crate::domain::budget::BudgetCharge;
 use crate::domain::key::KeyId;
 use crate::domain::price::{Attribute, Cost, MicroUsd, PriceTable};
@@ -150,6 +150,10 @@ impl UsageTotals {
     }
 }
 
+/// The model name requests that named none count under, in the model
+/// aggregates and the days' per-model counters.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
 /// What a batch's results add up to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchTally {
@@ -181,7 +185,7 @@ impl BatchTally {
             ..TokenUsage::default()
         };
         BatchTally {
-            by_model: BTreeMap::from([("unknown".to_owned(), (reserved, 0))]),
+            by_model: BTreeMap::from([(UNKNOWN_MODEL.to_owned(), (reserved, 0))]),
             estimated: true,
             ..BatchTally::default()
         }
@@ -262,6 +266,35 @@ impl PricedBatch {
                     },
                 )
             })
+    }
+
+    /// Each model's share of the batch's day counters (`counters`): its
+    /// `model_counters`, and the answered requests no model is known for
+    /// (errored, or all of an estimated batch) under [`UNKNOWN_MODEL`], so
+    /// the shares add up to `counters(request_count)`.
+    pub fn day_model_shares(&self, request_count: u64) -> Vec<(&str, ClassTotals)> {
+        let mut shares: Vec<(&str, ClassTotals)> = self
+            .model_counters()
+            .map(|(model, counters)| (model, ClassTotals::of(&counters)))
+            .collect();
+        let counted: u64 = shares.iter().map(|(_, share)| share.requests).sum();
+        let unmodelled = self
+            .counters(request_count)
+            .requests
+            .saturating_sub(counted);
+        if unmodelled > 0 {
+            match shares.iter_mut().find(|(model, _)| *model == UNKNOWN_MODEL) {
+                Some((_, share)) => share.requests += unmodelled,
+                None => shares.push((
+                    UNKNOWN_MODEL,
+                    ClassTotals {
+                        requests: unmodelled,
+                        ..ClassTotals::default()
+                    },
+                )),
+            }
+        }
+        shares
     }
 
     /// Whether a model had no price of its own (charged the fallback).
@@ -360,6 +393,49 @@ mod tests {
         let counters = tally.priced(&default_table(), &[], now()).counters(6);
         assert_eq!((counters.requests, counters.estimated_requests), (6, 6));
         assert_eq!(counters.usage.billed(), 500);
+    }
+
+    #[test]
+    fn a_batch_day_shares_by_model_add_up_to_its_day_counters() {
+        use crate::domain::price::default_table;
+        let usage = |input| TokenUsage {
+            input_tokens: input,
+            ..TokenUsage::default()
+        };
+        // 3 + 1 succeeded under two models, 2 errored under none.
+        let tally = BatchTally {
+            by_model: BTreeMap::from([
+                ("claude-opus-4-5".to_owned(), (usage(100), 3)),
+                ("claude-haiku-4-5".to_owned(), (usage(10), 1)),
+            ]),
+            succeeded: 4,
+            errored: 2,
+            ..BatchTally::default()
+        };
+        let priced = tally.priced(&default_table(), &[], crate::domain::now());
+        let shares: Vec<(&str, u64, u64)> = priced
+            .day_model_shares(6)
+            .into_iter()
+            .map(|(model, share)| (model, share.requests, share.input_tokens))
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                ("claude-haiku-4-5", 1, 10),
+                ("claude-opus-4-5", 3, 100),
+                (UNKNOWN_MODEL, 2, 0)
+            ]
+        );
+        assert_eq!(priced.counters(6).requests, 6);
+        // An abandoned batch: all its requests under its unknown model.
+        let abandoned =
+            BatchTally::abandoned(500).priced(&default_table(), &[], crate::domain::now());
+        let shares: Vec<(&str, u64, u64)> = abandoned
+            .day_model_shares(6)
+            .into_iter()
+            .map(|(model, share)| (model, share.requests, share.input_tokens))
+            .collect();
+        assert_eq!(shares, [(UNKNOWN_MODEL, 6, 500)]);
     }
 
     #[test]

@@ -252,6 +252,21 @@ fn layout_attributes() -> BTreeSet<String> {
                 ..Counters::default()
             },
         ),
+        // Every per-model counter counts something, so each is named.
+        usage::with_model_counters(
+            usage::model_settlement("m", &counters, at),
+            &[(
+                "m",
+                crate::domain::usage::ClassTotals {
+                    requests: 1,
+                    input_tokens: 1,
+                    output_tokens: 1,
+                    cache_creation_input_tokens: 1,
+                    cache_read_input_tokens: 1,
+                    cost_micro_usd: 1,
+                },
+            )],
+        ),
         usage::session_settlement(
             &key,
             &crate::domain::usage::SessionId::parse("s").unwrap(),

@@ -13,13 +13,15 @@ use time::OffsetDateTime;
 use super::super::StoreError;
 use super::super::item::{Item, get_n, get_s, get_signed, n, opt_n, opt_s, s};
 use super::super::owned::BatchRecord;
-use super::super::usage_log::{LogRow, SessionUsage};
+use super::super::usage_log::{DayUsage, LogRow, SessionUsage};
 use super::{
     Change, GSI1PK, GSI1SK, ItemKey, TTL_ATTRIBUTE, created_sort_key, day_index, log_model_index,
     sessions_index, usage_log,
 };
 use crate::domain::format_timestamp;
 use crate::domain::key::KeyId;
+#[cfg(doc)]
+use crate::domain::usage::UNKNOWN_MODEL;
 use crate::domain::usage::{
     AgentId, AgentType, ClassTotals, Counters, RequestClass, SessionId, TokenUsage, UsageRecord,
     UsageTotals,
@@ -189,13 +191,40 @@ pub(crate) fn add_upstream_traffic(
 /// A day or session item's counters per request class are top-level
 /// attributes `class|<bucket>|<counter>`, the bucket one of
 /// `RequestClass::BUCKETS` (never what the client sent), the counter one
-/// of [`CLASS_COUNTERS`]. Only the counters a request adds to are
+/// of [`BUCKET_COUNTERS`]. Only the counters a request adds to are
 /// written (no zero `ADD`s), and only six per class: the items stay small,
 /// since every settlement rewrites them and pays by their size.
 const CLASS_PREFIX: &str = "class|";
 
-/// The counters kept per request class, as they end attribute names.
-const CLASS_COUNTERS: [&str; 6] = [
+/// A day item's counters per model are top-level attributes
+/// `model|<model id>|<counter>`, alike: the model served and billed (an
+/// alias counts as its real model), [`UNKNOWN_MODEL`] for requests that
+/// named none (as the model aggregates name them), [`OTHER_MODELS`] for a
+/// batch's models past [`MAX_DAY_MODELS`]. Model ids are checked before
+/// anything is forwarded (`model_name_problem`: at most 256 of
+/// `[A-Za-z0-9-._:@/[]]`), so `|` never occurs in one.
+///
+/// What they cost: a model's six counters take about 0.28 KB of the day
+/// item with a dated id (`claude-sonnet-4-5-20250929`: 6 names of 33 bytes
+/// plus the counters' own 54, and the numbers), zeros left out. A day item
+/// with one request class and one upstream is about 0.6 KB before them, so
+/// with N models it is about 0.6 + 0.28·N KB: 1 write unit (2 in the
+/// settle transaction) for one model, 2 (4) for two to five models, 3 (6)
+/// for six to eight. Every settlement of the key that day pays by that size.
+const MODEL_PREFIX: &str = "model|";
+
+/// The model bucket of a batch's models past the first
+/// [`MAX_DAY_MODELS`] − 1 (parentheses: never a model id's).
+pub(crate) const OTHER_MODELS: &str = "(other)";
+
+/// Most model buckets one update adds to: a batch may name many models,
+/// and DynamoDB refuses an update expression over 4 KB (the day's own
+/// update is about 0.9 KB, each model's adds about 80 bytes).
+pub(crate) const MAX_DAY_MODELS: usize = 24;
+
+/// The counters kept per request class and per model, as they end
+/// attribute names.
+const BUCKET_COUNTERS: [&str; 6] = [
     "requests",
     "input",
     "output",
@@ -204,11 +233,11 @@ const CLASS_COUNTERS: [&str; 6] = [
     "cost_micro_usd",
 ];
 
-fn class_attribute(bucket: &str, counter: &str) -> String {
-    format!("{CLASS_PREFIX}{bucket}|{counter}")
+fn bucket_attribute(prefix: &str, bucket: &str, counter: &str) -> String {
+    format!("{prefix}{bucket}|{counter}")
 }
 
-fn class_values(totals: &ClassTotals) -> [u64; 6] {
+fn bucket_values(totals: &ClassTotals) -> [u64; 6] {
     [
         totals.requests,
         totals.input_tokens,
@@ -219,10 +248,40 @@ fn class_values(totals: &ClassTotals) -> [u64; 6] {
     ]
 }
 
+fn totals_from_values(values: [u64; 6]) -> ClassTotals {
+    let [
+        requests,
+        input_tokens,
+        output_tokens,
+        cache_creation_input_tokens,
+        cache_read_input_tokens,
+        cost_micro_usd,
+    ] = values;
+    ClassTotals {
+        requests,
+        input_tokens,
+        output_tokens,
+        cache_creation_input_tokens,
+        cache_read_input_tokens,
+        cost_micro_usd,
+    }
+}
+
+/// The `(attribute, value)` adds of `totals` under `prefix` and
+/// `bucket`, zeros left out.
+fn bucket_adds(prefix: &str, bucket: &str, totals: &ClassTotals) -> Vec<(String, u64)> {
+    BUCKET_COUNTERS
+        .iter()
+        .zip(bucket_values(totals))
+        .filter(|(_, value)| *value > 0)
+        .map(|(counter, value)| (bucket_attribute(prefix, bucket, counter), value))
+        .collect()
+}
+
 /// `change` (a day or session settlement, whose `ADD` clause comes first)
-/// with `counters` also added to request-class `bucket`'s counters on the
-/// same item: no write of its own.
-pub(crate) fn with_class_counters(mut change: Change, bucket: &str, counters: &Counters) -> Change {
+/// with `adds` spliced into its `ADD` clause, as placeholders
+/// `#<tag><n>` / `:<tag><n>`: no write of its own.
+fn with_adds(mut change: Change, tag: &str, adds: Vec<(String, u64)>) -> Change {
     let (add, rest) = change
         .expression
         .split_once(" SET ")
@@ -231,15 +290,10 @@ pub(crate) fn with_class_counters(mut change: Change, bucket: &str, counters: &C
         });
     let mut add = add.to_owned();
     let names = change.names.get_or_insert_with(HashMap::new);
-    let counted = CLASS_COUNTERS
-        .iter()
-        .zip(class_values(&ClassTotals::of(counters)))
-        .enumerate()
-        .filter(|(_, (_, value))| *value > 0);
-    for (index, (counter, value)) in counted {
-        names.insert(format!("#rc{index}"), class_attribute(bucket, counter));
-        change.values.insert(format!(":rc{index}"), n(value));
-        add.push_str(&format!(", #rc{index} :rc{index}"));
+    for (index, (attribute, value)) in adds.into_iter().enumerate() {
+        names.insert(format!("#{tag}{index}"), attribute);
+        change.values.insert(format!(":{tag}{index}"), n(value));
+        add.push_str(&format!(", #{tag}{index} :{tag}{index}"));
     }
     change.expression = match rest {
         Some(rest) => format!("{add} SET {rest}"),
@@ -251,6 +305,35 @@ pub(crate) fn with_class_counters(mut change: Change, bucket: &str, counters: &C
     change
 }
 
+/// `change` (a day or session settlement, whose `ADD` clause comes first)
+/// with `counters` also added to request-class `bucket`'s counters on the
+/// same item: no write of its own.
+pub(crate) fn with_class_counters(change: Change, bucket: &str, counters: &Counters) -> Change {
+    let adds = bucket_adds(CLASS_PREFIX, bucket, &ClassTotals::of(counters));
+    with_adds(change, "rc", adds)
+}
+
+/// `change` (a day settlement) with each model's share also added to that
+/// model's counters on the same item: no write of its own. Models past
+/// the first [`MAX_DAY_MODELS`] − 1 count together as [`OTHER_MODELS`].
+pub(crate) fn with_model_counters(change: Change, models: &[(&str, ClassTotals)]) -> Change {
+    let mut buckets: Vec<(&str, ClassTotals)> = Vec::with_capacity(models.len());
+    for (index, (model, totals)) in models.iter().enumerate() {
+        if models.len() <= MAX_DAY_MODELS || index + 1 < MAX_DAY_MODELS {
+            buckets.push((model, *totals));
+        } else if let Some((OTHER_MODELS, other)) = buckets.last_mut() {
+            other.add(totals);
+        } else {
+            buckets.push((OTHER_MODELS, *totals));
+        }
+    }
+    let adds = buckets
+        .iter()
+        .flat_map(|(model, totals)| bucket_adds(MODEL_PREFIX, model, totals))
+        .collect();
+    with_adds(change, "m", adds)
+}
+
 /// One item's per-class counters, by bucket in `RequestClass::BUCKETS`
 /// order (buckets it never counted left out).
 pub(crate) fn class_totals(item: &Item) -> Result<Vec<(&'static str, ClassTotals)>, StoreError> {
@@ -258,35 +341,39 @@ pub(crate) fn class_totals(item: &Item) -> Result<Vec<(&'static str, ClassTotals
     for bucket in RequestClass::BUCKETS {
         let mut values = [0; 6];
         let mut counted = false;
-        for (value, counter) in values.iter_mut().zip(CLASS_COUNTERS) {
-            if let Some(number) = opt_n(item, &class_attribute(bucket, counter))? {
+        for (value, counter) in values.iter_mut().zip(BUCKET_COUNTERS) {
+            if let Some(number) = opt_n(item, &bucket_attribute(CLASS_PREFIX, bucket, counter))? {
                 *value = number;
                 counted = true;
             }
         }
         if counted {
-            let [
-                requests,
-                input_tokens,
-                output_tokens,
-                cache_creation_input_tokens,
-                cache_read_input_tokens,
-                cost_micro_usd,
-            ] = values;
-            by_class.push((
-                bucket,
-                ClassTotals {
-                    requests,
-                    input_tokens,
-                    output_tokens,
-                    cache_creation_input_tokens,
-                    cache_read_input_tokens,
-                    cost_micro_usd,
-                },
-            ));
+            by_class.push((bucket, totals_from_values(values)));
         }
     }
     Ok(by_class)
+}
+
+/// A day item's per-model counters, by model id (ascending; models it
+/// never counted left out, and so are attributes of counters not kept).
+pub(crate) fn model_day_totals(item: &Item) -> Result<Vec<(String, ClassTotals)>, StoreError> {
+    let mut by_model = std::collections::BTreeMap::<&str, [u64; 6]>::new();
+    for name in item.keys() {
+        let Some((model, counter)) = name
+            .strip_prefix(MODEL_PREFIX)
+            .and_then(|rest| rest.rsplit_once('|'))
+        else {
+            continue;
+        };
+        let Some(position) = BUCKET_COUNTERS.iter().position(|c| *c == counter) else {
+            continue;
+        };
+        by_model.entry(model).or_default()[position] = get_n(item, name)?;
+    }
+    Ok(by_model
+        .into_iter()
+        .map(|(model, values)| (model.to_owned(), totals_from_values(values)))
+        .collect())
 }
 
 /// A model aggregate's share of a settlement at `at`.
@@ -364,14 +451,17 @@ pub(crate) fn model_totals(item: &Item) -> Result<(String, UsageTotals), StoreEr
     Ok((get_s(item, "model")?.to_owned(), totals_of(item)?))
 }
 
-/// A day aggregate's day and counters.
-pub(crate) fn day_totals(item: &Item) -> Result<(String, UsageTotals), StoreError> {
-    Ok((get_s(item, "day")?.to_owned(), totals_of(item)?))
-}
+impl TryFrom<&Item> for DayUsage {
+    type Error = StoreError;
 
-/// A day aggregate's key id and counters (the all-keys view of a day).
-pub(crate) fn key_day_totals(item: &Item) -> Result<(String, UsageTotals), StoreError> {
-    Ok((get_s(item, "key_id")?.to_owned(), totals_of(item)?))
+    fn try_from(item: &Item) -> Result<Self, StoreError> {
+        Ok(DayUsage {
+            day: get_s(item, "day")?.to_owned(),
+            key_id: get_s(item, "key_id")?.to_owned(),
+            totals: totals_of(item)?,
+            by_model: model_day_totals(item)?,
+        })
+    }
 }
 
 /// The token columns of a usage-log item.
@@ -664,8 +754,17 @@ mod tests {
     /// What DynamoDB makes of `change`'s `ADD #rcN :rcN` clauses on an item
     /// that had no class counters.
     fn apply_class_adds(change: &Change, item: &mut Item) {
+        apply_adds(change, "#rc", item);
+    }
+
+    /// What DynamoDB makes of `change`'s `ADD <tag>N :…N` clauses on an
+    /// item, adding to what it holds.
+    fn apply_adds(change: &Change, tag: &str, item: &mut Item) {
         let names = change.names.clone().unwrap_or_default();
-        for (placeholder, attribute) in names.iter().filter(|(p, _)| p.starts_with("#rc")) {
+        for (placeholder, attribute) in names.iter().filter(|(p, _)| {
+            p.strip_prefix(tag)
+                .is_some_and(|rest| rest.bytes().all(|b| b.is_ascii_digit()))
+        }) {
             let value = format!(":{}", &placeholder[1..]);
             assert!(
                 change
@@ -677,8 +776,145 @@ mod tests {
                 "{placeholder} is added in the ADD clause: {}",
                 change.expression
             );
-            item.insert(attribute.clone(), change.values[&value].clone());
+            let held = opt_n(item, attribute).unwrap().unwrap_or(0);
+            let added: u64 = match &change.values[&value] {
+                AttributeValue::N(number) => number.parse().unwrap(),
+                other => panic!("{other:?}"),
+            };
+            item.insert(attribute.clone(), n(held + added));
         }
+    }
+
+    fn share(requests: u64, input: u64, output: u64, cache_read: u64, cost: u64) -> ClassTotals {
+        ClassTotals {
+            requests,
+            input_tokens: input,
+            output_tokens: output,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: cache_read,
+            cost_micro_usd: cost,
+        }
+    }
+
+    #[test]
+    fn model_counters_ride_on_the_day_update_and_read_back_by_model() {
+        let key = KeyId::parse("abcdefABCDEF").unwrap();
+        let at = crate::domain::parse_timestamp("2026-01-02T03:04:05.006Z").unwrap();
+        let day_item = super::super::day(&key, "2026-01-02");
+        let plain = day_settlement(
+            &key,
+            &day_item,
+            "2026-01-02",
+            &Counters::default(),
+            at,
+            None,
+        );
+        let set_clause = plain.expression.split_once(" SET ").unwrap().1.to_owned();
+        let opus = "claude-opus-4-5-20251101";
+        let sonnet = "us.anthropic.claude-sonnet-4-5-v1:0[1m]";
+        let first = with_model_counters(
+            with_class_counters(plain, "main", &Counters::default()),
+            &[(sonnet, share(1, 10, 20, 0, 300))],
+        );
+        assert!(first.expression.ends_with(&format!(" SET {set_clause}")));
+        let mut item = Item::new();
+        apply_adds(&first, "#m", &mut item);
+        // Zero counters are not added: four of six.
+        assert_eq!(item.len(), 4);
+        assert!(item.contains_key(&format!("model|{sonnet}|requests")));
+        // A second settlement, with two models (a batch), adds to the first.
+        let second = with_model_counters(
+            day_settlement(
+                &key,
+                &day_item,
+                "2026-01-02",
+                &Counters::default(),
+                at,
+                None,
+            ),
+            &[
+                (opus, share(2, 5, 6, 7, 1000)),
+                (sonnet, share(1, 1, 1, 1, 1)),
+            ],
+        );
+        apply_adds(&second, "#m", &mut item);
+        // A foreign attribute of the prefix, or a counter not kept, is not read.
+        item.insert("model|x|bogus".into(), n(5));
+        item.insert("model".into(), s("not a counter"));
+        assert_eq!(
+            model_day_totals(&item).unwrap(),
+            [
+                (opus.to_owned(), share(2, 5, 6, 7, 1000)),
+                (sonnet.to_owned(), share(2, 11, 21, 1, 301)),
+            ]
+        );
+        // And a DayUsage reads them with the day's own counters.
+        item.extend([
+            ("day".to_owned(), s("2026-01-02")),
+            ("key_id".to_owned(), s("abcdefABCDEF")),
+            ("requests".to_owned(), n(4)),
+        ]);
+        let day = DayUsage::try_from(&item).unwrap();
+        assert_eq!((day.day.as_str(), day.totals.requests), ("2026-01-02", 4));
+        assert_eq!(day.by_model.len(), 2);
+    }
+
+    #[test]
+    fn a_batch_of_many_models_fits_one_update_and_keeps_its_sums() {
+        let key = KeyId::parse("abcdefABCDEF").unwrap();
+        let at = crate::domain::parse_timestamp("2026-01-02T03:04:05.006Z").unwrap();
+        let day_item = super::super::day(&key, "2026-01-02");
+        let every = Counters {
+            requests: 1,
+            usage: TokenUsage {
+                input_tokens: 1,
+                output_tokens: 1,
+                cache_creation_input_tokens: 1,
+                cache_read_input_tokens: 1,
+                cache_creation_5m: 1,
+                cache_creation_1h: 1,
+            },
+            cost_micro_usd: 1,
+            cache_saved_micro_usd: 1,
+            estimated_requests: 1,
+            error_requests: 1,
+        };
+        let names: Vec<String> = (0..30).map(|i| format!("model-{i:02}")).collect();
+        let full = ClassTotals::of(&every);
+        let models: Vec<(&str, ClassTotals)> = names.iter().map(|m| (m.as_str(), full)).collect();
+        // The longest day update: an upstream that failed, a class, and
+        // every counter of 30 models counted.
+        let served = UpstreamServed {
+            name: "main",
+            failed: true,
+        };
+        let change = day_settlement(&key, &day_item, "2026-01-02", &every, at, Some(&served));
+        let change = with_class_counters(change, "subagent", &every);
+        let change = with_model_counters(change, &models);
+        assert!(
+            change.expression.len() <= 4096,
+            "{} bytes",
+            change.expression.len()
+        );
+        let mut item = Item::new();
+        apply_adds(&change, "#m", &mut item);
+        let by_model = model_day_totals(&item).unwrap();
+        // 23 models of their own, the other 7 together.
+        assert_eq!(by_model.len(), MAX_DAY_MODELS);
+        assert_eq!(
+            by_model.iter().find(|(model, _)| model == OTHER_MODELS),
+            Some(&(OTHER_MODELS.to_owned(), share_of(7, &full)))
+        );
+        let requests: u64 = by_model.iter().map(|(_, totals)| totals.requests).sum();
+        assert_eq!(requests, 30);
+    }
+
+    fn share_of(times: u64, one: &ClassTotals) -> ClassTotals {
+        let mut sum = ClassTotals::default();
+        for _ in 0..times {
+            sum.add(one);
+        }
+        sum
     }
 
     #[test]
