@@ -536,24 +536,7 @@ pub async fn request_classes_view(
     id: &KeyId,
     params: &RequestClassParams,
 ) -> Result<RequestClassesView, ApiError> {
-    let to = match &params.to {
-        Some(text) => parse_day("to", text)?,
-        None => now().date(),
-    };
-    let from = match &params.from {
-        Some(text) => parse_day("from", text)?,
-        None => to - TimeDuration::days(29),
-    };
-    if from > to {
-        return Err(ApiError::bad_request(
-            "query parameter `from` is after `to`",
-        ));
-    }
-    if (to - from).whole_days() >= MAX_DAYS {
-        return Err(ApiError::bad_request(format!(
-            "the range may span at most {MAX_DAYS} days"
-        )));
-    }
+    let (from, to) = day_range(params.from.as_deref(), params.to.as_deref())?;
     let (from, to) = (
         day_of(from.midnight().assume_utc()),
         day_of(to.midnight().assume_utc()),
@@ -728,25 +711,14 @@ pub struct RangeParams {
     top: Option<i64>,
 }
 
-fn parse_day(name: &str, text: &str) -> Result<Date, ApiError> {
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    Date::parse(text, &format).map_err(|_| {
-        ApiError::bad_request(format!(
-            "query parameter `{name}` must be a yyyy-mm-dd date"
-        ))
-    })
-}
-
-/// `GET /admin/usage?from=&to=&top=`: totals over all keys for a range of
-/// days (default the last 30), per day, and the keys that used most. One
-/// index query per day; no scan.
-pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<AllKeysView, ApiError> {
-    let today = now().date();
-    let to = match &params.to {
+/// The days `from` to `to` (`yyyy-mm-dd`, UTC) a range view covers: by
+/// default the 30 days to today, at most `MAX_DAYS`.
+fn day_range(from: Option<&str>, to: Option<&str>) -> Result<(Date, Date), ApiError> {
+    let to = match to {
         Some(text) => parse_day("to", text)?,
-        None => today,
+        None => now().date(),
     };
-    let from = match &params.from {
+    let from = match from {
         Some(text) => parse_day("from", text)?,
         None => to - TimeDuration::days(29),
     };
@@ -760,6 +732,23 @@ pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<AllKey
             "the range may span at most {MAX_DAYS} days"
         )));
     }
+    Ok((from, to))
+}
+
+fn parse_day(name: &str, text: &str) -> Result<Date, ApiError> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    Date::parse(text, &format).map_err(|_| {
+        ApiError::bad_request(format!(
+            "query parameter `{name}` must be a yyyy-mm-dd date"
+        ))
+    })
+}
+
+/// `GET /admin/usage?from=&to=&top=`: totals over all keys for a range of
+/// days (default the last 30), per day, and the keys that used most. One
+/// index query per day; no scan.
+pub async fn all_keys_view(store: &Store, params: &RangeParams) -> Result<AllKeysView, ApiError> {
+    let (from, to) = day_range(params.from.as_deref(), params.to.as_deref())?;
     let top = params.top.unwrap_or(10);
     if !(1..=100).contains(&top) {
         return Err(ApiError::bad_request(
