@@ -26,6 +26,7 @@ use crate::domain::admission::{BudgetCheck, Charge, QuotaRule, RateLimit};
 use crate::domain::budget::BudgetCharge;
 use crate::domain::key::ApiKeyRecord;
 use crate::domain::key::access::model_name_problem;
+use crate::domain::model_catalog::ModelAliases;
 use crate::domain::price::Attribute;
 use crate::domain::route::CanonicalPath;
 use crate::domain::usage::BatchTally;
@@ -197,10 +198,12 @@ fn worst_case(params: &str, max_tokens: u64, context_window: u64) -> u64 {
 /// case reserved in the admission write, then the creation forwarded and
 /// the batch recorded as the key's.
 pub(super) async fn create(call: Call, body: Bytes) -> Result<Response, ApiError> {
-    let plan = BatchPlan::read(&body)?;
+    let in_force = call.state.in_force().await?;
+    let (plan, body) = BatchPlan::read(&body, &in_force.aliases)?;
+    // The allowlist and prices judge each real model, never an alias.
     let named: Vec<Option<&str>> = plan.models.iter().map(|m| Some(m.as_str())).collect();
     let record = call.authenticate(Some(&named)).await?;
-    let prices = call.state.prices().await?;
+    let prices = &in_force.prices;
     if let Some(model) = plan
         .models
         .iter()
@@ -258,7 +261,10 @@ struct BatchPlan {
 }
 
 impl BatchPlan {
-    fn read(body: &[u8]) -> Result<BatchPlan, ApiError> {
+    /// The plan of `body`, and `body` as it goes upstream: each request
+    /// that names an alias with its `params.model` replaced by the alias's
+    /// model (only those bytes change), the plan naming real models.
+    fn read(body: &Bytes, aliases: &ModelAliases) -> Result<(BatchPlan, Bytes), ApiError> {
         if !super::body::is_json_object(body) {
             return Err(ApiError::bad_request("request body must be a JSON object"));
         }
@@ -273,8 +279,23 @@ impl BatchPlan {
         let mut models: Vec<String> = Vec::new();
         let mut sized = Vec::with_capacity(parsed.requests.len());
         let mut price_attributes = Vec::new();
+        // The rewritten body, and how much of `body` it has taken.
+        let mut resolved: Vec<u8> = Vec::new();
+        let mut copied = 0;
         for (index, entry) in parsed.requests.iter().enumerate() {
-            let (model, max_tokens, attributes) = read_request(index, entry.params.get())?;
+            let (mut model, max_tokens, attributes) = read_request(index, entry.params.get())?;
+            if let Some(alias) = aliases.resolve(&model) {
+                let params = entry.params.get().as_bytes();
+                // The raw params borrow from `body`: their place is where they point.
+                let start = (params.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+                let with_model = super::body::with_model(params, &alias.model).map_err(|e| {
+                    ApiError::bad_request(format!("`requests[{index}].params`: {e}"))
+                })?;
+                resolved.extend_from_slice(&body[copied..start]);
+                resolved.extend_from_slice(&with_model);
+                copied = start + params.len();
+                model.clone_from(&alias.model);
+            }
             if !models.contains(&model) {
                 models.push(model);
             }
@@ -285,12 +306,17 @@ impl BatchPlan {
             }
             sized.push((entry.params.get().to_owned(), max_tokens));
         }
-        Ok(BatchPlan {
+        let plan = BatchPlan {
             models,
             sized,
             requests: u64::try_from(parsed.requests.len()).unwrap_or(u64::MAX),
             price_attributes,
-        })
+        };
+        if copied == 0 {
+            return Ok((plan, body.clone()));
+        }
+        resolved.extend_from_slice(&body[copied..]);
+        Ok((plan, resolved.into()))
     }
 }
 

@@ -312,3 +312,59 @@ async fn admins_read_and_replace_the_aliases_and_bad_lists_are_refused_by_field(
     assert_eq!(put_aliases(&app, json!([])).await.status(), 200);
     assert_eq!(get().await["aliases"], json!([]));
 }
+
+#[tokio::test]
+async fn a_batch_request_naming_an_alias_is_created_upstream_with_its_model() {
+    let app = spawn_app().await.unwrap();
+    // One alias the allowlist's pattern would admit by its own name.
+    let aliases = json!([
+        {"alias": "claude-team", "model": SONNET},
+        {"alias": "claude-sonnet-max", "model": OPUS},
+    ]);
+    assert_eq!(put_aliases(&app, aliases).await.status(), 200);
+    let (_, key) = app
+        .new_key_with(json!({"name": "sonnet only", "allowed_models": ["claude-sonnet-*"]}))
+        .await
+        .unwrap();
+    let request = |id: &str, model: &str| {
+        json!({"custom_id": id, "params": {
+            "model": model, "max_tokens": 16,
+            "metadata": {"model": "claude-team"},
+            "messages": [{"role": "user", "content": "\"model\": \"claude-team\""}]}})
+    };
+    let body = json!({"requests": [
+        request("a", "claude-team"),
+        request("b", SONNET),
+        request("c", "claude-team"),
+    ]});
+    let create = |body: Value| {
+        app.http
+            .post(app.url("/v1/messages/batches"))
+            .header("x-api-key", &key)
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
+    };
+    let response = create(body.clone()).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let sent = app.upstream.requests();
+    let sent = sent
+        .iter()
+        .find(|r| r.method == "POST" && r.path == "/v1/messages/batches")
+        .unwrap();
+    let mut expected = body;
+    for index in [0, 2] {
+        expected["requests"][index]["params"]["model"] = json!(SONNET);
+    }
+    // Only each aliased request's model changed.
+    assert_eq!(sent.json().unwrap(), expected);
+
+    // An alias to a model the key may not use is refused, nothing forwarded.
+    app.upstream.clear_requests();
+    let refused =
+        create(json!({"requests": [request("a", SONNET), request("b", "claude-sonnet-max")]}))
+            .await
+            .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(app.upstream.requests().is_empty());
+}
