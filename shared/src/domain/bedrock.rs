@@ -317,13 +317,7 @@ pub fn sse_event(chunk_json: &[u8], model: &str) -> Result<Vec<u8>, ChunkError> 
 /// A non-streamed answer's JSON with `model` set to the one the client
 /// asked for; anything else is returned as it is.
 pub fn with_model(message: Vec<u8>, model: &str) -> Vec<u8> {
-    match serde_json::from_slice::<Map<String, Value>>(&message) {
-        Ok(mut fields) if fields.contains_key("model") => {
-            fields.insert("model".to_owned(), Value::from(model));
-            serde_json::to_vec(&fields).unwrap_or(message)
-        }
-        _ => message,
-    }
+    super::model_catalog::with_model(&message, model).unwrap_or(message)
 }
 
 /// An Anthropic error: HTTP status and error `type`.

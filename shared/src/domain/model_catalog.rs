@@ -221,6 +221,33 @@ pub fn page(models: &[ModelEntry], query: &ModelsQuery) -> Result<serde_json::Va
     }))
 }
 
+/// The JSON object `body` with its top-level `model` naming `model`
+/// instead: only that value's bytes change, everything else stays as it
+/// was written (an alias resolved in a request, Bedrock's model id in an
+/// answer). An error when `body` is not an object with one `model`.
+pub fn with_model(body: &[u8], model: &str) -> Result<Vec<u8>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct ModelValue<'a> {
+        #[serde(borrow)]
+        model: &'a serde_json::value::RawValue,
+    }
+    // serde would read the struct from an array too, by position.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(serde::de::Error::custom("not a JSON object"));
+    }
+    let found: ModelValue<'_> = serde_json::from_slice(body)?;
+    // The raw value borrows from `body`: its place is where it points.
+    let raw = found.model.get().as_bytes();
+    let start = (raw.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
+    let end = start + raw.len();
+    let replacement = serde_json::to_vec(model)?;
+    let mut out = Vec::with_capacity(body.len() - raw.len() + replacement.len());
+    out.extend_from_slice(&body[..start]);
+    out.extend_from_slice(&replacement);
+    out.extend_from_slice(&body[end..]);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,6 +277,18 @@ mod tests {
 
     fn ids(models: &[ModelEntry]) -> Vec<&str> {
         models.iter().map(|m| m.id.as_str()).collect()
+    }
+
+    #[test]
+    fn only_the_top_level_model_is_replaced() {
+        let body = br#"{ "messages":[{"role":"user","content":"say \"model\":\"x\""}],
+            "metadata":{"model":"inner"}, "m\u006fdel" : "claude-team" ,"max_tokens":5}"#;
+        let replaced = with_model(body, "claude-sonnet-5-5").unwrap();
+        let expected = br#"{ "messages":[{"role":"user","content":"say \"model\":\"x\""}],
+            "metadata":{"model":"inner"}, "m\u006fdel" : "claude-sonnet-5-5" ,"max_tokens":5}"#;
+        assert_eq!(&replaced[..], &expected[..]);
+        assert!(with_model(br#"{"messages":[]}"#, "m").is_err());
+        assert!(with_model(br#"["claude-team"]"#, "m").is_err());
     }
 
     #[test]

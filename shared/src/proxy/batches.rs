@@ -288,9 +288,10 @@ impl BatchPlan {
                 let params = entry.params.get().as_bytes();
                 // The raw params borrow from `body`: their place is where they point.
                 let start = (params.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
-                let with_model = super::body::with_model(params, &alias.model).map_err(|e| {
-                    ApiError::bad_request(format!("`requests[{index}].params`: {e}"))
-                })?;
+                let with_model = crate::domain::model_catalog::with_model(params, &alias.model)
+                    .map_err(|e| {
+                        ApiError::bad_request(format!("`requests[{index}].params`: {e}"))
+                    })?;
                 resolved.extend_from_slice(&body[copied..start]);
                 resolved.extend_from_slice(&with_model);
                 copied = start + params.len();

@@ -65,28 +65,6 @@ impl MessagesFields {
     }
 }
 
-/// `body` with its top-level `model` naming `model` instead: only that
-/// value's bytes change, the rest is forwarded as the client wrote it.
-/// The body has been read as an object with one `model` string already.
-pub fn with_model(body: &[u8], model: &str) -> Result<bytes::Bytes, serde_json::Error> {
-    #[derive(Deserialize)]
-    struct ModelValue<'a> {
-        #[serde(borrow)]
-        model: &'a serde_json::value::RawValue,
-    }
-    let found: ModelValue<'_> = serde_json::from_slice(body)?;
-    // The raw value borrows from `body`: its place is where it points.
-    let raw = found.model.get().as_bytes();
-    let start = (raw.as_ptr() as usize).wrapping_sub(body.as_ptr() as usize);
-    let end = start + raw.len();
-    let replacement = serde_json::to_vec(model)?;
-    let mut out = Vec::with_capacity(body.len() - raw.len() + replacement.len());
-    out.extend_from_slice(&body[..start]);
-    out.extend_from_slice(&replacement);
-    out.extend_from_slice(&body[end..]);
-    Ok(out.into())
-}
-
 /// Whether `body` is a JSON object (by its first byte; the parse that
 /// follows checks the rest). serde reads a struct's fields from an array
 /// too, in order: those are refused, not read.
@@ -244,17 +222,6 @@ mod tests {
         }
         assert!(file_ids(br#"{"a":[1,2,{"b":null}]}"#).unwrap().is_empty());
         assert!(file_ids(br#"{"a":1} trailing"#).is_err());
-    }
-
-    #[test]
-    fn only_the_top_level_model_is_replaced() {
-        let body = br#"{ "messages":[{"role":"user","content":"say \"model\":\"x\""}],
-            "metadata":{"model":"inner"}, "m\u006fdel" : "claude-team" ,"max_tokens":5}"#;
-        let replaced = with_model(body, "claude-sonnet-5-5").unwrap();
-        let expected = br#"{ "messages":[{"role":"user","content":"say \"model\":\"x\""}],
-            "metadata":{"model":"inner"}, "m\u006fdel" : "claude-sonnet-5-5" ,"max_tokens":5}"#;
-        assert_eq!(&replaced[..], &expected[..]);
-        assert!(with_model(br#"{"messages":[]}"#, "m").is_err());
     }
 
     #[test]

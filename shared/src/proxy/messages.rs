@@ -18,6 +18,7 @@ use crate::domain::budget::{BudgetCharge, may_exhaust};
 use crate::domain::flight::Flight;
 use crate::domain::key::access::model_name_problem;
 use crate::domain::key::{ApiKeyRecord, LimitMode};
+use crate::domain::model_catalog::with_model;
 use crate::domain::price::{Attribute, PriceTable};
 use crate::domain::route::{Route, Treatment};
 use crate::domain::tier::Tier;
@@ -87,9 +88,11 @@ async fn admit(call: &Call, route: &Route, body: &mut Bytes) -> Result<Admitted,
         .and_then(|requested| in_force.aliases.resolve(requested));
     let requested_alias = match alias {
         Some(alias) => {
-            *body = body::with_model(body, &alias.model).map_err(|e| {
-                ApiError::bad_request(format!("request body is not a valid JSON object: {e}"))
-            })?;
+            *body = with_model(body, &alias.model)
+                .map_err(|e| {
+                    ApiError::bad_request(format!("request body is not a valid JSON object: {e}"))
+                })?
+                .into();
             fields.model = Some(alias.model.clone());
             Some(alias.alias.clone())
         }
